@@ -1,0 +1,71 @@
+#include "vec.h"
+
+#include <cmath>
+
+namespace sae_sparse {
+namespace vec {
+
+namespace {
+template <typename T, int kLanes>
+inline T dot_impl(const T* a, const T* b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+}  // namespace
+
+SAE_SPARSE_CLONES float dot(const float* a, const float* b, int64_t n) {
+  return dot_impl<float, 16>(a, b, n);
+}
+SAE_SPARSE_CLONES double dot(const double* a, const double* b, int64_t n) {
+  return dot_impl<double, 8>(a, b, n);
+}
+SAE_SPARSE_CLONES void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+SAE_SPARSE_CLONES void axpy(double alpha, const double* x, double* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+SAE_SPARSE_CLONES void screen_hi(const uint16_t* tile, const float* bias, const float* wa,
+                                 const float* wb, const float* bn, float ex, float xt, float ua,
+                                 float* hi, float* e, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u = static_cast<uint32_t>(tile[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    const float a = f + bias[i];
+    const float ei = ex * wa[i] + xt * wb[i] + ua * std::fabs(a) + bn[i];
+    e[i] = ei;
+    hi[i] = a + ei;
+  }
+}
+SAE_SPARSE_CLONES void screen_hi(const float* tile, const float* bias, const float* wa,
+                                 const float* wb, const float* bn, float ex, float xt, float ua,
+                                 float* hi, float* e, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = tile[i] + bias[i];
+    const float ei = ex * wa[i] + xt * wb[i] + ua * std::fabs(a) + bn[i];
+    e[i] = ei;
+    hi[i] = a + ei;
+  }
+}
+SAE_SPARSE_CLONES int64_t first_ge(const float* v, float t, int64_t n) {
+  constexpr int64_t kChunk = 32;
+  int64_t i = 0;
+  for (; i + kChunk <= n; i += kChunk) {
+    int c = 0;
+    for (int64_t j = 0; j < kChunk; ++j) c += v[i + j] >= t;
+    if (c) break;
+  }
+  for (; i < n; ++i)
+    if (v[i] >= t) return i;
+  return n;
+}
+
+}  // namespace vec
+}  // namespace sae_sparse

@@ -1,0 +1,42 @@
+// Small vector helpers for the CPU kernels. On x86-64 with GCC each hot loop is compiled for
+// AVX-512, AVX2 and baseline SSE2 and the loader picks one at run time (target_clones), so the
+// extension stays portable without -march=native.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SAE_SPARSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAE_SPARSE_CLONES
+#endif
+
+namespace sae_sparse {
+namespace vec {
+
+// Dot product with several independent accumulators (vectorisable without -ffast-math).
+float dot(const float* a, const float* b, int64_t n);
+double dot(const double* a, const double* b, int64_t n);
+// y += alpha * x
+void axpy(float alpha, const float* x, float* y, int64_t n);
+void axpy(double alpha, const double* x, double* y, int64_t n);
+// Screened upper bounds of one tile row: with a = float(tile[i]) + bias[i] and the error bound
+//   e[i] = ex * wa[i] + xt * wb[i] + ua * |a| + bn[i],
+// writes hi[i] = a + e[i] and e[i]. `tile` holds bfloat16 bit patterns or floats.
+void screen_hi(const uint16_t* tile, const float* bias, const float* wa, const float* wb,
+               const float* bn, float ex, float xt, float ua, float* hi, float* e, int64_t n);
+void screen_hi(const float* tile, const float* bias, const float* wa, const float* wb,
+               const float* bn, float ex, float xt, float ua, float* hi, float* e, int64_t n);
+// Smallest i in [0, n) with v[i] >= t, or n.
+int64_t first_ge(const float* v, float t, int64_t n);
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+}  // namespace vec
+}  // namespace sae_sparse

@@ -1,0 +1,68 @@
+"""Backend registry and selection.
+
+``backend=None`` picks the fastest backend available for the tensors' device:
+CPU -> ``cpp`` (if the extension was built) else ``torch``; CUDA -> ``torch`` for now (the
+``triton`` backend is tracked separately). The environment variable ``SAE_SPARSE_BACKEND``
+forces one backend for every call that does not name one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _cpp
+from .reference import edit_decode_torch, topk_encode_torch
+
+ENV_VAR = "SAE_SPARSE_BACKEND"
+ALL_BACKENDS = ("torch", "cpp")
+
+_ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.topk_encode_cpp}
+_DECODE = {"torch": edit_decode_torch, "cpp": _cpp.edit_decode_cpp}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this installation (``torch`` always is)."""
+    out = ["torch"]
+    if _cpp.available():
+        out.append("cpp")
+    return out
+
+
+def backend_status() -> dict[str, str]:
+    """Why each backend is or is not available (for bug reports and the README)."""
+    return {
+        "torch": "available",
+        "cpp": "available" if _cpp.available() else f"not built ({_cpp.IMPORT_ERROR})",
+    }
+
+
+def _supports(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if name == "cpp":
+        return _cpp.available() and device.type == "cpu"
+    return False
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend that will run on `device`, honouring `backend` and $SAE_SPARSE_BACKEND."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+    if backend is None:
+        return "cpp" if _supports("cpp", device) else "torch"
+    if backend not in ALL_BACKENDS:
+        raise ValueError(f"backend must be one of {ALL_BACKENDS} or None, got {backend!r}")
+    if not _supports(backend, device):
+        why = backend_status().get(backend, "")
+        raise RuntimeError(f"backend {backend!r} cannot run on {device} tensors"
+                           + (f": {why}" if why != "available" else ""))
+    return backend
+
+
+def encode_fn(name: str):
+    return _ENCODE[name]
+
+
+def decode_fn(name: str):
+    return _DECODE[name]

@@ -1,0 +1,161 @@
+"""Functional API: ``topk_encode``, ``sparse_decode``, ``sae_edit``.
+
+Leading dimensions of x are flattened and restored. Every op is differentiable with respect
+to every floating input (the top-k selection is held fixed in backward, DESIGN.md "Backward"),
+except the JumpReLU ``threshold``, which gets no gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+from .backends import decode_fn, encode_fn, resolve
+from .reference import ACTIVATIONS, MODES
+
+
+def _lowp_to_fp32(backend: str, *ts):
+    # The cpp kernels take fp32/fp64; bf16/fp16 inputs are computed in fp32 (autograd-tracked).
+    if backend == "cpp":
+        return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16,
+                                                                              torch.bfloat16)
+                     else t for t in ts)
+    return ts
+
+
+def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
+                return_overflow=False):
+    """Top-k SAE encode without materialising the N x S pre-activations.
+
+    ``pre = (x - b_pre) @ W_enc.T + b_enc``; per row the k largest entries of ``pre`` in
+    descending order (ties: smaller latent index first); ``values = relu(pre[idx])``, and with a
+    JumpReLU ``threshold``, ``where(pre[idx] > threshold[idx], relu(pre[idx]), 0)``.
+
+    Args:
+        x: [..., D] activations (fp32, fp64, bf16 or fp16; must be finite).
+        W_enc: [S, D] encoder, one row per latent. b_enc: [S].
+        k: number of latents kept per row, 1 <= k <= S (for ReLU/JumpReLU SAEs: a cap, k_max).
+        b_pre: optional [D] bias subtracted from x before encoding.
+        threshold: optional [S] JumpReLU thresholds (no gradient).
+        backend: "torch", "cpp" or None (fastest available; $SAE_SPARSE_BACKEND overrides None).
+        return_overflow: also return the number of rows with more than k active latents
+            (pre > 0, and > threshold when given) -- the rows where the cap changed the result.
+
+    Returns:
+        values [..., k] in x's dtype, indices [..., k] int64
+        (and a 0-dim int64 tensor ``n_overflow`` when ``return_overflow``).
+
+    Example:
+        >>> x = torch.randn(4, 16); W = torch.randn(100, 16); b = torch.zeros(100)
+        >>> values, indices = topk_encode(x, W, b, k=8)
+    """
+    D, S = V.check_encoder(x, W_enc, b_enc, k, b_pre, threshold)
+    V.check_finite(x, "x")
+    name = resolve(backend, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, D)
+    args = _lowp_to_fp32(name, x2, W_enc, b_enc, b_pre, threshold)
+    values, indices, overflow = encode_fn(name)(args[0], args[1], args[2], k, args[3], args[4])
+    values = values.to(x.dtype).reshape(*lead, k)
+    indices = indices.reshape(*lead, k)
+    if return_overflow:
+        return values, indices, overflow.sum()
+    return values, indices
+
+
+def _edit_decode(x, values, indices, W_dec, b_dec, adapter_params, activation, mode, backend):
+    name = resolve(backend, values.device)
+    S, D = W_dec.shape
+    lead = values.shape[:-1]
+    k = values.shape[-1]
+    p = adapter_params
+    ts = (x.reshape(-1, D) if x is not None else None, values.reshape(-1, k), W_dec, b_dec,
+          p.get("gain"), p.get("bias"), p.get("W_in"), p.get("b_in"), p.get("W_out"))
+    ts = _lowp_to_fp32(name, *ts)
+    y = decode_fn(name)(ts[0], ts[1], indices.reshape(-1, k).long(), *ts[2:],
+                        activation=activation, mode=mode)
+    return y.to(values.dtype).reshape(*lead, D)
+
+
+def sparse_decode(values, indices, W_dec, b_dec=None, *, backend=None):
+    """``y = sum_j values[..., j] * W_dec[indices[..., j]] + b_dec``.
+
+    Args:
+        values: [..., k] latent values; indices: [..., k] int64 latent ids in [0, S).
+        W_dec: [S, D] decoder, one row per latent. b_dec: optional [D].
+    Returns:
+        y [..., D] in values' dtype.
+    """
+    S, D = V.check_code(values, indices, W_dec)
+    if b_dec is not None:
+        V.check_tensor(b_dec, "b_dec", (D,), like=values)
+    return _edit_decode(None, values, indices, W_dec, b_dec, {}, "identity", "plain", backend)
+
+
+def edit_decode(x, values, indices, W_dec, b_dec=None, *, gain=None, bias=None, W_in=None,
+                b_in=None, W_out=None, activation="relu", mode="delta", backend=None):
+    """The edit + decode half of :func:`sae_edit`, on a given sparse code (DESIGN.md "Edit").
+
+    ``z'_i = z_i (1 + gain_i) + bias_i + (W_out^T act(W_in^T z + b_in))_i`` and
+    ``delta``: ``y = x + (z' - z) @ W_dec``; ``replace``: ``y = z' @ W_dec + b_dec``.
+    Shapes: x [..., D], values/indices [..., k], W_dec [S, D], gain/bias [S], W_in [S, h],
+    b_in [h], W_out [h, S].
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    S, D = V.check_code(values, indices, W_dec)
+    if mode == "delta":
+        if x is None:
+            raise ValueError("x is required in delta mode")
+        V.check_tensor(x, "x", (*values.shape[:-1], D), like=values)
+    if b_dec is not None:
+        V.check_tensor(b_dec, "b_dec", (D,), like=values)
+    params = {}
+    for name, t in (("gain", gain), ("bias", bias)):
+        if t is not None:
+            V.check_tensor(t, name, (S,), like=values)
+            params[name] = t
+    if (W_in is None) != (W_out is None):
+        raise ValueError("W_in and W_out must be given together")
+    if W_in is not None:
+        V.check_tensor(W_in, "W_in", (S, None), like=values)
+        h = W_in.shape[1]
+        V.check_tensor(W_out, "W_out", (h, S), like=values)
+        params.update(W_in=W_in, W_out=W_out)
+        if b_in is not None:
+            V.check_tensor(b_in, "b_in", (h,), like=values)
+            params["b_in"] = b_in
+    return _edit_decode(x, values, indices, W_dec, b_dec, params, activation, mode, backend)
+
+
+def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
+    """Encode with ``sae``, apply ``adapter`` to the active latents, decode -- in one call.
+
+    Args:
+        x: [..., D] activations.
+        sae: a :class:`sae_sparse.SAE`.
+        adapter: a :class:`sae_sparse.LatentAdapter` or None (no edit).
+        mode: ``"delta"`` (default; ``y = x + (z' - z) @ W_dec``, keeps the SAE's reconstruction
+            error so a zero edit returns x exactly) or ``"replace"`` (``y = z' @ W_dec + b_dec``).
+        backend: as in :func:`topk_encode`.
+    Returns:
+        y [..., D] in x's dtype.
+
+    Example:
+        >>> sae = SAE.random(d_in=64, d_sae=1000, k=16)
+        >>> adapter = LatentAdapter(1000, hidden=8)
+        >>> y = sae_edit(torch.randn(2, 5, 64), sae, adapter)   # == x at initialisation
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if adapter is not None and adapter.d_sae != sae.d_sae:
+        raise ValueError(f"adapter.d_sae={adapter.d_sae} does not match sae.d_sae={sae.d_sae}")
+    V.check_x(x)
+    dtype = sae.W_dec.dtype  # compute in the SAE's dtype; autograd tracks the casts
+    values, indices = sae.encode(x.to(dtype), backend=backend)
+    p = {n: t.to(dtype) for n, t in adapter.edit_params().items()} if adapter is not None else {}
+    act = adapter.activation if adapter is not None else "relu"
+    y = edit_decode(x.to(dtype), values, indices, sae.W_dec, sae.b_dec, activation=act,
+                    mode=mode, backend=backend, **p)
+    return y.to(x.dtype)
