@@ -17,6 +17,11 @@ enum Mode : int64_t { kDelta = 0, kReplace = 1, kPlain = 2 };
 // Adapter activations (must match sae_sparse/_cpp.py).
 enum Act : int64_t { kRelu = 0, kGelu = 1, kIdentity = 2 };
 
+// Test hook: when the environment variable SAE_SPARSE_POISON=1 is set (read once), every output
+// a kernel allocates is filled with NaN (floats) or -1 (integers) before the kernel writes it,
+// so an entry the kernel forgot to write shows up in the tests.
+void poison_if_testing(at::Tensor& t);
+
 // Streaming top-k encode. Never stores an N x S tensor: GEMM tiles of a screening product
 // (bfloat16 where the CPU has AVX512-BF16, else float32) are scanned with a rigorous
 // per-entry error bound; only the survivors are recomputed exactly.

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "../sae_sparse.h"
@@ -176,6 +178,17 @@ void segment_rows_impl(const at::Tensor& offsets, const at::Tensor& order,
 
 }  // namespace
 
+void poison_if_testing(at::Tensor& t) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("SAE_SPARSE_POISON");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (!enabled || !t.defined()) return;
+  if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  else if (t.scalar_type() == at::kBool) t.fill_(true);
+  else t.fill_(-1);
+}
+
 std::tuple<at::Tensor, at::Tensor> edit_decode_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& indices_,
     const at::Tensor& W_dec_, const at::Tensor& b_dec_, const at::Tensor& gain_,
@@ -206,6 +219,8 @@ std::tuple<at::Tensor, at::Tensor> edit_decode_fwd_cpu(
     TORCH_CHECK(!t->defined() || t->scalar_type() == st, fn, ": all tensors must be ", st);
   at::Tensor y = at::empty({N, D}, values.options());
   at::Tensor h_pre = W_in.defined() ? at::empty({N, W_in.size(1)}, values.options()) : at::Tensor();
+  poison_if_testing(y);
+  poison_if_testing(h_pre);
   AT_DISPATCH_FLOATING_TYPES(st, "edit_decode_fwd_cpu", [&] {
     decode_fwd_impl<scalar_t>(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act, mode,
                               y, h_pre);
@@ -233,6 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edit_decode_bwd_cpu(
   at::Tensor dv = at::empty({N, k}, values.options());
   at::Tensor p = at::empty({N, k}, values.options());
   at::Tensor dh = W_in.defined() ? at::empty({N, W_in.size(1)}, values.options()) : at::Tensor();
+  poison_if_testing(dv);
+  poison_if_testing(p);
+  poison_if_testing(dh);
   AT_DISPATCH_FLOATING_TYPES(st, "edit_decode_bwd_cpu", [&] {
     decode_bwd_impl<scalar_t>(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode, dv, p,
                               dh);
@@ -257,6 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_csr_cpu(const at::Tensor& 
   }
   at::Tensor order = at::empty({P}, indices.options());
   at::Tensor active = at::empty({n_active}, indices.options());
+  poison_if_testing(order);
+  poison_if_testing(active);
   int64_t* ord = order.data_ptr<int64_t>();
   int64_t* act = active.data_ptr<int64_t>();
   std::vector<int64_t> fill(off, off + S);

@@ -325,6 +325,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
   at::Tensor values = at::empty({N, k}, x.options());
   at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
   at::Tensor overflow = at::empty({N}, x.options().dtype(at::kBool));
+  poison_if_testing(values);
+  poison_if_testing(indices);
+  poison_if_testing(overflow);
   if (N == 0) return {values, indices, overflow};
 
   if (x.scalar_type() == at::kDouble) {

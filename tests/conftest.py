@@ -1,0 +1,31 @@
+"""Test setup: poison uninitialised memory so an output a kernel forgot to write shows up."""
+import os
+
+os.environ.setdefault("SAE_SPARSE_POISON", "1")  # C++ kernels fill their outputs with NaN / -1
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _poison(t):
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype != torch.bool:
+        t.fill_(-1)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poison_torch_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled (floats) or -1-filled (ints) tensors."""
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(_empty_like(*a, **k)))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

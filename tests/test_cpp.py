@@ -1,0 +1,179 @@
+"""The cpp backend against the torch reference: forward, every gradient, odd shapes."""
+import pytest
+import torch
+
+import sae_sparse as ss
+from sae_sparse import edit_decode, reference as R, sparse_decode, topk_encode
+
+from helpers import adapter_kw, assert_close, grads_of, make_case
+
+pytestmark = pytest.mark.skipif("cpp" not in ss.available_backends(),
+                                reason="C++ extension not built")
+
+SHAPES = [
+    pytest.param(7, 33, 1000, 7, id="N7-D33-S1000-k7"),
+    pytest.param(1, 33, 1000, 7, id="N1-D33-S1000-k7"),
+    pytest.param(3, 19, 61, 61, id="N3-D19-S61-kS"),
+    pytest.param(130, 24, 4500, 9, id="N130-D24-S4500-k9"),  # >1 row block and >1 latent tile
+]
+
+
+def full_op(t, k, mode, activation, backend):
+    v, i = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t.get("b_pre"),
+                       threshold=t.get("threshold"), backend=backend)
+    y = edit_decode(t["x"], v, i, t["W_dec"], t["b_dec"], activation=activation, mode=mode,
+                    backend=backend, **adapter_kw(t))
+    return v, i, y
+
+
+@pytest.mark.parametrize("N,D,S,k", SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "bpre", "tied", "jumprelu"])
+@pytest.mark.parametrize("mode", ["delta", "replace"])
+def test_cpp_matches_reference_fp64(N, D, S, k, variant, mode):
+    t = make_case(N, D, S, k, b_pre=variant in ("bpre", "tied"), tied=variant == "tied",
+                  threshold=variant == "jumprelu")
+    v1, i1, y1 = full_op(t, k, mode, "gelu", "cpp")
+    v0, i0, y0 = full_op(t, k, mode, "gelu", "torch")
+    assert torch.equal(i1, i0)
+    assert_close(v1, v0, rtol=1e-12, atol=1e-12, name="values")
+    assert_close(y1, y0, rtol=1e-12, atol=1e-12, name="y")
+    g1, g0 = grads_of(y1, t), grads_of(y0, t)
+    assert set(g1) == set(g0)
+    for n in g0:
+        assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, name=n)
+
+
+@pytest.mark.parametrize("kinds", ["gain", "bias", "ffn", "gain+bias"])
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+@pytest.mark.parametrize("mode", ["delta", "replace"])
+def test_cpp_adapter_kinds_fp64(kinds, activation, mode):
+    N, D, S, k = 5, 21, 300, 6
+    t = make_case(N, D, S, k, b_pre=True, gain="gain" in kinds, bias="bias" in kinds,
+                  ffn="ffn" in kinds, h=3)
+    _, _, y1 = full_op(t, k, mode, activation, "cpp")
+    _, _, y0 = full_op(t, k, mode, activation, "torch")
+    assert_close(y1, y0, rtol=1e-12, atol=1e-12, name="y")
+    g1, g0 = grads_of(y1, t), grads_of(y0, t)
+    for n in g0:
+        assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, name=n)
+
+
+def test_cpp_encode_overflow_matches_dense():
+    N, D, S, k = 40, 16, 300, 5
+    for threshold, shift in ((False, 2.1), (True, 1.3)):
+        t = make_case(N, D, S, k, threshold=threshold)
+        t["b_enc"] = (t["b_enc"].detach() - shift).requires_grad_()  # about k actives per row
+        _, _, n1 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, threshold=t.get("threshold"),
+                               backend="cpp", return_overflow=True)
+        _, _, over = R.dense_topk_encode(t["x"], t["W_enc"], t["b_enc"], k,
+                                         threshold=t.get("threshold"))
+        assert 0 < int(over.sum()) < N  # the case exercises both outcomes
+        assert int(n1) == int(over.sum())
+
+
+def test_cpp_ties_break_to_smaller_index():
+    D, S, k = 8, 3000, 10
+    W = torch.randn(S, D, dtype=torch.float32) / 4
+    W[2500] = W[7]  # exact duplicate latents
+    W[1200] = W[7]
+    W[7] *= 0  # and a large block of zero rows with equal bias
+    W[7] += W[1200]
+    b = torch.zeros(S)
+    x = (W[7] * 10).unsqueeze(0).repeat(3, 1)  # latents 7, 1200, 2500 tie at the top
+    v, i = topk_encode(x, W, b, k, backend="cpp")
+    assert i[0, :3].tolist() == [7, 1200, 2500]
+    W0 = torch.zeros(S, D)
+    v, i = topk_encode(torch.randn(2, D), W0, torch.zeros(S), k, backend="cpp")
+    assert torch.equal(i, torch.arange(k).expand(2, k))
+    assert torch.equal(v, torch.zeros(2, k))
+
+
+@pytest.mark.parametrize("N,D,S,k", [(64, 48, 5000, 16), (1, 256, 3001, 33)])
+def test_cpp_fp32_near_ties(N, D, S, k):
+    """fp32: a selected index that differs from the fp64 reference must be a near-tie."""
+    t = make_case(N, D, S, k, dtype=torch.float32, b_pre=True)
+    v, i = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t["b_pre"], backend="cpp")
+    x64 = {n: t[n].detach().double() for n in ("x", "W_enc", "b_enc", "b_pre")}
+    pre = (x64["x"] - x64["b_pre"]) @ x64["W_enc"].T + x64["b_enc"]
+    ref_v, ref_i = torch.topk(pre, k)
+    kth = ref_v[:, -1:]
+    tol = 1e-5 * (1 + pre.abs().max())
+    got_pre = pre.gather(1, i)
+    assert (got_pre >= kth - tol).all(), "selected a latent well below the k-th value"
+    assert_close(v, ref_v.relu().to(v.dtype) * 0 + got_pre.relu(), rtol=1e-5, atol=1e-5,
+                 name="values")
+    assert (torch.diff(got_pre, dim=1) <= tol).all(), "values not in descending order"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_low_precision_inputs(dtype):
+    t = make_case(8, 32, 700, 8, dtype=dtype, b_pre=True)
+    v1, i1, y1 = full_op(t, 8, "replace", "relu", "cpp")
+    v0, i0, y0 = full_op(t, 8, "replace", "relu", "torch")
+    assert v1.dtype == dtype and y1.dtype == dtype
+    same = (i1 == i0).float().mean()
+    assert same > 0.95
+    assert_close(y1, y0, rtol=2e-2, atol=2e-2, name="y")
+    g1, g0 = grads_of(y1, t), grads_of(y0, t)
+    for n in ("W_dec", "gain", "W_out"):
+        assert g1[n].dtype == dtype
+        assert_close(g1[n], g0[n], rtol=5e-2, atol=5e-2, name=n)
+
+
+def test_cpp_gradcheck_fp64():
+    t = make_case(3, 7, 40, 4, b_pre=True, h=2)
+    names = ["x", "W_enc", "b_enc", "b_pre", "W_dec", "b_dec", "gain", "bias", "W_in", "b_in",
+             "W_out"]
+
+    def f(*args):
+        d = dict(zip(names, args))
+        return full_op(d, 4, "replace", "gelu", "cpp")[2]
+
+    assert torch.autograd.gradcheck(f, tuple(t[n] for n in names), eps=1e-6, atol=1e-7)
+
+    def g(*args):
+        d = dict(zip(names, args))
+        return full_op(d, 4, "delta", "identity", "cpp")[2]
+
+    assert torch.autograd.gradcheck(g, tuple(t[n] for n in names), eps=1e-6, atol=1e-7)
+
+
+def test_cpp_sparse_decode_and_non_contiguous():
+    W = torch.randn(50, 30, dtype=torch.float64)[:, ::2]  # non-contiguous [50, 15]
+    v = torch.randn(6, 4, dtype=torch.float64).T.contiguous().T  # non-contiguous [6, 4]
+    i = torch.randint(0, 50, (4, 6)).T
+    b = torch.randn(15, dtype=torch.float64)
+    y1 = sparse_decode(v, i, W, b, backend="cpp")
+    y0 = sparse_decode(v, i, W, b, backend="torch")
+    assert_close(y1, y0, rtol=1e-12, atol=1e-12, name="y")
+    x = torch.randn(40, 7, dtype=torch.float64)[::2]  # non-contiguous [20, 7]
+    We = torch.randn(7, 90, dtype=torch.float64).T  # non-contiguous [90, 7]
+    be = torch.randn(90, dtype=torch.float64)
+    v1, i1 = topk_encode(x, We, be, 5, backend="cpp")
+    v0, i0 = topk_encode(x, We, be, 5, backend="torch")
+    assert torch.equal(i1, i0)
+    assert_close(v1, v0, rtol=1e-12, atol=1e-12, name="values")
+
+
+def test_cpp_leading_dims_and_empty_batch():
+    sae = ss.SAE.random(12, 80, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    v, i = sae.encode(x, backend="cpp")
+    assert v.shape == (2, 3, 4) and i.shape == (2, 3, 4)
+    y = ss.sae_edit(x, sae, ss.LatentAdapter(80, 3, dtype=torch.float64), backend="cpp")
+    assert y.shape == x.shape
+    x0 = torch.randn(0, 12, dtype=torch.float64, requires_grad=True)
+    y0 = ss.sae_edit(x0, sae, None, mode="replace", backend="cpp")
+    assert y0.shape == (0, 12)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 12)
+
+
+def test_backward_is_deterministic():
+    t = make_case(64, 16, 500, 8, dtype=torch.float32, b_pre=True)
+    outs = []
+    for _ in range(2):
+        _, _, y = full_op(t, 8, "replace", "relu", "cpp")
+        outs.append(grads_of(y, t))
+    for n in outs[0]:
+        assert torch.equal(outs[0][n], outs[1][n]), n
