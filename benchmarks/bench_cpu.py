@@ -1,0 +1,172 @@
+"""CPU benchmark of the cpp backend against plain PyTorch baselines.
+
+Rows (float32, default N=2048 D=256 S=16384 k=32, h=16):
+  encode  : F.linear + torch.topk   vs  sae_sparse.topk_encode(backend="cpp")
+  decode  : F.embedding_bag         vs  sae_sparse.sparse_decode(backend="cpp")
+  edit    : sae_edit fwd+bwd (frozen SAE, gain+bias+ffn adapter), torch backend vs cpp
+
+Times are medians over --reps runs (after one warm-up), measured in this process, so every
+ratio is against its baseline in the same run. "peak extra" is the peak resident memory an op
+adds above the inputs, measured in a fresh subprocess per op (Linux /proc: clear_refs + VmHWM).
+
+    python benchmarks/bench_cpu.py            # prints a markdown table
+    python benchmarks/bench_cpu.py --save     # also writes benchmarks/results/cpu-<date>.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sae_sparse as ss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def make(N, D, S, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    W_enc = torch.randn(S, D, generator=g) / D ** 0.5
+    b_enc = 0.1 * torch.randn(S, generator=g)
+    W_dec = torch.randn(S, D, generator=g) / D ** 0.5
+    return x, W_enc, b_enc, W_dec
+
+
+def ops(N, D, S, k, h):
+    """name -> (setup, fn) pairs; setup builds inputs, fn runs the op once."""
+    x, W_enc, b_enc, W_dec = make(N, D, S, k)
+    sae = ss.SAE(W_enc, b_enc, W_dec, torch.zeros(D), k).requires_grad_(False)
+    ad = ss.LatentAdapter(S, hidden=h)
+    with torch.no_grad():
+        for p in (ad.gain, ad.bias, ad.W_out):
+            p.normal_(0, 0.01)
+    vals, idx = ss.topk_encode(x, W_enc, b_enc, k, backend="cpp")
+
+    def edit_step(backend):
+        xg = x.clone().requires_grad_(True)
+        y = ss.sae_edit(xg, sae, ad, backend=backend)
+        y.square().sum().backward()
+
+    return {
+        "encode/linear+topk": lambda: torch.topk(F.linear(x, W_enc, b_enc), k),
+        "encode/cpp": lambda: ss.topk_encode(x, W_enc, b_enc, k, backend="cpp"),
+        "decode/embedding_bag": lambda: F.embedding_bag(idx, W_dec, per_sample_weights=vals,
+                                                        mode="sum"),
+        "decode/cpp": lambda: ss.sparse_decode(vals, idx, W_dec, backend="cpp"),
+        "edit fwd+bwd/torch": lambda: edit_step("torch"),
+        "edit fwd+bwd/cpp": lambda: edit_step("cpp"),
+    }
+
+
+def median_ms(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts), 1e3 * min(ts), 1e3 * max(ts)
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def peak_extra_mib(name, N, D, S, k, h):
+    """Runs one op in a fresh process; returns the peak RSS it adds above its inputs."""
+    code = f"""
+import gc, sys, json
+sys.path.insert(0, {HERE!r})
+from bench_cpu import ops, _rss_kib
+fns = ops({N}, {D}, {S}, {k}, {h})
+fn = fns[{name!r}]
+fn(); gc.collect()                       # warm-up: one-off allocations (thread pools, caches)
+before = _rss_kib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")   # reset the peak RSS counter
+fn()
+print(json.dumps((_rss_kib("VmHWM") - before) / 1024))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        return float("nan")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                              capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=2048)
+    ap.add_argument("--D", type=int, default=256)
+    ap.add_argument("--S", type=int, default=16384)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--h", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--save", action="store_true", help="write benchmarks/results/cpu-<date>.md")
+    a = ap.parse_args()
+    if "cpp" not in ss.available_backends():
+        sys.exit("the cpp backend is not built: " + ss.backend_status()["cpp"])
+
+    fns = ops(a.N, a.D, a.S, a.k, a.h)
+    rows = {}
+    for name, fn in fns.items():
+        med, lo, hi = median_ms(fn, a.reps)
+        mem = float("nan") if a.no_memory else peak_extra_mib(name, a.N, a.D, a.S, a.k, a.h)
+        rows[name] = (med, lo, hi, mem)
+
+    env = (f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+           f"sae_sparse {ss.__version__} @ {git_commit()}; "
+           f"{datetime.date.today().isoformat()}")
+    shape = f"N={a.N} D={a.D} S={a.S} k={a.k} h={a.h}, float32, median of {a.reps}"
+    lines = [f"# CPU benchmark\n", f"{env}\n", f"{shape}\n",
+             "| op | impl | median ms | min–max ms | speed-up vs baseline | peak extra MiB |",
+             "|---|---|---|---|---|---|"]
+    base = {"encode": "encode/linear+topk", "decode": "decode/embedding_bag",
+            "edit fwd+bwd": "edit fwd+bwd/torch"}
+    for name, (med, lo, hi, mem) in rows.items():
+        op, impl = name.split("/")
+        ratio = rows[base[op]][0] / med
+        lines.append(f"| {op} | {impl} | {med:.1f} | {lo:.1f}–{hi:.1f} | {ratio:.2f}× | {mem:.1f} |")
+    text = "\n".join(lines)
+    print(text)
+    if a.save:
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        path = os.path.join(HERE, "results", f"cpu-{datetime.date.today().isoformat()}.md")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
