@@ -94,6 +94,7 @@ from bench_cpu import ops, _rss_kib
 fns = ops({N}, {D}, {S}, {k}, {h})
 fn = fns[{name!r}]
 fn(); gc.collect()                       # warm-up: one-off allocations (thread pools, caches)
+import ctypes; ctypes.CDLL("libc.so.6").malloc_trim(0)   # hand freed heap pages back to the OS
 before = _rss_kib("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")   # reset the peak RSS counter
 fn()

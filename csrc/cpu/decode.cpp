@@ -75,7 +75,7 @@ void decode_fwd_impl(const at::Tensor& x, const at::Tensor& values, const at::Te
   T* hp = H ? h_pre.data_ptr<T>() : nullptr;
 
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    std::vector<T> a(H);
+    std::vector<T> coef(k), a(H);
     for (int64_t n = n0; n < n1; ++n) {
       T* yr = yp + n * D;
       const T* v = vp + n * k;
@@ -87,17 +87,18 @@ void decode_fwd_impl(const at::Tensor& x, const at::Tensor& values, const at::Te
         if (cp) base += cp[d];
         yr[d] = base;
       }
-      for (int64_t j = 0; j < k; ++j) {
-        T coef = v[j];
-        if (mode == kDelta) coef = g ? v[j] * g[id[j]] : T(0);
-        else if (mode == kReplace && g) coef = v[j] * (T(1) + g[id[j]]);
-        if (coef != T(0)) vec::axpy(coef, Wd + id[j] * D, yr, D);
+      if (mode != kDelta || g) {
+        for (int64_t j = 0; j < k; ++j) {
+          if (mode == kDelta) coef[j] = v[j] * g[id[j]];
+          else if (mode == kReplace && g) coef[j] = v[j] * (T(1) + g[id[j]]);
+          else coef[j] = v[j];
+        }
+        vec::gather_sum(k, coef.data(), id, Wd, D, yr);
       }
       if (H) {
         T* h = hp + n * H;
         for (int64_t q = 0; q < H; ++q) h[q] = bi ? bi[q] : T(0);
-        for (int64_t j = 0; j < k; ++j)
-          if (v[j] != T(0)) vec::axpy(v[j], Wi + id[j] * H, h, H);
+        vec::gather_sum(k, v, id, Wi, H, h);
         for (int64_t q = 0; q < H; ++q) {
           const T aq = act_fwd(h[q], act);
           if (aq != T(0)) vec::axpy(aq, Mp + q * D, yr, D);

@@ -17,8 +17,33 @@ inline T dot_impl(const T* a, const T* b, int64_t n) {
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+// Rows are streamed whole (so the hardware prefetcher sees contiguous lines) and the row
+// kPrefetch ahead is software-prefetched, since the row ids jump around a large matrix.
+template <typename T>
+inline void gather_sum_impl(int64_t k, const T* coef, const int64_t* idx, const T* W, int64_t D,
+                            T* y) {
+  constexpr int64_t kPrefetch = 2;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t j = 0; j < k; ++j) {
+    if (j + kPrefetch < k) {
+      const T* nxt = W + idx[j + kPrefetch] * D;
+      for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(nxt + d);
+    }
+    const T c = coef[j];
+    const T* w = W + idx[j] * D;
+    for (int64_t d = 0; d < D; ++d) y[d] += c * w[d];
+  }
+}
 }  // namespace
 
+SAE_SPARSE_CLONES void gather_sum(int64_t k, const float* coef, const int64_t* idx,
+                                  const float* W, int64_t D, float* y) {
+  gather_sum_impl<float>(k, coef, idx, W, D, y);
+}
+SAE_SPARSE_CLONES void gather_sum(int64_t k, const double* coef, const int64_t* idx,
+                                  const double* W, int64_t D, double* y) {
+  gather_sum_impl<double>(k, coef, idx, W, D, y);
+}
 SAE_SPARSE_CLONES float dot(const float* a, const float* b, int64_t n) {
   return dot_impl<float, 16>(a, b, n);
 }

@@ -21,6 +21,12 @@ double dot(const double* a, const double* b, int64_t n);
 // y += alpha * x
 void axpy(float alpha, const float* x, float* y, int64_t n);
 void axpy(double alpha, const double* x, double* y, int64_t n);
+// y[d] += sum_j coef[j] * W[idx[j] * D + d] for d in [0, D): a weighted gather of k rows of the
+// row-major [*, D] matrix W, accumulated in registers one block of columns at a time.
+void gather_sum(int64_t k, const float* coef, const int64_t* idx, const float* W, int64_t D,
+                float* y);
+void gather_sum(int64_t k, const double* coef, const int64_t* idx, const double* W, int64_t D,
+                double* y);
 // Screened upper bounds of one tile row: with a = float(tile[i]) + bias[i] and the error bound
 //   e[i] = ex * wa[i] + xt * wb[i] + ua * |a| + bn[i],
 // writes hi[i] = a + e[i] and e[i]. `tile` holds bfloat16 bit patterns or floats.
