@@ -44,17 +44,21 @@ class RowScreen {
     cap_ = static_cast<size_t>(std::max<int64_t>(4 * kk, 256));
   }
   float bound() const { return L_; }
+  // A lower bound on the kk-th largest pre-activation known from elsewhere (a sample of the
+  // row's lower bounds): entries whose upper bound is below it can be skipped at once.
+  void set_floor(float f) {
+    floor_ = std::max(floor_, f);
+    L_ = std::max(L_, floor_);
+  }
   void push(float lo, float hi, int64_t idx) {  // requires hi >= bound()
     cand_.push_back({hi, idx});
     if (static_cast<int64_t>(heap_.size()) < kk_) {
       heap_.push_back(lo);
       std::push_heap(heap_.begin(), heap_.end(), std::greater<float>());
-      if (static_cast<int64_t>(heap_.size()) == kk_) L_ = heap_.front();
+      if (static_cast<int64_t>(heap_.size()) == kk_) L_ = std::max(heap_.front(), floor_);
     } else if (lo > heap_.front()) {
-      std::pop_heap(heap_.begin(), heap_.end(), std::greater<float>());
-      heap_.back() = lo;
-      std::push_heap(heap_.begin(), heap_.end(), std::greater<float>());
-      L_ = heap_.front();
+      replace_min(lo);
+      L_ = std::max(heap_.front(), floor_);
     }
     if (cand_.size() >= cap_) compact();
   }
@@ -66,6 +70,19 @@ class RowScreen {
   }
 
  private:
+  void replace_min(float lo) {  // pop the minimum and push lo, as one sift-down
+    const size_t n = heap_.size();
+    size_t i = 0;
+    for (;;) {
+      size_t m = 2 * i + 1;
+      if (m >= n) break;
+      if (m + 1 < n && heap_[m + 1] < heap_[m]) ++m;
+      if (heap_[m] >= lo) break;
+      heap_[i] = heap_[m];
+      i = m;
+    }
+    heap_[i] = lo;
+  }
   void compact() {
     const float L = L_;
     cand_.erase(std::remove_if(cand_.begin(), cand_.end(), [L](const Cand& c) { return c.hi < L; }),
@@ -77,7 +94,20 @@ class RowScreen {
   std::vector<Cand> cand_;
   size_t cap_ = 0;
   float L_ = -kInf;
+  float floor_ = -kInf;
 };
+
+// Seeds a row's screen from every kStride-th entry of its first tile: at least kk entries have
+// pre >= the kk-th largest sampled lower bound, so it is a valid floor.
+constexpr int64_t kStride = 8;
+inline void seed_floor(RowScreen& scr, const float* hi, const float* e, int64_t ts, int64_t kk,
+                       std::vector<float>& tmp) {
+  tmp.clear();
+  for (int64_t i = 0; i < ts; i += kStride) tmp.push_back(hi[i] - 2.0f * e[i]);
+  if (static_cast<int64_t>(tmp.size()) < 2 * kk) return;  // too few samples to help
+  std::nth_element(tmp.begin(), tmp.begin() + (kk - 1), tmp.end(), std::greater<float>());
+  scr.set_floor(tmp[kk - 1]);
+}
 
 struct Scored {
   double val;
@@ -156,7 +186,7 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
   // Per-thread scratch, allocated once.
   struct Scratch {
     at::Tensor xs, out;
-    std::vector<float> hi, e, hiq, eq;
+    std::vector<float> hi, e, hiq, eq, tmp;
   };
   std::vector<Scratch> scratch(nthreads);
   for (auto& sc : scratch) {
@@ -222,6 +252,7 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
             vec::screen_hi(reinterpret_cast<const float*>(row), bt.data(), wa.data(), wb.data(),
                            bn.data(), ex[n], xt[n], ua, hi, e, ts);
           }
+          if (s0 == 0) seed_floor(scr[n], hi, e, ts, kk, sc.tmp);
           scan_row(scr[n], hi, e, ts, s0);
           if (has_thr) {
             float* hiq = sc.hiq.data();
@@ -231,6 +262,7 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
               eq[i] = e[i] + tn[i];
               hiq[i] = std::min(a - tt[i], a) + eq[i];
             }
+            if (s0 == 0) seed_floor(scrq[n], hiq, eq, ts, kq, sc.tmp);
             scan_row(scrq[n], hiq, eq, ts, s0);
           }
         }
