@@ -8,6 +8,7 @@ forces one backend for every call that does not name one.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -50,7 +51,11 @@ def resolve(backend: str | None, device: torch.device) -> str:
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
     if backend is None:
-        return "cpp" if _supports("cpp", device) else "torch"
+        if _supports("cpp", device):
+            return "cpp"
+        if device.type == "cpu":
+            _warn_no_cpp()
+        return "torch"
     if backend not in ALL_BACKENDS:
         raise ValueError(f"backend must be one of {ALL_BACKENDS} or None, got {backend!r}")
     if not _supports(backend, device):
@@ -58,6 +63,18 @@ def resolve(backend: str | None, device: torch.device) -> str:
         raise RuntimeError(f"backend {backend!r} cannot run on {device} tensors"
                            + (f": {why}" if why != "available" else ""))
     return backend
+
+
+_warned = False
+
+
+def _warn_no_cpp():
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn("sae_sparse: the C++ extension is not built "
+                      f"({_cpp.IMPORT_ERROR}); CPU ops run on the slower 'torch' backend",
+                      RuntimeWarning, stacklevel=4)
 
 
 def encode_fn(name: str):
