@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import torch
 
-try:  # the extension is optional (SAE_SPARSE_NO_NATIVE=1 builds none)
-    from . import _C
-except ImportError as e:  # pragma: no cover - depends on the build
+import importlib.util
+
+if importlib.util.find_spec(f"{__package__}._C") is None:  # SAE_SPARSE_NO_NATIVE=1 builds none
     _C = None
-    IMPORT_ERROR = str(e)
+    IMPORT_ERROR = "sae_sparse._C was not built (reinstall without SAE_SPARSE_NO_NATIVE=1)"
 else:
-    IMPORT_ERROR = None
+    try:
+        from . import _C
+    except ImportError as e:  # pragma: no cover - a broken build, e.g. a torch ABI mismatch
+        _C = None
+        IMPORT_ERROR = f"sae_sparse._C failed to load: {e}"
+    else:
+        IMPORT_ERROR = None
 
 from .reference import activation_fn
 
