@@ -34,7 +34,7 @@ def backend_status() -> dict[str, str]:
     """Why each backend is or is not available (for bug reports and the README)."""
     return {
         "torch": "available",
-        "cpp": "available" if _cpp.available() else f"not built ({_cpp.IMPORT_ERROR})",
+        "cpp": "available" if _cpp.available() else _cpp.IMPORT_ERROR,
     }
 
 
