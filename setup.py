@@ -66,7 +66,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["sae_sparse", "sae_sparse.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "safetensors"],
     extras_require={
         "triton": ["triton>=3.4"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.4"],

@@ -4,10 +4,12 @@ See shared/DESIGN.md for the math. Public API:
 
 * :func:`topk_encode`, :func:`sparse_decode`, :func:`edit_decode`, :func:`sae_edit`
 * :class:`SAE`, :class:`LatentAdapter`
+* :func:`load_sae` (SAELens, sparsify, Gemma Scope), :func:`save_saelens`, :func:`save_sparsify`
 * :func:`available_backends` (``SAE_SPARSE_BACKEND`` forces one)
 """
 from .backends import ENV_VAR as BACKEND_ENV_VAR
 from .backends import available_backends, backend_status
+from .io import load_sae, save_saelens, save_sparsify
 from .modules import SAE, LatentAdapter
 from .ops import edit_decode, sae_edit, sparse_decode, topk_encode
 
@@ -20,6 +22,9 @@ __all__ = [
     "sae_edit",
     "SAE",
     "LatentAdapter",
+    "load_sae",
+    "save_saelens",
+    "save_sparsify",
     "available_backends",
     "backend_status",
     "BACKEND_ENV_VAR",

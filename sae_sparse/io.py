@@ -1,0 +1,167 @@
+"""Loading and saving SAEs in other projects' file formats (no pickle is ever executed).
+
+Supported so far (the rest of the formats in the training issue come next):
+
+* SAELens: ``cfg.json`` + ``sae_weights.safetensors``; ``W_enc`` stored [D, S];
+  ``apply_b_dec_to_input`` ties ``b_pre`` to ``b_dec``; ``architecture`` "standard" / "jumprelu"
+  (``threshold``) / "topk" (``k`` in the cfg or ``activation_fn_kwargs``).
+* EleutherAI sparsify: ``cfg.json`` + ``sae.safetensors`` with ``encoder.weight`` [S, D],
+  ``encoder.bias``, ``W_dec`` [S, D], ``b_dec``; the encoder subtracts ``b_dec`` unless
+  ``transcode``.
+* Gemma Scope: ``params.npz`` with ``W_enc`` [D, S], ``W_dec`` [S, D], ``b_enc``, ``b_dec``,
+  ``threshold`` (JumpReLU).
+
+ReLU and JumpReLU SAEs have no k of their own: pass ``k`` (the cap k_max; the op records how
+many rows exceeded it, see :attr:`SAE.last_overflow`).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .modules import SAE
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _need_k(k, what):
+    if k is None:
+        raise ValueError(f"{what} has no top-k of its own: pass k=... (the cap k_max on active "
+                         f"latents per token; sae.last_overflow counts rows that exceed it)")
+    return k
+
+
+def detect_format(path: str) -> str:
+    """Names the on-disk format of the SAE at `path` (a directory or a params.npz file)."""
+    if os.path.isfile(path) and path.endswith(".npz"):
+        return "gemmascope"
+    if os.path.isdir(path):
+        files = set(os.listdir(path))
+        if "sae_weights.safetensors" in files:
+            return "saelens"
+        if "sae.safetensors" in files:
+            return "sparsify"
+        if "params.npz" in files:
+            return "gemmascope"
+    raise ValueError(f"no SAE format recognised at {path!r}: expected a SAELens directory "
+                     "(cfg.json + sae_weights.safetensors), a sparsify directory (cfg.json + "
+                     "sae.safetensors) or a Gemma Scope params.npz")
+
+
+def load_sae(path: str, *, k: int | None = None, dtype=None, device=None) -> SAE:
+    """Loads an SAE saved by SAELens, sparsify or Gemma Scope into the canonical :class:`SAE`.
+
+    Args:
+        path: the SAE's directory (or a Gemma Scope ``params.npz``).
+        k: latents per token; required for ReLU/JumpReLU SAEs, overrides a TopK SAE's own k.
+        dtype, device: optional conversion of the loaded tensors.
+    Returns:
+        an :class:`SAE`; ``sae.format_info`` records the source format and config.
+    """
+    fmt = detect_format(path)
+    sae, info = _LOADERS[fmt](path, k)
+    sae.format_info = {"format": fmt, "path": os.path.abspath(path), **info}
+    if dtype is not None or device is not None:
+        sae = sae.to(dtype=dtype, device=device)
+    return sae
+
+
+def _load_saelens(path, k):
+    from safetensors.torch import load_file
+
+    cfg = _read_json(os.path.join(path, "cfg.json"))
+    w = load_file(os.path.join(path, "sae_weights.safetensors"))
+    arch = cfg.get("architecture", "standard")
+    own_k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if arch == "topk" or own_k:
+        k = k or own_k
+    k = _need_k(k, f"this SAELens '{arch}' SAE")
+    b_dec = w["b_dec"]
+    sae = SAE(w["W_enc"].T.contiguous(), w["b_enc"], w["W_dec"], b_dec, int(k),
+              b_pre=b_dec if cfg.get("apply_b_dec_to_input", False) else None,
+              threshold=w.get("threshold") if arch == "jumprelu" else None)
+    meta = cfg.get("metadata") or {}
+    return sae, {"hook_name": meta.get("hook_name", cfg.get("hook_name")),
+                 "neuronpedia_id": meta.get("neuronpedia_id", cfg.get("neuronpedia_id")),
+                 "architecture": arch, "cfg": cfg}
+
+
+def _load_sparsify(path, k):
+    from safetensors.torch import load_file
+
+    cfg = _read_json(os.path.join(path, "cfg.json"))
+    w = load_file(os.path.join(path, "sae.safetensors"))
+    if "W_skip" in w:
+        raise ValueError("sparsify SAEs with a skip connection (W_skip) are not supported yet")
+    b_dec = w["b_dec"]
+    sae = SAE(w["encoder.weight"], w["encoder.bias"], w["W_dec"], b_dec, int(k or cfg["k"]),
+              b_pre=None if cfg.get("transcode", False) else b_dec)
+    return sae, {"hook_name": None, "neuronpedia_id": None, "architecture": "topk", "cfg": cfg}
+
+
+def _load_gemmascope(path, k):
+    f = path if path.endswith(".npz") else os.path.join(path, "params.npz")
+    with np.load(f, allow_pickle=False) as z:
+        t = {name: torch.from_numpy(np.ascontiguousarray(z[name])) for name in z.files}
+    sae = SAE(t["W_enc"].T.contiguous(), t["b_enc"], t["W_dec"], t["b_dec"],
+              _need_k(k, "a Gemma Scope JumpReLU SAE"), threshold=t["threshold"])
+    return sae, {"hook_name": None, "neuronpedia_id": None, "architecture": "jumprelu", "cfg": {}}
+
+
+_LOADERS = {"saelens": _load_saelens, "sparsify": _load_sparsify,
+            "gemmascope": _load_gemmascope}
+
+
+def save_saelens(sae: SAE, path: str, *, hook_name: str | None = None, **cfg_extra) -> None:
+    """Writes ``sae`` as a SAELens directory (cfg.json + sae_weights.safetensors).
+
+    A b_pre tied to b_dec is saved as ``apply_b_dec_to_input``; an untied b_pre cannot be
+    expressed in SAELens' format and raises.
+    """
+    from safetensors.torch import save_file
+
+    if sae.b_pre is not None and not sae.tied_b_pre:
+        raise ValueError("SAELens has no separate input bias: b_pre must be tied to b_dec "
+                         "(or None) to save in this format")
+    os.makedirs(path, exist_ok=True)
+    arch = "jumprelu" if sae.threshold is not None else "topk"
+    t = {"W_enc": sae.W_enc.detach().T.contiguous(), "b_enc": sae.b_enc.detach(),
+         "W_dec": sae.W_dec.detach().contiguous(), "b_dec": sae.b_dec.detach()}
+    if sae.threshold is not None:
+        t["threshold"] = sae.threshold.detach()
+    save_file({n: v.cpu().contiguous() for n, v in t.items()},
+              os.path.join(path, "sae_weights.safetensors"))
+    cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
+           "apply_b_dec_to_input": sae.tied_b_pre, "dtype": str(sae.W_enc.dtype).split(".")[-1],
+           "metadata": {"hook_name": hook_name}, **cfg_extra}
+    with open(os.path.join(path, "cfg.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def save_sparsify(sae: SAE, path: str, **cfg_extra) -> None:
+    """Writes ``sae`` as a sparsify directory (cfg.json + sae.safetensors).
+
+    sparsify encodes ``x - b_dec`` (or ``x`` with ``transcode``); an untied b_pre and JumpReLU
+    thresholds cannot be expressed and raise.
+    """
+    from safetensors.torch import save_file
+
+    if sae.b_pre is not None and not sae.tied_b_pre:
+        raise ValueError("sparsify subtracts b_dec itself: b_pre must be tied to b_dec or None")
+    if sae.threshold is not None:
+        raise ValueError("sparsify SAEs are TopK: a JumpReLU threshold cannot be saved")
+    os.makedirs(path, exist_ok=True)
+    t = {"encoder.weight": sae.W_enc.detach(), "encoder.bias": sae.b_enc.detach(),
+         "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}
+    save_file({n: v.cpu().contiguous() for n, v in t.items()}, os.path.join(path, "sae.safetensors"))
+    cfg = {"num_latents": sae.d_sae, "k": sae.k, "d_in": sae.d_in,
+           "transcode": sae.b_pre is None, "normalize_decoder": True, "multi_topk": False,
+           "skip_connection": False, **cfg_extra}
+    with open(os.path.join(path, "cfg.json"), "w") as f:
+        json.dump(cfg, f, indent=2)

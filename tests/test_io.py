@@ -1,0 +1,102 @@
+"""SAE file formats: files written in each format's own layout load into the canonical SAE."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sae_sparse as ss
+from sae_sparse.io import detect_format, load_sae, save_saelens, save_sparsify
+
+D, S, K = 12, 40, 5
+
+
+def raw(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(W_enc=torch.randn(S, D, generator=g), b_enc=torch.randn(S, generator=g),
+                W_dec=torch.randn(S, D, generator=g), b_dec=torch.randn(D, generator=g),
+                threshold=torch.rand(S, generator=g))
+
+
+def check_same_function(sae, t, *, b_pre, threshold):
+    x = torch.randn(7, D)
+    want_v, want_i, _ = ss.reference.dense_topk_encode(
+        x.double(), t["W_enc"].double(), t["b_enc"].double(), sae.k,
+        t["b_dec"].double() if b_pre else None, t["threshold"].double() if threshold else None)
+    v, i = sae.encode(x, backend="torch")
+    assert torch.equal(i, want_i)
+    torch.testing.assert_close(v.double(), want_v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sae.W_dec.detach(), t["W_dec"])
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "standard"])
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_saelens(tmp_path, arch, apply_b_dec):
+    t = raw()
+    w = {"W_enc": t["W_enc"].T.contiguous(), "b_enc": t["b_enc"], "W_dec": t["W_dec"],
+         "b_dec": t["b_dec"]}
+    if arch == "jumprelu":
+        w["threshold"] = t["threshold"]
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"architecture": arch, "d_in": D, "d_sae": S, "apply_b_dec_to_input": apply_b_dec,
+           "metadata": {"hook_name": "blocks.3.hook_resid_post", "neuronpedia_id": "x/3-res"}}
+    if arch == "topk":
+        cfg["activation_fn_kwargs"] = {"k": K}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert detect_format(str(tmp_path)) == "saelens"
+    if arch != "topk":
+        with pytest.raises(ValueError, match="pass k="):
+            load_sae(str(tmp_path))
+    sae = load_sae(str(tmp_path), k=None if arch == "topk" else K)
+    assert sae.k == K and sae.tied_b_pre == apply_b_dec
+    assert (sae.threshold is not None) == (arch == "jumprelu")
+    assert sae.format_info["hook_name"] == "blocks.3.hook_resid_post"
+    assert sae.format_info["neuronpedia_id"] == "x/3-res"
+    check_same_function(sae, t, b_pre=apply_b_dec, threshold=arch == "jumprelu")
+    # round trip
+    save_saelens(sae, str(tmp_path / "again"), hook_name="h")
+    sae2 = load_sae(str(tmp_path / "again"), k=K)
+    for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae2, n), getattr(sae, n))
+    assert sae2.tied_b_pre == sae.tied_b_pre
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+def test_sparsify(tmp_path, transcode):
+    t = raw()
+    save_file({"encoder.weight": t["W_enc"], "encoder.bias": t["b_enc"], "W_dec": t["W_dec"],
+               "b_dec": t["b_dec"]}, str(tmp_path / "sae.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(
+        {"expansion_factor": 4, "normalize_decoder": True, "num_latents": S, "k": K,
+         "multi_topk": False, "skip_connection": False, "transcode": transcode}))
+    sae = load_sae(str(tmp_path))
+    assert sae.k == K and sae.tied_b_pre == (not transcode)
+    check_same_function(sae, t, b_pre=not transcode, threshold=False)
+    save_sparsify(sae, str(tmp_path / "again"))
+    sae2 = load_sae(str(tmp_path / "again"))
+    assert sae2.tied_b_pre == sae.tied_b_pre
+    for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae2, n), getattr(sae, n))
+
+
+def test_gemmascope(tmp_path):
+    t = raw()
+    np.savez(tmp_path / "params.npz", W_enc=t["W_enc"].T.numpy(), W_dec=t["W_dec"].numpy(),
+             b_enc=t["b_enc"].numpy(), b_dec=t["b_dec"].numpy(), threshold=t["threshold"].numpy())
+    sae = load_sae(str(tmp_path / "params.npz"), k=K)
+    assert detect_format(str(tmp_path)) == "gemmascope"
+    check_same_function(sae, t, b_pre=False, threshold=True)
+
+
+def test_unknown_format_and_unsupported_saves(tmp_path):
+    with pytest.raises(ValueError, match="no SAE format recognised"):
+        load_sae(str(tmp_path))
+    sae = ss.SAE.random(D, S, K, threshold=True)
+    with pytest.raises(ValueError, match="JumpReLU threshold cannot be saved"):
+        save_sparsify(sae, str(tmp_path / "s"))
+    b = torch.zeros(D)
+    untied = ss.SAE(torch.randn(S, D), torch.zeros(S), torch.randn(S, D), b, K, b_pre=b.clone())
+    with pytest.raises(ValueError, match="b_pre must be tied"):
+        save_saelens(untied, str(tmp_path / "l"))
