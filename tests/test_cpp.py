@@ -74,16 +74,14 @@ def test_cpp_encode_overflow_matches_dense():
 def test_cpp_ties_break_to_smaller_index():
     D, S, k = 8, 3000, 10
     W = torch.randn(S, D, dtype=torch.float32) / 4
-    W[2500] = W[7]  # exact duplicate latents
-    W[1200] = W[7]
-    W[7] *= 0  # and a large block of zero rows with equal bias
-    W[7] += W[1200]
+    W[1200] = W[7]  # exact duplicate latents
+    W[2500] = W[7]
     b = torch.zeros(S)
     x = (W[7] * 10).unsqueeze(0).repeat(3, 1)  # latents 7, 1200, 2500 tie at the top
     v, i = topk_encode(x, W, b, k, backend="cpp")
     assert i[0, :3].tolist() == [7, 1200, 2500]
     W0 = torch.zeros(S, D)
-    v, i = topk_encode(torch.randn(2, D), W0, torch.zeros(S), k, backend="cpp")
+    v, i = topk_encode(torch.randn(2, D), W0, torch.zeros(S), k, backend="cpp")  # all tie
     assert torch.equal(i, torch.arange(k).expand(2, k))
     assert torch.equal(v, torch.zeros(2, k))
 
@@ -100,8 +98,7 @@ def test_cpp_fp32_near_ties(N, D, S, k):
     tol = 1e-5 * (1 + pre.abs().max())
     got_pre = pre.gather(1, i)
     assert (got_pre >= kth - tol).all(), "selected a latent well below the k-th value"
-    assert_close(v, ref_v.relu().to(v.dtype) * 0 + got_pre.relu(), rtol=1e-5, atol=1e-5,
-                 name="values")
+    assert_close(v, got_pre.relu(), rtol=1e-5, atol=1e-5, name="values")
     assert (torch.diff(got_pre, dim=1) <= tol).all(), "values not in descending order"
 
 
