@@ -10,6 +10,15 @@ Supported so far (the rest of the formats in the training issue come next):
   ``transcode``.
 * Gemma Scope: ``params.npz`` with ``W_enc`` [D, S], ``W_dec`` [S, D], ``b_enc``, ``b_dec``,
   ``threshold`` (JumpReLU).
+* dictionary_learning: ``ae.pt`` (+ ``config.json``): ``AutoEncoder`` (``encoder.*``,
+  ``decoder.weight`` [D, S], ``bias`` subtracted before encoding), ``AutoEncoderTopK``
+  (``b_dec`` subtracted, ``k`` buffer) and ``JumpReluAutoEncoder`` (``W_enc`` [D, S], ``W_dec``,
+  ``threshold``).
+* OpenAI sparse_autoencoder state dicts (a ``.pt`` file): ``pre_bias``, ``encoder.weight``
+  [S, D], ``latent_bias``, ``decoder.weight`` [D, S], ``activation`` / ``activation_state_dict``
+  (TopK ``k``).
+
+``.pt`` files are read with ``torch.load(weights_only=True)``: no pickled code runs.
 
 ReLU and JumpReLU SAEs have no k of their own: pass ``k`` (the cap k_max; the op records how
 many rows exceeded it, see :attr:`SAE.last_overflow`).
@@ -41,6 +50,8 @@ def detect_format(path: str) -> str:
     """Names the on-disk format of the SAE at `path` (a directory or a params.npz file)."""
     if os.path.isfile(path) and path.endswith(".npz"):
         return "gemmascope"
+    if os.path.isfile(path) and path.endswith((".pt", ".pth")):
+        return "dictionary_learning" if os.path.basename(path) == "ae.pt" else "openai"
     if os.path.isdir(path):
         files = set(os.listdir(path))
         if "sae_weights.safetensors" in files:
@@ -49,9 +60,12 @@ def detect_format(path: str) -> str:
             return "sparsify"
         if "params.npz" in files:
             return "gemmascope"
+        if "ae.pt" in files:
+            return "dictionary_learning"
     raise ValueError(f"no SAE format recognised at {path!r}: expected a SAELens directory "
                      "(cfg.json + sae_weights.safetensors), a sparsify directory (cfg.json + "
-                     "sae.safetensors) or a Gemma Scope params.npz")
+                     "sae.safetensors), a Gemma Scope params.npz, a dictionary_learning ae.pt "
+                     "or an OpenAI sparse_autoencoder .pt state dict")
 
 
 def load_sae(path: str, *, k: int | None = None, dtype=None, device=None) -> SAE:
@@ -114,8 +128,73 @@ def _load_gemmascope(path, k):
     return sae, {"hook_name": None, "neuronpedia_id": None, "architecture": "jumprelu", "cfg": {}}
 
 
+def _load_pt(f):
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpicklable object is refused, not executed
+        raise ValueError(f"{f}: not a plain state dict loadable with weights_only=True ({e})")
+
+
+def _load_dictionary_learning(path, k):
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    f = os.path.join(path, "ae.pt") if os.path.isdir(path) else path
+    w = _load_pt(f)
+    cfg_path = os.path.join(d, "config.json")
+    cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    trainer = cfg.get("trainer", {})
+    info = {"hook_name": trainer.get("submodule_name"), "neuronpedia_id": None, "cfg": cfg}
+    if "W_enc" in w:  # JumpReluAutoEncoder
+        b_dec = w["b_dec"]
+        apply_b = bool(trainer.get("apply_b_dec_to_input", False))
+        sae = SAE(w["W_enc"].T.contiguous(), w["b_enc"], w["W_dec"], b_dec,
+                  _need_k(k, "a dictionary_learning JumpReLU SAE"),
+                  b_pre=b_dec if apply_b else None, threshold=w["threshold"])
+        return sae, {**info, "architecture": "jumprelu"}
+    W_enc, b_enc, W_dec = w["encoder.weight"], w["encoder.bias"], w["decoder.weight"].T
+    if "b_dec" in w:  # AutoEncoderTopK
+        own_k = w.get("k", trainer.get("k"))
+        kk = int(k or (int(own_k) if own_k is not None else 0)) or None
+        b_dec = w["b_dec"]
+        sae = SAE(W_enc, b_enc, W_dec.contiguous(), b_dec, _need_k(kk, "this TopK SAE"),
+                  b_pre=b_dec)
+        return sae, {**info, "architecture": "topk"}
+    b_dec = w["bias"]  # AutoEncoder (ReLU): relu(encoder(x - bias)), decoder(f) + bias
+    sae = SAE(W_enc, b_enc, W_dec.contiguous(), b_dec,
+              _need_k(k, "a dictionary_learning ReLU SAE"), b_pre=b_dec)
+    return sae, {**info, "architecture": "relu"}
+
+
+def _load_openai(path, k):
+    w = _load_pt(path)
+    act = w.get("activation", "ReLU")
+    own_k = (w.get("activation_state_dict") or {}).get("k")
+    kk = k or (int(own_k) if act == "TopK" and own_k is not None else None)
+    pre_bias = w["pre_bias"]  # subtracted before encoding and added back after decoding
+    sae = SAE(w["encoder.weight"], w["latent_bias"], w["decoder.weight"].T.contiguous(),
+              pre_bias, _need_k(kk, f"this OpenAI {act} SAE"), b_pre=pre_bias)
+    return sae, {"hook_name": None, "neuronpedia_id": None,
+                 "architecture": "topk" if act == "TopK" else "relu", "cfg": {}}
+
+
 _LOADERS = {"saelens": _load_saelens, "sparsify": _load_sparsify,
-            "gemmascope": _load_gemmascope}
+            "gemmascope": _load_gemmascope, "dictionary_learning": _load_dictionary_learning,
+            "openai": _load_openai}
+
+
+def content_hash(path: str) -> str:
+    """sha256 over the SAE's files (sorted names + bytes): identifies the exact weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path)
+             else [path])
+    for f in files:
+        if os.path.isfile(f):
+            h.update(os.path.basename(f).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 def save_saelens(sae: SAE, path: str, *, hook_name: str | None = None, **cfg_extra) -> None:

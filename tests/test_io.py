@@ -100,3 +100,53 @@ def test_unknown_format_and_unsupported_saves(tmp_path):
     untied = ss.SAE(torch.randn(S, D), torch.zeros(S), torch.randn(S, D), b, K, b_pre=b.clone())
     with pytest.raises(ValueError, match="b_pre must be tied"):
         save_saelens(untied, str(tmp_path / "l"))
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk", "jumprelu"])
+def test_dictionary_learning(tmp_path, kind):
+    t = raw()
+    if kind == "relu":
+        sd = {"encoder.weight": t["W_enc"], "encoder.bias": t["b_enc"],
+              "decoder.weight": t["W_dec"].T.contiguous(), "bias": t["b_dec"]}
+        cls = "AutoEncoder"
+    elif kind == "topk":
+        sd = {"encoder.weight": t["W_enc"], "encoder.bias": t["b_enc"],
+              "decoder.weight": t["W_dec"].T.contiguous(), "b_dec": t["b_dec"],
+              "k": torch.tensor(K), "threshold": torch.tensor(-1.0)}
+        cls = "AutoEncoderTopK"
+    else:
+        sd = {"W_enc": t["W_enc"].T.contiguous(), "b_enc": t["b_enc"], "W_dec": t["W_dec"],
+              "b_dec": t["b_dec"], "threshold": t["threshold"]}
+        cls = "JumpReluAutoEncoder"
+    torch.save(sd, tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"trainer": {"dict_class": cls, "activation_dim": D, "dict_size": S,
+                     "submodule_name": "resid_post_layer_3"}}))
+    assert detect_format(str(tmp_path)) == "dictionary_learning"
+    sae = load_sae(str(tmp_path), k=None if kind == "topk" else K)
+    assert sae.k == K and sae.format_info["hook_name"] == "resid_post_layer_3"
+    check_same_function(sae, t, b_pre=kind != "jumprelu", threshold=kind == "jumprelu")
+
+
+@pytest.mark.parametrize("act", ["TopK", "ReLU"])
+def test_openai(tmp_path, act):
+    t = raw()
+    sd = {"pre_bias": t["b_dec"], "encoder.weight": t["W_enc"], "latent_bias": t["b_enc"],
+          "decoder.weight": t["W_dec"].T.contiguous(), "activation": act,
+          "activation_state_dict": {"k": K} if act == "TopK" else {},
+          "stats_last_nonzero": torch.zeros(S, dtype=torch.long)}
+    torch.save(sd, tmp_path / "sae.pt")
+    sae = load_sae(str(tmp_path / "sae.pt"), k=None if act == "TopK" else K)
+    assert sae.k == K and sae.tied_b_pre
+    check_same_function(sae, t, b_pre=True, threshold=False)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"pre_bias": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        load_sae(str(tmp_path / "evil.pt"), k=3)
+    assert not (tmp_path / "pwned").exists()
