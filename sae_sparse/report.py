@@ -1,0 +1,198 @@
+"""``sae-sparse report RUN_DIR``: what did the fine-tune change, in SAE latents.
+
+Writes ``report.md`` and PNG plots into the run directory:
+* latents ranked by |gain_i|, by |bias_i|·‖W_dec[i]‖, and by the mean |Δz_i| measured on the
+  run's eval split (Δz = z' − z over every latent, computed in token chunks);
+* for each FFNN hidden unit, the latents it reads (largest |W_in| rows) and writes (largest
+  |W_out| columns × decoder norms);
+* for a residual-LoRA baseline run, its pullback into SAE basis: how strongly the update writes
+  each latent's encoder direction (‖W_enc[i] (AB)ᵀ‖) and reads each decoder direction
+  (‖W_dec[i] A‖);
+* Neuronpedia links where the SAE's config names an id.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .hooks import ResidualLoRA
+from .modules import LatentAdapter
+from .reference import activation_fn
+
+
+def _top(scores: torch.Tensor, n: int):
+    n = min(n, scores.numel())
+    v, i = torch.topk(scores.float(), n)
+    return [(int(a), float(b)) for a, b in zip(i, v)]
+
+
+def latent_scores(adapter: LatentAdapter, sae) -> dict:
+    dn = sae.W_dec.detach().float().norm(dim=1)
+    out = {}
+    if adapter.gain is not None:
+        out["|gain|"] = adapter.gain.detach().float().abs()
+    if adapter.bias is not None:
+        out["|bias|·‖W_dec‖"] = adapter.bias.detach().float().abs() * dn
+    return out
+
+
+@torch.no_grad()
+def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_tokens=4096,
+                     chunk_elems=1 << 22):
+    """Mean |z'_i − z_i| per latent over the hooked activations of ``records``."""
+    acts = []
+
+    def grab(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        acts.append(h.detach().reshape(-1, h.shape[-1]).float())
+
+    handle = model.get_submodule(hook).register_forward_hook(grab)
+    n = 0
+    try:
+        for r in records:
+            text = r["text"] if "text" in r else r["prompt"] + r["completion"]
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            model(input_ids=ids.to(next(model.parameters()).device))
+            n += ids.numel()
+            if n >= max_tokens:
+                break
+    finally:
+        handle.remove()
+    if not acts:
+        return None
+    x = torch.cat(acts)[:max_tokens].to(sae.W_dec.dtype)
+    S = sae.d_sae
+    p = {k: v.detach() for k, v in adapter.edit_params().items()}
+    act = activation_fn(adapter.activation)
+    total = torch.zeros(S, dtype=torch.float64, device=x.device)
+    step = max(1, chunk_elems // S)
+    for i in range(0, x.shape[0], step):
+        v, idx = sae.encode(x[i:i + step])
+        z = torch.zeros(v.shape[0], S, dtype=v.dtype, device=v.device).scatter(1, idx, v)
+        dz = torch.zeros_like(z)
+        if "gain" in p:
+            dz += z * p["gain"]
+        if "bias" in p:
+            dz += p["bias"]
+        if "W_in" in p:
+            h = z @ p["W_in"] + p.get("b_in", 0)
+            dz += act(h) @ p["W_out"]
+        total += dz.abs().sum(0).double()
+    return (total / x.shape[0]).float()
+
+
+def _bar(path, items, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar([str(i) for i, _ in items], [v for _, v in items], color="tab:blue")
+    ax.set_title(title)
+    ax.set_xlabel("latent")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _link(np_id, i):
+    return f"[{i}](https://www.neuronpedia.org/{np_id}/{i})" if np_id else str(i)
+
+
+def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted=None,
+                 top: int = 20) -> dict:
+    """Writes ``report.md`` + PNGs into ``run_dir``; returns the rankings.
+
+    ``model``/``tokenizer`` (for Δz on eval data) are loaded from the run's recorded base model
+    when not given; ``planted`` = ``{hook: [latents]}`` adds a recovery check (top-3 by the
+    bias score, else |gain|).
+    """
+    from .train import load_adapter, load_run_saes
+
+    trainables, conf = load_adapter(run_dir)
+    saes = saes or load_run_saes(conf)
+    if model is None and conf.get("base_model"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(conf["base_model"]).eval()
+        tokenizer = AutoTokenizer.from_pretrained(conf["base_model"])
+    eval_path = os.path.join(run_dir, "eval.jsonl")
+    records = []
+    if os.path.exists(eval_path):
+        with open(eval_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    metrics = {}
+    if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+
+    lines = [f"# sae_sparse report: `{os.path.basename(os.path.abspath(run_dir))}`", ""]
+    if metrics:
+        lines += [f"- eval loss: base model {metrics.get('base_eval_loss'):.4f} → edited "
+                  f"{metrics.get('final_eval_loss') or float('nan'):.4f} "
+                  f"({metrics.get('n_train')} train / {metrics.get('n_eval')} eval records)"]
+    lines += [f"- mode: {conf['mode']}, edit positions: {conf['edit_positions']}, "
+              f"baseline: {conf.get('baseline')}", ""]
+    result = {"hooks": {}}
+    for h, t in trainables.items():
+        sae = saes[h]
+        np_id = conf["hooks"][h].get("sae", {}).get("neuronpedia_id")
+        safe = h.replace(".", "_")
+        lines += [f"## `{h}` (SAE: {conf['hooks'][h]['sae'].get('path')}, S={sae.d_sae})", ""]
+        res = {}
+        if isinstance(t, ResidualLoRA):
+            AB = (t.A @ t.B).detach().float()
+            writes = (sae.W_enc.detach().float() @ AB.T).norm(dim=1)
+            reads = (sae.W_dec.detach().float() @ t.A.detach().float()).norm(dim=1)
+            scores = {"LoRA writes ‖W_enc[i]·(AB)ᵀ‖": writes, "LoRA reads ‖W_dec[i]·A‖": reads}
+        else:
+            scores = latent_scores(t, sae)
+            if model is not None and records:
+                dz = mean_abs_delta_z(model, tokenizer, sae, t, h, records)
+                if dz is not None:
+                    scores["mean |Δz| (eval)"] = dz
+        for name, sc in scores.items():
+            ranked = _top(sc, top)
+            res[name] = ranked
+            png = f"{safe}_{''.join(c for c in name if c.isalnum())}.png"
+            _bar(os.path.join(run_dir, png), ranked, f"{h}: top latents by {name}")
+            lines += [f"### Top latents by {name}", "", f"![{name}]({png})", "",
+                      "| rank | latent | score |", "|---|---|---|"]
+            lines += [f"| {r + 1} | {_link(np_id, i)} | {v:.4g} |" for r, (i, v) in
+                      enumerate(ranked[:10])]
+            lines.append("")
+        if isinstance(t, LatentAdapter) and t.W_in is not None:
+            dn = sae.W_dec.detach().float().norm(dim=1)
+            W_in, W_out = t.W_in.detach().float(), t.W_out.detach().float()
+            strength = (W_out.abs() * dn).sum(1)
+            lines += ["### FFNN hidden units (by write strength)", "",
+                      "| unit | write strength | reads (top |W_in|) | writes (top |W_out|·‖W_dec‖) |",
+                      "|---|---|---|---|"]
+            units = []
+            for u in torch.argsort(strength, descending=True).tolist():
+                rd = _top(W_in[:, u].abs(), 5)
+                wr = _top(W_out[u].abs() * dn, 5)
+                units.append({"unit": u, "reads": rd, "writes": wr})
+                lines.append(f"| {u} | {float(strength[u]):.3g} | "
+                             + ", ".join(_link(np_id, i) for i, _ in rd) + " | "
+                             + ", ".join(_link(np_id, i) for i, _ in wr) + " |")
+            res["ffn_units"] = units
+            lines.append("")
+        if planted and h in planted:
+            key = next((k for k in ("|bias|·‖W_dec‖", "|gain|") if k in res), None)
+            want = sorted(planted[h])
+            got = [i for i, _ in res[key][:len(want)]] if key else []
+            ok = sorted(got) == want
+            res["planted"] = {"latents": want, "top": got, "score": key, "recovered": ok}
+            lines += [f"### Planted edit: {'RECOVERED' if ok else 'NOT recovered'}", "",
+                      f"planted latents {want}; top {len(want)} by {key}: {got}", ""]
+        result["hooks"][h] = res
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(run_dir, "report.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result

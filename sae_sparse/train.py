@@ -1,0 +1,486 @@
+"""Training wrapper: train sparse latent adapters (or baselines) on a frozen causal LM.
+
+    result = train_adapter(model, tokenizer, {"transformer.h.1": sae}, "data.jsonl", "runs/x",
+                           TrainConfig(edit="gain,bias,ffn:16", steps=300))
+
+A run directory holds ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT-like: the
+SAE's format, path, content hash and hook point are recorded), ``metrics.json``, the eval split
+``eval.jsonl`` and, while training, ``checkpoint/`` from which a rerun resumes exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .hooks import ResidualLoRA, attach
+from .modules import SAE, LatentAdapter
+from .reference import ACTIVATIONS, MODES
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+POSITIONS = ("all", "prompt", "completion")
+
+
+def parse_edit(spec: str) -> dict:
+    """``"gain,bias,ffn:16"`` -> LatentAdapter kwargs. ``ffn:H[:act]``; ``lowrank:R`` is
+    ``ffn:R:identity`` (a rank-R linear map in latent space)."""
+    out = dict(gain=False, bias=False, ffn=False, hidden=16, activation="relu")
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, *args = part.split(":")
+        if name in ("gain", "bias") and not args:
+            out[name] = True
+        elif name in ("ffn", "lowrank") and len(args) <= 2:
+            out["ffn"] = True
+            if args:
+                if not args[0].isdigit() or int(args[0]) < 1:
+                    raise ValueError(f"edit {part!r}: the width must be a positive integer")
+                out["hidden"] = int(args[0])
+            act = args[1] if len(args) == 2 else ("identity" if name == "lowrank" else "relu")
+            if act not in ACTIVATIONS:
+                raise ValueError(f"edit {part!r}: activation must be one of {ACTIVATIONS}")
+            out["activation"] = act
+        else:
+            raise ValueError(f"unknown edit {part!r}: use gain, bias, ffn:H[:relu|gelu|identity] "
+                             "or lowrank:R, comma-separated")
+    if not (out["gain"] or out["bias"] or out["ffn"]):
+        raise ValueError("edit spec names no edit")
+    return out
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    edit: str = "gain,bias,ffn:16"
+    mode: str = "delta"
+    baseline: str | None = None  # None (sparse SAE adapter), "dense", or "lora:R"
+    edit_positions: str = "all"  # "all" | "prompt" | "completion"
+    l1: float = 1e-3  # L1 on gain, bias and W_out (scaled by decoder norms): keeps edits sparse
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 128
+    eval_frac: float = 0.1
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+    backend: str | None = None
+    bf16: bool | None = None  # autocast to bf16; None = on CUDA only
+
+    def validate(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.edit_positions not in POSITIONS:
+            raise ValueError(f"edit_positions must be one of {POSITIONS}")
+        if self.baseline is not None and self.baseline != "dense" and not (
+                self.baseline.startswith("lora:") and self.baseline[5:].isdigit()):
+            raise ValueError(f"baseline must be None, 'dense' or 'lora:R', got {self.baseline!r}")
+        for name in ("steps", "batch_size", "grad_accum", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0 <= self.eval_frac < 1:
+            raise ValueError("eval_frac must be in [0, 1)")
+        parse_edit(self.edit)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Records with ``text``, or ``prompt`` + ``completion`` (loss on the completion only)."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if not (isinstance(r.get("text"), str) or (isinstance(r.get("prompt"), str)
+                                                       and isinstance(r.get("completion"), str))):
+                raise ValueError(f"{path}:{n}: each record needs 'text' or 'prompt' and "
+                                 "'completion' strings")
+            out.append(r)
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def tokenize(records, tokenizer, max_len):
+    """-> list of (ids [T], loss_mask [T], prompt_mask [T]); nothing is silently dropped."""
+    out = []
+    for r in records:
+        if "text" in r:
+            ids = tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+            prompt = [True] + [False] * (len(ids) - 1)
+        else:
+            p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+            c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+            ids, prompt = p + c, [True] * len(p) + [False] * len(c)
+        if len(ids) > max_len:
+            ids, prompt = ids[:max_len], prompt[:max_len]  # documented: --max-len truncates
+        if len(ids) < 2:
+            continue
+        ids = torch.tensor(ids)
+        pm = torch.tensor(prompt)
+        out.append((ids, ~pm, pm))
+    if not out:
+        raise ValueError("no record has 2 or more tokens")
+    return out
+
+
+def collate(examples, pad_id):
+    T = max(len(e[0]) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    loss = torch.zeros(B, T, dtype=torch.bool)
+    prompt = torch.zeros(B, T, dtype=torch.bool)
+    for b, (i, lm, pm) in enumerate(examples):
+        n = len(i)
+        ids[b, :n], attn[b, :n], loss[b, :n], prompt[b, :n] = i, True, lm, pm
+    return ids, attn, loss, prompt
+
+
+def lm_loss(model, ids, attn, loss_mask):
+    logits = model(input_ids=ids, attention_mask=attn.long()).logits.float()
+    tgt = loss_mask[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                         reduction="none").view_as(tgt)
+    return (ce * tgt).sum() / tgt.sum().clamp_min(1)
+
+
+# ------------------------------------------------------------------------------------- trainer
+
+
+def build_trainables(saes: dict, cfg: TrainConfig, device):
+    """hook -> LatentAdapter (SAE edit, sparse or dense) or ResidualLoRA (baseline)."""
+    out = {}
+    torch.manual_seed(cfg.seed)
+    for hook in sorted(saes):
+        sae = saes[hook]
+        if cfg.baseline and cfg.baseline.startswith("lora:"):
+            out[hook] = ResidualLoRA(sae.d_in, int(cfg.baseline[5:]), device=device)
+        else:
+            e = parse_edit(cfg.edit)
+            out[hook] = LatentAdapter(sae.d_sae, e["hidden"], e["gain"], e["bias"], e["ffn"],
+                                      e["activation"], device=device)
+    return out
+
+
+def l1_penalty(adapter, sae):
+    if not isinstance(adapter, LatentAdapter):
+        return None
+    dn = sae.W_dec.detach().norm(dim=1)
+    terms = []
+    if adapter.gain is not None:
+        terms.append(adapter.gain.abs().sum())
+    if adapter.bias is not None:
+        terms.append((adapter.bias.abs() * dn).sum())
+    if adapter.W_out is not None:
+        terms.append((adapter.W_out.abs() * dn).sum())
+    return sum(terms)
+
+
+def _attach_trainables(model, saes, trainables, cfg):
+    spec = {h: (t if isinstance(t, ResidualLoRA) else (saes[h], t)) for h, t in trainables.items()}
+    return attach(model, spec, mode=cfg.mode, backend=cfg.backend, dense=cfg.baseline == "dense")
+
+
+def _edit_mask(cfg, attn, prompt):
+    if cfg.edit_positions == "all":
+        return None
+    return (prompt if cfg.edit_positions == "prompt" else ~prompt) & attn
+
+
+class _Schedule:
+    """Deterministic, stateless example order: exact resume needs only the step number."""
+
+    def __init__(self, n, batch_size, grad_accum, seed):
+        self.n, self.bs, self.ga, self.seed = n, batch_size, grad_accum, seed
+        self._perms = {}
+
+    def batch(self, step, micro):
+        start = (step * self.ga + micro) * self.bs
+        out = []
+        for pos in range(start, start + self.bs):
+            epoch = pos // self.n
+            if epoch not in self._perms:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+            out.append(self._perms[epoch][pos % self.n])
+        return out
+
+
+def _state_dict(trainables):
+    return {f"{h}.{n}": p.detach().cpu().contiguous() for h, t in trainables.items()
+            for n, p in t.named_parameters()}
+
+
+def _load_state(trainables, tensors):
+    for h, t in trainables.items():
+        for n, p in t.named_parameters():
+            with torch.no_grad():
+                p.copy_(tensors[f"{h}.{n}"])
+
+
+def evaluate(model, data, cfg, edits, device, pad_id):
+    if not data:
+        return float("nan")
+    tot, cnt = 0.0, 0
+    model_dtype_ctx = _autocast(cfg, device)
+    with torch.no_grad():
+        for i in range(0, len(data), cfg.batch_size):
+            ids, attn, loss_mask, prompt = (t.to(device) for t in
+                                            collate(data[i:i + cfg.batch_size], pad_id))
+            ctx = (edits.token_mask(_edit_mask(cfg, attn, prompt)) if edits is not None
+                   else contextlib.nullcontext())
+            with ctx, model_dtype_ctx:
+                loss = lm_loss(model, ids, attn, loss_mask)
+            n = int(loss_mask[:, 1:].sum())
+            tot, cnt = tot + float(loss) * n, cnt + n
+    return tot / max(cnt, 1)
+
+
+def _autocast(cfg, device):
+    use = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def train_adapter(model, tokenizer, saes: dict, data, out_dir: str, config: TrainConfig | None = None,
+                  *, sae_sources: dict | None = None, model_source: str | None = None,
+                  progress: bool = True, resume: bool = True) -> dict:
+    """Trains one adapter per hooked module on a frozen model and SAEs.
+
+    Args:
+        model: a causal LM (``model(input_ids, attention_mask).logits``), e.g. from transformers.
+        tokenizer: its tokenizer (a callable returning ``input_ids``; ``pad_token_id`` used).
+        saes: ``{module_path: SAE}``; the SAE reads and edits that module's output.
+        data: a JSONL path or a list of records (``text``, or ``prompt`` + ``completion``).
+        out_dir: run directory (created); rerunning with the same arguments resumes from its
+            checkpoint exactly.
+        config: a :class:`TrainConfig`.
+        sae_sources: ``{module_path: {"format", "path", "sha256", ...}}`` recorded in the config.
+        model_source: the model's path, recorded in the config.
+    Returns:
+        the metrics dict also written to ``metrics.json``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or TrainConfig()
+    cfg.validate()
+    os.makedirs(out_dir, exist_ok=True)
+    device = next(model.parameters()).device
+    records = load_jsonl(data) if isinstance(data, str) else list(data)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    n_eval = int(round(cfg.eval_frac * len(records))) if len(records) > 1 else 0
+    eval_recs = [records[i] for i in order[:n_eval]]
+    train_recs = [records[i] for i in order[n_eval:]]
+    with open(os.path.join(out_dir, "eval.jsonl"), "w") as f:
+        for r in eval_recs:
+            f.write(json.dumps(r) + "\n")
+    train_data = tokenize(train_recs, tokenizer, cfg.max_len)
+    eval_data = tokenize(eval_recs, tokenizer, cfg.max_len) if eval_recs else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    model.requires_grad_(False).eval()
+    for sae in saes.values():
+        sae.requires_grad_(False)
+    trainables = build_trainables(saes, cfg, device)
+    params = [p for t in trainables.values() for p in t.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
+    start = 0
+    ckpt = os.path.join(out_dir, "checkpoint")
+    if resume and os.path.exists(os.path.join(ckpt, "state.pt")):
+        from safetensors.torch import load_file
+
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"{out_dir} holds a checkpoint of a different configuration; use a "
+                             "new run directory or resume=False")
+        _load_state(trainables, load_file(os.path.join(ckpt, "trainable.safetensors")))
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["step"]
+
+    edits = _attach_trainables(model, saes, trainables, cfg)
+    try:
+        with edits.disabled():
+            base_eval = evaluate(model, eval_data, cfg, None, device, pad_id)
+        sched = _Schedule(len(train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+                   desc="train", dynamic_ncols=True)
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = [train_data[i] for i in sched.batch(step, micro)]
+                ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, pad_id))
+                with edits.token_mask(_edit_mask(cfg, attn, prompt)), _autocast(cfg, device):
+                    loss = lm_loss(model, ids, attn, loss_mask)
+                (loss / cfg.grad_accum).backward()
+                total += float(loss.detach()) / cfg.grad_accum
+            pen = [l1_penalty(trainables[h], saes[h]) for h in trainables]
+            pen = [p for p in pen if p is not None]
+            if pen and cfg.l1 > 0:
+                (cfg.l1 * sum(pen)).backward()
+            opt.step()
+            history["step"].append(step + 1)
+            history["train_loss"].append(total)
+            bar.set_postfix(loss=f"{total:.4f}")
+            last = step + 1 == cfg.steps
+            if eval_data and ((step + 1) % cfg.eval_every == 0 or last):
+                history["eval_step"].append(step + 1)
+                history["eval_loss"].append(evaluate(model, eval_data, cfg, edits, device, pad_id))
+            if (step + 1) % cfg.checkpoint_every == 0 and not last:
+                _save_checkpoint(ckpt, trainables, opt, history, step + 1, cfg)
+    finally:
+        edits.remove()
+
+    save_adapter(out_dir, trainables, saes, cfg, sae_sources=sae_sources, model_source=model_source)
+    metrics = {"base_eval_loss": base_eval,
+               "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None,
+               "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
+               "n_train": len(train_data), "n_eval": len(eval_data), "history": history}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    _save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg)
+    return metrics
+
+
+def _save_checkpoint(ckpt, trainables, opt, history, step, cfg):
+    from safetensors.torch import save_file
+
+    os.makedirs(ckpt, exist_ok=True)
+    save_file(_state_dict(trainables), os.path.join(ckpt, "trainable.safetensors"))
+    tmp = os.path.join(ckpt, "state.pt.tmp")
+    torch.save({"optimizer": opt.state_dict(), "history": history, "step": step,
+                "config": dataclasses.asdict(cfg)}, tmp)
+    os.replace(tmp, os.path.join(ckpt, "state.pt"))
+
+
+# ------------------------------------------------------------------------- save / load / merge
+
+
+def save_adapter(out_dir, trainables, saes, cfg: TrainConfig, *, sae_sources=None,
+                 model_source=None):
+    """Writes ``adapter_model.safetensors`` + ``adapter_config.json``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(_state_dict(trainables), os.path.join(out_dir, WEIGHTS_NAME))
+    hooks = {}
+    for h, t in trainables.items():
+        src = dict((sae_sources or {}).get(h) or getattr(saes[h], "format_info", None) or {})
+        src.pop("cfg", None)
+        entry = {"sae": src, "d_sae": saes[h].d_sae, "d_in": saes[h].d_in, "k": saes[h].k}
+        if isinstance(t, ResidualLoRA):
+            entry.update(kind="lora", rank=t.rank)
+        else:
+            entry.update(kind="latent", gain=t.gain is not None, bias=t.bias is not None,
+                         ffn=t.W_in is not None, hidden=t.hidden, activation=t.activation)
+        hooks[h] = entry
+    conf = {"sae_sparse_version": __version__, "base_model": model_source, "mode": cfg.mode,
+            "edit_positions": cfg.edit_positions, "baseline": cfg.baseline,
+            "train_config": dataclasses.asdict(cfg), "hooks": hooks}
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump(conf, f, indent=2)
+
+
+def load_adapter(run_dir: str, device=None):
+    """-> (``{hook: LatentAdapter | ResidualLoRA}``, config dict) from a run directory."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(run_dir, CONFIG_NAME)) as f:
+        conf = json.load(f)
+    tensors = load_file(os.path.join(run_dir, WEIGHTS_NAME))
+    out = {}
+    for h, e in conf["hooks"].items():
+        if e["kind"] == "lora":
+            t = ResidualLoRA(e["d_in"], e["rank"])
+        else:
+            t = LatentAdapter(e["d_sae"], max(e["hidden"], 1), e["gain"], e["bias"], e["ffn"],
+                              e["activation"])
+        _load_state({h: t}, tensors)
+        out[h] = t.to(device) if device is not None else t
+    return out, conf
+
+
+def load_run_saes(conf: dict, *, verify: bool = True, device=None) -> dict:
+    """Loads the SAEs a run was trained with, checking their content hash."""
+    from .io import content_hash, load_sae
+
+    saes = {}
+    for h, e in conf["hooks"].items():
+        src = e["sae"]
+        if not src.get("path"):
+            raise ValueError(f"the run does not record the SAE path for {h!r}; pass saes=...")
+        if verify and src.get("sha256") and content_hash(src["path"]) != src["sha256"]:
+            raise ValueError(f"SAE at {src['path']} changed since training (sha256 mismatch)")
+        saes[h] = load_sae(src["path"], k=e["k"], device=device)
+    return saes
+
+
+def attach_run(model, run_dir: str, *, saes: dict | None = None):
+    """Loads a run's adapters (and SAEs, unless given) and attaches them to ``model``."""
+    device = next(model.parameters()).device
+    trainables, conf = load_adapter(run_dir, device=device)
+    saes = saes or load_run_saes(conf, device=device)
+    spec = {h: (t if isinstance(t, ResidualLoRA) else (saes[h], t)) for h, t in trainables.items()}
+    return attach(model, spec, mode=conf["mode"], dense=conf.get("baseline") == "dense")
+
+
+def _mlp_out_proj(block):
+    """The linear layer whose output the block adds to the residual stream last."""
+    for path in ("mlp.c_proj", "mlp.down_proj", "mlp.fc2", "mlp.dense_4h_to_h", "mlp.fc_out"):
+        try:
+            return path, block.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError("cannot find the block's MLP output projection (looked for mlp.c_proj, "
+                     "mlp.down_proj, mlp.fc2, mlp.dense_4h_to_h, mlp.fc_out)")
+
+
+def merge_bias_edit(model, run_dir: str, *, saes: dict | None = None):
+    """Folds a bias-only delta-mode edit into the model's weights (in place) and returns it.
+
+    A bias-only edit adds the constant ``Δx = bias @ W_dec`` to the hooked block's output at
+    every position, which equals adding Δx to the bias of the block's MLP output projection.
+    Llama-style MLPs without biases get zero biases (``config.mlp_bias = True``) first, so the
+    merged model saves and reloads with ``from_pretrained``.
+    """
+    trainables, conf = load_adapter(run_dir)
+    if conf["mode"] != "delta" or conf["edit_positions"] != "all":
+        raise ValueError("only delta-mode edits applied at all positions can be merged")
+    saes = saes or load_run_saes(conf)
+    for h, t in trainables.items():
+        if not isinstance(t, LatentAdapter) or t.bias is None:
+            raise ValueError(f"{h}: only bias edits can be merged")
+        if (t.gain is not None and bool(t.gain.ne(0).any())) or (
+                t.W_out is not None and bool(t.W_out.ne(0).any())):
+            raise ValueError(f"{h}: the edit has non-zero gain/ffn terms; only a bias-only edit "
+                             "is a constant Δx that can be merged")
+    if getattr(model.config, "mlp_bias", True) is False:
+        for mod in model.modules():
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                lin = getattr(mod, name, None)
+                if isinstance(lin, torch.nn.Linear) and lin.bias is None:
+                    lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features,
+                                                              dtype=lin.weight.dtype,
+                                                              device=lin.weight.device))
+        model.config.mlp_bias = True
+    for h, t in trainables.items():
+        sae = saes[h]
+        delta = (t.bias.detach().to(sae.W_dec.dtype) @ sae.W_dec.detach()).float()
+        _, proj = _mlp_out_proj(model.get_submodule(h))
+        with torch.no_grad():
+            proj.bias.add_(delta.to(proj.bias.dtype))
+    return model
