@@ -304,7 +304,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str, config: Trai
         from safetensors.torch import load_file
 
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
-        if state["config"] != dataclasses.asdict(cfg):
+        if _resumable(state["config"]) != _resumable(dataclasses.asdict(cfg)):
             raise ValueError(f"{out_dir} holds a checkpoint of a different configuration; use a "
                              "new run directory or resume=False")
         _load_state(trainables, load_file(os.path.join(ckpt, "trainable.safetensors")))
@@ -335,7 +335,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str, config: Trai
             opt.step()
             history["step"].append(step + 1)
             history["train_loss"].append(total)
-            bar.set_postfix(loss=f"{total:.4f}")
+            bar.set_postfix(loss=f"{total:.4f}", refresh=False)
             last = step + 1 == cfg.steps
             if eval_data and ((step + 1) % cfg.eval_every == 0 or last):
                 history["eval_step"].append(step + 1)
@@ -354,6 +354,11 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str, config: Trai
         json.dump(metrics, f, indent=1)
     _save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg)
     return metrics
+
+
+def _resumable(conf: dict) -> dict:
+    # Everything but the step budget and logging cadence must match to resume a run.
+    return {k: v for k, v in conf.items() if k not in ("steps", "eval_every", "checkpoint_every")}
 
 
 def _save_checkpoint(ckpt, trainables, opt, history, step, cfg):

@@ -1,0 +1,194 @@
+"""Training wrapper, CLI, save/load, merge, baselines, report and the offline demo."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import sae_sparse as ss  # noqa: E402
+from sae_sparse.cli import main  # noqa: E402
+from sae_sparse.demo import word_tokenizer  # noqa: E402
+from sae_sparse.io import save_sparsify  # noqa: E402
+from sae_sparse.train import (TrainConfig, attach_run, load_adapter, merge_bias_edit,  # noqa: E402
+                              parse_edit, tokenize, train_adapter)
+
+from tiny_models import tiny_gpt2, tiny_llama  # noqa: E402
+
+WORDS = "the a cat dog bird fish tree house red blue runs sees".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+def write_data(path, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    from sae_sparse.demo import WORDS as V
+
+    with open(path, "w") as f:
+        for i in range(n):
+            w = [V[j] for j in torch.randint(0, len(V), (9,), generator=g).tolist()]
+            rec = ({"prompt": " ".join(w[:3]), "completion": " " + " ".join(w[3:])} if i % 2
+                   else {"text": " ".join(w)})
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def make_model_dir(tmp_path, tok, make=tiny_gpt2):
+    model = make(vocab=len(tok))
+    d = tmp_path / "model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d), model
+
+
+def test_parse_edit():
+    assert parse_edit("gain,bias,ffn:16") == dict(gain=True, bias=True, ffn=True, hidden=16,
+                                                  activation="relu")
+    assert parse_edit("lowrank:8")["activation"] == "identity"
+    assert parse_edit("ffn:4:gelu")["hidden"] == 4
+    for bad in ("", "gain,foo", "ffn:x", "ffn:4:tanh"):
+        with pytest.raises(ValueError):
+            parse_edit(bad)
+
+
+def test_tokenize_masks_loss_to_completion(tok):
+    recs = [{"prompt": "the cat", "completion": " runs fast"}, {"text": "a dog sees"}]
+    (ids, loss, prompt), (ids2, loss2, prompt2) = tokenize(recs, tok, 64)
+    assert prompt.tolist() == [True, True, False, False] and loss.tolist() == [False, False,
+                                                                               True, True]
+    assert loss2.tolist() == [False, True, True]
+
+
+def test_cli_train_on_saved_model_and_sae(tmp_path, tok):
+    model_dir, model = make_model_dir(tmp_path, tok)
+    sae_dir = tmp_path / "sae"
+    save_sparsify(ss.SAE.random(32, 150, 6, b_pre=True), str(sae_dir))
+    data = write_data(tmp_path / "data.jsonl")
+    run = tmp_path / "run"
+    rc = main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.1",
+               "--data", data, "--out", str(run), "--steps", "4", "--batch-size", "4",
+               "--edit", "gain,bias,ffn:4", "--edit-positions", "completion", "--no-progress"])
+    assert rc == 0
+    for f in ("adapter_model.safetensors", "adapter_config.json", "metrics.json", "report.md",
+              "eval.jsonl"):
+        assert (run / f).exists(), f
+    conf = json.loads((run / "adapter_config.json").read_text())
+    e = conf["hooks"]["transformer.h.1"]
+    assert e["sae"]["format"] == "sparsify" and len(e["sae"]["sha256"]) == 64
+    assert conf["edit_positions"] == "completion"
+    adapters, _ = load_adapter(str(run))
+    assert adapters["transformer.h.1"].W_out.abs().sum() > 0  # it trained
+    ids = torch.randint(3, len(tok), (2, 7))
+    base = model(ids).logits
+    edits = attach_run(model, str(run))
+    assert (model(ids).logits - base).abs().max() > 0
+    edits.remove()
+    torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
+    # a changed SAE is detected
+    save_sparsify(ss.SAE.random(32, 150, 6, b_pre=True), str(sae_dir))
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        attach_run(model, str(run))
+
+
+def test_cli_errors(tmp_path, tok):
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "x", "--data", "y"])
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "x", "--data", "y", "--sae", "a", "--sae", "b", "--hook", "h"])
+
+
+def test_resume_is_exact(tmp_path, tok):
+    model = tiny_gpt2(vocab=len(tok))
+    sae = ss.SAE.random(32, 120, 5)
+    data = write_data(tmp_path / "d.jsonl")
+    kw = dict(edit="gain,bias,ffn:3", batch_size=4, grad_accum=2, checkpoint_every=3,
+              eval_every=2, lr=0.05)
+    train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "a"),
+                  TrainConfig(steps=6, **kw), progress=False)
+    train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "b"),
+                  TrainConfig(steps=3, **kw), progress=False)
+    m = train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "b"),
+                      TrainConfig(steps=6, **kw), progress=False)
+    assert m["history"]["step"] == [1, 2, 3, 4, 5, 6]
+    a, _ = load_adapter(str(tmp_path / "a"))
+    b, _ = load_adapter(str(tmp_path / "b"))
+    for (n, p), (_, q) in zip(a["transformer.h.0"].named_parameters(),
+                              b["transformer.h.0"].named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="different configuration"):
+        train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "b"),
+                      TrainConfig(steps=8, **{**kw, "lr": 0.1}), progress=False)
+
+
+def test_dense_baseline_matches_sparse_op(tmp_path, tok):
+    """The dense-latent baseline computes the same function: same training trajectory."""
+    model = tiny_gpt2(vocab=len(tok))
+    sae = ss.SAE.random(32, 90, 4, dtype=torch.float32)
+    data = write_data(tmp_path / "d.jsonl")
+    out = {}
+    for name, base in (("sparse", None), ("dense", "dense")):
+        train_adapter(model, tok, {"transformer.h.1": sae}, data, str(tmp_path / name),
+                      TrainConfig(steps=3, batch_size=4, edit="gain,bias,ffn:3", baseline=base,
+                                  lr=0.01), progress=False)
+        out[name] = load_adapter(str(tmp_path / name))[0]["transformer.h.1"]
+    for (n, p), (_, q) in zip(out["sparse"].named_parameters(), out["dense"].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_lora_baseline_and_report(tmp_path, tok):
+    model_dir, model = make_model_dir(tmp_path, tok)
+    sae_dir = tmp_path / "sae"
+    ss.save_saelens(ss.SAE.random(32, 100, 5), str(sae_dir), hook_name="transformer.h.1")
+    data = write_data(tmp_path / "d.jsonl")
+    run = tmp_path / "lora"
+    rc = main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.1",
+               "--data", data, "--out", str(run), "--steps", "3", "--baseline", "lora:4",
+               "--no-progress", "--no-report"])
+    assert rc == 0
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "LoRA writes" in text and "LoRA reads" in text
+    assert any(f.endswith(".png") for f in os.listdir(run))
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_merge_bias_edit(tmp_path, tok, make):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, model = make_model_dir(tmp_path, tok, make)
+    hook = "transformer.h.0" if make is tiny_gpt2 else "model.layers.0"
+    sae_dir = tmp_path / "sae"
+    ss.save_saelens(ss.SAE.random(32, 80, 4), str(sae_dir))
+    run = tmp_path / "run"
+    assert main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", hook, "--data",
+                 write_data(tmp_path / "d.jsonl"), "--out", str(run), "--steps", "3", "--edit",
+                 "bias", "--lr", "0.1", "--no-progress", "--no-report"]) == 0
+    ids = torch.randint(3, len(tok), (2, 6))
+    edits = attach_run(model, str(run))
+    want = model(ids).logits
+    edits.remove()
+    assert (want - model(ids).logits).abs().max() > 1e-4
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    torch.testing.assert_close(merged(ids).logits, want, rtol=1e-4, atol=1e-4)
+    # edits that are not a constant shift are refused
+    run2 = tmp_path / "run2"
+    assert main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", hook, "--data",
+                 str(tmp_path / "d.jsonl"), "--out", str(run2), "--steps", "2", "--edit",
+                 "gain,bias", "--lr", "0.1", "--no-progress", "--no-report"]) == 0
+    with pytest.raises(ValueError, match="only a bias-only edit"):
+        merge_bias_edit(make(vocab=len(tok)), str(run2))
+
+
+def test_demo_recovers_planted_latents(tmp_path, monkeypatch):
+    """`sae-sparse train` with no arguments: the offline demo, ending in recovery."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "sae_sparse_demo_run" / "report.json").read_text())
+    (h,) = rep["hooks"].values()
+    assert h["planted"]["recovered"]
