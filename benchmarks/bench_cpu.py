@@ -3,7 +3,8 @@
 Rows (float32, default N=2048 D=256 S=16384 k=32, h=16):
   encode  : F.linear + torch.topk   vs  sae_sparse.topk_encode(backend="cpp")
   decode  : F.embedding_bag         vs  sae_sparse.sparse_decode(backend="cpp")
-  edit    : sae_edit fwd+bwd (frozen SAE, gain+bias+ffn adapter), torch backend vs cpp
+  edit    : sae_edit fwd+bwd (frozen SAE, gain+bias+ffn adapter): the dense latent adapter
+            (same math on a dense N x S code), the torch backend, and the cpp backend
 
 Times are medians over --reps runs (after one warm-up), measured in this process, so every
 ratio is against its baseline in the same run. "peak extra" is the peak resident memory an op
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import sae_sparse as ss
+from sae_sparse.hooks import DenseLatentAdapterEdit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,12 +58,19 @@ def ops(N, D, S, k, h):
         y = ss.sae_edit(xg, sae, ad, backend=backend)
         y.square().sum().backward()
 
+    dense = DenseLatentAdapterEdit(sae, ad, "delta")
+
+    def dense_step():
+        xg = x.clone().requires_grad_(True)
+        dense(xg).square().sum().backward()
+
     return {
         "encode/linear+topk": lambda: torch.topk(F.linear(x, W_enc, b_enc), k),
         "encode/cpp": lambda: ss.topk_encode(x, W_enc, b_enc, k, backend="cpp"),
         "decode/embedding_bag": lambda: F.embedding_bag(idx, W_dec, per_sample_weights=vals,
                                                         mode="sum"),
         "decode/cpp": lambda: ss.sparse_decode(vals, idx, W_dec, backend="cpp"),
+        "edit fwd+bwd/dense latents": dense_step,
         "edit fwd+bwd/torch": lambda: edit_step("torch"),
         "edit fwd+bwd/cpp": lambda: edit_step("cpp"),
     }
@@ -154,7 +163,7 @@ def main():
              "| op | impl | median ms | min–max ms | speed-up vs baseline | peak extra MiB |",
              "|---|---|---|---|---|---|"]
     base = {"encode": "encode/linear+topk", "decode": "decode/embedding_bag",
-            "edit fwd+bwd": "edit fwd+bwd/torch"}
+            "edit fwd+bwd": "edit fwd+bwd/dense latents"}
     for name, (med, lo, hi, mem) in rows.items():
         op, impl = name.split("/")
         ratio = rows[base[op]][0] / med

@@ -4,16 +4,23 @@ See shared/DESIGN.md for the math. Public API:
 
 * :func:`topk_encode`, :func:`sparse_decode`, :func:`edit_decode`, :func:`sae_edit`
 * :class:`SAE`, :class:`LatentAdapter`
-* :func:`load_sae` (SAELens, sparsify, Gemma Scope), :func:`save_saelens`, :func:`save_sparsify`
+* :func:`load_sae` (SAELens, sparsify, Gemma Scope, dictionary_learning, OpenAI),
+  :func:`save_saelens`, :func:`save_sparsify`
+* :func:`attach`, :func:`train_adapter`, :func:`load_adapter`, :func:`attach_run`,
+  :func:`merge_bias_edit`, :func:`write_report`; the ``sae-sparse`` CLI
 * :func:`available_backends` (``SAE_SPARSE_BACKEND`` forces one)
 """
+__version__ = "0.1.0"
+
 from .backends import ENV_VAR as BACKEND_ENV_VAR
 from .backends import available_backends, backend_status
+from .hooks import ResidualLoRA, attach
 from .io import load_sae, save_saelens, save_sparsify
 from .modules import SAE, LatentAdapter
 from .ops import edit_decode, sae_edit, sparse_decode, topk_encode
+from .report import write_report
+from .train import TrainConfig, attach_run, load_adapter, merge_bias_edit, train_adapter
 
-__version__ = "0.1.0"
 
 __all__ = [
     "topk_encode",
@@ -23,6 +30,14 @@ __all__ = [
     "SAE",
     "LatentAdapter",
     "load_sae",
+    "attach",
+    "ResidualLoRA",
+    "train_adapter",
+    "TrainConfig",
+    "load_adapter",
+    "attach_run",
+    "merge_bias_edit",
+    "write_report",
     "save_saelens",
     "save_sparsify",
     "available_backends",
