@@ -143,6 +143,9 @@ def test_lora_baseline_and_report(tmp_path, tok):
     model_dir, model = make_model_dir(tmp_path, tok)
     sae_dir = tmp_path / "sae"
     ss.save_saelens(ss.SAE.random(32, 100, 5), str(sae_dir), hook_name="transformer.h.1")
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg["metadata"]["neuronpedia_id"] = "tiny-gpt2/1-res"
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
     data = write_data(tmp_path / "d.jsonl")
     run = tmp_path / "lora"
     rc = main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.1",
@@ -152,6 +155,7 @@ def test_lora_baseline_and_report(tmp_path, tok):
     assert main(["report", str(run)]) == 0
     text = (run / "report.md").read_text()
     assert "LoRA writes" in text and "LoRA reads" in text
+    assert "https://www.neuronpedia.org/tiny-gpt2/1-res/" in text
     assert any(f.endswith(".png") for f in os.listdir(run))
 
 
