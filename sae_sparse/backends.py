@@ -1,9 +1,11 @@
 """Backend registry and selection.
 
 ``backend=None`` picks the fastest backend available for the tensors' device:
-CPU -> ``cpp`` (if the extension was built) else ``torch``; CUDA -> ``torch`` for now (the
-``triton`` backend is tracked separately). The environment variable ``SAE_SPARSE_BACKEND``
-forces one backend for every call that does not name one.
+CPU -> ``cpp`` (if the extension was built) else ``torch``; CUDA -> ``triton`` (if triton is
+installed) else ``torch``. The ``triton`` backend runs on CPU tensors only under the Triton
+interpreter (``TRITON_INTERPRET=1``, for tests) and is never picked there by default. The
+environment variable ``SAE_SPARSE_BACKEND`` forces one backend for every call that does not
+name one.
 """
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import warnings
 
 import torch
 
-from . import _cpp
+from . import _cpp, _triton
+from ._autograd import make_ops
 from .reference import edit_decode_torch, topk_encode_torch
 
 ENV_VAR = "SAE_SPARSE_BACKEND"
-ALL_BACKENDS = ("torch", "cpp")
+ALL_BACKENDS = ("torch", "cpp", "triton")
 
-_ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.topk_encode_cpp}
-_DECODE = {"torch": edit_decode_torch, "cpp": _cpp.edit_decode_cpp}
+_topk_encode_triton, _edit_decode_triton = make_ops(lambda: _triton, "Triton")
+_ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.topk_encode_cpp, "triton": _topk_encode_triton}
+_DECODE = {"torch": edit_decode_torch, "cpp": _cpp.edit_decode_cpp, "triton": _edit_decode_triton}
 
 
 def available_backends() -> list[str]:
@@ -27,6 +31,8 @@ def available_backends() -> list[str]:
     out = ["torch"]
     if _cpp.available():
         out.append("cpp")
+    if _triton.available():
+        out.append("triton")
     return out
 
 
@@ -35,6 +41,9 @@ def backend_status() -> dict[str, str]:
     return {
         "torch": "available",
         "cpp": "available" if _cpp.available() else _cpp.IMPORT_ERROR,
+        "triton": ("available (CUDA tensors" + ("; CPU tensors through the interpreter)"
+                                                if _triton.interpreting() else ")")
+                   if _triton.available() else _triton.IMPORT_ERROR),
     }
 
 
@@ -43,6 +52,8 @@ def _supports(name: str, device: torch.device) -> bool:
         return True
     if name == "cpp":
         return _cpp.available() and device.type == "cpu"
+    if name == "triton":
+        return _triton.supports(device)
     return False
 
 
@@ -53,6 +64,8 @@ def resolve(backend: str | None, device: torch.device) -> str:
     if backend is None:
         if _supports("cpp", device):
             return "cpp"
+        if device.type == "cuda" and _supports("triton", device):
+            return "triton"
         if device.type == "cpu":
             _warn_no_cpp()
         return "torch"

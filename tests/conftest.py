@@ -2,6 +2,10 @@
 import os
 
 os.environ.setdefault("SAE_SPARSE_POISON", "1")  # C++ kernels fill their outputs with NaN / -1
+# Without a GPU, Triton kernels run (on CPU tensors) in the Triton interpreter. Must be set
+# before triton is imported.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,128 @@
+"""Autograd Functions shared by the kernel backends (cpp, triton).
+
+A backend is a *kernel library* with the functions of the C++ extension (csrc/sae_sparse.h):
+``topk_encode``, ``edit_decode_fwd``, ``edit_decode_bwd``, ``latent_csr``, ``segment_rows``.
+The Functions below turn it into the differentiable ``topk_encode`` / ``edit_decode`` ops;
+dense parameter-sized products (M = W_out W_dec, c = bias W_dec, dM) are left to torch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import activation_fn
+
+_MODES = {"delta": 0, "replace": 1, "plain": 2}
+_ACTS = {"relu": 0, "gelu": 1, "identity": 2}
+
+
+def _needs(ctx, i):
+    return ctx.needs_input_grad[i]
+
+
+def make_ops(get_lib, name: str):
+    """-> (topk_encode(x, W_enc, b_enc, k, b_pre, threshold), edit_decode(...)) over
+    the kernel library returned by ``get_lib()``."""
+
+    class TopKEncode(torch.autograd.Function):
+        """values, indices, overflow = topk(relu((x - b_pre) W_enc^T + b_enc)); top-k held fixed."""
+
+        @staticmethod
+        def forward(ctx, x, W_enc, b_enc, k, b_pre, threshold):
+            values, indices, overflow = get_lib().topk_encode(x, W_enc, b_enc, k, b_pre, threshold)
+            ctx.save_for_backward(x, W_enc, b_pre, values, indices)
+            ctx.mark_non_differentiable(indices, overflow)
+            return values, indices, overflow
+
+        @staticmethod
+        def backward(ctx, dvalues, _di, _do):
+            x, W_enc, b_pre, values, indices = ctx.saved_tensors
+            S, k = W_enc.shape[0], values.shape[1]
+            dpre = torch.where(values != 0, dvalues, torch.zeros_like(dvalues)).contiguous()
+            dx = dW = db = dbp = None
+            if _needs(ctx, 0) or _needs(ctx, 4):
+                dx, _ = get_lib().edit_decode_fwd(None, dpre, indices, W_enc, None, None, None, None, None,
+                                           None, 0, _MODES["plain"])
+                if _needs(ctx, 4):
+                    dbp = -dx.sum(0)
+            if _needs(ctx, 1) or _needs(ctx, 2):
+                off, order, active = get_lib().latent_csr(indices, S)
+                dW, db = get_lib().segment_rows(off, order, active, dpre, x, b_pre, S, k)
+            return dx if _needs(ctx, 0) else None, dW, db, None, dbp, None
+
+
+    class EditDecode(torch.autograd.Function):
+        """y = edit-decode(x, values, indices) with the folded M = W_out W_dec and c = bias W_dec."""
+
+        @staticmethod
+        def forward(ctx, x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act, mode):
+            y, h_pre = get_lib().edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c,
+                                          _ACTS[act], _MODES[mode])
+            ctx.save_for_backward(values, indices, W_dec, gain, W_in, h_pre, M)
+            ctx.act, ctx.mode = act, mode
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            values, indices, W_dec, gain, W_in, h_pre, M = ctx.saved_tensors
+            act, mode = ctx.act, ctx.mode
+            dy = dy.contiguous()
+            S, k = W_dec.shape[0], values.shape[1]
+            dv, p, dh = get_lib().edit_decode_bwd(dy, values, indices, W_dec, gain, W_in, h_pre, M,
+                                           _ACTS[act], _MODES[mode])
+            grads = [None] * 12
+            grads[0] = dy if (mode == "delta" and _needs(ctx, 0)) else None
+            grads[1] = dv if _needs(ctx, 1) else None
+            csr = None
+
+            def segment(coef, src):
+                nonlocal csr
+                if csr is None:
+                    csr = get_lib().latent_csr(indices, S)
+                return get_lib().segment_rows(*csr, coef.contiguous(), src, None, S, k)
+
+            if _needs(ctx, 3):  # W_dec: sparse rows; the M and c paths come back through autograd
+                if mode == "plain":
+                    coef = values
+                elif mode == "delta":
+                    coef = values * gain[indices] if gain is not None else None
+                else:
+                    coef = values * (1 + gain[indices]) if gain is not None else values
+                grads[3] = segment(coef, dy)[0] if coef is not None else torch.zeros_like(W_dec)
+            if _needs(ctx, 4):
+                grads[4] = dy.sum(0)
+            if _needs(ctx, 5):
+                grads[5] = segment(values * p, values.new_zeros(values.shape[0], 0))[1]
+            if W_in is not None:
+                if _needs(ctx, 6):
+                    grads[6] = segment(values, dh)[0]
+                if _needs(ctx, 7):
+                    grads[7] = dh.sum(0)
+                if _needs(ctx, 8):
+                    grads[8] = activation_fn(act)(h_pre).T @ dy
+            if _needs(ctx, 9):
+                grads[9] = dy.sum(0)
+            return tuple(grads)
+
+
+    def topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None):
+        return TopKEncode.apply(x, W_enc, b_enc, k, b_pre, threshold)
+
+
+    def edit_decode(x, values, indices, W_dec, b_dec=None, gain=None, bias=None, W_in=None,
+                        b_in=None, W_out=None, activation="relu", mode="delta"):
+        if activation not in _ACTS:
+            raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
+        # Folded dense terms, once per step; in fp32 for low-precision inputs (the kernels
+        # accumulate in fp32 anyway).
+        ct = torch.float64 if W_dec.dtype == torch.float64 else torch.float32
+        M = W_out.to(ct) @ W_dec.to(ct) if W_in is not None else None  # [h, D]
+        c = bias.to(ct) @ W_dec.to(ct) if bias is not None else None  # [D]
+        if mode == "plain":
+            gain = W_in = b_in = M = c = None
+        return EditDecode.apply(x if mode == "delta" else None, values, indices.long(), W_dec,
+                                   b_dec if mode != "delta" else None, gain, W_in, b_in, M, c,
+                                   activation, mode)
+
+    TopKEncode.__name__ = TopKEncode.__qualname__ = f"TopKEncode{name}"
+    EditDecode.__name__ = EditDecode.__qualname__ = f"EditDecode{name}"
+    return topk_encode, edit_decode

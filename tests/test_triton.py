@@ -1,0 +1,112 @@
+"""The triton backend against the float64 reference (on CPU through the Triton interpreter)."""
+import os
+
+import pytest
+import torch
+
+import sae_sparse as ss
+from sae_sparse import edit_decode, sparse_decode, topk_encode
+
+from helpers import adapter_kw, assert_close, grads_of, make_case
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in ss.available_backends()
+    or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton and a GPU or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+SHAPES = [
+    pytest.param(7, 33, 1000, 7, id="N7-D33-S1000-k7"),
+    pytest.param(1, 33, 1000, 7, id="N1-D33-S1000-k7"),
+    pytest.param(3, 19, 61, 61, id="N3-D19-S61-kS"),
+    pytest.param(20, 70, 333, 13, id="N20-D70-S333-k13"),
+]
+
+
+def on(t, dtype):
+    """Copies of the case's tensors in `dtype` on DEVICE, as new leaves (tied stays tied)."""
+    out, seen = {}, {}
+    for n, v in t.items():
+        if id(v) not in seen:
+            w = v.detach().to(DEVICE, dtype)
+            seen[id(v)] = w.requires_grad_(v.requires_grad)
+        out[n] = seen[id(v)]
+    return out
+
+
+def full_op(t, k, mode, activation, backend):
+    v, i = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t.get("b_pre"),
+                       threshold=t.get("threshold"), backend=backend)
+    y = edit_decode(t["x"], v, i, t["W_dec"], t["b_dec"], activation=activation, mode=mode,
+                    backend=backend, **adapter_kw(t))
+    return v, i, y
+
+
+@pytest.mark.parametrize("N,D,S,k", SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "tied", "jumprelu"])
+@pytest.mark.parametrize("mode", ["delta", "replace"])
+def test_triton_matches_reference(N, D, S, k, variant, mode):
+    """fp32 triton vs fp64 reference: same indices, values/outputs/gradients within 1e-4."""
+    t = make_case(N, D, S, k, b_pre=variant == "tied", tied=variant == "tied",
+                  threshold=variant == "jumprelu")
+    t32, t64 = on(t, torch.float32), on(t, torch.float64)
+    v1, i1, y1 = full_op(t32, k, mode, "gelu", "triton")
+    v0, i0, y0 = full_op(t64, k, mode, "gelu", "torch")
+    assert torch.equal(i1.cpu(), i0.cpu())
+    assert_close(v1.cpu(), v0.cpu(), rtol=1e-4, atol=1e-5, name="values")
+    assert_close(y1.cpu(), y0.cpu(), rtol=1e-4, atol=1e-4, name="y")
+    g1, g0 = grads_of(y1, t32), grads_of(y0, t64)
+    assert set(g1) == set(g0)
+    for n in g0:
+        assert_close(g1[n].cpu(), g0[n].cpu(), rtol=1e-3, atol=1e-4, name=n)
+
+
+def test_triton_encode_ties_and_overflow():
+    D, S, k = 16, 200, 6
+    W = torch.randn(S, D) / 4
+    W[150] = W[3]
+    W[77] = W[3]
+    x = (W[3] * 10).unsqueeze(0).repeat(2, 1)
+    _, i = topk_encode(x.to(DEVICE), W.to(DEVICE), torch.zeros(S, device=DEVICE), k,
+                       backend="triton")
+    assert i[0, :3].tolist() == [3, 77, 150]
+    x = torch.randn(30, D)
+    b = torch.full((S,), -1.0)
+    _, _, n = topk_encode(x.to(DEVICE), W.to(DEVICE), b.to(DEVICE), k, backend="triton",
+                          return_overflow=True)
+    pre = x @ W.T + b
+    assert int(n) == int(((pre > 0).sum(1) > k).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_low_precision(dtype):
+    t = make_case(9, 32, 500, 8, b_pre=True)
+    tl_, t64 = on(t, dtype), on(t, torch.float64)
+    v1, i1, y1 = full_op(tl_, 8, "replace", "relu", "triton")
+    assert v1.dtype == dtype and y1.dtype == dtype
+    # the reference on the same rounded inputs
+    tr = {n: v.detach().double().requires_grad_(v.requires_grad) for n, v in tl_.items()}
+    v0, i0, y0 = full_op(tr, 8, "replace", "relu", "torch")
+    # x - b_pre is rounded to the input dtype before the tensor-core product, so a near-tie may
+    # swap; rows whose selection agrees must agree in value.
+    same = (i1.cpu() == i0.cpu()).all(1)
+    assert same.float().mean() >= 0.75
+    assert_close(y1.cpu()[same], y0.cpu()[same], rtol=3e-2, atol=3e-2, name="y")
+
+
+def test_triton_sparse_decode():
+    v = torch.randn(5, 3, dtype=torch.float32, device=DEVICE)
+    i = torch.randint(0, 40, (5, 3), device=DEVICE)
+    W = torch.randn(40, 21, device=DEVICE)
+    b = torch.randn(21, device=DEVICE)
+    assert_close(sparse_decode(v, i, W, b, backend="triton").cpu(),
+                 sparse_decode(v, i, W, b, backend="torch").cpu(), rtol=1e-5, atol=1e-5,
+                 name="y")
+
+
+def test_triton_rejects_fp64():
+    x = torch.randn(2, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="triton backend takes fp32/bf16/fp16"):
+        topk_encode(x, torch.randn(20, 8, dtype=torch.float64, device=DEVICE),
+                    torch.zeros(20, dtype=torch.float64, device=DEVICE), 3, backend="triton")
