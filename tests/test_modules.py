@@ -9,15 +9,23 @@ from helpers import assert_close
 BACKENDS = ss.available_backends()
 
 
+def dtype_for(backend):
+    return torch.float32 if backend == "triton" else torch.float64  # triton: no fp64 kernels
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["delta", "replace"])
 def test_zero_adapter_is_identity_edit(backend, mode):
-    sae = ss.SAE.random(24, 300, 6, b_pre=True, dtype=torch.float64)
-    ad = ss.LatentAdapter(300, hidden=4, dtype=torch.float64)
-    x = torch.randn(5, 7, 24, dtype=torch.float64)
+    dt = dtype_for(backend)
+    sae = ss.SAE.random(24, 300, 6, b_pre=True, dtype=dt)
+    ad = ss.LatentAdapter(300, hidden=4, dtype=dt)
+    x = torch.randn(5, 7, 24, dtype=dt)
     y = ss.sae_edit(x, sae, ad, mode=mode, backend=backend)
     want = x if mode == "delta" else sae(x, backend=backend)
-    assert_close(y, want, rtol=1e-12, atol=1e-12, name="y")
+    tol = 1e-12 if dt == torch.float64 else 1e-6
+    assert_close(y, want, rtol=tol, atol=tol, name="y")
+    if mode == "delta":
+        assert torch.equal(y, x)
 
 
 def test_tied_b_pre_is_one_parameter():
@@ -34,9 +42,10 @@ def test_tied_b_pre_is_one_parameter():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_through_the_op_updates_sae_and_adapter(backend):
     torch.manual_seed(0)
-    sae = ss.SAE.random(16, 200, 5, b_pre=True, dtype=torch.float64)
-    ad = ss.LatentAdapter(200, hidden=4, dtype=torch.float64)
-    x = torch.randn(32, 16, dtype=torch.float64)
+    dt = dtype_for(backend)
+    sae = ss.SAE.random(16, 200, 5, b_pre=True, dtype=dt)
+    ad = ss.LatentAdapter(200, hidden=4, dtype=dt)
+    x = torch.randn(32, 16, dtype=dt)
     y = ss.sae_edit(x, sae, ad, mode="replace", backend=backend)
     ((y - x) ** 2).mean().backward()
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
