@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 
 from ._autograd import make_ops
+from ._custom_ops import wrap
 
 if importlib.util.find_spec(f"{__package__}._C") is None:  # SAE_SPARSE_NO_NATIVE=1 builds none
     _C = None
@@ -22,4 +23,6 @@ def available() -> bool:
     return _C is not None
 
 
-topk_encode_cpp, edit_decode_cpp = make_ops(lambda: _C, "CPU")
+# The extension's functions as torch.library custom ops (sae_sparse::cpu_*), then autograd.
+OPS = wrap(lambda: _C, "cpu")
+topk_encode_cpp, edit_decode_cpp = make_ops(lambda: OPS, "CPU")

@@ -1,0 +1,97 @@
+"""The kernel libraries as ``torch.library`` custom ops, so ``torch.compile`` traces the
+autograd ops without graph breaks inside them (fake implementations give output shapes).
+
+``wrap(lib, name)`` registers ``sae_sparse::{name}_topk_encode``, ``..._edit_decode_fwd``,
+``..._edit_decode_bwd``, ``..._latent_csr`` and ``..._segment_rows`` around a kernel library
+(see sae_sparse/_autograd.py) and returns an object with the library's interface. Optional
+tensor outputs (``h_pre``, ``dh``) travel through the ops as empty [N, 0] tensors.
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _none_if_empty(t):
+    return None if t.numel() == 0 and t.dim() == 2 and t.shape[1] == 0 else t
+
+
+def wrap(get_lib, name: str):
+    ns = f"sae_sparse::{name}_"
+
+    @torch.library.custom_op(ns + "topk_encode", mutates_args=())
+    def topk_encode(x: Tensor, W: Tensor, b: Tensor, k: int, b_pre: Optional[Tensor],
+                    thr: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(get_lib().topk_encode(x, W, b, k, b_pre, thr))
+
+    @topk_encode.register_fake
+    def _(x, W, b, k, b_pre, thr):
+        N = x.shape[0]
+        return (x.new_empty(N, k), x.new_empty(N, k, dtype=torch.long),
+                x.new_empty(N, dtype=torch.bool))
+
+    @torch.library.custom_op(ns + "edit_decode_fwd", mutates_args=())
+    def edit_decode_fwd(x: Optional[Tensor], values: Tensor, indices: Tensor, W_dec: Tensor,
+                        b_dec: Optional[Tensor], gain: Optional[Tensor], W_in: Optional[Tensor],
+                        b_in: Optional[Tensor], M: Optional[Tensor], c: Optional[Tensor],
+                        act: int, mode: int) -> tuple[Tensor, Tensor]:
+        y, h = get_lib().edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M,
+                                         c, act, mode)
+        return y, (h if h is not None else values.new_empty(values.shape[0], 0))
+
+    @edit_decode_fwd.register_fake
+    def _(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act, mode):
+        N = values.shape[0]
+        H = W_in.shape[1] if W_in is not None else 0
+        return values.new_empty(N, W_dec.shape[1]), values.new_empty(N, H)
+
+    @torch.library.custom_op(ns + "edit_decode_bwd", mutates_args=())
+    def edit_decode_bwd(dy: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor,
+                        gain: Optional[Tensor], W_in: Optional[Tensor], h_pre: Optional[Tensor],
+                        M: Optional[Tensor], act: int, mode: int) -> tuple[Tensor, Tensor, Tensor]:
+        dv, p, dh = get_lib().edit_decode_bwd(dy, values, indices, W_dec, gain, W_in, h_pre, M,
+                                              act, mode)
+        return dv, p, (dh if dh is not None else values.new_empty(values.shape[0], 0))
+
+    @edit_decode_bwd.register_fake
+    def _(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode):
+        N, K = values.shape
+        H = W_in.shape[1] if W_in is not None else 0
+        return values.new_empty(N, K), values.new_empty(N, K), values.new_empty(N, H)
+
+    @torch.library.custom_op(ns + "latent_csr", mutates_args=())
+    def latent_csr(indices: Tensor, S: int) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(get_lib().latent_csr(indices, S))
+
+    @latent_csr.register_fake
+    def _(indices, S):
+        A = torch.library.get_ctx().new_dynamic_size()
+        return (indices.new_empty(S + 1), indices.new_empty(indices.numel()),
+                indices.new_empty(A))
+
+    @torch.library.custom_op(ns + "segment_rows", mutates_args=())
+    def segment_rows(offsets: Tensor, order: Tensor, active: Tensor, coef: Tensor, src: Tensor,
+                     sub: Optional[Tensor], S: int, k: int) -> tuple[Tensor, Tensor]:
+        return tuple(get_lib().segment_rows(offsets, order, active, coef, src, sub, S, k))
+
+    @segment_rows.register_fake
+    def _(offsets, order, active, coef, src, sub, S, k):
+        return src.new_empty(S, src.shape[1]), src.new_empty(S)
+
+    def fwd(*a):
+        y, h = edit_decode_fwd(*a)
+        return y, _none_if_empty(h)
+
+    def bwd(*a):
+        dv, p, dh = edit_decode_bwd(*a)
+        return dv, p, _none_if_empty(dh)
+
+    return types.SimpleNamespace(topk_encode=topk_encode, edit_decode_fwd=fwd,
+                                 edit_decode_bwd=bwd, latent_csr=latent_csr,
+                                 segment_rows=segment_rows,
+                                 ops=dict(topk_encode=topk_encode, edit_decode_fwd=edit_decode_fwd,
+                                          edit_decode_bwd=edit_decode_bwd, latent_csr=latent_csr,
+                                          segment_rows=segment_rows))

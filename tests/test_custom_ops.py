@@ -1,0 +1,74 @@
+"""The kernel libraries as torch.library custom ops: opcheck and torch.compile tracing."""
+import os
+
+import pytest
+import torch
+
+import sae_sparse as ss
+from sae_sparse import _cpp, backends
+
+LIBS = []
+if "cpp" in ss.available_backends():
+    LIBS.append(pytest.param(_cpp.OPS, "cpu", id="cpp"))
+if "triton" in ss.available_backends() and (torch.cuda.is_available()
+                                            or os.environ.get("TRITON_INTERPRET") == "1"):
+    LIBS.append(pytest.param(backends.TRITON_OPS, "cuda" if torch.cuda.is_available() else "cpu",
+                             id="triton"))
+
+
+def sample(device, N=5, D=24, S=90, k=6, h=3):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    x, W, b, bp, thr = r(N, D), r(S, D) / 5, r(S) * 0.1, r(D) * 0.1, r(S).abs() * 0.1
+    v = r(N, k).abs()
+    i = torch.stack([torch.randperm(S, generator=g)[:k] for _ in range(N)]).to(device)
+    return dict(x=x, W=W, b=b, bp=bp, thr=thr, v=v, i=i, gain=r(S), W_in=r(S, h), b_in=r(h),
+                M=r(h, D), c=r(D), dy=r(N, D), h_pre=r(N, h), S=S, k=k)
+
+
+@pytest.mark.parametrize("lib,device", LIBS)
+def test_opcheck(lib, device):
+    s = sample(device)
+    ops = lib.ops
+    torch.library.opcheck(ops["topk_encode"], (s["x"], s["W"], s["b"], s["k"], s["bp"], s["thr"]))
+    torch.library.opcheck(ops["topk_encode"], (s["x"], s["W"], s["b"], s["k"], None, None))
+    for mode in (0, 1, 2):
+        torch.library.opcheck(ops["edit_decode_fwd"],
+                              (s["x"], s["v"], s["i"], s["W"], s["b"][:24], s["gain"], s["W_in"],
+                               s["b_in"], s["M"], s["c"], 1, mode))
+    torch.library.opcheck(ops["edit_decode_fwd"], (None, s["v"], s["i"], s["W"], None, None, None,
+                                                   None, None, None, 2, 2))
+    torch.library.opcheck(ops["edit_decode_bwd"], (s["dy"], s["v"], s["i"], s["W"], s["gain"],
+                                                   s["W_in"], s["h_pre"], s["M"], 0, 1))
+    off, order, active = ops["latent_csr"](s["i"], s["S"])
+    torch.library.opcheck(ops["segment_rows"], (off, order, active, s["v"].reshape(-1), s["dy"],
+                                                s["bp"], s["S"], s["k"]))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton")
+                                     if b in ss.available_backends()])
+def test_torch_compile_traces_the_op(backend):
+    """torch.compile (aot_eager: fake tensors + autograd tracing) matches eager, fwd and bwd."""
+    if backend == "triton" and not (torch.cuda.is_available()
+                                    or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("no GPU")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    enc, dec = backends.encode_fn(backend), backends.decode_fn(backend)
+    s = sample(device)
+    W_out = torch.randn(3, s["S"], device=device) * 0.1
+    params = [s["W"].clone().requires_grad_(), s["gain"].clone().requires_grad_(),
+              W_out.requires_grad_()]
+
+    def step(x, W, gain, W_out):
+        v, i, _ = enc(x, W, s["b"], s["k"], s["bp"], None)
+        y = dec(x, v, i, W, None, gain, None, s["W_in"], s["b_in"], W_out, "relu", "delta")
+        return y.square().sum()
+
+    eager = step(s["x"], *params)
+    g_eager = torch.autograd.grad(eager, params)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out = compiled(s["x"], *params)
+    g = torch.autograd.grad(out, params)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
