@@ -64,13 +64,15 @@ if triton is not None:
         cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         rmask = rows < N
         cmask = cols < S
+        rows64 = rows.to(tl.int64)  # N * D and S * D may exceed 2^31
+        cols64 = cols.to(tl.int64)
         acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dmask = d < D
-            xt = tl.load(x_ptr + rows[:, None] * D + d[None, :],
+            xt = tl.load(x_ptr + rows64[:, None] * D + d[None, :],
                          mask=rmask[:, None] & dmask[None, :], other=0.0)
-            wt = tl.load(w_ptr + cols[:, None] * D + d[None, :],
+            wt = tl.load(w_ptr + cols64[:, None] * D + d[None, :],
                          mask=cmask[:, None] & dmask[None, :], other=0.0)
             if UPCAST:  # the interpreter's dot misreads bf16 bits; bf16 products are exact in fp32
                 xt = xt.to(tl.float32)
@@ -95,13 +97,13 @@ if triton is not None:
         slot = tl.atomic_add(cnt_ptr + rows[:, None] + cols[None, :] * 0, 1, mask=keep)
         bits = pre.to(tl.int32, bitcast=True)
         key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = (key32.to(tl.int64) << 32) | (0xFFFFFFFF - cols[None, :].to(tl.int64))
-        tl.store(buf_ptr + rows[:, None].to(tl.int64) * CAP + slot, key, mask=keep & (slot < CAP))
+        key = (key32.to(tl.int64) << 32) | (0xFFFFFFFF - cols64[None, :])
+        tl.store(buf_ptr + rows64[:, None] * CAP + slot, key, mask=keep & (slot < CAP))
 
     @triton.jit
     def _gather_sum_kernel(out_ptr, coef_ptr, idx_ptr, w_ptr, K, C,
                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
         acc = tl.load(out_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
@@ -118,7 +120,7 @@ if triton is not None:
     @triton.jit
     def _gather_dot_kernel(out_ptr, a_ptr, idx_ptr, w_ptr, K, C,
                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)
         j = tl.arange(0, BLOCK_K)
         jm = j < K
         ix = tl.load(idx_ptr + n * K + j, mask=jm, other=0)
@@ -138,7 +140,7 @@ if triton is not None:
                              HAS_SUB: tl.constexpr, BLOCK_C: tl.constexpr):
         a = tl.program_id(0)
         pc = tl.program_id(1)
-        s = tl.load(active_ptr + a)
+        s = tl.load(active_ptr + a)  # int64
         start = tl.load(off_ptr + s)
         end = tl.load(off_ptr + s + 1)
         c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
