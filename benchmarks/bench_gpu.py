@@ -1,0 +1,123 @@
+"""GPU benchmark of the triton backend against its baselines, shapes A-D of the GPU issue.
+
+Each row: median ms with [0.2, 0.8] quantiles (triton.testing.do_bench), peak extra memory,
+and the ratio to the bare GEMM x @ W_enc.T measured in the same run. Baselines:
+  gemm             x @ W_enc.T (cuBLAS)
+  linear+topk      F.linear + torch.topk
+  embedding_bag    F.embedding_bag decode of the top-k code
+  sparsify-style   a TopK SAE train step written like sparsify's (dense pre-activations,
+                   topk, embedding_bag decode, MSE, backward to every SAE parameter)
+Ours: encode (topk_encode), decode (sparse_decode), edit step (encode + adapter h=16 + decode,
+fwd+bwd, frozen SAE), SAE train step (all SAE grads).
+
+    python benchmarks/bench_gpu.py [--shapes A,B,C,D] [--save]
+"""
+import argparse
+import datetime
+import os
+import subprocess
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import sae_sparse as ss
+
+SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
+          "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def bench(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    ms, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return ms, lo, hi, peak
+
+
+def rows_for(name, N, D, S, k, h=16):
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, D, device=dev, generator=g).to(dt)
+    W_enc = (torch.randn(S, D, device=dev, generator=g) / D ** 0.5).to(dt)
+    b_enc = torch.zeros(S, device=dev, dtype=dt)
+    W_dec = W_enc.clone()
+    b_dec = torch.zeros(D, device=dev, dtype=dt)
+    vals, idx = torch.topk(F.linear(x, W_enc, b_enc), k)
+    sae = ss.SAE(W_enc, b_enc, W_dec, b_dec, k, b_pre=b_dec)
+    frozen = ss.SAE(W_enc, b_enc, W_dec, b_dec, k).requires_grad_(False)
+    ad = ss.LatentAdapter(S, h, device=dev)
+
+    def sparsify_step():
+        W = sae.W_enc
+        pre = F.relu(F.linear(x - sae.b_dec, W, sae.b_enc))
+        v, i = pre.topk(k, sorted=False)
+        y = F.embedding_bag(i, sae.W_dec, per_sample_weights=v, mode="sum") + sae.b_dec
+        (y.float() - x.float()).square().sum(-1).mean().backward()
+
+    def our_sae_step():
+        y = sae(x, backend="triton")
+        (y.float() - x.float()).square().sum(-1).mean().backward()
+
+    def edit_step():
+        xg = x.clone().requires_grad_(True)
+        ss.sae_edit(xg, frozen, ad, backend="triton").float().square().mean().backward()
+
+    fns = {
+        "gemm": lambda: x @ W_enc.T,
+        "linear+topk": lambda: torch.topk(F.linear(x, W_enc, b_enc), k),
+        "embedding_bag": lambda: F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum"),
+        "sparsify-style SAE step": sparsify_step,
+        "triton encode": lambda: ss.topk_encode(x, W_enc, b_enc, k, backend="triton"),
+        "triton decode": lambda: ss.sparse_decode(vals, idx, W_dec, backend="triton"),
+        "triton edit step": edit_step,
+        "triton SAE step": our_sae_step,
+    }
+    out = {}
+    for n, fn in fns.items():
+        try:
+            out[n] = bench(fn)
+        except Exception as e:  # report, keep going
+            out[n] = (float("nan"),) * 4
+            print(f"{name} {n}: {type(e).__name__}: {e}")
+    gathered = N * k * D * 2  # bytes of the decode's gathered rows (bf16)
+    return out, gathered
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="A,B,C,D")
+    ap.add_argument("--save", action="store_true")
+    a = ap.parse_args()
+    card = torch.cuda.get_device_name()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip()
+    head = (f"{card}; torch {torch.__version__}; triton {triton.__version__}; "
+            f"sae_sparse @ {commit}; {datetime.date.today()}")
+    lines = [f"# GPU benchmark\n\n{head}\n", "| shape | op | median ms | p20–p80 | × gemm | "
+             "peak extra MiB | note |", "|---|---|---|---|---|---|---|"]
+    for s in a.shapes.split(","):
+        N, D, S, k = SHAPES[s]
+        res, gathered = rows_for(s, N, D, S, k)
+        g = res["gemm"][0]
+        for n, (ms, lo, hi, peak) in res.items():
+            note = (f"{gathered / ms / 1e9:.2f} TB/s gathered" if "decode" in n or n ==
+                    "embedding_bag" else "")
+            lines.append(f"| {s} N={N} D={D} S={S} k={k} | {n} | {ms:.3f} | {lo:.3f}–{hi:.3f} | "
+                         f"{ms / g:.2f} | {peak:.0f} | {note} |")
+    text = "\n".join(lines)
+    print(text)
+    if a.save:
+        path = os.path.join(HERE, "results",
+                            f"gpu-{card.replace(' ', '_')}-{datetime.date.today()}.md")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
