@@ -26,6 +26,9 @@ def _train_parser(sub):
     p.add_argument("--k", type=int, default=None, help="cap k_max for ReLU/JumpReLU SAEs")
     p.add_argument("--edit", default="gain,bias,ffn:16",
                    help="adapter kinds: gain, bias, ffn:H[:relu|gelu|identity], lowrank:R")
+    p.add_argument("--latents", default=None,
+                   help="restrict the edit to these latent ids: '3,17,42' or @file (ids "
+                        "separated by commas/whitespace)")
     p.add_argument("--mode", default="delta", choices=["delta", "replace"])
     p.add_argument("--baseline", default=None, help="train a baseline instead: lora:R or dense")
     p.add_argument("--edit-positions", default="all", choices=["all", "prompt", "completion"])
@@ -78,7 +81,14 @@ def cmd_train(a, parser):
         saes[hook] = sae
         info = {k: v for k, v in sae.format_info.items() if k != "cfg"}
         sources[hook] = {**info, "sha256": content_hash(path)}
-    cfg = TrainConfig(edit=a.edit, mode=a.mode, baseline=a.baseline,
+    latents = None
+    if a.latents:
+        text = open(a.latents[1:]).read() if a.latents.startswith("@") else a.latents
+        try:
+            latents = [int(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            parser.error(f"--latents must list integer latent ids, got {a.latents!r}")
+    cfg = TrainConfig(edit=a.edit, mode=a.mode, baseline=a.baseline, latents=latents,
                       edit_positions=a.edit_positions, l1=a.l1, lr=a.lr,
                       weight_decay=a.weight_decay, steps=a.steps, batch_size=a.batch_size,
                       grad_accum=a.grad_accum, max_len=a.max_len, eval_frac=a.eval_frac,

@@ -30,11 +30,12 @@ def _top(scores: torch.Tensor, n: int):
 
 def latent_scores(adapter: LatentAdapter, sae) -> dict:
     dn = sae.W_dec.detach().float().norm(dim=1)
+    p = adapter.edit_params()  # latent mask applied
     out = {}
-    if adapter.gain is not None:
-        out["|gain|"] = adapter.gain.detach().float().abs()
-    if adapter.bias is not None:
-        out["|bias|·‖W_dec‖"] = adapter.bias.detach().float().abs() * dn
+    if "gain" in p:
+        out["|gain|"] = p["gain"].detach().float().abs()
+    if "bias" in p:
+        out["|bias|·‖W_dec‖"] = p["bias"].detach().float().abs() * dn
     return out
 
 
@@ -167,7 +168,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             lines.append("")
         if isinstance(t, LatentAdapter) and t.W_in is not None:
             dn = sae.W_dec.detach().float().norm(dim=1)
-            W_in, W_out = t.W_in.detach().float(), t.W_out.detach().float()
+            p = t.edit_params()
+            W_in, W_out = p["W_in"].detach().float(), p["W_out"].detach().float()
             strength = (W_out.abs() * dn).sum(1)
             lines += ["### FFNN hidden units (by write strength)", "",
                       "| unit | write strength | reads (top |W_in|) | writes (top |W_out|·‖W_dec‖) |",

@@ -60,6 +60,7 @@ class TrainConfig:
     edit: str = "gain,bias,ffn:16"
     mode: str = "delta"
     baseline: str | None = None  # None (sparse SAE adapter), "dense", or "lora:R"
+    latents: list | None = None  # restrict the edit to these latent ids (masked-sparse variant)
     edit_positions: str = "all"  # "all" | "prompt" | "completion"
     l1: float = 1e-3  # L1 on gain, bias and W_out (scaled by decoder norms): keeps edits sparse
     lr: float = 1e-2
@@ -86,6 +87,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.latents is not None and (not self.latents or any(
+                not isinstance(i, int) or i < 0 for i in self.latents)):
+            raise ValueError("latents must be a non-empty list of non-negative latent ids")
         if not 0 <= self.eval_frac < 1:
             raise ValueError("eval_frac must be in [0, 1)")
         parse_edit(self.edit)
@@ -170,8 +174,20 @@ def build_trainables(saes: dict, cfg: TrainConfig, device):
         else:
             e = parse_edit(cfg.edit)
             out[hook] = LatentAdapter(sae.d_sae, e["hidden"], e["gain"], e["bias"], e["ffn"],
-                                      e["activation"], device=device)
+                                      e["activation"], device=device,
+                                      latent_mask=_mask(cfg.latents, sae.d_sae, hook))
     return out
+
+
+def _mask(latents, S, hook):
+    if latents is None:
+        return None
+    bad = [i for i in latents if i >= S]
+    if bad:
+        raise ValueError(f"latents {bad[:5]} are out of range for the SAE at {hook} (S={S})")
+    m = torch.zeros(S, dtype=torch.bool)
+    m[list(latents)] = True
+    return m
 
 
 def l1_penalty(adapter, sae):
@@ -391,7 +407,9 @@ def save_adapter(out_dir, trainables, saes, cfg: TrainConfig, *, sae_sources=Non
             entry.update(kind="lora", rank=t.rank)
         else:
             entry.update(kind="latent", gain=t.gain is not None, bias=t.bias is not None,
-                         ffn=t.W_in is not None, hidden=t.hidden, activation=t.activation)
+                         ffn=t.W_in is not None, hidden=t.hidden, activation=t.activation,
+                         latents=(torch.nonzero(t.latent_mask).reshape(-1).tolist()
+                                  if t.latent_mask is not None else None))
         hooks[h] = entry
     conf = {"sae_sparse_version": __version__, "base_model": model_source, "mode": cfg.mode,
             "edit_positions": cfg.edit_positions, "baseline": cfg.baseline,
@@ -413,7 +431,8 @@ def load_adapter(run_dir: str, device=None):
             t = ResidualLoRA(e["d_in"], e["rank"])
         else:
             t = LatentAdapter(e["d_sae"], max(e["hidden"], 1), e["gain"], e["bias"], e["ffn"],
-                              e["activation"])
+                              e["activation"],
+                              latent_mask=_mask(e.get("latents"), e["d_sae"], h))
         _load_state({h: t}, tensors)
         out[h] = t.to(device) if device is not None else t
     return out, conf

@@ -196,3 +196,29 @@ def test_demo_recovers_planted_latents(tmp_path, monkeypatch):
     rep = json.loads((tmp_path / "sae_sparse_demo_run" / "report.json").read_text())
     (h,) = rep["hooks"].values()
     assert h["planted"]["recovered"]
+
+
+def test_latent_mask_restricts_training(tmp_path, tok):
+    model_dir, model = make_model_dir(tmp_path, tok)
+    sae_dir = tmp_path / "sae"
+    ss.save_saelens(ss.SAE.random(32, 60, 4), str(sae_dir))
+    (tmp_path / "ids.txt").write_text("3, 7\n11")
+    run = tmp_path / "run"
+    assert main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook",
+                 "transformer.h.0", "--data", write_data(tmp_path / "d.jsonl"), "--out", str(run),
+                 "--steps", "3", "--edit", "gain,bias,ffn:2", "--latents", "@" + str(tmp_path /
+                                                                               "ids.txt"),
+                 "--lr", "0.1", "--no-progress"]) == 0
+    (ad,) = load_adapter(str(run))[0].values()
+    p = ad.edit_params()
+    outside = torch.ones(60, dtype=torch.bool)
+    outside[[3, 7, 11]] = False
+    assert p["bias"][outside].abs().sum() == 0 and p["bias"][~outside].abs().sum() > 0
+    assert p["W_out"][:, outside].abs().sum() == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.0",
+              "--data", str(tmp_path / "d.jsonl"), "--latents", "a,b"])
+    with pytest.raises(ValueError, match="out of range"):
+        main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.0",
+              "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "r2"), "--latents",
+              "99", "--no-progress"])
