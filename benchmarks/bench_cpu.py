@@ -159,7 +159,7 @@ def main():
            f"sae_sparse {ss.__version__} @ {git_commit()}; "
            f"{datetime.date.today().isoformat()}")
     shape = f"N={a.N} D={a.D} S={a.S} k={a.k} h={a.h}, float32, median of {a.reps}"
-    lines = [f"# CPU benchmark\n", f"{env}\n", f"{shape}\n",
+    lines = ["# CPU benchmark\n", f"{env}\n", f"{shape}\n",
              "| op | impl | median ms | min–max ms | speed-up vs baseline | peak extra MiB |",
              "|---|---|---|---|---|---|"]
     base = {"encode": "encode/linear+topk", "decode": "decode/embedding_bag",

@@ -9,7 +9,6 @@ loss (unedited / edited), trainable parameters and median step time.
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch

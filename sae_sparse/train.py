@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .hooks import ResidualLoRA, attach
-from .modules import SAE, LatentAdapter
+from .modules import LatentAdapter
 from .reference import ACTIVATIONS, MODES
 
 CONFIG_NAME = "adapter_config.json"

@@ -75,3 +75,14 @@ def dense_forward(t, k, mode, activation="relu"):
 def assert_close(actual, expected, *, rtol, atol, name=""):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
                                msg=lambda m: f"{name}: {m}")
+
+
+def full_op(t, k, mode, activation, backend):
+    """topk_encode + edit_decode on a case from :func:`make_case`; -> (values, indices, y)."""
+    from sae_sparse import edit_decode, topk_encode
+
+    v, i = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t.get("b_pre"),
+                       threshold=t.get("threshold"), backend=backend)
+    y = edit_decode(t["x"], v, i, t["W_dec"], t["b_dec"], activation=activation, mode=mode,
+                    backend=backend, **adapter_kw(t))
+    return v, i, y

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import sae_sparse as ss
-from sae_sparse import edit_decode, reference as R, sparse_decode, topk_encode
+from sae_sparse import reference as R, sparse_decode, topk_encode
 
-from helpers import adapter_kw, assert_close, grads_of, make_case
+from helpers import assert_close, full_op, grads_of, make_case
 
 pytestmark = pytest.mark.skipif("cpp" not in ss.available_backends(),
                                 reason="C++ extension not built")
@@ -16,14 +16,6 @@ SHAPES = [
     pytest.param(3, 19, 61, 61, id="N3-D19-S61-kS"),
     pytest.param(130, 24, 4500, 9, id="N130-D24-S4500-k9"),  # >1 row block and >1 latent tile
 ]
-
-
-def full_op(t, k, mode, activation, backend):
-    v, i = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t.get("b_pre"),
-                       threshold=t.get("threshold"), backend=backend)
-    y = edit_decode(t["x"], v, i, t["W_dec"], t["b_dec"], activation=activation, mode=mode,
-                    backend=backend, **adapter_kw(t))
-    return v, i, y
 
 
 @pytest.mark.parametrize("N,D,S,k", SHAPES)
