@@ -193,7 +193,9 @@ def topk_encode(x, W, b, k, b_pre, thr):
     stride = max(1, min(32, S // (4 * k)))
     Ws, bs = W[::stride].float(), b[::stride].float()
     xf = xc.float()
-    sample = torch.topk(xf @ Ws.T + bs, k, dim=1).values[:, -1]
+    rows = max(1, (16 << 20) // (4 * Ws.shape[0]))  # at most 16 MiB of sampled scores at once
+    sample = torch.cat([torch.topk(xf[r:r + rows] @ Ws.T + bs, k, dim=1).values[:, -1]
+                        for r in range(0, N, rows)])
     # Both the sample product and the kernel accumulate exact fp32 products in fp32 (bf16/fp16
     # products are exact in fp32; fp32 inputs use IEEE dots), so they differ by at most
     # 2 gamma_D sum_d |x_d w_d| <= 2 gamma_D ||x|| max_s ||w_s||, plus the bias-add rounding.
