@@ -40,8 +40,8 @@ def make_ops(get_lib, name: str):
             dpre = torch.where(values != 0, dvalues, torch.zeros_like(dvalues)).contiguous()
             dx = dW = db = dbp = None
             if _needs(ctx, 0) or _needs(ctx, 4):
-                dx, _ = get_lib().edit_decode_fwd(None, dpre, indices, W_enc, None, None, None, None, None,
-                                           None, 0, _MODES["plain"])
+                dx, _ = get_lib().edit_decode_fwd(None, dpre, indices, W_enc, None, None, None,
+                                                  None, None, None, 0, _MODES["plain"])
                 if _needs(ctx, 4):
                     dbp = -dx.sum(0)
             if _needs(ctx, 1) or _needs(ctx, 2):
@@ -49,16 +49,16 @@ def make_ops(get_lib, name: str):
                 dW, db = get_lib().segment_rows(off, order, active, dpre, x, b_pre, S, k)
             return dx if _needs(ctx, 0) else None, dW, db, None, dbp, None
 
-
     class EditDecode(torch.autograd.Function):
-        """y = edit-decode(x, values, indices) with the folded M = W_out W_dec and c = bias W_dec."""
+        """y = edit-decode(x, values, indices), given the folded M = W_out W_dec, c = bias W_dec."""
 
         @staticmethod
         def forward(ctx, x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act, mode):
-            y, h_pre = get_lib().edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c,
-                                          _ACTS[act], _MODES[mode])
+            y, h_pre = get_lib().edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in,
+                                                 b_in, M, c, _ACTS[act], _MODES[mode])
             ctx.save_for_backward(values, indices, W_dec, gain, W_in, h_pre, M)
             ctx.act, ctx.mode = act, mode
+            ctx.dense_dtype = M.dtype if M is not None else (c.dtype if c is not None else None)
             return y
 
         @staticmethod
@@ -67,8 +67,8 @@ def make_ops(get_lib, name: str):
             act, mode = ctx.act, ctx.mode
             dy = dy.contiguous()
             S, k = W_dec.shape[0], values.shape[1]
-            dv, p, dh = get_lib().edit_decode_bwd(dy, values, indices, W_dec, gain, W_in, h_pre, M,
-                                           _ACTS[act], _MODES[mode])
+            dv, p, dh = get_lib().edit_decode_bwd(dy, values, indices, W_dec, gain, W_in, h_pre,
+                                                  M, _ACTS[act], _MODES[mode])
             grads = [None] * 12
             grads[0] = dy if (mode == "delta" and _needs(ctx, 0)) else None
             grads[1] = dv if _needs(ctx, 1) else None
@@ -97,19 +97,18 @@ def make_ops(get_lib, name: str):
                     grads[6] = segment(values, dh)[0]
                 if _needs(ctx, 7):
                     grads[7] = dh.sum(0)
-                if _needs(ctx, 8):
-                    grads[8] = activation_fn(act)(h_pre).T @ dy
+                if _needs(ctx, 8):  # dM = act(h_pre)^T dy, [h, D], in M's dtype
+                    dt = ctx.dense_dtype
+                    grads[8] = activation_fn(act)(h_pre.to(dt)).T @ dy.to(dt)
             if _needs(ctx, 9):
-                grads[9] = dy.sum(0)
+                grads[9] = dy.to(ctx.dense_dtype).sum(0)
             return tuple(grads)
-
 
     def topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None):
         return TopKEncode.apply(x, W_enc, b_enc, k, b_pre, threshold)
 
-
     def edit_decode(x, values, indices, W_dec, b_dec=None, gain=None, bias=None, W_in=None,
-                        b_in=None, W_out=None, activation="relu", mode="delta"):
+                    b_in=None, W_out=None, activation="relu", mode="delta"):
         if activation not in _ACTS:
             raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
         # Folded dense terms, once per step; in fp32 for low-precision inputs (the kernels
@@ -120,8 +119,8 @@ def make_ops(get_lib, name: str):
         if mode == "plain":
             gain = W_in = b_in = M = c = None
         return EditDecode.apply(x if mode == "delta" else None, values, indices.long(), W_dec,
-                                   b_dec if mode != "delta" else None, gain, W_in, b_in, M, c,
-                                   activation, mode)
+                                b_dec if mode != "delta" else None, gain, W_in, b_in, M, c,
+                                activation, mode)
 
     TopKEncode.__name__ = TopKEncode.__qualname__ = f"TopKEncode{name}"
     EditDecode.__name__ = EditDecode.__qualname__ = f"EditDecode{name}"

@@ -102,3 +102,17 @@ def test_triton_rejects_fp64():
     with pytest.raises(TypeError, match="triton backend takes fp32/bf16/fp16"):
         topk_encode(x, torch.randn(20, 8, dtype=torch.float64, device=DEVICE),
                     torch.zeros(20, dtype=torch.float64, device=DEVICE), 3, backend="triton")
+
+
+def test_triton_bf16_gradients_reach_every_parameter():
+    t = make_case(6, 32, 300, 5, b_pre=True)
+    tb = on(t, torch.bfloat16)
+    _, _, y = full_op(tb, 5, "replace", "gelu", "triton")
+    g = grads_of(y, tb)
+    tr = {n: v.detach().double().requires_grad_(v.requires_grad) for n, v in tb.items()}
+    _, _, y0 = full_op(tr, 5, "replace", "gelu", "torch")
+    g0 = grads_of(y0, tr)
+    for n in g0:
+        assert g[n].dtype == torch.bfloat16
+        scale = g0[n].abs().max().item()
+        assert_close(g[n].cpu(), g0[n].cpu(), rtol=5e-2, atol=5e-2 * scale, name=n)
