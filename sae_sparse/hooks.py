@@ -48,7 +48,8 @@ class DenseLatentAdapterEdit(nn.Module):
         x = h.reshape(-1, shape[-1]).to(self.sae.W_dec.dtype)
         v, i = self.sae.encode(x, backend="torch")
         p = self.adapter.edit_params()
-        y = dense_sae_edit(x, v, i, self.sae.W_dec, self.sae.b_dec, activation=self.adapter.activation,
+        y = dense_sae_edit(x, v, i, self.sae.W_dec, self.sae.b_dec,
+                           activation=self.adapter.activation,
                            mode=self.mode, **p)
         return y.to(h.dtype).reshape(shape)
 

@@ -238,7 +238,8 @@ def save_sparsify(sae: SAE, path: str, **cfg_extra) -> None:
     os.makedirs(path, exist_ok=True)
     t = {"encoder.weight": sae.W_enc.detach(), "encoder.bias": sae.b_enc.detach(),
          "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}
-    save_file({n: v.cpu().contiguous() for n, v in t.items()}, os.path.join(path, "sae.safetensors"))
+    save_file({n: v.cpu().contiguous() for n, v in t.items()},
+              os.path.join(path, "sae.safetensors"))
     cfg = {"num_latents": sae.d_sae, "k": sae.k, "d_in": sae.d_in,
            "transcode": sae.b_pre is None, "normalize_decoder": True, "multi_topk": False,
            "skip_connection": False, **cfg_extra}

@@ -172,7 +172,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             W_in, W_out = p["W_in"].detach().float(), p["W_out"].detach().float()
             strength = (W_out.abs() * dn).sum(1)
             lines += ["### FFNN hidden units (by write strength)", "",
-                      "| unit | write strength | reads (top |W_in|) | writes (top |W_out|·‖W_dec‖) |",
+                      "| unit | write strength | reads (top |W_in|) "
+                      "| writes (top |W_out|·‖W_dec‖) |",
                       "|---|---|---|---|"]
             units = []
             for u in torch.argsort(strength, descending=True).tolist():

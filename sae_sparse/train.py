@@ -268,9 +268,10 @@ def _autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
-def train_adapter(model, tokenizer, saes: dict, data, out_dir: str, config: TrainConfig | None = None,
-                  *, sae_sources: dict | None = None, model_source: str | None = None,
-                  progress: bool = True, resume: bool = True) -> dict:
+def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
+                  config: TrainConfig | None = None, *, sae_sources: dict | None = None,
+                  model_source: str | None = None, progress: bool = True,
+                  resume: bool = True) -> dict:
     """Trains one adapter per hooked module on a frozen model and SAEs.
 
     Args:
