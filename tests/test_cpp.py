@@ -78,7 +78,11 @@ def test_cpp_ties_break_to_smaller_index():
     assert torch.equal(v, torch.zeros(2, k))
 
 
-@pytest.mark.parametrize("N,D,S,k", [(64, 48, 5000, 16), (1, 256, 3001, 33)])
+@pytest.mark.parametrize("N,D,S,k", [
+    pytest.param(64, 48, 5000, 16, id="N64-direct"),  # < 256 fp32 rows: exact fp32 tiles
+    pytest.param(1, 256, 3001, 33, id="N1-direct"),
+    pytest.param(300, 40, 4500, 11, id="N300-screened"),  # bf16/fp32 screening + exact pass
+])
 def test_cpp_fp32_near_ties(N, D, S, k):
     """fp32: a selected index that differs from the fp64 reference must be a near-tie."""
     t = make_case(N, D, S, k, dtype=torch.float32, b_pre=True)
@@ -92,6 +96,27 @@ def test_cpp_fp32_near_ties(N, D, S, k):
     assert (got_pre >= kth - tol).all(), "selected a latent well below the k-th value"
     assert_close(v, got_pre.relu(), rtol=1e-5, atol=1e-5, name="values")
     assert (torch.diff(got_pre, dim=1) <= tol).all(), "values not in descending order"
+
+
+@pytest.mark.parametrize("N", [1, 300], ids=["direct", "screened"])
+@pytest.mark.parametrize("threshold", [False, True], ids=["topk", "jumprelu"])
+def test_cpp_fp32_both_paths_match_reference_with_grads(N, threshold):
+    """fp32, both encode paths: indices equal the fp64 reference, everything within 1e-4."""
+    t = make_case(N, 24, 700, 6, b_pre=True, threshold=threshold)
+    t32 = {n: (v.detach().float().requires_grad_(v.requires_grad)) for n, v in t.items()}
+    v1, i1, y1 = full_op(t32, 6, "replace", "relu", "cpp")
+    v0, i0, y0 = full_op(t, 6, "replace", "relu", "torch")
+    assert torch.equal(i1, i0)
+    assert_close(v1, v0, rtol=1e-4, atol=1e-5, name="values")
+    assert_close(y1, y0, rtol=1e-4, atol=1e-4, name="y")
+    g1, g0 = grads_of(y1, t32), grads_of(y0, t)
+    for n in g0:
+        assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-4, name=n)
+    _, _, n1 = topk_encode(t32["x"], t32["W_enc"], t32["b_enc"], 6, b_pre=t32["b_pre"],
+                           threshold=t32.get("threshold"), backend="cpp", return_overflow=True)
+    _, _, n0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], 6, b_pre=t["b_pre"],
+                           threshold=t.get("threshold"), backend="torch", return_overflow=True)
+    assert int(n1) == int(n0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -12,6 +12,7 @@
 // recomputed exactly (fp32 or fp64 dot products) and the top-kk chosen with ties broken by the
 // smaller latent index. Extra memory: O(N * (k + survivors)) + per-thread tiles.
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +29,7 @@ namespace {
 constexpr int64_t kMinRowBlock = 64;   // rows per screening GEMM (more rows amortise the
 constexpr int64_t kMaxRowBlock = 512;  // BLAS's packing of the W tile)
 constexpr int64_t kTile = 4096;        // latents per screening GEMM
+constexpr int64_t kDirectMaxRows = 256;  // fewer fp32 rows: exact tiles, no screening
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Cand {
@@ -318,6 +320,93 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
   TORCH_CHECK(!bad, "topk_encode: non-finite pre-activations; W_enc, b_enc or threshold contain NaN");
 }
 
+// Few rows (float32): screening does not pay for converting W, so the GEMM tiles are computed
+// exactly in fp32 and their values used as they are (the same values F.linear gives, up to
+// summation order). Tiles of latents are split across threads, each with its own per-row
+// screens; each screen's bound is a valid lower bound on the row's kk-th value, so the union of
+// the candidates above the largest bound holds the exact top-kk.
+void encode_direct_f32(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
+                       const at::Tensor& b_pre, const at::Tensor& thr, int64_t k,
+                       at::Tensor& values, at::Tensor& indices, at::Tensor& overflow) {
+  const int64_t N = x.size(0), S = W.size(0);
+  const bool has_thr = thr.defined();
+  const int64_t kk = has_thr ? k : std::min(k + 1, S);
+  const int64_t kq = has_thr ? std::min(k + 1, S) : 0;
+  const at::Tensor xc = (b_pre.defined() ? x - b_pre : x).contiguous();
+  const float* bp = b.data_ptr<float>();
+  const float* tp = has_thr ? thr.data_ptr<float>() : nullptr;
+  const int64_t tile = std::min<int64_t>(2048, S);
+  const int64_t n_tiles = (S + tile - 1) / tile;
+  const int nthreads = at::get_num_threads();
+  struct Local {
+    std::vector<RowScreen> scr, scrq;
+    at::Tensor out;
+    std::vector<float> hi, hiq, zero;
+  };
+  std::vector<Local> loc(nthreads);
+  for (auto& l : loc) {
+    l.scr.resize(N);
+    l.scrq.resize(has_thr ? N : 0);
+    for (int64_t n = 0; n < N; ++n) {
+      l.scr[n].init(kk);
+      if (has_thr) l.scrq[n].init(kq);
+    }
+    l.out = at::empty({N * tile}, x.options());
+    l.hi.resize(tile);
+    l.hiq.resize(has_thr ? tile : 0);
+    l.zero.assign(tile, 0.0f);
+  }
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    Local& l = loc[at::get_thread_num()];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s0 = t * tile, ts = std::min(tile, S - s0);
+      at::Tensor o = l.out.narrow(0, 0, N * ts).view({N, ts});
+      at::mm_out(o, xc, W.narrow(0, s0, ts).t());
+      const float* op = o.data_ptr<float>();
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t i = 0; i < ts; ++i) l.hi[i] = op[n * ts + i] + bp[s0 + i] + 0.0f;
+        scan_row(l.scr[n], l.hi.data(), l.zero.data(), ts, s0);
+        if (has_thr) {
+          for (int64_t i = 0; i < ts; ++i) l.hiq[i] = std::min(l.hi[i] - tp[s0 + i], l.hi[i]);
+          scan_row(l.scrq[n], l.hiq.data(), l.zero.data(), ts, s0);
+        }
+      }
+    }
+  });
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  bool* ovp = overflow.data_ptr<bool>();
+  auto merged = [&](bool q, int64_t n, int64_t want) {
+    float L = -kInf;
+    for (auto& l : loc) L = std::max(L, (q ? l.scrq : l.scr)[n].bound());
+    std::vector<Scored> sc;
+    for (auto& l : loc)
+      for (const Cand& c : (q ? l.scrq : l.scr)[n].take())
+        if (c.hi >= L) sc.push_back({double(c.hi), c.idx});
+    TORCH_CHECK(static_cast<int64_t>(sc.size()) >= want,
+                "topk_encode: non-finite pre-activations; W_enc, b_enc or threshold contain NaN");
+    std::partial_sort(sc.begin(), sc.begin() + want, sc.end(), scored_before);
+    return sc;
+  };
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      std::vector<Scored> sc = merged(false, n, kk);
+      for (int64_t j = 0; j < k; ++j) {
+        const float v = static_cast<float>(sc[j].val);
+        const bool on = v > 0 && (!has_thr || v > tp[sc[j].idx]);
+        vp[n * k + j] = on ? v : 0.0f;
+        ip[n * k + j] = sc[j].idx;
+      }
+      if (!has_thr) {
+        ovp[n] = kk > k && sc[k].val > 0;
+      } else {
+        std::vector<Scored> sq = merged(true, n, kq);
+        ovp[n] = kq > k && sq[k].val > 0;
+      }
+    }
+  });
+}
+
 // bfloat16 screening pays off only where the CPU has native bf16 dot products.
 bool cpu_has_bf16_dot() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -332,6 +421,7 @@ bool cpu_has_bf16_dot() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
     const at::Tensor& x_, const at::Tensor& W_enc_, const at::Tensor& b_enc_, int64_t k,
     const at::Tensor& b_pre_, const at::Tensor& threshold_) {
+  c10::NoGradGuard no_grad;  // the kernel's internal ATen calls are not part of any graph
   TORCH_CHECK(x_.device().is_cpu(), "topk_encode_cpu: x must be a CPU tensor");
   TORCH_CHECK(x_.dim() == 2, "topk_encode_cpu: x must be [N, D], got ", x_.sizes());
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
@@ -351,9 +441,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
     TORCH_CHECK(!t->defined() || (t->scalar_type() == x_.scalar_type() && t->device().is_cpu()),
                 "topk_encode_cpu: all tensors must be CPU ", x_.scalar_type());
 
-  const at::Tensor x = x_.contiguous(), W = W_enc_.contiguous(), b = b_enc_.contiguous();
-  const at::Tensor bpre = b_pre_.defined() ? b_pre_.contiguous() : at::Tensor();
-  const at::Tensor thr = threshold_.defined() ? threshold_.contiguous() : at::Tensor();
+  // detach(): internal ATen calls (possibly on worker threads, where grad mode is on) must
+  // not see tensors that require grad.
+  const at::Tensor x = x_.detach().contiguous(), W = W_enc_.detach().contiguous(),
+                   b = b_enc_.detach().contiguous();
+  const at::Tensor bpre = b_pre_.defined() ? b_pre_.detach().contiguous() : at::Tensor();
+  const at::Tensor thr = threshold_.defined() ? threshold_.detach().contiguous() : at::Tensor();
   at::Tensor values = at::empty({N, k}, x.options());
   at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
   at::Tensor overflow = at::empty({N}, x.options().dtype(at::kBool));
@@ -362,7 +455,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
   poison_if_testing(overflow);
   if (N == 0) return {values, indices, overflow};
 
-  if (x.scalar_type() == at::kDouble) {
+  if (x.scalar_type() == at::kFloat && N < kDirectMaxRows) {
+    encode_direct_f32(x, W, b, bpre, thr, k, values, indices, overflow);
+  } else if (x.scalar_type() == at::kDouble) {
     encode_impl<double, float>(x, W, b, bpre, thr, k, values, indices, overflow);
   } else if (cpu_has_bf16_dot()) {
     encode_impl<float, at::BFloat16>(x, W, b, bpre, thr, k, values, indices, overflow);

@@ -47,6 +47,20 @@ void test_encode(int64_t N, int64_t D, int64_t S, int64_t k, bool with_b_pre) {
   expect(at::equal(over, n_active > k), tag + ": overflow");
 }
 
+// float32: the direct path (few rows, exact fp32 tiles) and the screened path (bf16 or fp32
+// screening + exact recompute) against a dense fp64 reference on the same fp32 inputs.
+void test_encode_f32(int64_t N, int64_t D, int64_t S, int64_t k) {
+  auto opt = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor x = at::randn({N, D}, opt), W = at::randn({S, D}, opt) / std::sqrt(double(D));
+  at::Tensor b = at::randn({S}, opt) * 0.1;
+  auto [v, i, over] = sae_sparse::topk_encode_cpu(x, W, b, k, at::Tensor(), at::Tensor());
+  at::Tensor pre = at::addmm(b.to(at::kDouble), x.to(at::kDouble), W.to(at::kDouble).t());
+  auto [rv, ri] = dense_topk(pre, k);
+  std::string tag = "encode f32 N=" + std::to_string(N) + " S=" + std::to_string(S);
+  expect(at::equal(i, ri), tag + ": indices");
+  expect(close(v.to(at::kDouble), rv.clamp_min(0), 1e-5), tag + ": values");
+}
+
 void test_decode_and_segments() {
   auto opt = at::TensorOptions().dtype(at::kDouble);
   const int64_t N = 9, D = 13, S = 70, k = 5;
@@ -80,6 +94,8 @@ int main() {
   test_encode(1, 33, 1000, 7, false);
   test_encode(3, 19, 61, 61, true);
   test_encode(130, 24, 4500, 9, false);
+  test_encode_f32(5, 40, 3000, 8);    // direct
+  test_encode_f32(300, 40, 3000, 8);  // screened
   test_decode_and_segments();
   if (failures) {
     std::fprintf(stderr, "%d failure(s)\n", failures);
