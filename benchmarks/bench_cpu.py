@@ -168,6 +168,15 @@ def main():
         op, impl = name.split("/")
         ratio = rows[base[op]][0] / med
         lines.append(f"| {op} | {impl} | {med:.1f} | {lo:.1f}–{hi:.1f} | {ratio:.2f}× | {mem:.1f} |")
+    # Encode across batch sizes (inference is often a few rows): D=768, S=32768, k=32.
+    lines += ["", "Encode across batch sizes, D=768 S=32768 k=32 (fewer than 256 fp32 rows use "
+              "exact fp32 tiles; more use the bf16 screen):", "",
+              "| N | linear+topk ms | cpp ms | speed-up |", "|---|---|---|---|"]
+    for n in (1, 16, 128, 512, 2048):
+        x, W_enc, b_enc, _ = make(n, 768, 32768, 32)
+        base = median_ms(lambda: torch.topk(F.linear(x, W_enc, b_enc), 32), a.reps)[0]
+        ours = median_ms(lambda: ss.topk_encode(x, W_enc, b_enc, 32, backend="cpp"), a.reps)[0]
+        lines.append(f"| {n} | {base:.1f} | {ours:.1f} | {base / ours:.2f}× |")
     text = "\n".join(lines)
     print(text)
     if a.save:
