@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import random
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +117,12 @@ def load_jsonl(path: str) -> list[dict]:
 
 
 def tokenize(records, tokenizer, max_len):
-    """-> list of (ids [T], loss_mask [T], prompt_mask [T]); nothing is silently dropped."""
+    """-> list of (ids [T], loss_mask [T], prompt_mask [T]).
+
+    Records longer than ``max_len`` tokens are truncated and records with fewer than 2 tokens
+    are skipped; both are counted in a warning, never silently."""
     out = []
+    truncated = skipped = 0
     for r in records:
         if "text" in r:
             ids = tokenizer(r["text"], add_special_tokens=False)["input_ids"]
@@ -127,12 +132,17 @@ def tokenize(records, tokenizer, max_len):
             c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
             ids, prompt = p + c, [True] * len(p) + [False] * len(c)
         if len(ids) > max_len:
-            ids, prompt = ids[:max_len], prompt[:max_len]  # documented: --max-len truncates
+            ids, prompt = ids[:max_len], prompt[:max_len]
+            truncated += 1
         if len(ids) < 2:
+            skipped += 1
             continue
         ids = torch.tensor(ids)
         pm = torch.tensor(prompt)
         out.append((ids, ~pm, pm))
+    if truncated or skipped:
+        warnings.warn(f"{truncated} record(s) truncated to max_len={max_len} tokens, "
+                      f"{skipped} record(s) with fewer than 2 tokens skipped", stacklevel=2)
     if not out:
         raise ValueError("no record has 2 or more tokens")
     return out

@@ -61,6 +61,9 @@ def test_tokenize_masks_loss_to_completion(tok):
     assert prompt.tolist() == [True, True, False, False] and loss.tolist() == [False, False,
                                                                                True, True]
     assert loss2.tolist() == [False, True, True]
+    with pytest.warns(UserWarning, match="1 record\\(s\\) truncated to max_len=2 tokens, 1 record"):
+        out = tokenize([{"text": "a dog sees"}, {"text": "cat"}], tok, 2)
+    assert len(out) == 1 and len(out[0][0]) == 2
 
 
 def test_cli_train_on_saved_model_and_sae(tmp_path, tok):
