@@ -119,6 +119,25 @@ inline bool scored_before(const Scored& a, const Scored& b) {
   return a.val > b.val || (a.val == b.val && a.idx < b.idx);
 }
 
+// Writes row n's k outputs from its candidates sorted by scored_before: values (relu, and
+// JumpReLU when thresholds tp are given) and indices.
+template <typename scalar_t>
+inline void write_row(const std::vector<Scored>& top, int64_t n, int64_t k, const scalar_t* tp,
+                      scalar_t* vp, int64_t* ip) {
+  for (int64_t j = 0; j < k; ++j) {
+    const double v = top[j].val;
+    const bool on = v > 0 && (tp == nullptr || v > double(tp[top[j].idx]));
+    vp[n * k + j] = on ? static_cast<scalar_t>(v) : scalar_t(0);
+    ip[n * k + j] = top[j].idx;
+  }
+}
+
+// Whether a row whose sorted top-kk (of pre, or of q = min(pre - thr, pre)) is `top` has more
+// than k active latents.
+inline bool row_overflows(const std::vector<Scored>& top, int64_t kk, int64_t k) {
+  return kk > k && top[k].val > 0;
+}
+
 // Pushes the entries of one screened tile row with hi >= the running bound.
 inline void scan_row(RowScreen& scr, const float* hi, const float* e, int64_t ts, int64_t s0) {
   for (int64_t i = vec::first_ge(hi, scr.bound(), ts); i < ts;) {
@@ -293,14 +312,9 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
       sc.clear();
       for (const Cand& c : cand) sc.push_back({exact(c.idx), c.idx});
       std::partial_sort(sc.begin(), sc.begin() + kk, sc.end(), scored_before);
-      for (int64_t j = 0; j < k; ++j) {
-        const double v = sc[j].val;
-        const bool on = v > 0 && (!has_thr || v > double(tp[sc[j].idx]));
-        vp[n * k + j] = on ? static_cast<scalar_t>(v) : scalar_t(0);
-        ip[n * k + j] = sc[j].idx;
-      }
+      write_row(sc, n, k, tp, vp, ip);
       if (!has_thr) {
-        ovp[n] = kk > k && sc[k].val > 0;
+        ovp[n] = row_overflows(sc, kk, k);
       } else {
         std::vector<Cand> cq = scrq[n].take();
         if (static_cast<int64_t>(cq.size()) < kq) {
@@ -313,7 +327,7 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
           sc.push_back({std::min(p - double(tp[c.idx]), p), c.idx});
         }
         std::partial_sort(sc.begin(), sc.begin() + kq, sc.end(), scored_before);
-        ovp[n] = kq > k && sc[k].val > 0;
+        ovp[n] = row_overflows(sc, kq, k);
       }
     }
   });
@@ -390,19 +404,9 @@ void encode_direct_f32(const at::Tensor& x, const at::Tensor& W, const at::Tenso
   };
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      std::vector<Scored> sc = merged(false, n, kk);
-      for (int64_t j = 0; j < k; ++j) {
-        const float v = static_cast<float>(sc[j].val);
-        const bool on = v > 0 && (!has_thr || v > tp[sc[j].idx]);
-        vp[n * k + j] = on ? v : 0.0f;
-        ip[n * k + j] = sc[j].idx;
-      }
-      if (!has_thr) {
-        ovp[n] = kk > k && sc[k].val > 0;
-      } else {
-        std::vector<Scored> sq = merged(true, n, kq);
-        ovp[n] = kq > k && sq[k].val > 0;
-      }
+      const std::vector<Scored> sc = merged(false, n, kk);
+      write_row(sc, n, k, tp, vp, ip);
+      ovp[n] = has_thr ? row_overflows(merged(true, n, kq), kq, k) : row_overflows(sc, kk, k);
     }
   });
 }
