@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import activation_fn
+from .reference import activation_fn, decode_coef
 
 _MODES = {"delta": 0, "replace": 1, "plain": 2}
 _ACTS = {"relu": 0, "gelu": 1, "identity": 2}
@@ -81,12 +81,7 @@ def make_ops(get_lib, name: str):
                 return get_lib().segment_rows(*csr, coef.contiguous(), src, None, S, k)
 
             if _needs(ctx, 3):  # W_dec: sparse rows; the M and c paths come back through autograd
-                if mode == "plain":
-                    coef = values
-                elif mode == "delta":
-                    coef = values * gain[indices] if gain is not None else None
-                else:
-                    coef = values * (1 + gain[indices]) if gain is not None else values
+                coef = decode_coef(values, indices, gain, mode)
                 grads[3] = segment(coef, dy)[0] if coef is not None else torch.zeros_like(W_dec)
             if _needs(ctx, 4):
                 grads[4] = dy.sum(0)

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .reference import activation_fn, decode_coef
+
 try:
     import triton
     import triton.language as tl
@@ -34,7 +36,8 @@ except ImportError as e:  # pragma: no cover - triton is optional
 else:
     IMPORT_ERROR = None
 
-_MODES = {0: "delta", 1: "replace", 2: "plain"}
+_MODES = {0: "delta", 1: "replace", 2: "plain"}  # the kernel libraries' integer codes
+_ACTS = {0: "relu", 1: "gelu", 2: "identity"}
 
 
 def interpreting() -> bool:
@@ -200,7 +203,8 @@ def topk_encode(x, W, b, k, b_pre, thr):
     # products are exact in fp32; fp32 inputs use IEEE dots), so they differ by at most
     # 2 gamma_D sum_d |x_d w_d| <= 2 gamma_D ||x|| max_s ||w_s||, plus the bias-add rounding.
     gamma = 1.01 * (D + 2) * 2.0 ** -24
-    margin = (2 * gamma * xf.norm(dim=1) * W.float().norm(dim=1).max()
+    w_max = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).max()  # no fp32 copy of W
+    margin = (2 * gamma * xf.norm(dim=1) * w_max
               + 2.0 ** -22 * (sample.abs() + b.float().abs().max()))
     lo = (sample - margin).contiguous()
     cap = _p2(2 * k * stride + 64)
@@ -253,14 +257,6 @@ def _gather_dot(a, idx, W):
     return out
 
 
-def _act(h, act):
-    if act == 0:
-        return torch.relu(h)
-    if act == 1:
-        return torch.nn.functional.gelu(h)
-    return h
-
-
 def _act_grad(h, act):
     if act == 0:
         return (h > 0).to(h.dtype)
@@ -268,14 +264,6 @@ def _act_grad(h, act):
         cdf = 0.5 * (1 + torch.erf(h * math.sqrt(0.5)))
         return cdf + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
     return torch.ones_like(h)
-
-
-def _coef(values, indices, gain, mode):
-    if mode == 2:
-        return values
-    if mode == 0:
-        return values * gain[indices] if gain is not None else None
-    return values * (1 + gain[indices]) if gain is not None else values
 
 
 def edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act, mode):
@@ -289,7 +277,8 @@ def edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, ac
         y += b_dec.float()
     if c is not None:
         y += c.float()
-    coef = _coef(values.float(), indices, gain.float() if gain is not None else None, mode)
+    coef = decode_coef(values.float(), indices, gain.float() if gain is not None else None,
+                       _MODES[mode])
     if coef is not None:
         _gather_sum(y, coef, indices, W_dec)
     h_pre = None
@@ -298,7 +287,7 @@ def edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, ac
         if b_in is not None:
             h_pre += b_in.float()
         _gather_sum(h_pre, values.float(), indices, W_in)
-        y += _act(h_pre, act) @ M.float()
+        y += activation_fn(_ACTS[act])(h_pre) @ M.float()
         h_pre = h_pre.to(values.dtype)
     return y.to(values.dtype), h_pre
 

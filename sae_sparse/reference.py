@@ -30,6 +30,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def decode_coef(values, indices, gain, mode: str):
+    """Weights of the gathered W_dec rows: ``v`` (plain), ``v * gain[i]`` (delta; None without a
+    gain: nothing to gather) or ``v * (1 + gain[i])`` (replace)."""
+    if mode == "plain":
+        return values
+    if mode == "delta":
+        return values * gain[indices] if gain is not None else None
+    return values * (1 + gain[indices]) if gain is not None else values
+
+
 def _topk_stable(scores: torch.Tensor, kk: int):
     """Top-kk per row, descending, ties broken by the smaller column."""
     vals, order = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -105,17 +115,17 @@ def edit_decode_torch(x, values, indices, W_dec, b_dec=None, gain=None, bias=Non
         if b_dec is not None:
             y = y + b_dec.to(ct)
         return y.to(out_dtype)
-    g = gain.to(ct)[idx] if gain is not None else None
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    coef = decode_coef(v, idx, gain.to(ct) if gain is not None else None, mode)
     if mode == "delta":
         y = x.to(ct)
-        if g is not None:
-            y = y + _bag(idx, Wd, v * g)
-    elif mode == "replace":
-        y = _bag(idx, Wd, v * (1 + g) if g is not None else v)
+        if coef is not None:
+            y = y + _bag(idx, Wd, coef)
+    else:
+        y = _bag(idx, Wd, coef)
         if b_dec is not None:
             y = y + b_dec.to(ct)
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if W_in is not None:
         h = _bag(idx, W_in.to(ct), v)
         if b_in is not None:
