@@ -59,7 +59,11 @@ def check_encoder(x, W_enc, b_enc, k, b_pre, threshold) -> tuple[int, int]:
     return D, S
 
 
-def check_code(values, indices, W_dec, name_v="values", name_i="indices") -> tuple[int, int]:
+def check_code(values, indices, W_dec, name_v="values", name_i="indices", *,
+               check_range=True) -> tuple[int, int]:
+    """Shapes, dtypes and devices of a sparse code; ``check_range`` also checks every index
+    lies in [0, S) (a reduction, and a device sync on GPU -- skipped for indices the encoder
+    just produced)."""
     check_x(values, name_v)
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name_i} must be a torch.Tensor, got {type(indices).__name__}")
@@ -78,7 +82,7 @@ def check_code(values, indices, W_dec, name_v="values", name_i="indices") -> tup
     if W_dec.dtype != values.dtype:
         raise TypeError(f"W_dec must have dtype {values.dtype} like {name_v}, got {W_dec.dtype}")
     S, D = W_dec.shape
-    if indices.numel():
+    if check_range and indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= S:
             raise ValueError(f"{name_i} must lie in [0, S={S}), got values in [{lo}, {hi}]")

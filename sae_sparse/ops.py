@@ -100,11 +100,17 @@ def edit_decode(x, values, indices, W_dec, b_dec=None, *, gain=None, bias=None, 
     Shapes: x [..., D], values/indices [..., k], W_dec [S, D], gain/bias [S], W_in [S, h],
     b_in [h], W_out [h, S].
     """
+    return _checked_edit_decode(x, values, indices, W_dec, b_dec, gain, bias, W_in, b_in, W_out,
+                                activation, mode, backend, check_range=True)
+
+
+def _checked_edit_decode(x, values, indices, W_dec, b_dec, gain, bias, W_in, b_in, W_out,
+                         activation, mode, backend, *, check_range):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    S, D = V.check_code(values, indices, W_dec)
+    S, D = V.check_code(values, indices, W_dec, check_range=check_range)
     if mode == "delta":
         if x is None:
             raise ValueError("x is required in delta mode")
@@ -156,6 +162,8 @@ def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
     values, indices = sae.encode(x.to(dtype), backend=backend)
     p = {n: t.to(dtype) for n, t in adapter.edit_params().items()} if adapter is not None else {}
     act = adapter.activation if adapter is not None else "relu"
-    y = edit_decode(x.to(dtype), values, indices, sae.W_dec, sae.b_dec, activation=act,
-                    mode=mode, backend=backend, **p)
+    # indices come from the encoder: in range by construction
+    y = _checked_edit_decode(x.to(dtype), values, indices, sae.W_dec, sae.b_dec, p.get("gain"),
+                             p.get("bias"), p.get("W_in"), p.get("b_in"), p.get("W_out"), act,
+                             mode, backend, check_range=False)
     return y.to(x.dtype)
