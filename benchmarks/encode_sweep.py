@@ -1,0 +1,119 @@
+"""Sweep the triton encode's tuning knobs (sae_sparse._triton.ENCODE) on shapes A-D of the GPU
+issue and time its parts, against the bare GEMM measured in the same run.
+
+    python benchmarks/encode_sweep.py [--shapes A,C] [--quick]
+
+Per shape: bare `x @ W_enc.T`, `F.linear` + `torch.topk`, then for each config the whole
+topk_encode and (for the default config) its three passes alone: threshold sample, survivor
+GEMM pass, exact selection. Every config's output is checked against `F.linear` + `torch.topk`
+(fraction of selected indices that agree; the rest must be near-ties). Medians of do_bench.
+"""
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import sae_sparse as ss
+from sae_sparse import _triton as T
+
+SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
+          "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_extra(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="A,B,C,D")
+    ap.add_argument("--quick", action="store_true", help="fewer configs")
+    a = ap.parse_args()
+    default = dict(T.ENCODE)
+    grid = [dict()]
+    tiles = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+             (128, 256, 64, 8, 3), (128, 128, 128, 8, 2)]
+    for (bn, bs, bd, w, st), pps, tma in itertools.product(
+            tiles[:2] if a.quick else tiles, (1, 2), (True, False)):
+        grid.append(dict(block_n=bn, block_s=bs, block_d=bd, num_warps=w, num_stages=st,
+                         programs_per_sm=pps, tma=tma))
+    for stride in (16, 64):
+        grid.append(dict(sample_stride=stride))
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    rows = []
+    for name in a.shapes.split(","):
+        N, D, S, k = SHAPES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(N, D, device="cuda", generator=g).bfloat16()
+        W = (torch.randn(S, D, device="cuda", generator=g) / D ** 0.5).bfloat16()
+        b = (0.1 * torch.randn(S, device="cuda", generator=g)).bfloat16()
+        gemm = ms(lambda: x @ W.T)
+        base = ms(lambda: torch.topk(F.linear(x, W, b), k))
+        ref_idx = torch.topk(F.linear(x, W, b).float(), k).indices.sort(1).values
+        rows.append((name, "gemm", gemm, 1.0, ""))
+        rows.append((name, "linear+topk", base, base / gemm, ""))
+        for cfg in grid:
+            T.ENCODE.clear()
+            T.ENCODE.update(default, **cfg)
+            label = ",".join(f"{k_}={v}" for k_, v in cfg.items()) or "default"
+            try:
+                t = ms(lambda: T.topk_encode(x, W, b, k, None, None))
+                _, idx, _ = T.topk_encode(x, W, b, k, None, None)
+                agree = (idx.sort(1).values == ref_idx).float().mean().item()
+                mem = peak_extra(lambda: T.topk_encode(x, W, b, k, None, None))
+                rows.append((name, "encode " + label, t, t / gemm,
+                             f"agree {agree:.4f}, peak +{mem:.0f} MiB"))
+            except Exception as e:  # report and go on
+                rows.append((name, "encode " + label, float("nan"), float("nan"),
+                             f"{type(e).__name__}: {str(e)[:80]}"))
+            print(*rows[-1], flush=True)
+        T.ENCODE.clear()
+        T.ENCODE.update(default)
+        # the parts, default config
+        kk = k + 1
+        stride = max(1, min(T.ENCODE["sample_stride"], S // (4 * kk)))
+        Ss = (S + stride - 1) // stride
+        cap = T._p2(int(1.5 * kk * stride) + 64)
+        rws = min(N, max(128, (T.ENCODE["buffer_bytes"] // max(8 * cap, 4 * Ss)) // 128 * 128))
+        xs = x[:rws]
+        cnt = torch.zeros(rws, dtype=torch.int32, device="cuda")
+        sample = torch.empty(rws, Ss, device="cuda")
+        t1 = ms(lambda: T._launch_encode(xs, W, b, None, cnt, sample, cnt, cnt, 0, sample=True,
+                                         stride=stride))
+        t2 = ms(lambda: torch.topk(sample, kk, dim=1, sorted=False))
+        lo = torch.topk(sample, kk, dim=1).values[:, -1] - 0.01
+        buf = torch.empty(rws, cap, dtype=torch.long, device="cuda")
+
+        def main_pass():
+            cnt.zero_()
+            T._launch_encode(xs, W, b, None, lo, buf, cnt, cnt, cap)
+        t3 = ms(main_pass)
+        surv = cnt.float().mean().item()
+        keys = torch.empty(rws, kk, dtype=torch.long, device="cuda")
+        t4 = ms(lambda: T._select_kernel[(rws,)](buf, cnt, keys, cap, kk, BLOCK=T._p2(cap),
+                                                 KP=T._p2(kk, 1), num_warps=4))
+        scale = N / rws
+        for part, t in (("sample GEMM", t1), ("sample topk", t2), ("survivor pass", t3),
+                        ("select", t4)):
+            rows.append((name, f"part: {part} (x{scale:.0f} chunks of {rws} rows)", t * scale,
+                         t * scale / gemm, f"{surv:.0f} survivors/row, cap {cap}"
+                         if part == "survivor pass" else ""))
+            print(*rows[-1], flush=True)
+    print("\n| shape | what | median ms | x gemm | note |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]} |")
+
+
+if __name__ == "__main__":
+    main()
