@@ -41,15 +41,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer configs")
     a = ap.parse_args()
     default = dict(T.ENCODE)
-    grid = [dict()]
-    tiles = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-             (128, 256, 64, 8, 3), (128, 128, 128, 8, 2)]
-    for (bn, bs, bd, w, st), pps, tma in itertools.product(
-            tiles[:2] if a.quick else tiles, (1, 2), (True, False)):
-        grid.append(dict(block_n=bn, block_s=bs, block_d=bd, num_warps=w, num_stages=st,
-                         programs_per_sm=pps, tma=tma))
-    for stride in (16, 64):
-        grid.append(dict(sample_stride=stride))
+    grid = [dict(), dict(top_m=3), dict(programs_per_sm=2), dict(tma=False),
+            dict(num_stages=4), dict(num_warps=4)]
+    if not a.quick:
+        grid += [dict(block_n=128, block_s=64, num_warps=4, num_stages=4),
+                 dict(block_n=64, block_s=128, num_warps=4, num_stages=4),
+                 dict(block_d=128, num_stages=2), dict(block_n=256, block_s=128, num_stages=2)]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     rows = []
     for name in a.shapes.split(","):
@@ -82,33 +79,27 @@ def main():
         T.ENCODE.update(default)
         # the parts, default config
         kk = k + 1
-        stride = max(1, min(T.ENCODE["sample_stride"], S // (4 * kk)))
-        Ss = (S + stride - 1) // stride
-        cap = T._p2(int(1.5 * kk * stride) + 64)
-        rws = min(N, max(128, (T.ENCODE["buffer_bytes"] // max(8 * cap, 4 * Ss)) // 128 * 128))
-        xs = x[:rws]
-        cnt = torch.zeros(rws, dtype=torch.int32, device="cuda")
-        sample = torch.empty(rws, Ss, device="cuda")
-        t1 = ms(lambda: T._launch_encode(xs, W, b, None, cnt, sample, cnt, cnt, 0, sample=True,
-                                         stride=stride))
-        t2 = ms(lambda: torch.topk(sample, kk, dim=1, sorted=False))
-        lo = torch.topk(sample, kk, dim=1).values[:, -1] - 0.01
-        buf = torch.empty(rws, cap, dtype=torch.long, device="cuda")
-
-        def main_pass():
-            cnt.zero_()
-            T._launch_encode(xs, W, b, None, lo, buf, cnt, cnt, cap)
-        t3 = ms(main_pass)
-        surv = cnt.float().mean().item()
+        nt = triton.cdiv(S, T.ENCODE["block_s"])
+        L = nt * T.ENCODE["top_m"]
+        rws = min(N, max(128, T.ENCODE["buffer_bytes"] // (8 * L) // 128 * 128))
+        xs = x[:rws].contiguous()
+        act = torch.zeros(rws, dtype=torch.int32, device="cuda")
+        cand = torch.empty(rws, L, dtype=torch.long, device="cuda")
+        (xd, wd), nprog, meta = T._gemm_args(xs, W)
+        t1 = ms(lambda: T._encode_top_kernel[(nprog,)](xs, W, xd, wd, b, b, cand, act, rws, S, D,
+                                                       L, TOPM=T.ENCODE["top_m"], HAS_THR=False,
+                                                       **meta))
         keys = torch.empty(rws, kk, dtype=torch.long, device="cuda")
-        t4 = ms(lambda: T._select_kernel[(rws,)](buf, cnt, keys, cap, kk, BLOCK=T._p2(cap),
-                                                 KP=T._p2(kk, 1), num_warps=4))
+        bad = torch.empty(rws, dtype=torch.int32, device="cuda")
+        t2 = ms(lambda: T._select_top_kernel[(rws,)](cand, keys, bad, L, kk, nt, BLOCK=T._p2(L),
+                                                     KP=T._p2(kk, 1), TOPM=T.ENCODE["top_m"],
+                                                     BLOCK_T=T._p2(nt), num_warps=4))
+        nbad = int((bad > 0).sum())
         scale = N / rws
-        for part, t in (("sample GEMM", t1), ("sample topk", t2), ("survivor pass", t3),
-                        ("select", t4)):
+        for part, t in (("GEMM + top-m epilogue", t1), ("select", t2)):
             rows.append((name, f"part: {part} (x{scale:.0f} chunks of {rws} rows)", t * scale,
-                         t * scale / gemm, f"{surv:.0f} survivors/row, cap {cap}"
-                         if part == "survivor pass" else ""))
+                         t * scale / gemm, f"{nbad} of {rws} rows redone" if part == "select"
+                         else f"{nprog} programs"))
             print(*rows[-1], flush=True)
     print("\n| shape | what | median ms | x gemm | note |\n|---|---|---|---|---|")
     for r in rows:

@@ -56,6 +56,101 @@ def supports(device: torch.device) -> bool:
 
 if triton is not None:
     _KEY_MIN = tl.constexpr(-2 ** 63)  # below every packed key of a non-NaN value
+    _KEY_MAX = tl.constexpr(2 ** 63 - 1)
+
+    @triton.jit
+    def _tile_gemm(x_ptr, w_ptr, x_desc, w_desc, pid_n, pid_s, N, S, D, stride_w,
+                   TMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """fp32 [BLOCK_N, BLOCK_S] tile of x W^T (W's rows stride_w apart)."""
+        acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            if TMA:
+                xt = x_desc.load([pid_n * BLOCK_N, d0])
+                wt = w_desc.load([pid_s * BLOCK_S, d0])
+            else:
+                r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                c = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+                d = d0 + tl.arange(0, BLOCK_D)
+                xt = tl.load(x_ptr + r.to(tl.int64)[:, None] * D + d[None, :],
+                             mask=(r < N)[:, None] & (d < D)[None, :], other=0.0)
+                wt = tl.load(w_ptr + c.to(tl.int64)[:, None] * stride_w + d[None, :],
+                             mask=(c < S)[:, None] & (d < D)[None, :], other=0.0)
+            if UPCAST:  # the interpreter's dot misreads bf16 bits; bf16 products are exact in fp32
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(wt), acc)
+        return acc
+
+    @triton.jit
+    def _pack(v, col):
+        """Order-preserving int64 key: value bits high, ~index low (ties -> smaller index)."""
+        bits = v.to(tl.int32, bitcast=True)
+        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return (key32.to(tl.int64) << 32) | (0xFFFFFFFF - col.to(tl.int64))
+
+    @triton.jit
+    def _encode_top_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, cand_ptr, act_ptr,
+                           N, S, D, L,
+                           TOPM: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
+                           IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                           NUM_PROGS: tl.constexpr):
+        """Persistent GEMM over (row block, latent block) tiles, row blocks fastest so the
+        programs running at once share W tiles (W streams from HBM about once; x stays in L2).
+        Epilogue: each row's TOPM largest entries of the tile (row reductions in the
+        accumulator's own layout, no sorting, no atomics) -> cand[row, tile * TOPM + m]."""
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_pid_n * tl.cdiv(S, BLOCK_S)
+        tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's own copy of the tile counter
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+            acc = _tile_gemm(x_ptr, w_ptr, x_desc, w_desc, tile % num_pid_n, tile // num_pid_n,
+                             N, S, D, D, TMA, IEEE, UPCAST, BLOCK_N, BLOCK_S, BLOCK_D)
+            tile_e += NUM_PROGS
+            pid_s = tile_e // num_pid_n
+            rows = (tile_e % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+            local = tl.arange(0, BLOCK_S)
+            cols = pid_s * BLOCK_S + local
+            rmask = rows < N
+            cmask = cols < S
+            valid = rmask[:, None] & cmask[None, :]
+            bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            pre = acc + bias[None, :] + 0.0  # + 0.0 turns -0.0 into +0.0
+            if HAS_THR:  # active-latent count per row (JumpReLU overflow report)
+                t = tl.load(thr_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                on = (pre > t[None, :]) & (pre > 0.0) & valid
+                tl.atomic_add(act_ptr + rows, tl.sum(on.to(tl.int32), axis=1), mask=rmask,
+                              sem="relaxed")
+            pre = tl.where(valid, pre, float("-inf"))
+            out = cand_ptr + rows.to(tl.int64) * L + pid_s * TOPM
+            for m in tl.static_range(TOPM):
+                v, j = tl.max(pre, axis=1, return_indices=True,
+                              return_indices_tie_break_left=True)
+                col = pid_s * BLOCK_S + j
+                key = tl.where((col < S) & (v > float("-inf")), _pack(v, col), _KEY_MIN)
+                tl.store(out + m, key, mask=rmask)
+                if m + 1 < TOPM:
+                    pre = tl.where(local[None, :] == j[:, None], float("-inf"), pre)
+
+    @triton.jit
+    def _select_top_kernel(cand_ptr, out_ptr, bad_ptr, L, KOUT, NT,
+                           BLOCK: tl.constexpr, KP: tl.constexpr, TOPM: tl.constexpr,
+                           BLOCK_T: tl.constexpr):
+        """out[r] = the KOUT largest candidates of row r; bad[r] = how many tiles had all TOPM
+        candidates at or above the KOUT-th (such a tile may hide one more: the row is redone)."""
+        r = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK)
+        keys = tl.load(cand_ptr + r * L + j, mask=j < L, other=_KEY_MIN)
+        top = tl.topk(keys, KP)
+        o = tl.arange(0, KP)
+        tl.store(out_ptr + r * KOUT + o, top, mask=o < KOUT)
+        kth = tl.min(tl.where(o < KOUT, top, _KEY_MAX), axis=0)
+        t = tl.arange(0, BLOCK_T)
+        last = tl.load(cand_ptr + r * L + t * TOPM + (TOPM - 1), mask=t < NT, other=_KEY_MIN)
+        tl.store(bad_ptr + r, tl.sum(((last >= kth) & (t < NT)).to(tl.int32), axis=0))
 
     @triton.jit
     def _encode_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, lo_ptr, buf_ptr, cnt_ptr,
@@ -74,28 +169,8 @@ if triton is not None:
         num_tiles = num_pid_n * tl.cdiv(S, BLOCK_S)
         tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's own copy of the tile counter
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
-            pid_n = tile % num_pid_n
-            pid_s = tile // num_pid_n
-            acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                if TMA:
-                    xt = x_desc.load([pid_n * BLOCK_N, d0])
-                    wt = w_desc.load([pid_s * BLOCK_S, d0])
-                else:
-                    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                    c = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-                    d = d0 + tl.arange(0, BLOCK_D)
-                    xt = tl.load(x_ptr + r.to(tl.int64)[:, None] * D + d[None, :],
-                                 mask=(r < N)[:, None] & (d < D)[None, :], other=0.0)
-                    wt = tl.load(w_ptr + c.to(tl.int64)[:, None] * stride_w + d[None, :],
-                                 mask=(c < S)[:, None] & (d < D)[None, :], other=0.0)
-                if UPCAST:  # the interpreter's dot misreads bf16 bits; bf16 products are exact in fp32
-                    xt = xt.to(tl.float32)
-                    wt = wt.to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xt, tl.trans(wt), acc)
+            acc = _tile_gemm(x_ptr, w_ptr, x_desc, w_desc, tile % num_pid_n, tile // num_pid_n,
+                             N, S, D, stride_w, TMA, IEEE, UPCAST, BLOCK_N, BLOCK_S, BLOCK_D)
             tile_e += NUM_PROGS
             rows = (tile_e % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
             cols = (tile_e // num_pid_n) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -117,9 +192,7 @@ if triton is not None:
                 keep = (pre >= lo[:, None]) & valid
                 slot = tl.atomic_add(tl.broadcast_to(cnt_ptr + rows[:, None], (BLOCK_N, BLOCK_S)),
                                      1, mask=keep, sem="relaxed")
-                bits = pre.to(tl.int32, bitcast=True)
-                key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-                key = (key32.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))[None, :]
+                key = _pack(pre, cols[None, :])
                 if WIDE:
                     off = rows.to(tl.int64)[:, None] * CAP + slot
                 else:
@@ -137,6 +210,39 @@ if triton is not None:
         top = tl.topk(keys, KP)
         o = tl.arange(0, KP)
         tl.store(out_ptr + r * KOUT + o, top, mask=o < KOUT)
+
+    @triton.jit
+    def _edit_decode_kernel(out_ptr, x_ptr, base_ptr, coef_ptr, idx_ptr, w_ptr, a_ptr, m_ptr,
+                            K, C, H, HAS_X: tl.constexpr, HAS_BASE: tl.constexpr,
+                            HAS_COEF: tl.constexpr, HAS_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+        """out[n] = x[n] + base + sum_j coef[n, j] W[idx[n, j]] + sum_h a[n, h] M[h], summed in
+        fp32 and rounded once (edit + decode: W = W_dec, a = act(h_pre), M = W_out W_dec)."""
+        n = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = c < C
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if HAS_X:
+            acc += tl.load(x_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+        if HAS_BASE:
+            acc += tl.load(base_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        if HAS_COEF:
+            for k0 in range(0, K, BLOCK_K):
+                j = k0 + tl.arange(0, BLOCK_K)
+                jm = j < K
+                cf = tl.load(coef_ptr + n * K + j, mask=jm, other=0.0).to(tl.float32)
+                ix = tl.load(idx_ptr + n * K + j, mask=jm, other=0)
+                w = tl.load(w_ptr + ix[:, None] * C + c[None, :],
+                            mask=jm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(cf[:, None] * w, axis=0)
+        if HAS_H:
+            h = tl.arange(0, BLOCK_H)
+            hm = h < H
+            a = tl.load(a_ptr + n * H + h, mask=hm, other=0.0)
+            m = tl.load(m_ptr + h[:, None] * C + c[None, :], mask=hm[:, None] & cm[None, :],
+                        other=0.0)
+            acc += tl.sum(a[:, None] * m, axis=0)
+        tl.store(out_ptr + n * C + c, acc, mask=cm)
 
     @triton.jit
     def _gather_sum_kernel(out_ptr, coef_ptr, idx_ptr, w_ptr, K, C,
@@ -219,14 +325,21 @@ def _unpack(keys: torch.Tensor):
 
 # Encode tuning knobs (module-level so benchmarks/encode_sweep.py can sweep them).
 ENCODE = dict(
-    sample_stride=32,  # threshold sample: every 32nd latent -> ~32 (k+1) survivors per row
-    buffer_bytes=48 << 20,  # survivor + sample buffers per row chunk (bounds extra memory)
+    top_m=2,  # candidates kept per (row, latent tile); a row is redone if a tile may hide more
+    buffer_bytes=56 << 20,  # candidate / survivor buffers per row chunk (bounds extra memory)
     block_n=128, block_s=128, block_d=64, num_warps=8, num_stages=3,
     programs_per_sm=1,  # persistent grid: programs = SMs x this
     tma=True,  # tensor-descriptor (TMA) loads where the strides allow
+    sample_stride=32,  # fallback path: threshold from every 32nd latent
 )
 _ERR_UNIT = 2.0 ** -22  # per-operation error unit of a tensor-core fp32 sum; 2x the ulp bound
 _SM_COUNT = {}
+
+
+def _blocks(D):
+    if interpreting():
+        return 16, 32, min(64, _p2(D))
+    return ENCODE["block_n"], ENCODE["block_s"], min(ENCODE["block_d"], _p2(D))
 
 
 def _programs(device, tiles: int) -> int:
@@ -237,51 +350,67 @@ def _programs(device, tiles: int) -> int:
     return max(1, min(tiles, _SM_COUNT[device.index] * ENCODE["programs_per_sm"]))
 
 
-def _launch_encode(xc, W, b, thr, lo, buf, cnt, act, cap, *, sample=False, stride=1):
-    """One pass of _encode_kernel over the rows of xc against W[::stride] (b[::stride])."""
+def _gemm_args(xc, W, stride=1):
+    """Shared launch arguments of the encode kernels: (x_desc, w_desc, TMA, IEEE, UPCAST, blocks,
+    programs, launch options)."""
     N, D = xc.shape
     S = (W.shape[0] + stride - 1) // stride
-    cfg = ENCODE
-    BN, BS = cfg["block_n"], cfg["block_s"]
-    BD = min(cfg["block_d"], _p2(D))
-    if interpreting():
-        BN, BS = 16, 32
-    tiles = triton.cdiv(N, BN) * triton.cdiv(S, BS)
-    nprog = _programs(xc.device, tiles)
+    BN, BS, BD = _blocks(D)
     es = xc.element_size()
-    tma = (cfg["tma"] and (D * es) % 16 == 0
-           and (stride * D * es) % 16 == 0 and xc.data_ptr() % 16 == 0 and W.data_ptr() % 16 == 0)
+    tma = (ENCODE["tma"] and (D * es) % 16 == 0 and xc.data_ptr() % 16 == 0
+           and W.data_ptr() % 16 == 0)
+    x_desc = w_desc = None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         x_desc = TensorDescriptor(xc, [N, D], [D, 1], [BN, BD])
         w_desc = TensorDescriptor(W, [S, D], [stride * D, 1], [BS, BD])
-    else:
-        x_desc = w_desc = None
-    _encode_kernel[(nprog,)](
-        xc, W, x_desc, w_desc, b, thr if thr is not None else b, lo, buf, cnt, act,
-        N, S, D, cap, stride * D, stride,
-        SAMPLE=sample, HAS_THR=thr is not None, TMA=tma,
-        IEEE=xc.dtype == torch.float32 or interpreting(), UPCAST=interpreting(),
-        WIDE=N * cap >= 2 ** 31, BLOCK_N=BN, BLOCK_S=BS, BLOCK_D=BD, NUM_PROGS=nprog,
-        num_warps=1 if interpreting() else cfg["num_warps"],
-        num_stages=1 if interpreting() else cfg["num_stages"])
+    nprog = _programs(xc.device, triton.cdiv(N, BN) * triton.cdiv(S, BS))
+    meta = dict(TMA=tma, IEEE=xc.dtype == torch.float32 or interpreting(), UPCAST=interpreting(),
+                BLOCK_N=BN, BLOCK_S=BS, BLOCK_D=BD, NUM_PROGS=nprog,
+                num_warps=1 if interpreting() else ENCODE["num_warps"],
+                num_stages=1 if interpreting() else ENCODE["num_stages"])
+    return (x_desc, w_desc), nprog, meta
 
 
-def _encode_rows(xc, W, b, kk, thr, stride, cap, act):
-    """Keys [N, kk] of the kk largest pre-activations per row (descending, ties -> smaller
-    index) and each row's survivor count (> cap: the row overflowed its buffer)."""
+def _encode_top(xc, W, b, kk, thr, act, top_m):
+    """Main path. keys [N, kk] (descending; ties -> smaller index) and per row the number of
+    tiles whose top_m candidates all reached the kk-th key (> 0: the row must be redone)."""
+    N, D = xc.shape
+    S = W.shape[0]
+    nt = triton.cdiv(S, _blocks(D)[1])
+    L = nt * top_m
+    cand = torch.empty(N, L, dtype=torch.long, device=xc.device)
+    (x_desc, w_desc), nprog, meta = _gemm_args(xc, W)
+    _encode_top_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b, cand,
+                                 act, N, S, D, L, TOPM=top_m, HAS_THR=thr is not None, **meta)
+    keys = torch.empty(N, kk, dtype=torch.long, device=xc.device)
+    bad = torch.empty(N, dtype=torch.int32, device=xc.device)
+    block = _p2(L)
+    _select_top_kernel[(N,)](cand, keys, bad, L, kk, nt, BLOCK=block, KP=_p2(kk, 1), TOPM=top_m,
+                             BLOCK_T=_p2(nt),
+                             num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
+    return keys, bad
+
+
+def _encode_append(xc, W, b, kk, thr, act):
+    """Fallback path (few candidates per tile would not do: small S / large k, and the rows
+    the main path could not settle). A lower bound lo on each row's kk-th largest entry from a
+    strided sample of latents; a GEMM pass appends every entry >= lo to a per-row buffer
+    (atomic row counters); an exact top-kk over the buffer. Returns keys [N, kk]."""
     N, D = xc.shape
     S = W.shape[0]
     dev = xc.device
-    cnt = torch.zeros(N, dtype=torch.int32, device=dev)
+    stride = max(1, min(ENCODE["sample_stride"], S // (4 * kk)))
     if stride > 1:
-        # Lower bound on each row's kk-th largest pre-activation: the kk-th largest of a strided
-        # sample of latents, minus twice the worst-case fp32 summation error of one entry
-        # (both passes sum exact bf16/fp16/fp32 products in fp32: |error| <= gamma_D
+        # The kk-th largest of the sample, minus twice the worst-case fp32 summation error of
+        # one entry (both passes sum exact bf16/fp16/fp32 products in fp32: |error| <= gamma_D
         # sum_d |x_d w_d| <= gamma_D ||x|| ||w||) and the bias-add rounding.
         Ss = (S + stride - 1) // stride
         sample = torch.empty(N, Ss, dtype=torch.float32, device=dev)
-        _launch_encode(xc, W, b, None, cnt, sample, cnt, cnt, 0, sample=True, stride=stride)
+        (x_desc, w_desc), nprog, meta = _gemm_args(xc, W, stride)
+        _encode_kernel[(nprog,)](xc, W, x_desc, w_desc, b, b, sample, sample, act, act, N, Ss, D,
+                                 0, stride * D, stride, SAMPLE=True, HAS_THR=False, WIDE=False,
+                                 **meta)
         t = torch.topk(sample, kk, dim=1, sorted=False).values.amin(1)
         del sample
         gamma = 1.01 * (D + 2) * _ERR_UNIT
@@ -289,10 +418,22 @@ def _encode_rows(xc, W, b, kk, thr, stride, cap, act):
         b_max = b[::stride].abs().amax().float()
         x_norm = torch.linalg.vector_norm(xc, dim=1, dtype=torch.float32)
         lo = t - 2 * gamma * x_norm * w_max - 4 * _ERR_UNIT * (t.abs() + b_max)
-    else:
+        cap = _p2(int(1.5 * kk * stride) + 64)
+    else:  # small S: keep every entry
         lo = torch.full((N,), float("-inf"), device=dev)
-    buf = torch.empty(N, cap, dtype=torch.long, device=dev)
-    _launch_encode(xc, W, b, thr, lo.contiguous(), buf, cnt, act, cap)
+        cap = S
+    while True:
+        cnt = torch.zeros(N, dtype=torch.int32, device=dev)
+        act.zero_()
+        buf = torch.empty(N, cap, dtype=torch.long, device=dev)
+        (x_desc, w_desc), nprog, meta = _gemm_args(xc, W)
+        _encode_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b,
+                                 lo.contiguous(), buf, cnt, act, N, S, D, cap, D, 1, SAMPLE=False,
+                                 HAS_THR=thr is not None, WIDE=N * cap >= 2 ** 31, **meta)
+        need = int(cnt.max())
+        if need <= cap:
+            break
+        cap = _p2(need)  # a row had more survivors than the buffer holds
     keys = torch.empty(N, kk, dtype=torch.long, device=dev)
     if cap <= 8192:
         block = _p2(cap)
@@ -302,7 +443,7 @@ def _encode_rows(xc, W, b, kk, thr, stride, cap, act):
         live = torch.arange(cap, device=dev)[None, :] < cnt[:, None]
         keys.copy_(torch.topk(buf.masked_fill_(~live, torch.iinfo(torch.long).min), kk,
                               dim=1).values)
-    return keys, cnt
+    return keys
 
 
 def topk_encode(x, W, b, k, b_pre, thr):
@@ -318,32 +459,27 @@ def topk_encode(x, W, b, k, b_pre, thr):
     if N == 0:
         return values, indices, act > k
     # Without a JumpReLU threshold, "more than k active latents" is "the (k+1)-th largest
-    # pre-activation is > 0", so the kernel also keeps a lower bound on that one.
+    # pre-activation is > 0", so the kernels select k+1.
     kk = min(S, k + 1) if thr is None else k
-    stride = max(1, min(ENCODE["sample_stride"], S // (4 * kk)))
-    if stride == 1:  # small S: keep every entry
-        cap = S
-    else:
-        cap = _p2(int(1.5 * kk * stride) + 64)
-    rows = max(128, (ENCODE["buffer_bytes"] // max(8 * cap, 4 * ((S + stride - 1) // stride)))
-               // 128 * 128)
+    top_m = ENCODE["top_m"]
+    nt = triton.cdiv(S, _blocks(D)[1])
     keys = torch.empty(N, kk, dtype=torch.long, device=dev)
-    cnt = torch.empty(N, dtype=torch.int32, device=dev)
-    for r in range(0, N, rows):
-        keys[r:r + rows], cnt[r:r + rows] = _encode_rows(xc[r:r + rows], W, b, kk, thr, stride,
-                                                         cap, act[r:r + rows])
-    # One check (one sync) for the rare rows the pass above could not finish: more survivors
-    # than the buffer holds (they go again with a buffer that fits), or fewer than kk, which
-    # only NaN/inf can cause (the bound is rigorous for finite values; the reference decides).
-    bad = ((cnt > cap) | (cnt < kk)).nonzero().reshape(-1)
-    hi = lo_rows = None
-    if bad.numel():
-        hi, lo_rows = bad[cnt[bad] > cap], bad[cnt[bad] < kk]
-        if hi.numel():
-            need = int(cnt[hi].max())
-            xs, scratch = xc[hi].contiguous(), torch.zeros_like(act[hi])
-            keys[hi] = (_encode_rows(xs, W, b, kk, thr, stride, _p2(need), scratch)[0]
-                        if need < S else _encode_rows(xs, W, b, kk, thr, 1, S, scratch)[0])
+    if nt * top_m >= 2 * kk and nt * top_m <= 8192:
+        rows = max(128, ENCODE["buffer_bytes"] // (8 * nt * top_m) // 128 * 128)
+        bad = torch.empty(N, dtype=torch.int32, device=dev)
+        for r in range(0, N, rows):
+            keys[r:r + rows], bad[r:r + rows] = _encode_top(xc[r:r + rows], W, b, kk, thr,
+                                                            act[r:r + rows], top_m)
+        # One check (one sync) for the rows the candidates could not settle: a tile that may
+        # hide one more top entry (rare), or non-finite input (the reference decides those).
+        finite = torch.isfinite(xc).all(1)
+        redo = ((bad > 0) & finite).nonzero().reshape(-1)
+        if redo.numel():
+            keys[redo] = _encode_append(xc[redo], W, b, kk, thr, torch.zeros_like(act[redo]))
+        nonfinite = (~finite).nonzero().reshape(-1)
+    else:
+        keys = _encode_append(xc, W, b, kk, thr, act)
+        nonfinite = (~torch.isfinite(xc).all(1)).nonzero().reshape(-1)
     pre, idx = _unpack(keys)
     top, top_idx = pre[:, :k], idx[:, :k]
     keep = top > 0
@@ -356,10 +492,10 @@ def topk_encode(x, W, b, k, b_pre, thr):
         overflow = torch.zeros(N, dtype=torch.bool, device=dev)
     values.copy_(torch.where(keep, top, torch.zeros_like(top)))
     indices.copy_(top_idx)
-    if lo_rows is not None and lo_rows.numel():
+    if nonfinite.numel():
         from .reference import topk_encode_torch
-        values[lo_rows], indices[lo_rows], overflow[lo_rows] = topk_encode_torch(
-            xc[lo_rows], W, b, k, None, thr)
+        values[nonfinite], indices[nonfinite], overflow[nonfinite] = topk_encode_torch(
+            xc[nonfinite], W, b, k, None, thr)
     return values, indices, overflow
 
 
@@ -399,26 +535,36 @@ def edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, ac
     _check(x, values, W_dec, b_dec, gain, W_in, b_in, M, c)
     N, K = values.shape
     D = W_dec.shape[1]
-    y = torch.zeros(N, D, dtype=torch.float32, device=values.device)
-    if mode == 0:
-        y += x.float()
-    elif b_dec is not None:
-        y += b_dec.float()
+    dev = values.device
+    base = b_dec.float() if (mode != 0 and b_dec is not None) else None
     if c is not None:
-        y += c.float()
+        base = c.float() if base is None else base + c.float()
     coef = decode_coef(values.float(), indices, gain.float() if gain is not None else None,
                        _MODES[mode])
-    if coef is not None:
-        _gather_sum(y, coef, indices, W_dec)
-    h_pre = None
+    h_pre = a = None
     if W_in is not None:
-        h_pre = torch.zeros(N, W_in.shape[1], dtype=torch.float32, device=values.device)
+        H = W_in.shape[1]
+        h_pre = torch.zeros(N, H, dtype=torch.float32, device=dev)  # a new tensor: written to
         if b_in is not None:
             h_pre += b_in.float()
         _gather_sum(h_pre, values.float(), indices, W_in)
-        y += activation_fn(_ACTS[act])(h_pre) @ M.float()
+        a = activation_fn(_ACTS[act])(h_pre).contiguous()
         h_pre = h_pre.to(values.dtype)
-    return y.to(values.dtype), h_pre
+    y = torch.empty(N, D, dtype=values.dtype, device=dev)
+    if N and D:
+        H = a.shape[1] if a is not None else 0
+        BLOCK_C = min(256, _p2(D))
+        dummy = values
+        _edit_decode_kernel[(N, triton.cdiv(D, BLOCK_C))](
+            y, x.contiguous() if mode == 0 else dummy,
+            base.contiguous() if base is not None else dummy,
+            coef.contiguous() if coef is not None else dummy, indices.contiguous(),
+            W_dec.contiguous(), a if a is not None else dummy,
+            M.float().contiguous() if a is not None else dummy, K, D, H,
+            HAS_X=mode == 0, HAS_BASE=base is not None, HAS_COEF=coef is not None,
+            HAS_H=a is not None, BLOCK_K=min(32, _p2(K)), BLOCK_C=BLOCK_C, BLOCK_H=_p2(H),
+            num_warps=1 if interpreting() else 4)
+    return y, h_pre
 
 
 def edit_decode_bwd(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode):

@@ -53,7 +53,7 @@ def adapter_kw(t):
 def grads_of(out, inputs: dict, seed=1):
     """Gradients of a random linear functional of `out` w.r.t. every input requiring grad."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     names = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
     uniq, seen = [], set()
     for n in names:  # tied tensors appear once
