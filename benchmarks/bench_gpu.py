@@ -5,8 +5,9 @@ and the ratio to the bare GEMM x @ W_enc.T measured in the same run. Baselines:
   gemm             x @ W_enc.T (cuBLAS)
   linear+topk      F.linear + torch.topk
   embedding_bag    F.embedding_bag decode of the top-k code
-  sparsify-style   a TopK SAE train step written like sparsify's (dense pre-activations,
-                   topk, embedding_bag decode, MSE, backward to every SAE parameter)
+  sparsify-style   a TopK SAE train step written like sparsify's (fp32 parameters, bf16
+                   autocast encoder: dense pre-activations, topk, fp32 embedding_bag decode,
+                   MSE, backward to every SAE parameter); ours trains bf16 parameters
 Ours: encode (topk_encode), decode (sparse_decode), edit step (encode + adapter h=16 + decode,
 fwd+bwd, frozen SAE), SAE train step (all SAE grads).
 
@@ -52,12 +53,17 @@ def rows_for(name, N, D, S, k, h=16):
     frozen = ss.SAE(W_enc, b_enc, W_dec, b_dec, k).requires_grad_(False)
     ad = ss.LatentAdapter(S, h, device=dev)
 
+    # sparsify's recipe: fp32 parameters, bf16 autocast encoder, fp32 embedding_bag decode
+    sp = {n: t.detach().float().requires_grad_(True) for n, t in
+          dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec).items()}
+
     def sparsify_step():
-        W = sae.W_enc
-        pre = F.relu(F.linear(x - sae.b_dec, W, sae.b_enc))
-        v, i = pre.topk(k, sorted=False)
-        y = F.embedding_bag(i, sae.W_dec, per_sample_weights=v, mode="sum") + sae.b_dec
-        (y.float() - x.float()).square().sum(-1).mean().backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pre = F.relu(F.linear(x - sp["b_dec"], sp["W_enc"], sp["b_enc"]))
+            v, i = pre.topk(k, sorted=False)
+            y = F.embedding_bag(i, sp["W_dec"], per_sample_weights=v.float(),
+                                mode="sum") + sp["b_dec"]
+            (y.float() - x.float()).square().sum(-1).mean().backward()
 
     def our_sae_step():
         y = sae(x, backend="triton")
