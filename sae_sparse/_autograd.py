@@ -19,6 +19,42 @@ def _needs(ctx, i):
     return ctx.needs_input_grad[i]
 
 
+_FOLD_CHUNK = 1 << 22  # elements of W_dec upcast at once
+
+
+def _fold_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _Fold(torch.autograd.Function):
+    """A [r, S] @ W_dec [S, D] in fp32 (fp64 for fp64), upcasting W_dec a chunk of rows at a
+    time; gradients in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, A, W):
+        ct = _fold_dtype(W)
+        rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
+        out = torch.zeros(A.shape[0], W.shape[1], dtype=ct, device=W.device)
+        for s in range(0, W.shape[0], rows):
+            out += A[:, s:s + rows].to(ct) @ W[s:s + rows].to(ct)
+        ctx.save_for_backward(A, W)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        A, W = ctx.saved_tensors
+        ct = _fold_dtype(W)
+        dout = dout.to(ct)
+        dA = dW = None
+        rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
+        if ctx.needs_input_grad[0]:
+            dA = torch.cat([(dout @ W[s:s + rows].to(ct).T).to(A.dtype)
+                            for s in range(0, W.shape[0], rows)], dim=1)
+        if ctx.needs_input_grad[1]:
+            dW = (A.to(ct).T @ dout).to(W.dtype)  # [S, D]: a dense gradient either way
+        return dA, dW
+
+
 def make_ops(get_lib, name: str):
     """-> (topk_encode(x, W_enc, b_enc, k, b_pre, threshold), edit_decode(...)) over
     the kernel library returned by ``get_lib()``."""
@@ -106,11 +142,10 @@ def make_ops(get_lib, name: str):
                     b_in=None, W_out=None, activation="relu", mode="delta"):
         if activation not in _ACTS:
             raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
-        # Folded dense terms, once per step; in fp32 for low-precision inputs (the kernels
-        # accumulate in fp32 anyway).
-        ct = torch.float64 if W_dec.dtype == torch.float64 else torch.float32
-        M = W_out.to(ct) @ W_dec.to(ct) if W_in is not None else None  # [h, D]
-        c = bias.to(ct) @ W_dec.to(ct) if bias is not None else None  # [D]
+        # Folded dense terms, once per step, in fp32 for low-precision inputs (the kernels
+        # accumulate in fp32 anyway), without an fp32 copy of all of W_dec.
+        M = _Fold.apply(W_out, W_dec) if W_in is not None else None  # [h, D]
+        c = _Fold.apply(bias[None], W_dec)[0] if bias is not None else None  # [D]
         if mode == "plain":
             gain = W_in = b_in = M = c = None
         return EditDecode.apply(x if mode == "delta" else None, values, indices.long(), W_dec,

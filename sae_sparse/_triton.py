@@ -325,7 +325,9 @@ def _unpack(keys: torch.Tensor):
 
 # Encode tuning knobs (module-level so benchmarks/encode_sweep.py can sweep them).
 ENCODE = dict(
-    top_m=2,  # candidates kept per (row, latent tile); a row is redone if a tile may hide more
+    # candidates kept per (row, latent tile); a row is redone when one of its tiles may hide
+    # more. None: the smallest m for which about 1% of rows (or fewer) are redone.
+    top_m=None,
     buffer_bytes=56 << 20,  # candidate / survivor buffers per row chunk (bounds extra memory)
     block_n=128, block_s=128, block_d=64, num_warps=8, num_stages=3,
     programs_per_sm=1,  # persistent grid: programs = SMs x this
@@ -340,6 +342,17 @@ def _blocks(D):
     if interpreting():
         return 16, 32, min(64, _p2(D))
     return ENCODE["block_n"], ENCODE["block_s"], min(ENCODE["block_d"], _p2(D))
+
+
+def _top_m(kk: int, nt: int) -> int:
+    """A row is redone when one of its nt tiles holds m of its kk largest entries; for random
+    positions the expected number of such tiles is about C(kk, m) / nt^(m-1)."""
+    if ENCODE["top_m"]:
+        return ENCODE["top_m"]
+    m = 2
+    while m < 8 and math.comb(kk, m) / nt ** (m - 1) > 0.01:
+        m += 1
+    return m
 
 
 def _programs(device, tiles: int) -> int:
@@ -461,8 +474,8 @@ def topk_encode(x, W, b, k, b_pre, thr):
     # Without a JumpReLU threshold, "more than k active latents" is "the (k+1)-th largest
     # pre-activation is > 0", so the kernels select k+1.
     kk = min(S, k + 1) if thr is None else k
-    top_m = ENCODE["top_m"]
     nt = triton.cdiv(S, _blocks(D)[1])
+    top_m = _top_m(kk, nt)
     keys = torch.empty(N, kk, dtype=torch.long, device=dev)
     if nt * top_m >= 2 * kk and nt * top_m <= 8192:
         rows = max(128, ENCODE["buffer_bytes"] // (8 * nt * top_m) // 128 * 128)
