@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 
 import sae_sparse as ss
+from sae_sparse import _triton
 
 SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
           "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
@@ -79,6 +80,8 @@ def rows_for(name, N, D, S, k, h=16):
         "embedding_bag": lambda: F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum"),
         "sparsify-style SAE step": sparsify_step,
         "triton encode": lambda: ss.topk_encode(x, W_enc, b_enc, k, backend="triton"),
+        "triton encode, kernel library only": lambda: _triton.topk_encode(x, W_enc, b_enc, k,
+                                                                          None, None),
         "triton decode": lambda: ss.sparse_decode(vals, idx, W_dec, backend="triton"),
         "triton edit step": edit_step,
         "triton SAE step": our_sae_step,

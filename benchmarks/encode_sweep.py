@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer configs")
     a = ap.parse_args()
     default = dict(T.ENCODE)
-    grid = [dict(), dict(top_m=3), dict(programs_per_sm=2), dict(tma=False),
+    grid = [dict(), dict(top_m=3), dict(top_m=5), dict(programs_per_sm=2), dict(tma=False),
             dict(num_stages=4), dict(num_warps=4)]
     if not a.quick:
         grid += [dict(block_n=128, block_s=64, num_warps=4, num_stages=4),
@@ -80,26 +80,27 @@ def main():
         # the parts, default config
         kk = k + 1
         nt = triton.cdiv(S, T.ENCODE["block_s"])
-        L = nt * T.ENCODE["top_m"]
+        top_m = T._top_m(kk, nt)
+        L = nt * top_m
         rws = min(N, max(128, T.ENCODE["buffer_bytes"] // (8 * L) // 128 * 128))
         xs = x[:rws].contiguous()
         act = torch.zeros(rws, dtype=torch.int32, device="cuda")
         cand = torch.empty(rws, L, dtype=torch.long, device="cuda")
         (xd, wd), nprog, meta = T._gemm_args(xs, W)
         t1 = ms(lambda: T._encode_top_kernel[(nprog,)](xs, W, xd, wd, b, b, cand, act, rws, S, D,
-                                                       L, TOPM=T.ENCODE["top_m"], HAS_THR=False,
+                                                       L, TOPM=top_m, HAS_THR=False,
                                                        **meta))
         keys = torch.empty(rws, kk, dtype=torch.long, device="cuda")
         bad = torch.empty(rws, dtype=torch.int32, device="cuda")
         t2 = ms(lambda: T._select_top_kernel[(rws,)](cand, keys, bad, L, kk, nt, BLOCK=T._p2(L),
-                                                     KP=T._p2(kk, 1), TOPM=T.ENCODE["top_m"],
+                                                     KP=T._p2(kk, 1), TOPM=top_m,
                                                      BLOCK_T=T._p2(nt), num_warps=4))
         nbad = int((bad > 0).sum())
         scale = N / rws
         for part, t in (("GEMM + top-m epilogue", t1), ("select", t2)):
             rows.append((name, f"part: {part} (x{scale:.0f} chunks of {rws} rows)", t * scale,
                          t * scale / gemm, f"{nbad} of {rws} rows redone" if part == "select"
-                         else f"{nprog} programs"))
+                         else f"{nprog} programs, top_m={top_m}"))
             print(*rows[-1], flush=True)
     print("\n| shape | what | median ms | x gemm | note |\n|---|---|---|---|---|")
     for r in rows:

@@ -37,6 +37,11 @@ def test_triton_encode_realistic(N, D, S, k, dtype):
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d).split(".")[-1])
 def test_triton_edit_step_realistic(dtype):
+    """Edit step (encode + adapter + decode, fwd + bwd) against the torch backend in the same
+    dtype. For bf16/fp16 the triton kernels round x - b_pre to the input dtype before the
+    tensor-core product while the torch backend keeps it in fp32, so a few rows may select a
+    different near-tie: y is compared on the rows whose selections agree (at least 97% of them),
+    the adapter gradients (sums over all rows) by relative Frobenius error."""
     N, D, S, k, h = 2048, 768, 32768, 32, 16
     torch.manual_seed(0)
     sae = ss.SAE.random(D, S, k, b_pre=True, dtype=torch.float32, device="cuda").to(dtype)
@@ -50,7 +55,14 @@ def test_triton_edit_step_realistic(dtype):
         ad.zero_grad()
         y = ss.sae_edit(x, sae, ad, backend=backend)
         y.float().square().mean().backward()
-        outs[backend] = (y.float(), ad.W_out.grad.clone(), ad.bias.grad.clone())
+        idx = sae.encode(x, backend=backend)[1].sort(1).values
+        outs[backend] = (y.float(), idx, ad.W_out.grad.clone(), ad.bias.grad.clone(),
+                         ad.gain.grad.clone())
     rtol = TOL[dtype][0] * 5
-    for a, b_ in zip(outs["triton"], outs["torch"]):
-        torch.testing.assert_close(a, b_, rtol=rtol, atol=rtol * b_.abs().max().item())
+    same = (outs["triton"][1] == outs["torch"][1]).all(1)
+    assert same.float().mean() >= (1.0 if dtype == torch.float32 else 0.97)
+    y1, y0 = outs["triton"][0][same], outs["torch"][0][same]
+    torch.testing.assert_close(y1, y0, rtol=rtol, atol=rtol * y0.abs().max().item())
+    for g1, g0 in zip(outs["triton"][2:], outs["torch"][2:]):
+        err = ((g1 - g0).norm() / g0.norm()).item()
+        assert err <= (1e-4 if dtype == torch.float32 else 5e-2), err
