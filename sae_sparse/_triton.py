@@ -1,22 +1,24 @@
 """The ``triton`` backend's kernel library (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-Same functions as the C++ extension (see sae_sparse/_autograd.py), built from four kernels:
+Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
 
-* ``_encode_kernel``: tensor-core GEMM tiles of (x - b_pre) W_enc^T + b_enc over a 2-D grid
-  (row blocks x latent blocks) whose epilogue keeps only entries >= a per-row lower bound T
-  on the k-th largest value. Survivors are appended to a per-row buffer as packed int64 keys
-  (order-preserving 32-bit value << 32 | ~index, so one integer top-k sorts by value and breaks
-  ties by the smaller index) through an atomic row counter; the same epilogue counts active
-  latents per row (pre > max(threshold, 0)) for the overflow report. T is the k-th largest of a
-  strided sample of latents, lowered by a rigorous bound on the fp32 summation error, so the
-  exact top-k always survives; an exact integer top-k over the buffer finishes the job.
-* ``_gather_sum_kernel``: y[n] += sum_j coef[n, j] W[idx[n, j]] (decode, h_pre, dx).
-* ``_gather_dot_kernel``: out[n, j] = a[n] . W[idx[n, j]] (decode backward).
-* ``_segment_rows_kernel``: per active latent, a deterministic sum over the (token, slot) pairs
-  that selected it, after a stable sort by latent (no float atomics).
+* ``_encode_top_kernel``: a persistent tensor-core GEMM (TMA loads where strides allow) over
+  (row block, 128-latent tile) pairs of (x - b_pre) W_enc^T + b_enc; its epilogue keeps each
+  row's top-m entries of the tile (row reductions in the accumulator's layout, no atomics) as
+  packed int64 keys (order-preserving 32-bit value << 32 | ~index: one integer order sorts by
+  value and breaks ties by the smaller index). No N x S tensor exists.
+* ``_select_top_kernel``: exact top-(k+1) over a row's candidates; flags the row when a tile had
+  all m candidates at or above the result (it could hide one more).
+* Fallback for flagged rows, small S or large k (``_encode_kernel`` + ``_select_kernel``): a
+  rigorous per-row lower bound from a strided sample of latents (SAMPLE pass), a GEMM pass that
+  appends every entry >= the bound through relaxed atomic row counters, an exact top-k.
 
-This is the correctness-first version of the GPU path: it is checked against the reference in
-CI under the Triton interpreter; tile sizes are placeholders until tuned on a GPU.
+Decode and backward: ``_edit_decode_kernel`` (fused edit + decode, one rounding),
+``_gather_sum_kernel`` (h_pre), ``_gather_dot_kernel`` (decode backward) and
+``_segment_rows_kernel`` (per active latent, a deterministic sum over the (token, slot) pairs
+that selected it, after a stable sort by latent; no float atomics).
+
+Tuning knobs live in ``ENCODE``; H100 measurements are in benchmarks/results/.
 """
 from __future__ import annotations
 
