@@ -13,8 +13,8 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
   rigorous per-row lower bound from a strided sample of latents (SAMPLE pass), a GEMM pass that
   appends every entry >= the bound through relaxed atomic row counters, an exact top-k.
 
-Decode and backward: ``_edit_decode_kernel`` (fused edit + decode, one rounding),
-``_gather_sum_kernel`` (h_pre), ``_gather_dot_kernel`` (decode backward) and
+Decode and backward: ``_edit_decode_kernel`` (fused edit + decode, one rounding; also h_pre),
+``_gather_dot_kernel`` (decode backward) and
 ``_segment_rows_kernel`` (per active latent, a deterministic sum over the (token, slot) pairs
 that selected it, after a stable sort by latent; no float atomics).
 
@@ -95,6 +95,13 @@ if triton is not None:
         return (key32.to(tl.int64) << 32) | (0xFFFFFFFF - col.to(tl.int64))
 
     @triton.jit
+    def _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask, valid):
+        """act[row] += the tile's entries with pre > max(threshold, 0) (JumpReLU overflow)."""
+        t = tl.load(thr_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        on = (pre > t[None, :]) & (pre > 0.0) & valid
+        tl.atomic_add(act_ptr + rows, tl.sum(on.to(tl.int32), axis=1), mask=rmask, sem="relaxed")
+
+    @triton.jit
     def _encode_top_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, cand_ptr, act_ptr,
                            N, S, D, L,
                            TOPM: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
@@ -121,11 +128,8 @@ if triton is not None:
             valid = rmask[:, None] & cmask[None, :]
             bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
             pre = acc + bias[None, :] + 0.0  # + 0.0 turns -0.0 into +0.0
-            if HAS_THR:  # active-latent count per row (JumpReLU overflow report)
-                t = tl.load(thr_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                on = (pre > t[None, :]) & (pre > 0.0) & valid
-                tl.atomic_add(act_ptr + rows, tl.sum(on.to(tl.int32), axis=1), mask=rmask,
-                              sem="relaxed")
+            if HAS_THR:
+                _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask, valid)
             pre = tl.where(valid, pre, float("-inf"))
             out = cand_ptr + rows.to(tl.int64) * L + pid_s * TOPM
             for m in tl.static_range(TOPM):
@@ -185,11 +189,8 @@ if triton is not None:
                 tl.store(buf_ptr + rows.to(tl.int64)[:, None] * S + cols[None, :], pre,
                          mask=valid)
             else:
-                if HAS_THR:  # active-latent count per row (JumpReLU overflow report)
-                    t = tl.load(thr_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                    on = (pre > t[None, :]) & (pre > 0.0) & valid
-                    tl.atomic_add(act_ptr + rows, tl.sum(on.to(tl.int32), axis=1), mask=rmask,
-                                  sem="relaxed")
+                if HAS_THR:
+                    _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask, valid)
                 lo = tl.load(lo_ptr + rows, mask=rmask, other=float("inf"))
                 keep = (pre >= lo[:, None]) & valid
                 slot = tl.atomic_add(tl.broadcast_to(cnt_ptr + rows[:, None], (BLOCK_N, BLOCK_S)),
@@ -244,23 +245,6 @@ if triton is not None:
             m = tl.load(m_ptr + h[:, None] * C + c[None, :], mask=hm[:, None] & cm[None, :],
                         other=0.0)
             acc += tl.sum(a[:, None] * m, axis=0)
-        tl.store(out_ptr + n * C + c, acc, mask=cm)
-
-    @triton.jit
-    def _gather_sum_kernel(out_ptr, coef_ptr, idx_ptr, w_ptr, K, C,
-                           BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        acc = tl.load(out_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            j = k0 + tl.arange(0, BLOCK_K)
-            jm = j < K
-            cf = tl.load(coef_ptr + n * K + j, mask=jm, other=0.0).to(tl.float32)
-            ix = tl.load(idx_ptr + n * K + j, mask=jm, other=0)
-            w = tl.load(w_ptr + ix[:, None] * C + c[None, :], mask=jm[:, None] & cm[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(cf[:, None] * w, axis=0)
         tl.store(out_ptr + n * C + c, acc, mask=cm)
 
     @triton.jit
@@ -514,15 +498,24 @@ def topk_encode(x, W, b, k, b_pre, thr):
     return values, indices, overflow
 
 
-def _gather_sum(out, coef, idx, W):
-    N, K = coef.shape
+def _gather_decode(out, coef, idx, W, x=None, base=None, a=None, M=None):
+    """out = x + base + sum_j coef[:, j] W[idx[:, j]] + a M (each term optional), through
+    _edit_decode_kernel; out's dtype is the one written."""
+    N, K = idx.shape
     C = W.shape[1]
     if N == 0 or C == 0:
         return out
-    BLOCK_C = min(128, _p2(C))
-    _gather_sum_kernel[(N, triton.cdiv(C, BLOCK_C))](out, coef.contiguous(), idx.contiguous(),
-                                                     W.contiguous(), K, C,
-                                                     BLOCK_K=min(32, _p2(K)), BLOCK_C=BLOCK_C)
+    H = a.shape[1] if a is not None else 0
+    BLOCK_C = min(256, _p2(C))
+    dummy = idx
+    _edit_decode_kernel[(N, triton.cdiv(C, BLOCK_C))](
+        out, x.contiguous() if x is not None else dummy,
+        base.contiguous() if base is not None else dummy,
+        coef.contiguous() if coef is not None else dummy, idx.contiguous(), W.contiguous(),
+        a.contiguous() if a is not None else dummy, M.contiguous() if a is not None else dummy,
+        K, C, H, HAS_X=x is not None, HAS_BASE=base is not None, HAS_COEF=coef is not None,
+        HAS_H=a is not None, BLOCK_K=min(32, _p2(K)), BLOCK_C=BLOCK_C, BLOCK_H=_p2(H),
+        num_warps=1 if interpreting() else 4)
     return out
 
 
@@ -558,27 +551,14 @@ def edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, ac
                        _MODES[mode])
     h_pre = a = None
     if W_in is not None:
-        H = W_in.shape[1]
-        h_pre = torch.zeros(N, H, dtype=torch.float32, device=dev)  # a new tensor: written to
-        if b_in is not None:
-            h_pre += b_in.float()
-        _gather_sum(h_pre, values.float(), indices, W_in)
-        a = activation_fn(_ACTS[act])(h_pre).contiguous()
+        h_pre = _gather_decode(torch.empty(N, W_in.shape[1], dtype=torch.float32, device=dev),
+                               values.float(), indices, W_in,
+                               base=b_in.float() if b_in is not None else None)
+        a = activation_fn(_ACTS[act])(h_pre)
         h_pre = h_pre.to(values.dtype)
-    y = torch.empty(N, D, dtype=values.dtype, device=dev)
-    if N and D:
-        H = a.shape[1] if a is not None else 0
-        BLOCK_C = min(256, _p2(D))
-        dummy = values
-        _edit_decode_kernel[(N, triton.cdiv(D, BLOCK_C))](
-            y, x.contiguous() if mode == 0 else dummy,
-            base.contiguous() if base is not None else dummy,
-            coef.contiguous() if coef is not None else dummy, indices.contiguous(),
-            W_dec.contiguous(), a if a is not None else dummy,
-            M.float().contiguous() if a is not None else dummy, K, D, H,
-            HAS_X=mode == 0, HAS_BASE=base is not None, HAS_COEF=coef is not None,
-            HAS_H=a is not None, BLOCK_K=min(32, _p2(K)), BLOCK_C=BLOCK_C, BLOCK_H=_p2(H),
-            num_warps=1 if interpreting() else 4)
+    y = _gather_decode(torch.empty(N, D, dtype=values.dtype, device=dev), coef, indices, W_dec,
+                       x=x if mode == 0 else None, base=base, a=a,
+                       M=M.float() if a is not None else None)
     return y, h_pre
 
 
