@@ -4,8 +4,9 @@ issue and time its parts, against the bare GEMM measured in the same run.
     python benchmarks/encode_sweep.py [--shapes A,C] [--quick]
 
 Per shape: bare `x @ W_enc.T`, `F.linear` + `torch.topk`, then for each config the whole
-topk_encode and (for the default config) its three passes alone: threshold sample, survivor
-GEMM pass, exact selection. Every config's output is checked against `F.linear` + `torch.topk`
+topk_encode and (for the default config) its three passes alone: the GEMM with its top-m
+epilogue, the exact selection over the candidates, and the finish (device fix-up of the flagged
+rows, values/indices/overflow). Every config's output is checked against `F.linear` + `torch.topk`
 (fraction of selected indices that agree; the rest must be near-ties). Medians of do_bench.
 """
 import argparse
@@ -95,12 +96,22 @@ def main():
         t2 = ms(lambda: T._select_top_kernel[(rws,)](cand, keys, bad, L, kk, nt, BLOCK=T._p2(L),
                                                      KP=T._p2(kk, 1), TOPM=top_m,
                                                      BLOCK_T=T._p2(nt), num_warps=4))
+        fin = torch.ones(rws, dtype=torch.int8, device="cuda")
+        out = (torch.empty(rws, k, device="cuda"), torch.empty(rws, k, dtype=torch.long,
+                                                                 device="cuda"),
+               torch.empty(rws, dtype=torch.int8, device="cuda"),
+               torch.empty(rws, dtype=torch.int8, device="cuda"))
+        t3 = ms(lambda: T._finish(out, keys, fin, xs, W, b, None, act, k,
+                                  fix=(bad, cand, top_m)))
         nbad = int((bad > 0).sum())
+        nleft = int(out[3].sum())
         scale = N / rws
-        for part, t in (("GEMM + top-m epilogue", t1), ("select", t2)):
+        notes = {"GEMM + top-m epilogue": f"{nprog} programs, top_m={top_m}",
+                 "select": f"{nbad} of {rws} rows flagged",
+                 "finish (device fix-up of flagged rows)": f"{nleft} rows left to the host"}
+        for part, t in zip(notes, (t1, t2, t3)):
             rows.append((name, f"part: {part} (x{scale:.0f} chunks of {rws} rows)", t * scale,
-                         t * scale / gemm, f"{nbad} of {rws} rows redone" if part == "select"
-                         else f"{nprog} programs, top_m={top_m}"))
+                         t * scale / gemm, notes[part]))
             print(*rows[-1], flush=True)
     print("\n| shape | what | median ms | x gemm | note |\n|---|---|---|---|---|")
     for r in rows:

@@ -7,9 +7,13 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
   row's top-m entries of the tile (row reductions in the accumulator's layout, no atomics) as
   packed int64 keys (order-preserving 32-bit value << 32 | ~index: one integer order sorts by
   value and breaks ties by the smaller index). No N x S tensor exists.
-* ``_select_top_kernel``: exact top-(k+1) over a row's candidates; flags the row when a tile had
-  all m candidates at or above the result (it could hide one more).
-* Fallback for flagged rows, small S or large k (``_encode_kernel`` + ``_select_kernel``): a
+* ``_select_top_kernel``: exact top-(k+1) over a row's candidates; counts the tiles that had
+  all m candidates at or above the result (each could hide one more).
+* ``_finish_kernel``: settles a row with a few such tiles on the device -- recomputes each
+  tile still flagged against the running (k+1)-th key (a 128 x D GEMV) and merges it -- then
+  writes values, indices and overflow. No host sync until the very end, and only rows it
+  hands back (non-finite input, heavy ties) cost more.
+* Fallback for those rows, small S or large k (``_encode_kernel`` + ``_select_kernel``): a
   rigorous per-row lower bound from a strided sample of latents (SAMPLE pass), a GEMM pass that
   appends every entry >= the bound through relaxed atomic row counters, an exact top-k.
 
@@ -159,6 +163,83 @@ if triton is not None:
         tl.store(bad_ptr + r, tl.sum(((last >= kth) & (t < NT)).to(tl.int32), axis=0))
 
     @triton.jit
+    def _unpack_keys(keys):
+        """Inverse of _pack: (fp32 value, int64 index)."""
+        key32 = (keys >> 32).to(tl.int32)
+        bits = tl.where(key32 < 0, key32 ^ 0x7FFFFFFF, key32)
+        return bits.to(tl.float32, bitcast=True), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+    @triton.jit
+    def _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, tile, S, D,
+                    KP: tl.constexpr, BLOCK_S: tl.constexpr, TB: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        """keys (a row's top-KP, descending) with tile `tile` recomputed in full: its entries
+        already in keys are dropped and its KP largest merged in."""
+        j = tl.arange(0, TB)
+        cols = tile * BLOCK_S + j
+        cm = (j < BLOCK_S) & (cols < S)
+        acc = tl.zeros((TB,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            xv = tl.load(x_ptr + r * D + d, mask=dm, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * D + d[None, :],
+                        mask=cm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * xv[None, :], axis=1)
+        pre = acc + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32) + 0.0
+        tk = tl.topk(tl.where(cm & (pre > float("-inf")), _pack(pre, cols), _KEY_MIN), KP)
+        _, ix = _unpack_keys(keys)
+        lo = tile * BLOCK_S
+        keys = tl.where((ix >= lo) & (ix < lo + BLOCK_S), _KEY_MIN, keys)
+        return tl.topk(tl.reshape(tl.join(keys, tk), 2 * KP, can_reorder=True), KP)
+
+    @triton.jit
+    def _finish_kernel(keys_ptr, bad_ptr, cand_ptr, fin_ptr, x_ptr, w_ptr, b_ptr, thr_ptr,
+                       act_ptr, val_ptr, idx_ptr, ovf_ptr, left_ptr,
+                       K, KOUT, S, D, L, NT, LIMIT,
+                       FIX: tl.constexpr, HAS_THR: tl.constexpr, TOPM: tl.constexpr,
+                       KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+                       TB: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Row r's keys -> values [N, K] (out dtype), indices [N, K], overflow [N].
+
+        FIX: a row whose select flagged 1..LIMIT tiles (each may hide one more top entry) is
+        settled here, sync-free: each tile still flagged against the running KOUT-th key is
+        recomputed in full (a [BLOCK_S, D] GEMV) and merged. left[r] = 1 hands the row to the
+        host: non-finite input, or more flagged tiles than LIMIT (degenerate ties)."""
+        r = tl.program_id(0).to(tl.int64)
+        o = tl.arange(0, KP)
+        keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
+        fin = tl.load(fin_ptr + r).to(tl.int32)  # 1: the row of x is finite
+        left = 1 - fin
+        if FIX:
+            nb = tl.load(bad_ptr + r)
+            left = tl.where(nb > LIMIT, 1, left)
+            if (nb > 0) & (left == 0):
+                t = tl.arange(0, BLOCK_T)
+                last = tl.load(cand_ptr + r * L + t * TOPM + (TOPM - 1), mask=t < NT,
+                               other=_KEY_MIN)
+                prev = -1
+                for _ in range(nb):  # the flagged set only shrinks as the KOUT-th key rises
+                    kth = tl.min(tl.where(o < KOUT, keys, _KEY_MAX), axis=0)
+                    nxt = tl.min(tl.where((last >= kth) & (t > prev) & (t < NT), t, NT), axis=0)
+                    if nxt < NT:
+                        keys = _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, nxt, S, D, KP,
+                                           BLOCK_S, TB, BLOCK_D)
+                    prev = nxt
+        v, ix = _unpack_keys(keys)
+        km = o < K
+        keep = v > 0.0
+        if HAS_THR:
+            keep = keep & (v > tl.load(thr_ptr + ix, mask=km & (ix < S), other=0.0).to(tl.float32))
+            over = tl.load(act_ptr + r) > K
+        else:  # the (K+1)-th largest entry is positive (KOUT = K + 1), or there is none
+            over = tl.sum(((o == K) & (o < KOUT) & (v > 0.0)).to(tl.int32), axis=0) > 0
+        tl.store(val_ptr + r * K + o, tl.where(keep, v, 0.0), mask=km)
+        tl.store(idx_ptr + r * K + o, ix, mask=km)
+        tl.store(ovf_ptr + r, over.to(tl.int8))
+        tl.store(left_ptr + r, left.to(tl.int8))
+
+    @triton.jit
     def _encode_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, lo_ptr, buf_ptr, cnt_ptr,
                        act_ptr, N, S, D, CAP, stride_w, stride_b,
                        SAMPLE: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
@@ -300,12 +381,6 @@ def _check(*ts):
             raise TypeError(f"the triton backend takes fp32/bf16/fp16 tensors, got {t.dtype}")
 
 
-def _unpack(keys: torch.Tensor):
-    key32 = (keys >> 32).to(torch.int32)
-    bits = torch.where(key32 < 0, key32 ^ 0x7FFFFFFF, key32)
-    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
-
-
 # ------------------------------------------------------------------------- library functions
 
 
@@ -319,6 +394,9 @@ ENCODE = dict(
     programs_per_sm=1,  # persistent grid: programs = SMs x this
     tma=True,  # tensor-descriptor (TMA) loads where the strides allow
     sample_stride=32,  # fallback path: threshold from every 32nd latent
+    # a row with up to this many flagged tiles is settled on the device by recomputing those
+    # tiles; more (heavy ties) go to the fallback after the one host sync
+    fix_tiles=8,
 )
 _ERR_UNIT = 2.0 ** -22  # per-operation error unit of a tensor-core fp32 sum; 2x the ulp bound
 _SM_COUNT = {}
@@ -371,9 +449,10 @@ def _gemm_args(xc, W, stride=1):
     return (x_desc, w_desc), nprog, meta
 
 
-def _encode_top(xc, W, b, kk, thr, act, top_m):
-    """Main path. keys [N, kk] (descending; ties -> smaller index) and per row the number of
-    tiles whose top_m candidates all reached the kk-th key (> 0: the row must be redone)."""
+def _encode_top(xc, W, b, kk, thr, act, top_m, keys, bad):
+    """Main path, one row chunk: keys [N, kk] (descending; ties -> smaller index) and bad [N],
+    the number of tiles whose top_m candidates all reached the kk-th key (> 0: the tile may
+    hide one more). Returns the candidates [N, nt * top_m] (the fix-up reads them)."""
     N, D = xc.shape
     S = W.shape[0]
     nt = triton.cdiv(S, _blocks(D)[1])
@@ -382,13 +461,31 @@ def _encode_top(xc, W, b, kk, thr, act, top_m):
     (x_desc, w_desc), nprog, meta = _gemm_args(xc, W)
     _encode_top_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b, cand,
                                  act, N, S, D, L, TOPM=top_m, HAS_THR=thr is not None, **meta)
-    keys = torch.empty(N, kk, dtype=torch.long, device=xc.device)
-    bad = torch.empty(N, dtype=torch.int32, device=xc.device)
     block = _p2(L)
     _select_top_kernel[(N,)](cand, keys, bad, L, kk, nt, BLOCK=block, KP=_p2(kk, 1), TOPM=top_m,
                              BLOCK_T=_p2(nt),
                              num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
-    return keys, bad
+    return cand
+
+
+def _finish(out, keys, fin, xc, W, b, thr, act, k, fix=None):
+    """keys -> out = (values, indices, overflow as int8, left as int8) for these rows, through
+    _finish_kernel. fix = (bad, cand, top_m): settle the flagged rows on the device first."""
+    N, kk = keys.shape
+    if N == 0:
+        return
+    D = xc.shape[1]
+    S = W.shape[0]
+    KP = _p2(kk, 1)
+    BS = _blocks(D)[1]
+    nt = triton.cdiv(S, BS)
+    bad, cand, top_m = fix if fix is not None else (fin, keys, 1)
+    values, indices, overflow, left = out
+    _finish_kernel[(N,)](keys, bad, cand, fin, xc, W, b, thr if thr is not None else b, act,
+                         values, indices, overflow, left, k, kk, S, D, cand.shape[1], nt,
+                         ENCODE["fix_tiles"], FIX=fix is not None, HAS_THR=thr is not None,
+                         TOPM=top_m, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=BS, TB=max(BS, KP),
+                         BLOCK_D=min(64, _p2(D)), num_warps=1 if interpreting() else 4)
 
 
 def _encode_append(xc, W, b, kk, thr, act):
@@ -452,50 +549,53 @@ def topk_encode(x, W, b, k, b_pre, thr):
     dev = x.device
     xc = (x - b_pre if b_pre is not None else x).contiguous()
     W = W.contiguous()
-    values = torch.empty(N, k, dtype=x.dtype, device=dev)
+    # fp32 values, rounded by torch after (the interpreter's fp32 -> bf16 store truncates)
+    values = torch.empty(N, k, dtype=torch.float32, device=dev)
     indices = torch.empty(N, k, dtype=torch.long, device=dev)
+    overflow = torch.empty(N, dtype=torch.int8, device=dev)
+    left = torch.empty(N, dtype=torch.int8, device=dev)
     act = torch.zeros(N, dtype=torch.int32, device=dev)
     if N == 0:
-        return values, indices, act > k
+        return values.to(x.dtype), indices, overflow.bool()
     # Without a JumpReLU threshold, "more than k active latents" is "the (k+1)-th largest
     # pre-activation is > 0", so the kernels select k+1.
     kk = min(S, k + 1) if thr is None else k
     nt = triton.cdiv(S, _blocks(D)[1])
     top_m = _top_m(kk, nt)
-    keys = torch.empty(N, kk, dtype=torch.long, device=dev)
+    fin = torch.isfinite(xc).all(1).view(torch.int8)  # non-finite rows: the reference decides
+    out = (values, indices, overflow, left)
     if nt * top_m >= 2 * kk and nt * top_m <= 8192:
-        rows = max(128, ENCODE["buffer_bytes"] // (8 * nt * top_m) // 128 * 128)
+        keys = torch.empty(N, kk, dtype=torch.long, device=dev)
         bad = torch.empty(N, dtype=torch.int32, device=dev)
+        rows = max(128, ENCODE["buffer_bytes"] // (8 * nt * top_m) // 128 * 128)
         for r in range(0, N, rows):
-            keys[r:r + rows], bad[r:r + rows] = _encode_top(xc[r:r + rows], W, b, kk, thr,
-                                                            act[r:r + rows], top_m)
-        # One check (one sync) for the rows the candidates could not settle: a tile that may
-        # hide one more top entry (rare), or non-finite input (the reference decides those).
-        finite = torch.isfinite(xc).all(1)
-        redo = ((bad > 0) & finite).nonzero().reshape(-1)
-        if redo.numel():
-            keys[redo] = _encode_append(xc[redo], W, b, kk, thr, torch.zeros_like(act[redo]))
-        nonfinite = (~finite).nonzero().reshape(-1)
+            sl = slice(r, r + rows)
+            cand = _encode_top(xc[sl], W, b, kk, thr, act[sl], top_m, keys[sl], bad[sl])
+            _finish(tuple(t[sl] for t in out), keys[sl], fin[sl], xc[sl], W, b, thr, act[sl], k,
+                    fix=(bad[sl], cand, top_m))
+            del cand
     else:
         keys = _encode_append(xc, W, b, kk, thr, act)
-        nonfinite = (~torch.isfinite(xc).all(1)).nonzero().reshape(-1)
-    pre, idx = _unpack(keys)
-    top, top_idx = pre[:, :k], idx[:, :k]
-    keep = top > 0
-    if thr is not None:
-        keep &= top > thr.float()[top_idx]
-        overflow = act > k
-    elif kk > k:
-        overflow = pre[:, k] > 0
-    else:
-        overflow = torch.zeros(N, dtype=torch.bool, device=dev)
-    values.copy_(torch.where(keep, top, torch.zeros_like(top)))
-    indices.copy_(top_idx)
-    if nonfinite.numel():
-        from .reference import topk_encode_torch
-        values[nonfinite], indices[nonfinite], overflow[nonfinite] = topk_encode_torch(
-            xc[nonfinite], W, b, k, None, thr)
-    return values, indices, overflow
+        _finish(out, keys, fin, xc, W, b, thr, act, k)
+    # The one host sync: rows the kernels handed back (non-finite input; a row with more
+    # flagged tiles than ENCODE["fix_tiles"], i.e. heavy ties) -- normally none.
+    redo = left.nonzero().reshape(-1)
+    if redo.numel():
+        nonfinite = redo[fin[redo] == 0]
+        heavy = redo[fin[redo] != 0]
+        if heavy.numel():
+            sub = tuple(torch.empty_like(t[heavy]) for t in out)
+            a = act[heavy]
+            keys = _encode_append(xc[heavy], W, b, kk, thr, torch.zeros_like(a))
+            _finish(sub, keys, fin[heavy], xc[heavy], W, b, thr, a, k)
+            for t, u in zip(out, sub):
+                t[heavy] = u
+        if nonfinite.numel():
+            from .reference import topk_encode_torch
+            values[nonfinite], indices[nonfinite], o = topk_encode_torch(
+                xc[nonfinite], W, b, k, None, thr)
+            overflow[nonfinite] = o.to(torch.int8)
+    return values.to(x.dtype), indices, overflow.view(torch.bool)
 
 
 def _gather_decode(out, coef, idx, W, x=None, base=None, a=None, M=None):

@@ -118,19 +118,84 @@ def test_triton_bf16_gradients_reach_every_parameter():
         assert_close(g[n].cpu(), g0[n].cpu(), rtol=5e-2, atol=5e-2 * scale, name=n)
 
 
-def test_triton_encode_redoes_rows_a_tile_could_hide():
-    """Seven equal latents in one tile: more top entries in a tile than the kernel keeps per
-    tile, so the row goes through the exact fallback; ties go to the smaller index."""
-    D, S, k = 16, 400, 5
+def _fallback_rows(monkeypatch, where):
+    """where="device": fail if a row reaches the host-side fallback (the device fix-up must
+    settle it). where="host": fix_tiles=0 sends every flagged row to the fallback; returns the
+    list of row counts the fallback received."""
+    from sae_sparse import _triton
+    calls, real = [], _triton._encode_append
+
+    def spy(xc, *a, **k):
+        if where == "device":
+            raise AssertionError("a row reached the host-side fallback")
+        calls.append(xc.shape[0])
+        return real(xc, *a, **k)
+    monkeypatch.setattr(_triton, "_encode_append", spy)
+    if where == "host":
+        monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 0)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_triton_encode_redoes_rows_a_tile_could_hide(monkeypatch, where):
+    """Seven equal latents in one tile (and four in another): more top entries in a tile than
+    the kernel keeps per tile. The row is settled on the device by recomputing the flagged
+    tiles, or (fix_tiles=0) by the host-side fallback; ties go to the smaller index."""
+    calls = _fallback_rows(monkeypatch, where)
+    D, S, k = 16, 400, 11
     W = torch.randn(S, D) / 4
     W[1:7] = W[0]
+    W[300:307] = 0.9 * W[0]
     x = torch.randn(3, D)
     x[0] = 10 * W[0]
     b = torch.zeros(S)
     v, i = topk_encode(x.to(DEVICE), W.to(DEVICE), b.to(DEVICE), k, backend="triton")
-    assert i[0].tolist() == [0, 1, 2, 3, 4]
+    assert i[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 300, 301, 302, 303]
+    assert calls == ([1] if where == "host" else [])
     v0, i0 = topk_encode(x.double(), W.double(), b.double(), k, backend="torch")
     assert torch.equal(i.cpu(), i0)
+    assert_close(v.cpu(), v0, rtol=1e-5, atol=1e-5, name="values")
+
+
+@pytest.mark.parametrize("top_m", [1, 2])
+@pytest.mark.parametrize("threshold", [False, True])
+def test_triton_encode_device_fixup_settles_many_tiles(monkeypatch, top_m, threshold):
+    """With 1-2 candidates per tile nearly every row has several flagged tiles; the device
+    fix-up recomputes them one by one (skipping those the rising k-th value clears) and must
+    reproduce the fp64 top-k and overflow exactly, with no row left for the host."""
+    from sae_sparse import _triton
+    _fallback_rows(monkeypatch, "device")
+    monkeypatch.setitem(_triton.ENCODE, "top_m", top_m)
+    monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
+    N, D, S, k = 9, 21, 997, 7
+    t = make_case(N, D, S, k, b_pre=True, threshold=threshold)
+    x, W, b = t["x"], t["W_enc"], t["b_enc"]
+    thr = t["threshold"] if threshold else None
+    f = lambda u: u.float().to(DEVICE) if u is not None else None  # noqa: E731
+    v, i, n = topk_encode(f(x), f(W), f(b), k, b_pre=f(t["b_pre"]), threshold=f(thr),
+                          backend="triton", return_overflow=True)
+    v0, i0, n0 = topk_encode(x, W, b, k, b_pre=t["b_pre"], threshold=thr, backend="torch",
+                             return_overflow=True)
+    assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
+    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_triton_encode_all_ties_row(monkeypatch, where):
+    """A zero row with a zero bias ties every latent; the smallest indices win, on the device
+    fix-up and on the host-side fallback (fix_tiles=0)."""
+    calls = _fallback_rows(monkeypatch, where)
+    D, S, k = 16, 500, 6
+    W = torch.randn(S, D) / 4
+    x = torch.randn(4, D)
+    x[2] = 0
+    v, i, n = topk_encode(x.to(DEVICE), W.to(DEVICE), torch.zeros(S, device=DEVICE), k,
+                          backend="triton", return_overflow=True)
+    assert i[2].tolist() == list(range(k)) and (v[2] == 0).all()
+    assert calls == ([1] if where == "host" else [])
+    v0, i0, n0 = topk_encode(x.double(), W.double(), torch.zeros(S).double(), k,
+                             backend="torch", return_overflow=True)
+    assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
     assert_close(v.cpu(), v0, rtol=1e-5, atol=1e-5, name="values")
 
 
