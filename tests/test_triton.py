@@ -21,6 +21,8 @@ SHAPES = [
     pytest.param(1, 33, 1000, 7, id="N1-D33-S1000-k7"),
     pytest.param(3, 19, 61, 61, id="N3-D19-S61-kS"),
     pytest.param(20, 70, 333, 13, id="N20-D70-S333-k13"),
+    # ~16 (token, slot) pairs per latent: the backward's segments span several gather steps
+    pytest.param(64, 24, 40, 10, id="N64-D24-S40-k10"),
 ]
 
 
