@@ -2,7 +2,7 @@
 
 ``backend=None`` picks the fastest backend available for the tensors' device:
 CPU -> ``cpp`` (if the extension was built) else ``torch``; CUDA -> ``triton`` (if triton is
-installed) else ``torch``. The ``triton`` backend runs on CPU tensors only under the Triton
+installed; not for float64, which the triton kernels do not take) else ``torch``. The ``triton`` backend runs on CPU tensors only under the Triton
 interpreter (``TRITON_INTERPRET=1``, for tests) and is never picked there by default. The
 environment variable ``SAE_SPARSE_BACKEND`` forces one backend for every call that does not
 name one.
@@ -59,14 +59,17 @@ def _supports(name: str, device: torch.device) -> bool:
     return False
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend that will run on `device`, honouring `backend` and $SAE_SPARSE_BACKEND."""
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run on `device` for `dtype` tensors, honouring `backend` and
+    $SAE_SPARSE_BACKEND. The triton kernels take fp32/bf16/fp16 only, so float64 CUDA tensors
+    go to ``torch`` by default."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
     if backend is None:
         if _supports("cpp", device):
             return "cpp"
-        if device.type == "cuda" and _supports("triton", device):
+        if (device.type == "cuda" and dtype != torch.float64
+                and _supports("triton", device)):
             return "triton"
         if device.type == "cpu":
             _warn_no_cpp()

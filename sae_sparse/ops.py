@@ -50,7 +50,7 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
     """
     D, S = V.check_encoder(x, W_enc, b_enc, k, b_pre, threshold)
     V.check_finite(x, "x")
-    name = resolve(backend, x.device)
+    name = resolve(backend, x.device, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, D)
     args = _lowp_to_fp32(name, x2, W_enc, b_enc, b_pre, threshold)
@@ -63,7 +63,7 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
 
 
 def _edit_decode(x, values, indices, W_dec, b_dec, adapter_params, activation, mode, backend):
-    name = resolve(backend, values.device)
+    name = resolve(backend, values.device, values.dtype)
     S, D = W_dec.shape
     lead = values.shape[:-1]
     k = values.shape[-1]

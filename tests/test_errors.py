@@ -95,6 +95,20 @@ def test_backend_selection(monkeypatch):
     assert torch.equal(i, i2)
 
 
+def test_default_backend_for_cuda_tensors(monkeypatch):
+    """backend=None on CUDA picks triton, except for float64, which its kernels do not take
+    (resolve() only looks at the device type and dtype, so this runs without a GPU)."""
+    from sae_sparse import _triton, backends
+    monkeypatch.delenv(ss.BACKEND_ENV_VAR, raising=False)
+    monkeypatch.setattr(_triton, "supports", lambda device: device.type == "cuda")
+    cuda = torch.device("cuda")
+    assert backends.resolve(None, cuda, torch.bfloat16) == "triton"
+    assert backends.resolve(None, cuda, torch.float32) == "triton"
+    assert backends.resolve(None, cuda, torch.float64) == "torch"
+    with pytest.raises(TypeError, match="triton backend takes fp32/bf16/fp16"):
+        _triton._check(torch.zeros(1, dtype=torch.float64))
+
+
 def test_module_errors():
     with pytest.raises(ValueError, match=r"W_dec must have shape \[20, 6\]"):
         ss.SAE(torch.randn(20, 6), torch.zeros(20), torch.randn(6, 20), torch.zeros(6), 3)
