@@ -94,7 +94,7 @@ def main():
         keys = torch.empty(rws, kk, dtype=torch.long, device="cuda")
         bad = torch.empty(rws, dtype=torch.int32, device="cuda")
         t2 = ms(lambda: T._select_top_kernel[(rws,)](cand, keys, bad, L, kk, nt, BLOCK=T._p2(L),
-                                                     KP=T._p2(kk, 1), TOPM=top_m,
+                                                     KP=T._p2(kk, 2), TOPM=top_m,
                                                      BLOCK_T=T._p2(nt), num_warps=4))
         fin = torch.ones(rws, dtype=torch.int8, device="cuda")
         out = (torch.empty(rws, k, device="cuda"), torch.empty(rws, k, dtype=torch.long,

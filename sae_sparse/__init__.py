@@ -2,7 +2,8 @@
 
 See shared/DESIGN.md for the math. Public API:
 
-* :func:`topk_encode`, :func:`sparse_decode`, :func:`edit_decode`, :func:`sae_edit`
+* :func:`topk_encode`, :func:`sparse_decode`, :func:`edit_decode`, :func:`sae_edit`,
+  :func:`auxk_encode` (AuxK: top-k over the dead latents, for SAE training)
 * :class:`SAE`, :class:`LatentAdapter`
 * :func:`load_sae` (SAELens, sparsify, Gemma Scope, dictionary_learning, OpenAI),
   :func:`save_saelens`, :func:`save_sparsify`
@@ -17,13 +18,14 @@ from .backends import available_backends, backend_status
 from .hooks import ResidualLoRA, attach
 from .io import load_sae, save_saelens, save_sparsify
 from .modules import SAE, LatentAdapter
-from .ops import edit_decode, sae_edit, sparse_decode, topk_encode
+from .ops import auxk_encode, edit_decode, sae_edit, sparse_decode, topk_encode
 from .report import write_report
 from .train import TrainConfig, attach_run, load_adapter, merge_bias_edit, train_adapter
 
 
 __all__ = [
     "topk_encode",
+    "auxk_encode",
     "sparse_decode",
     "edit_decode",
     "sae_edit",

@@ -475,7 +475,7 @@ def _encode_top(xc, W, b, kk, thr, act, top_m, keys, bad):
     _encode_top_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b, cand,
                                  act, N, S, D, L, TOPM=top_m, HAS_THR=thr is not None, **meta)
     block = _p2(L)
-    _select_top_kernel[(N,)](cand, keys, bad, L, kk, nt, BLOCK=block, KP=_p2(kk, 1), TOPM=top_m,
+    _select_top_kernel[(N,)](cand, keys, bad, L, kk, nt, BLOCK=block, KP=_p2(kk, 2), TOPM=top_m,
                              BLOCK_T=_p2(nt),
                              num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
     return cand
@@ -489,7 +489,7 @@ def _finish(out, keys, fin, xc, W, b, thr, act, k, fix=None):
         return
     D = xc.shape[1]
     S = W.shape[0]
-    KP = _p2(kk, 1)
+    KP = _p2(kk, 2)
     BS = _blocks(D)[1]
     nt = triton.cdiv(S, BS)
     bad, cand, top_m = fix if fix is not None else (fin, keys, 1)
@@ -546,7 +546,7 @@ def _encode_append(xc, W, b, kk, thr, act):
     keys = torch.empty(N, kk, dtype=torch.long, device=dev)
     if cap <= 8192:
         block = _p2(cap)
-        _select_kernel[(N,)](buf, cnt, keys, cap, kk, BLOCK=block, KP=_p2(kk, 1),
+        _select_kernel[(N,)](buf, cnt, keys, cap, kk, BLOCK=block, KP=_p2(kk, 2),
                              num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
     else:  # very large k: the unwritten tail of each row must not take part
         live = torch.arange(cap, device=dev)[None, :] < cnt[:, None]

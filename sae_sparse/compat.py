@@ -4,9 +4,11 @@ sparsify's TopK ``SparseCoder`` encodes with ``fused_encoder(x - b_dec, encoder.
 encoder.bias, k, "topk")`` and decodes with ``decoder_impl(top_indices, top_acts, W_dec.mT)``.
 The functions here have the same signatures and return the same things, computed by this
 package's fused op (gradients for input, weight, bias and W_dec), except that ``pre_acts`` --
-the dense N x S pre-activations -- is never materialised and is returned as ``None``
-(code that needs it, e.g. sparsify's AuxK loss on dead latents, cannot use this drop-in as is).
-Top-k comes back sorted in descending order (sparsify's is unsorted; the set is the same).
+the dense N x S pre-activations -- is never materialised and is returned as ``None``.
+sparsify's AuxK loss selects from ``pre_acts``
+(``torch.where(dead_mask[None], pre_acts, -inf).topk(k_aux)``); :func:`auxk_encoder` gives
+that selection without them. Top-k comes back sorted in descending order (sparsify's is
+unsorted; the set is the same).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .ops import sparse_decode, topk_encode
+from .ops import auxk_encode, sparse_decode, topk_encode
 
 
 class EncoderOutput(NamedTuple):
@@ -44,3 +46,12 @@ def decoder_impl(top_indices, top_acts, W_dec_T, *, backend=None):
     """``sum_j top_acts[..., j] * W_dec_T[:, top_indices[..., j]]`` with W_dec_T [D, S]
     (sparsify passes ``W_dec.mT``)."""
     return sparse_decode(top_acts, top_indices, W_dec_T.mT, backend=backend)
+
+
+def auxk_encoder(input, weight, bias, dead_mask, k_aux: int, *, backend=None):
+    """sparsify's AuxK selection, ``torch.where(dead_mask[None], pre_acts, -inf).topk(k_aux)``
+    with ``k_aux`` clamped to the number of dead latents, without ``pre_acts``.
+    Returns (auxk_acts, auxk_indices); see :func:`sae_sparse.auxk_encode`. Zero-valued
+    entries may name other dead latents than sparsify's (its order among zeros is arbitrary);
+    the decoded ``e_hat``, the loss and every gradient are the same."""
+    return auxk_encode(input, weight, bias, dead_mask, k_aux, backend=backend)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from .ops import sparse_decode, topk_encode
+from .ops import auxk_encode, sparse_decode, topk_encode
 from .reference import ACTIVATIONS
 
 
@@ -89,6 +89,12 @@ class SAE(nn.Module):
                                               return_overflow=True)
         self.last_overflow = n_over
         return values, indices
+
+    def auxk_encode(self, x, dead_mask, k_aux: int, *, backend=None):
+        """The k_aux largest pre-activations among the dead latents (AuxK, for training
+        top-k SAEs; a JumpReLU threshold is not applied); see :func:`sae_sparse.auxk_encode`."""
+        return auxk_encode(x, self.W_enc, self.b_enc, dead_mask, k_aux, b_pre=self.b_pre,
+                           backend=backend)
 
     def decode(self, values, indices, *, backend=None):
         """(values, indices) [..., k] -> reconstruction [..., D]."""

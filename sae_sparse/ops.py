@@ -62,6 +62,48 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
     return values, indices
 
 
+def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
+    """AuxK encode (OpenAI's top-k SAE paper, App. B.1; sparsify): per row the ``k_aux`` largest
+    pre-activations among the *dead* latents only, as :func:`topk_encode` computes them.
+
+    The dead rows of W_enc / b_enc are gathered into a compact [n_dead, D] encoder and the
+    top-k op runs on it, so the cost is an n_dead (not S) wide GEMM and no N x S tensor
+    exists; gradients reach x, b_pre and the dead rows of W_enc / b_enc.
+    ``k_aux`` is clamped to the number of dead latents (sparsify's ``min(k_aux, num_dead)``);
+    with none dead, empty [..., 0] tensors come back. Ties among equal values go to the
+    smaller latent index; entries whose pre-activation is <= 0 come back with value 0 (they
+    add nothing to an AuxK reconstruction and get no gradient, as in sparsify, where their
+    order among the zeros is arbitrary).
+
+    Args:
+        x: [..., D]. W_enc: [S, D]. b_enc: [S]. dead_mask: [S] bool, True for dead latents
+        (e.g. not fired in the last 10M tokens). k_aux: int >= 1 (sparsify uses D // 2).
+        b_pre: optional [D] subtracted from x first. backend: as in :func:`topk_encode`.
+
+    Returns:
+        values [..., min(k_aux, n_dead)] in x's dtype, indices [..., min(k_aux, n_dead)] int64
+        latent ids in [0, S). One host sync (the number of dead latents sets the shapes).
+
+    Example (the AuxK loss of a top-k SAE, with ``e = x - x_hat`` the main reconstruction's
+    residual):
+        >>> v, i = auxk_encode(x, sae.W_enc, sae.b_enc, dead_mask, x.shape[-1] // 2)
+        >>> e_hat = sparse_decode(v, i, sae.W_dec)
+        >>> aux_loss = (e_hat - e.detach()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    """
+    D, S = V.check_encoder(x, W_enc, b_enc, 1, b_pre, None)
+    V.check_tensor(dead_mask, "dead_mask", (S,), like=x, dtype=torch.bool)
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
+        raise ValueError(f"k_aux must be an int >= 1, got {k_aux!r}")
+    dead = dead_mask.nonzero().reshape(-1)
+    kk = min(k_aux, dead.numel())
+    if kk == 0:
+        return x.new_empty(*x.shape[:-1], 0), torch.empty(*x.shape[:-1], 0, dtype=torch.long,
+                                                         device=x.device)
+    values, idx = topk_encode(x, W_enc.index_select(0, dead), b_enc.index_select(0, dead), kk,
+                              b_pre=b_pre, backend=backend)
+    return values, dead[idx]
+
+
 def _edit_decode(x, values, indices, W_dec, b_dec, adapter_params, activation, mode, backend):
     name = resolve(backend, values.device, values.dtype)
     S, D = W_dec.shape

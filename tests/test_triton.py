@@ -73,6 +73,23 @@ def test_triton_encode_ties_and_overflow():
     assert int(n) == int(((pre > 0).sum(1) > k).sum())
 
 
+@pytest.mark.parametrize("S,k,threshold", [(1, 1, False), (300, 1, True), (300, 1, False),
+                                            (2, 2, True)])
+def test_triton_encode_k1_and_tiny_S(S, k, threshold):
+    """One selected entry (a top-k of size 1 inside the kernels) and one or two latents."""
+    g = torch.Generator().manual_seed(S + k)
+    x, W, b = (torch.randn(5, 8, generator=g, dtype=torch.float64),
+               torch.randn(S, 8, generator=g, dtype=torch.float64),
+               0.1 * torch.randn(S, generator=g, dtype=torch.float64))
+    thr = 0.5 * torch.rand(S, generator=g, dtype=torch.float64) if threshold else None
+    f = lambda u: u.float().to(DEVICE) if u is not None else None  # noqa: E731
+    v, i, n = topk_encode(f(x), f(W), f(b), k, threshold=f(thr), backend="triton",
+                          return_overflow=True)
+    v0, i0, n0 = topk_encode(x, W, b, k, threshold=thr, backend="torch", return_overflow=True)
+    assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
+    assert_close(v.cpu(), v0, rtol=1e-5, atol=1e-6, name="values")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_low_precision(dtype):
     t = make_case(9, 32, 500, 8, b_pre=True)
