@@ -19,7 +19,9 @@ def _none_if_empty(t):
     return None if t.numel() == 0 and t.dim() == 2 and t.shape[1] == 0 else t
 
 
-def wrap(get_lib, name: str):
+def wrap(get_lib, name: str, *, padded_csr: bool = False):
+    """padded_csr: the library's latent_csr returns ``active`` padded to min(N*k, S) entries
+    (a static size) instead of exactly the active latents (a data-dependent size)."""
     ns = f"sae_sparse::{name}_"
 
     @torch.library.custom_op(ns + "topk_encode", mutates_args=())
@@ -68,7 +70,8 @@ def wrap(get_lib, name: str):
 
     @latent_csr.register_fake
     def _(indices, S):
-        A = torch.library.get_ctx().new_dynamic_size()
+        A = (min(indices.numel(), S) if padded_csr
+             else torch.library.get_ctx().new_dynamic_size())
         return (indices.new_empty(S + 1), indices.new_empty(indices.numel()),
                 indices.new_empty(A))
 

@@ -20,7 +20,8 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
 Decode and backward: ``_edit_decode_kernel`` (fused edit + decode, one rounding; also h_pre),
 ``_gather_dot_kernel`` (decode backward) and
 ``_segment_rows_kernel`` (per active latent, a deterministic sum over the (token, slot) pairs
-that selected it, after a stable sort by latent; no float atomics).
+that selected it, after a stable sort by latent; no float atomics; the grouping,
+``latent_csr``, is sync-free with static sizes).
 
 Tuning knobs live in ``ENCODE``; H100 measurements are in benchmarks/results/.
 """
@@ -347,7 +348,7 @@ if triton is not None:
 
     @triton.jit
     def _segment_rows_kernel(out_ptr, csum_ptr, off_ptr, order_ptr, active_ptr, coef_ptr,
-                             src_ptr, sub_ptr, K, C,
+                             src_ptr, sub_ptr, K, C, S,
                              HAS_SUB: tl.constexpr, BLOCK_E: tl.constexpr,
                              BLOCK_C: tl.constexpr):
         """out[s, c] = sum over the (token, slot) pairs e that selected latent s (a segment of
@@ -356,9 +357,11 @@ if triton is not None:
         flight, not one dependent load chain per pair); a fixed order, so deterministic."""
         a = tl.program_id(0)
         pc = tl.program_id(1)
-        s = tl.load(active_ptr + a)  # int64
+        s = tl.load(active_ptr + a)  # int64; S pads the list
+        ok = s < S
         start = tl.load(off_ptr + s)
-        end = tl.load(off_ptr + s + 1)
+        end = tl.load(off_ptr + s + 1, mask=ok, other=0)
+        end = tl.where(ok, end, start)
         c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
         acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -375,9 +378,9 @@ if triton is not None:
         total = tl.sum(tot, axis=0)
         if HAS_SUB:
             acc -= total * tl.load(sub_ptr + c, mask=cm, other=0.0).to(tl.float32)
-        tl.store(out_ptr + s * C + c, acc, mask=cm)
+        tl.store(out_ptr + s * C + c, acc, mask=cm & ok)
         if pc == 0:
-            tl.store(csum_ptr + s, total)
+            tl.store(csum_ptr + s, total, mask=ok)
 
 
 def _p2(n: int, lo: int = 16) -> int:
@@ -398,7 +401,9 @@ ENCODE = dict(
     # candidates kept per (row, latent tile); a row is redone when one of its tiles may hide
     # more. None: the smallest m for which about 1% of rows (or fewer) are redone.
     top_m=None,
-    buffer_bytes=56 << 20,  # candidate / survivor buffers per row chunk (bounds extra memory)
+    # candidate / survivor buffers per row chunk (bounds extra memory; 48 MiB leaves the
+    # chunk counts at shapes A-D of the GPU issue as they were at 56 MiB)
+    buffer_bytes=48 << 20,
     block_n=128, block_s=128, block_d=64, num_warps=8, num_stages=3,
     programs_per_sm=1,  # persistent grid: programs = SMs x this
     tma=True,  # tensor-descriptor (TMA) loads where the strides allow
@@ -694,12 +699,17 @@ def edit_decode_bwd(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode)
 
 
 def latent_csr(indices, S):
+    """(token, slot) pairs grouped by latent, without a host sync: order [N*k] (a stable sort
+    by latent), offsets [S + 1] (latent s owns order[offsets[s]:offsets[s + 1]]) and active
+    [min(N*k, S)], the latents with pairs in increasing order, padded with S. Static sizes, so
+    torch.compile needs no data-dependent shapes."""
     flat = indices.reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=S)
-    offsets = torch.zeros(S + 1, dtype=torch.long, device=indices.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    active = torch.nonzero(counts).reshape(-1)
+    dev = indices.device
+    by_latent, order = torch.sort(flat, stable=True)
+    offsets = torch.searchsorted(by_latent, torch.arange(S + 1, device=dev))
+    seen = torch.cumsum(offsets[1:] > offsets[:-1], 0)  # active latents among 0..s
+    slots = min(flat.numel(), S)
+    active = torch.searchsorted(seen, torch.arange(1, slots + 1, device=dev))  # S: padding
     return offsets, order, active
 
 
@@ -712,7 +722,7 @@ def segment_rows(offsets, order, active, coef, src, sub, S, k):
         BLOCK_C = min(SEGMENT["block_c"], _p2(max(C, 1)))
         _segment_rows_kernel[(A, max(1, triton.cdiv(C, BLOCK_C)))](
             out, csum, offsets, order, active, coef.contiguous(), src.contiguous(),
-            sub.contiguous() if sub is not None else coef, k, C,
+            sub.contiguous() if sub is not None else coef, k, C, S,
             HAS_SUB=sub is not None, BLOCK_E=4 if interpreting() else SEGMENT["block_e"],
             BLOCK_C=BLOCK_C, num_warps=1 if interpreting() else SEGMENT["num_warps"])
     return out, csum.to(src.dtype)

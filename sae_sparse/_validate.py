@@ -83,7 +83,7 @@ def check_code(values, indices, W_dec, name_v="values", name_i="indices", *,
         raise TypeError(f"W_dec must have dtype {values.dtype} like {name_v}, got {W_dec.dtype}")
     S, D = W_dec.shape
     if check_range and indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
+        lo, hi = torch.stack([indices.min(), indices.max()]).tolist()  # one sync
         if lo < 0 or hi >= S:
             raise ValueError(f"{name_i} must lie in [0, S={S}), got values in [{lo}, {hi}]")
     return S, D

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from .ops import auxk_encode, sparse_decode, topk_encode
+from .ops import _sparse_decode, auxk_encode, sparse_decode, topk_encode
 from .reference import ACTIVATIONS
 
 
@@ -102,7 +102,10 @@ class SAE(nn.Module):
 
     def forward(self, x, *, backend=None):
         """The SAE's reconstruction of x."""
-        return self.decode(*self.encode(x, backend=backend), backend=backend)
+        values, indices = self.encode(x, backend=backend)
+        # the encoder's indices are in range: skip decode's range check (a device sync)
+        return _sparse_decode(values, indices, self.W_dec, self.b_dec, backend,
+                              check_range=False)
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}, b_pre="

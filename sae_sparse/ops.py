@@ -127,7 +127,11 @@ def sparse_decode(values, indices, W_dec, b_dec=None, *, backend=None):
     Returns:
         y [..., D] in values' dtype.
     """
-    S, D = V.check_code(values, indices, W_dec)
+    return _sparse_decode(values, indices, W_dec, b_dec, backend, check_range=True)
+
+
+def _sparse_decode(values, indices, W_dec, b_dec, backend, *, check_range):
+    S, D = V.check_code(values, indices, W_dec, check_range=check_range)
     if b_dec is not None:
         V.check_tensor(b_dec, "b_dec", (D,), like=values)
     return _edit_decode(None, values, indices, W_dec, b_dec, {}, "identity", "plain", backend)

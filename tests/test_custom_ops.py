@@ -40,6 +40,8 @@ def test_opcheck(lib, device):
                                                    None, None, None, 2, 2))
     torch.library.opcheck(ops["edit_decode_bwd"], (s["dy"], s["v"], s["i"], s["W"], s["gain"],
                                                    s["W_in"], s["h_pre"], s["M"], 0, 1))
+    if lib is backends.TRITON_OPS:  # static output sizes (the cpp one's are data-dependent)
+        torch.library.opcheck(ops["latent_csr"], (s["i"], s["S"]))
     off, order, active = ops["latent_csr"](s["i"], s["S"])
     torch.library.opcheck(ops["segment_rows"], (off, order, active, s["v"].reshape(-1), s["dy"],
                                                 s["bp"], s["S"], s["k"]))
@@ -72,3 +74,19 @@ def test_torch_compile_traces_the_op(backend):
     torch.testing.assert_close(out, eager)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("S", [7, 90])
+def test_triton_latent_csr_is_padded_and_sync_free(S):
+    """The triton grouping by latent: a stable order, offsets, and the active latents in
+    increasing order padded with S to min(N*k, S) entries (static sizes for torch.compile)."""
+    from sae_sparse import _triton
+    idx = torch.randint(0, S, (4, 3), generator=torch.Generator().manual_seed(S))
+    off, order, active = _triton.latent_csr(idx, S)
+    flat = idx.reshape(-1)
+    assert torch.equal(order, torch.sort(flat, stable=True).indices)
+    counts = torch.bincount(flat, minlength=S)
+    assert torch.equal(off, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    want = torch.nonzero(counts).reshape(-1)
+    assert active.numel() == min(12, S)
+    assert torch.equal(active[:want.numel()], want) and (active[want.numel():] == S).all()
