@@ -566,7 +566,8 @@ def topk_encode(x, W, b, k, b_pre, thr):
     S = W.shape[0]
     dev = x.device
     xc = (x - b_pre if b_pre is not None else x).contiguous()
-    W = W.contiguous()
+    W, b = W.contiguous(), b.contiguous()  # the kernels index b and thr with stride 1
+    thr = thr.contiguous() if thr is not None else None
     # fp32 values, rounded by torch after (the interpreter's fp32 -> bf16 store truncates)
     values = torch.empty(N, k, dtype=torch.float32, device=dev)
     indices = torch.empty(N, k, dtype=torch.long, device=dev)

@@ -73,6 +73,23 @@ def test_triton_encode_ties_and_overflow():
     assert int(n) == int(((pre > 0).sum(1) > k).sum())
 
 
+def test_triton_encode_strided_parameters():
+    """Non-contiguous W_enc, b_enc, threshold and x (views into larger tensors)."""
+    g = torch.Generator().manual_seed(3)
+    D, S, k = 12, 150, 5
+    base = dict(W=torch.randn(2 * S, D + 3, generator=g), b=0.1 * torch.randn(2 * S, generator=g),
+                thr=0.3 * torch.rand(2 * S, generator=g), x=torch.randn(7, 2 * D, generator=g))
+    views = lambda t: (t["W"][::2, :D], t["b"][1::2], t["thr"][::2], t["x"][:, ::2])  # noqa: E731
+    W, b, thr, x = views({n: u.to(DEVICE) for n, u in base.items()})
+    assert not (W.is_contiguous() or b.is_contiguous() or thr.is_contiguous()
+                or x.is_contiguous())
+    v, i = topk_encode(x, W, b, k, threshold=thr, backend="triton")
+    W0, b0, thr0, x0 = (u.double() for u in views(base))
+    v0, i0 = topk_encode(x0, W0, b0, k, threshold=thr0, backend="torch")
+    assert torch.equal(i.cpu(), i0)
+    assert_close(v.cpu(), v0, rtol=1e-5, atol=1e-6, name="values")
+
+
 @pytest.mark.parametrize("S,k,threshold", [(1, 1, False), (300, 1, True), (300, 1, False),
                                             (2, 2, True)])
 def test_triton_encode_k1_and_tiny_S(S, k, threshold):
