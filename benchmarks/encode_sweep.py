@@ -81,7 +81,8 @@ def main():
         # the parts, default config
         kk = k + 1
         nt = triton.cdiv(S, T.ENCODE["block_s"])
-        top_m = T._top_m(kk, nt)
+        top_m, bounds = T._plan(kk, S, D)
+        assert len(bounds) == 1, "latent chunks: time the whole encode instead"
         L = nt * top_m
         rws = min(N, max(128, T.ENCODE["buffer_bytes"] // (8 * L) // 128 * 128))
         xs = x[:rws].contiguous()

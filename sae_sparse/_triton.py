@@ -108,7 +108,7 @@ if triton is not None:
 
     @triton.jit
     def _encode_top_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, cand_ptr, act_ptr,
-                           N, S, D, L,
+                           N, S, D, L, COL0,
                            TOPM: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
                            IEEE: tl.constexpr, UPCAST: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -116,7 +116,8 @@ if triton is not None:
         """Persistent GEMM over (row block, latent block) tiles, row blocks fastest so the
         programs running at once share W tiles (W streams from HBM about once; x stays in L2).
         Epilogue: each row's TOPM largest entries of the tile (row reductions in the
-        accumulator's own layout, no sorting, no atomics) -> cand[row, tile * TOPM + m]."""
+        accumulator's own layout, no sorting, no atomics) -> cand[row, tile * TOPM + m].
+        W holds latents COL0 .. COL0 + S - 1 (a latent chunk); keys carry the global index."""
         num_pid_n = tl.cdiv(N, BLOCK_N)
         num_tiles = num_pid_n * tl.cdiv(S, BLOCK_S)
         tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's own copy of the tile counter
@@ -141,7 +142,7 @@ if triton is not None:
                 v, j = tl.max(pre, axis=1, return_indices=True,
                               return_indices_tie_break_left=True)
                 col = pid_s * BLOCK_S + j
-                key = tl.where((col < S) & (v > float("-inf")), _pack(v, col), _KEY_MIN)
+                key = tl.where((col < S) & (v > float("-inf")), _pack(v, col + COL0), _KEY_MIN)
                 tl.store(out + m, key, mask=rmask)
                 if m + 1 < TOPM:
                     pre = tl.where(local[None, :] == j[:, None], float("-inf"), pre)
@@ -171,11 +172,11 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
 
     @triton.jit
-    def _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, tile, S, D,
+    def _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, tile, S, D, COL0,
                     KP: tl.constexpr, BLOCK_S: tl.constexpr, TB: tl.constexpr,
                     BLOCK_D: tl.constexpr):
         """keys (a row's top-KP, descending) with tile `tile` recomputed in full: its entries
-        already in keys are dropped and its KP largest merged in."""
+        already in keys are dropped and its KP largest merged in (W, b: latents COL0 ...)."""
         j = tl.arange(0, TB)
         cols = tile * BLOCK_S + j
         cm = (j < BLOCK_S) & (cols < S)
@@ -188,25 +189,27 @@ if triton is not None:
                         mask=cm[:, None] & dm[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * xv[None, :], axis=1)
         pre = acc + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32) + 0.0
-        tk = tl.topk(tl.where(cm & (pre > float("-inf")), _pack(pre, cols), _KEY_MIN), KP)
+        tk = tl.topk(tl.where(cm & (pre > float("-inf")), _pack(pre, cols + COL0), _KEY_MIN), KP)
         _, ix = _unpack_keys(keys)
-        lo = tile * BLOCK_S
+        lo = tile * BLOCK_S + COL0
         keys = tl.where((ix >= lo) & (ix < lo + BLOCK_S), _KEY_MIN, keys)
         return tl.topk(tl.reshape(tl.join(keys, tk), 2 * KP, can_reorder=True), KP)
 
     @triton.jit
     def _finish_kernel(keys_ptr, bad_ptr, cand_ptr, fin_ptr, x_ptr, w_ptr, b_ptr, thr_ptr,
                        act_ptr, val_ptr, idx_ptr, ovf_ptr, left_ptr,
-                       K, KOUT, S, D, L, NT, LIMIT,
-                       FIX: tl.constexpr, HAS_THR: tl.constexpr, TOPM: tl.constexpr,
+                       K, KOUT, S, D, L, NT, LIMIT, COL0,
+                       FIX: tl.constexpr, OUT: tl.constexpr, HAS_THR: tl.constexpr,
+                       TOPM: tl.constexpr,
                        KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
                        TB: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Row r's keys -> values [N, K] (out dtype), indices [N, K], overflow [N].
+        """Row r's keys -> values [N, K] (fp32), indices [N, K], overflow [N] (OUT).
 
         FIX: a row whose select flagged 1..LIMIT tiles (each may hide one more top entry) is
         settled here, sync-free: each tile still flagged against the running KOUT-th key is
-        recomputed in full (a [BLOCK_S, D] GEMV) and merged. left[r] = 1 hands the row to the
-        host: non-finite input, or more flagged tiles than LIMIT (degenerate ties)."""
+        recomputed in full (a [BLOCK_S, D] GEMV) and merged; the settled keys are written back.
+        left[r] = 1 hands the row to the host: non-finite input, or more flagged tiles than
+        LIMIT (degenerate ties). W, b hold latents COL0 ... (a latent chunk)."""
         r = tl.program_id(0).to(tl.int64)
         o = tl.arange(0, KP)
         keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
@@ -224,20 +227,23 @@ if triton is not None:
                     kth = tl.min(tl.where(o < KOUT, keys, _KEY_MAX), axis=0)
                     nxt = tl.min(tl.where((last >= kth) & (t > prev) & (t < NT), t, NT), axis=0)
                     if nxt < NT:
-                        keys = _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, nxt, S, D, KP,
+                        keys = _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, nxt, S, D, COL0, KP,
                                            BLOCK_S, TB, BLOCK_D)
                     prev = nxt
-        v, ix = _unpack_keys(keys)
-        km = o < K
-        keep = v > 0.0
-        if HAS_THR:
-            keep = keep & (v > tl.load(thr_ptr + ix, mask=km & (ix < S), other=0.0).to(tl.float32))
-            over = tl.load(act_ptr + r) > K
-        else:  # the (K+1)-th largest entry is positive (KOUT = K + 1), or there is none
-            over = tl.sum(((o == K) & (o < KOUT) & (v > 0.0)).to(tl.int32), axis=0) > 0
-        tl.store(val_ptr + r * K + o, tl.where(keep, v, 0.0), mask=km)
-        tl.store(idx_ptr + r * K + o, ix, mask=km)
-        tl.store(ovf_ptr + r, over.to(tl.int8))
+                tl.store(keys_ptr + r * KOUT + o, keys, mask=o < KOUT)
+        if OUT:
+            v, ix = _unpack_keys(keys)
+            km = o < K
+            keep = v > 0.0
+            if HAS_THR:
+                t = tl.load(thr_ptr + ix, mask=km & (ix < S), other=0.0).to(tl.float32)
+                keep = keep & (v > t)
+                over = tl.load(act_ptr + r) > K
+            else:  # the (K+1)-th largest entry is positive (KOUT = K + 1), or there is none
+                over = tl.sum(((o == K) & (o < KOUT) & (v > 0.0)).to(tl.int32), axis=0) > 0
+            tl.store(val_ptr + r * K + o, tl.where(keep, v, 0.0), mask=km)
+            tl.store(idx_ptr + r * K + o, ix, mask=km)
+            tl.store(ovf_ptr + r, over.to(tl.int8))
         tl.store(left_ptr + r, left.to(tl.int8))
 
     @triton.jit
@@ -411,6 +417,9 @@ ENCODE = dict(
     # a row with up to this many flagged tiles is settled on the device by recomputing those
     # tiles; more (heavy ties) go to the fallback after the one host sync
     fix_tiles=8,
+    # candidates per row in one select (a power of two); larger dictionaries are encoded in
+    # latent chunks of at most this many candidates per row, merged
+    max_candidates=8192,
 )
 # Backward segment reduction: (token, slot) pairs gathered per step x columns per program.
 # Not tuned on a GPU yet (the earlier one-pair-per-step loop measured 0.43 ms per call at
@@ -467,10 +476,11 @@ def _gemm_args(xc, W, stride=1):
     return (x_desc, w_desc), nprog, meta
 
 
-def _encode_top(xc, W, b, kk, thr, act, top_m, keys, bad):
-    """Main path, one row chunk: keys [N, kk] (descending; ties -> smaller index) and bad [N],
-    the number of tiles whose top_m candidates all reached the kk-th key (> 0: the tile may
-    hide one more). Returns the candidates [N, nt * top_m] (the fix-up reads them)."""
+def _encode_top(xc, W, b, kk, thr, act, top_m, keys, bad, col0=0):
+    """Main path, one row chunk (and latent chunk: W, b, thr hold latents col0 ...): keys
+    [N, kk] (descending; ties -> smaller index) and bad [N], the number of tiles whose top_m
+    candidates all reached the kk-th key (> 0: the tile may hide one more). Returns the
+    candidates [N, nt * top_m] (the fix-up reads them)."""
     N, D = xc.shape
     S = W.shape[0]
     nt = triton.cdiv(S, _blocks(D)[1])
@@ -478,7 +488,8 @@ def _encode_top(xc, W, b, kk, thr, act, top_m, keys, bad):
     cand = torch.empty(N, L, dtype=torch.long, device=xc.device)
     (x_desc, w_desc), nprog, meta = _gemm_args(xc, W)
     _encode_top_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b, cand,
-                                 act, N, S, D, L, TOPM=top_m, HAS_THR=thr is not None, **meta)
+                                 act, N, S, D, L, col0, TOPM=top_m, HAS_THR=thr is not None,
+                                 **meta)
     block = _p2(L)
     _select_top_kernel[(N,)](cand, keys, bad, L, kk, nt, BLOCK=block, KP=_p2(kk, 2), TOPM=top_m,
                              BLOCK_T=_p2(nt),
@@ -486,9 +497,11 @@ def _encode_top(xc, W, b, kk, thr, act, top_m, keys, bad):
     return cand
 
 
-def _finish(out, keys, fin, xc, W, b, thr, act, k, fix=None):
+def _finish(out, keys, fin, xc, W, b, thr, act, k, fix=None, col0=0):
     """keys -> out = (values, indices, overflow as int8, left as int8) for these rows, through
-    _finish_kernel. fix = (bad, cand, top_m): settle the flagged rows on the device first."""
+    _finish_kernel. fix = (bad, cand, top_m): settle the flagged rows on the device first
+    (their keys are rewritten). out = (left,) alone: only that (a latent chunk's keys; W, b
+    hold latents col0 ...)."""
     N, kk = keys.shape
     if N == 0:
         return
@@ -498,12 +511,31 @@ def _finish(out, keys, fin, xc, W, b, thr, act, k, fix=None):
     BS = _blocks(D)[1]
     nt = triton.cdiv(S, BS)
     bad, cand, top_m = fix if fix is not None else (fin, keys, 1)
-    values, indices, overflow, left = out
+    values, indices, overflow, left = out if len(out) == 4 else (keys, keys, fin, out[0])
     _finish_kernel[(N,)](keys, bad, cand, fin, xc, W, b, thr if thr is not None else b, act,
                          values, indices, overflow, left, k, kk, S, D, cand.shape[1], nt,
-                         ENCODE["fix_tiles"], FIX=fix is not None, HAS_THR=thr is not None,
-                         TOPM=top_m, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=BS, TB=max(BS, KP),
-                         BLOCK_D=min(64, _p2(D)), num_warps=1 if interpreting() else 4)
+                         ENCODE["fix_tiles"], col0, FIX=fix is not None, OUT=len(out) == 4,
+                         HAS_THR=thr is not None, TOPM=top_m, KP=KP, BLOCK_T=_p2(nt),
+                         BLOCK_S=BS, TB=max(BS, KP), BLOCK_D=min(64, _p2(D)),
+                         num_warps=1 if interpreting() else 4)
+
+
+def _plan(kk: int, S: int, D: int):
+    """The main path's plan: (top_m, latent chunks as (first, last + 1) tile bounds), or None
+    when per-tile candidates cannot work (small S / large k: the fallback path). A row's
+    candidates (tiles x top_m of them) must fit one select block (ENCODE["max_candidates"]),
+    so a large dictionary is encoded in latent chunks whose top-k lists are merged."""
+    nt = triton.cdiv(S, _blocks(D)[1])
+    cap = ENCODE["max_candidates"]
+    m = _top_m(kk, nt)
+    chunks = 1
+    if nt * m > cap:
+        m = _top_m(kk, max(1, cap // m))
+        chunks = triton.cdiv(nt, max(1, cap // m))
+    bounds = [(c * nt // chunks, (c + 1) * nt // chunks) for c in range(chunks)]
+    if (nt // chunks) * m < 2 * kk or max(t1 - t0 for t0, t1 in bounds) * m > cap:
+        return None
+    return m, bounds
 
 
 def _encode_append(xc, W, b, kk, thr, act):
@@ -560,6 +592,42 @@ def _encode_append(xc, W, b, kk, thr, act):
     return keys
 
 
+def _encode_main(xc, W, b, kk, thr, act, k, fin, out, top_m, bounds):
+    """The main path over row chunks (bounded candidate memory) and latent chunks."""
+    N, D = xc.shape
+    S = W.shape[0]
+    BS = _blocks(D)[1]
+    dev = xc.device
+    L = max(t1 - t0 for t0, t1 in bounds) * top_m
+    rows = max(128, ENCODE["buffer_bytes"] // (8 * L) // 128 * 128)
+    keys = torch.empty(N, kk, dtype=torch.long, device=dev)
+    bad = torch.empty(N, dtype=torch.int32, device=dev)
+    for r in range(0, N, rows):
+        sl = slice(r, r + rows)
+        o = tuple(t[sl] for t in out)
+        if len(bounds) == 1:
+            cand = _encode_top(xc[sl], W, b, kk, thr, act[sl], top_m, keys[sl], bad[sl])
+            _finish(o, keys[sl], fin[sl], xc[sl], W, b, thr, act[sl], k,
+                    fix=(bad[sl], cand, top_m))
+            continue
+        # Latent chunks: each chunk's exact top-kk (settled on the device), merged into a
+        # running top-kk -- the row's top-kk is among the chunks' top-kk lists.
+        run = handed = None
+        for t0, t1 in bounds:
+            s0, s1 = t0 * BS, min(S, t1 * BS)
+            cand = _encode_top(xc[sl], W[s0:s1], b[s0:s1], kk,
+                               thr[s0:s1] if thr is not None else None, act[sl], top_m,
+                               keys[sl], bad[sl], col0=s0)
+            _finish((o[3],), keys[sl], fin[sl], xc[sl], W[s0:s1], b[s0:s1], None, act[sl], k,
+                    fix=(bad[sl], cand, top_m), col0=s0)
+            del cand
+            handed = o[3].clone() if handed is None else handed | o[3]
+            both = keys[sl] if run is None else torch.cat([run, keys[sl]], 1)
+            run = torch.topk(both, kk, dim=1).values
+        _finish(o, run, fin[sl], xc[sl], W, b, thr, act[sl], k)
+        o[3].bitwise_or_(handed)
+
+
 def topk_encode(x, W, b, k, b_pre, thr):
     _check(x, W, b, b_pre, thr)
     N, D = x.shape
@@ -579,20 +647,11 @@ def topk_encode(x, W, b, k, b_pre, thr):
     # Without a JumpReLU threshold, "more than k active latents" is "the (k+1)-th largest
     # pre-activation is > 0", so the kernels select k+1.
     kk = min(S, k + 1) if thr is None else k
-    nt = triton.cdiv(S, _blocks(D)[1])
-    top_m = _top_m(kk, nt)
     fin = torch.isfinite(xc).all(1).view(torch.int8)  # non-finite rows: the reference decides
     out = (values, indices, overflow, left)
-    if nt * top_m >= 2 * kk and nt * top_m <= 8192:
-        keys = torch.empty(N, kk, dtype=torch.long, device=dev)
-        bad = torch.empty(N, dtype=torch.int32, device=dev)
-        rows = max(128, ENCODE["buffer_bytes"] // (8 * nt * top_m) // 128 * 128)
-        for r in range(0, N, rows):
-            sl = slice(r, r + rows)
-            cand = _encode_top(xc[sl], W, b, kk, thr, act[sl], top_m, keys[sl], bad[sl])
-            _finish(tuple(t[sl] for t in out), keys[sl], fin[sl], xc[sl], W, b, thr, act[sl], k,
-                    fix=(bad[sl], cand, top_m))
-            del cand
+    plan = _plan(kk, S, D)
+    if plan is not None:
+        _encode_main(xc, W, b, kk, thr, act, k, fin, out, *plan)
     else:
         keys = _encode_append(xc, W, b, kk, thr, act)
         _finish(out, keys, fin, xc, W, b, thr, act, k)

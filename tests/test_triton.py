@@ -216,6 +216,51 @@ def test_triton_encode_device_fixup_settles_many_tiles(monkeypatch, top_m, thres
     assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
 
 
+@pytest.mark.parametrize("top_m", [None, 1])
+@pytest.mark.parametrize("threshold", [False, True])
+def test_triton_encode_latent_chunks(monkeypatch, top_m, threshold):
+    """A dictionary too wide for one select (a small max_candidates here; S > 262144 at
+    k=32 on a GPU) is encoded in latent chunks whose device-settled top-k lists are merged:
+    exact against fp64, overflow included, with no row left for the host."""
+    from sae_sparse import _triton
+    _fallback_rows(monkeypatch, "device")
+    monkeypatch.setitem(_triton.ENCODE, "max_candidates", 16 if top_m else 64)
+    monkeypatch.setitem(_triton.ENCODE, "buffer_bytes", 1)  # and row chunks
+    if top_m:  # one candidate per tile: most rows need the fix-up in several chunks
+        monkeypatch.setitem(_triton.ENCODE, "top_m", top_m)
+        monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
+    # 133 rows: two row chunks of >= 128 (the fix-up-heavy variant: a few rows, it is slow
+    # in the interpreter)
+    N, D, S, k = (12 if top_m else 133), 17, 1000, 5
+    plan = _triton._plan(k if threshold else k + 1, S, D)
+    assert plan is not None and len(plan[1]) >= 2
+    t = make_case(N, D, S, k, b_pre=True, threshold=threshold)
+    thr = t["threshold"] if threshold else None
+    f = lambda u: u.float().to(DEVICE) if u is not None else None  # noqa: E731
+    v, i, n = topk_encode(f(t["x"]), f(t["W_enc"]), f(t["b_enc"]), k, b_pre=f(t["b_pre"]),
+                          threshold=f(thr), backend="triton", return_overflow=True)
+    v0, i0, n0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t["b_pre"],
+                             threshold=thr, backend="torch", return_overflow=True)
+    assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
+    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+
+
+def test_triton_encode_latent_chunks_hand_heavy_rows_to_the_host(monkeypatch):
+    """Latent chunks with fix_tiles=0: every flagged row goes to the host-side fallback."""
+    from sae_sparse import _triton
+    calls = _fallback_rows(monkeypatch, "host")
+    monkeypatch.setitem(_triton.ENCODE, "max_candidates", 16)
+    monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
+    N, D, S, k = 6, 17, 1000, 5
+    t = make_case(N, D, S, k)
+    v, i = topk_encode(t["x"].float().to(DEVICE), t["W_enc"].float().to(DEVICE),
+                       t["b_enc"].float().to(DEVICE), k, backend="triton")
+    v0, i0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, backend="torch")
+    assert calls and sum(calls) <= N
+    assert torch.equal(i.cpu(), i0)
+    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+
+
 @pytest.mark.parametrize("where", ["device", "host"])
 def test_triton_encode_all_ties_row(monkeypatch, where):
     """A zero row with a zero bias ties every latent; the smallest indices win, on the device
