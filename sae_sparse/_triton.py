@@ -9,10 +9,11 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
   value and breaks ties by the smaller index). No N x S tensor exists.
 * ``_select_top_kernel``: exact top-(k+1) over a row's candidates; counts the tiles that had
   all m candidates at or above the result (each could hide one more).
-* ``_finish_kernel``: settles a row with a few such tiles on the device -- recomputes each
-  tile still flagged against the running (k+1)-th key (a 128 x D GEMV) and merges it -- then
-  writes values, indices and overflow. No host sync until the very end, and only rows it
-  hands back (non-finite input, heavy ties) cost more.
+* ``_fixup_kernel``: settles the (listed, ~1%) rows with a few such tiles on the device --
+  recomputes each tile still flagged against the running (k+1)-th key (a 128 x D GEMV) and
+  merges it; ``_finish_kernel`` then writes values, indices and overflow. No host sync until
+  the very end; only the rows handed back (non-finite input, heavy ties) cost more.
+* Dictionaries too wide for one candidate select run in latent chunks, merged.
 * Fallback for those rows, small S or large k (``_encode_kernel`` + ``_select_kernel``): a
   rigorous per-row lower bound from a strided sample of latents (SAMPLE pass), a GEMM pass that
   appends every entry >= the bound through relaxed atomic row counters, an exact top-k.
@@ -148,11 +149,13 @@ if triton is not None:
                     pre = tl.where(local[None, :] == j[:, None], float("-inf"), pre)
 
     @triton.jit
-    def _select_top_kernel(cand_ptr, out_ptr, bad_ptr, L, KOUT, NT,
+    def _select_top_kernel(cand_ptr, out_ptr, bad_ptr, list_ptr, nlist_ptr, L, KOUT, NT,
+                           LIMIT, CAP,
                            BLOCK: tl.constexpr, KP: tl.constexpr, TOPM: tl.constexpr,
                            BLOCK_T: tl.constexpr):
         """out[r] = the KOUT largest candidates of row r; bad[r] = how many tiles had all TOPM
-        candidates at or above the KOUT-th (such a tile may hide one more: the row is redone)."""
+        candidates at or above the KOUT-th (each may hide one more top entry). A row with
+        1..LIMIT such tiles is appended to list (CAP slots, counter nlist) for _fixup_kernel."""
         r = tl.program_id(0).to(tl.int64)
         j = tl.arange(0, BLOCK)
         keys = tl.load(cand_ptr + r * L + j, mask=j < L, other=_KEY_MIN)
@@ -162,7 +165,11 @@ if triton is not None:
         kth = tl.min(tl.where(o < KOUT, top, _KEY_MAX), axis=0)
         t = tl.arange(0, BLOCK_T)
         last = tl.load(cand_ptr + r * L + t * TOPM + (TOPM - 1), mask=t < NT, other=_KEY_MIN)
-        tl.store(bad_ptr + r, tl.sum(((last >= kth) & (t < NT)).to(tl.int32), axis=0))
+        nb = tl.sum(((last >= kth) & (t < NT)).to(tl.int32), axis=0)
+        tl.store(bad_ptr + r, nb)
+        if (nb > 0) & (nb <= LIMIT):
+            slot = tl.atomic_add(nlist_ptr, 1, sem="relaxed")
+            tl.store(list_ptr + slot, r.to(tl.int32), mask=slot < CAP)
 
     @triton.jit
     def _unpack_keys(keys):
@@ -196,34 +203,25 @@ if triton is not None:
         return tl.topk(tl.reshape(tl.join(keys, tk), 2 * KP, can_reorder=True), KP)
 
     @triton.jit
-    def _finish_kernel(keys_ptr, bad_ptr, cand_ptr, fin_ptr, x_ptr, w_ptr, b_ptr, thr_ptr,
-                       act_ptr, val_ptr, idx_ptr, ovf_ptr, left_ptr,
-                       K, KOUT, S, D, L, NT, LIMIT, COL0,
-                       FIX: tl.constexpr, OUT: tl.constexpr, HAS_THR: tl.constexpr,
-                       TOPM: tl.constexpr,
-                       KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-                       TB: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Row r's keys -> values [N, K] (fp32), indices [N, K], overflow [N] (OUT).
-
-        FIX: a row whose select flagged 1..LIMIT tiles (each may hide one more top entry) is
-        settled here, sync-free: each tile still flagged against the running KOUT-th key is
-        recomputed in full (a [BLOCK_S, D] GEMV) and merged; the settled keys are written back.
-        left[r] = 1 hands the row to the host: non-finite input, or more flagged tiles than
-        LIMIT (degenerate ties). W, b hold latents COL0 ... (a latent chunk)."""
-        r = tl.program_id(0).to(tl.int64)
-        o = tl.arange(0, KP)
-        keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
-        fin = tl.load(fin_ptr + r).to(tl.int32)  # 1: the row of x is finite
-        left = 1 - fin
-        if FIX:
-            nb = tl.load(bad_ptr + r)
-            left = tl.where(nb > LIMIT, 1, left)
-            if (nb > 0) & (left == 0):
+    def _fixup_kernel(list_ptr, nlist_ptr, keys_ptr, bad_ptr, cand_ptr, fin_ptr, x_ptr, w_ptr,
+                      b_ptr, KOUT, S, D, L, NT, CAP, COL0,
+                      TOPM: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_S: tl.constexpr, TB: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Settles the listed rows on the device (no host sync): each tile still flagged
+        against the row's running KOUT-th key is recomputed in full (a [BLOCK_S, D] GEMV) and
+        merged; the keys are rewritten and bad[r] = 0. Launched on CAP programs; rows that did
+        not fit the list keep bad > 0 (the host redoes them). W, b: latents COL0 ..."""
+        pid = tl.program_id(0)
+        if pid < tl.minimum(tl.load(nlist_ptr), CAP):
+            r = tl.load(list_ptr + pid).to(tl.int64)
+            if tl.load(fin_ptr + r) != 0:  # non-finite rows: the host asks the reference
+                o = tl.arange(0, KP)
+                keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
                 t = tl.arange(0, BLOCK_T)
                 last = tl.load(cand_ptr + r * L + t * TOPM + (TOPM - 1), mask=t < NT,
                                other=_KEY_MIN)
                 prev = -1
-                for _ in range(nb):  # the flagged set only shrinks as the KOUT-th key rises
+                for _ in range(tl.load(bad_ptr + r)):  # the flagged set only shrinks
                     kth = tl.min(tl.where(o < KOUT, keys, _KEY_MAX), axis=0)
                     nxt = tl.min(tl.where((last >= kth) & (t > prev) & (t < NT), t, NT), axis=0)
                     if nxt < NT:
@@ -231,19 +229,33 @@ if triton is not None:
                                            BLOCK_S, TB, BLOCK_D)
                     prev = nxt
                 tl.store(keys_ptr + r * KOUT + o, keys, mask=o < KOUT)
-        if OUT:
-            v, ix = _unpack_keys(keys)
-            km = o < K
-            keep = v > 0.0
-            if HAS_THR:
-                t = tl.load(thr_ptr + ix, mask=km & (ix < S), other=0.0).to(tl.float32)
-                keep = keep & (v > t)
-                over = tl.load(act_ptr + r) > K
-            else:  # the (K+1)-th largest entry is positive (KOUT = K + 1), or there is none
-                over = tl.sum(((o == K) & (o < KOUT) & (v > 0.0)).to(tl.int32), axis=0) > 0
-            tl.store(val_ptr + r * K + o, tl.where(keep, v, 0.0), mask=km)
-            tl.store(idx_ptr + r * K + o, ix, mask=km)
-            tl.store(ovf_ptr + r, over.to(tl.int8))
+                tl.store(bad_ptr + r, 0)
+
+    @triton.jit
+    def _finish_kernel(keys_ptr, bad_ptr, fin_ptr, thr_ptr, act_ptr, val_ptr, idx_ptr, ovf_ptr,
+                       left_ptr, K, KOUT, S,
+                       HAS_BAD: tl.constexpr, HAS_THR: tl.constexpr, KP: tl.constexpr):
+        """Row r's keys -> values [N, K] (fp32), indices [N, K], overflow [N]; left[r] = 1
+        hands the row to the host: non-finite input, or flagged tiles the fix-up did not
+        settle (more than its limit: heavy ties)."""
+        r = tl.program_id(0).to(tl.int64)
+        o = tl.arange(0, KP)
+        keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
+        left = tl.load(fin_ptr + r).to(tl.int32) == 0
+        if HAS_BAD:
+            left = left | (tl.load(bad_ptr + r) > 0)
+        v, ix = _unpack_keys(keys)
+        km = o < K
+        keep = v > 0.0
+        if HAS_THR:
+            t = tl.load(thr_ptr + ix, mask=km & (ix < S), other=0.0).to(tl.float32)
+            keep = keep & (v > t)
+            over = tl.load(act_ptr + r) > K
+        else:  # the (K+1)-th largest entry is positive (KOUT = K + 1), or there is none
+            over = tl.sum(((o == K) & (o < KOUT) & (v > 0.0)).to(tl.int32), axis=0) > 0
+        tl.store(val_ptr + r * K + o, tl.where(keep, v, 0.0), mask=km)
+        tl.store(idx_ptr + r * K + o, ix, mask=km)
+        tl.store(ovf_ptr + r, over.to(tl.int8))
         tl.store(left_ptr + r, left.to(tl.int8))
 
     @triton.jit
@@ -417,6 +429,8 @@ ENCODE = dict(
     # a row with up to this many flagged tiles is settled on the device by recomputing those
     # tiles; more (heavy ties) go to the fallback after the one host sync
     fix_tiles=8,
+    # ... for up to this fraction of a chunk's rows (the fix-up grid; about 1% are flagged)
+    fix_rows=1 / 16,
     # candidates per row in one select (a power of two); larger dictionaries are encoded in
     # latent chunks of at most this many candidates per row, merged
     max_candidates=8192,
@@ -461,8 +475,10 @@ def _gemm_args(xc, W, stride=1):
     S = (W.shape[0] + stride - 1) // stride
     BN, BS, BD = _blocks(D)
     es = xc.element_size()
-    tma = (ENCODE["tma"] and (D * es) % 16 == 0 and xc.data_ptr() % 16 == 0
-           and W.data_ptr() % 16 == 0)
+    # TMA for the tensor-core (bf16/fp16) products; fp32's IEEE product is not one, and fed
+    # from TMA tiles it spills registers (ptxas, sm_90: tests/hopper_compile.py)
+    tma = (ENCODE["tma"] and (xc.dtype != torch.float32 or interpreting())
+           and (D * es) % 16 == 0 and xc.data_ptr() % 16 == 0 and W.data_ptr() % 16 == 0)
     x_desc = w_desc = None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -476,47 +492,45 @@ def _gemm_args(xc, W, stride=1):
     return (x_desc, w_desc), nprog, meta
 
 
-def _encode_top(xc, W, b, kk, thr, act, top_m, keys, bad, col0=0):
+def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
     """Main path, one row chunk (and latent chunk: W, b, thr hold latents col0 ...): keys
-    [N, kk] (descending; ties -> smaller index) and bad [N], the number of tiles whose top_m
-    candidates all reached the kk-th key (> 0: the tile may hide one more). Returns the
-    candidates [N, nt * top_m] (the fix-up reads them)."""
+    [N, kk] (descending; ties -> smaller index), exact unless bad [N] > 0 -- the number of
+    tiles whose top_m candidates all reached the kk-th key, each of which may hide one more.
+    The rows with 1..fix_tiles such tiles are settled on the device (bad -> 0)."""
     N, D = xc.shape
     S = W.shape[0]
-    nt = triton.cdiv(S, _blocks(D)[1])
+    BS = _blocks(D)[1]
+    nt = triton.cdiv(S, BS)
     L = nt * top_m
     cand = torch.empty(N, L, dtype=torch.long, device=xc.device)
     (x_desc, w_desc), nprog, meta = _gemm_args(xc, W)
     _encode_top_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b, cand,
                                  act, N, S, D, L, col0, TOPM=top_m, HAS_THR=thr is not None,
                                  **meta)
-    block = _p2(L)
-    _select_top_kernel[(N,)](cand, keys, bad, L, kk, nt, BLOCK=block, KP=_p2(kk, 2), TOPM=top_m,
-                             BLOCK_T=_p2(nt),
+    cap = max(1, min(N, math.ceil(N * ENCODE["fix_rows"])))
+    rows = torch.empty(cap, dtype=torch.int32, device=xc.device)
+    nrows = torch.zeros(1, dtype=torch.int32, device=xc.device)
+    block, KP = _p2(L), _p2(kk, 2)
+    _select_top_kernel[(N,)](cand, keys, bad, rows, nrows, L, kk, nt, ENCODE["fix_tiles"], cap,
+                             BLOCK=block, KP=KP, TOPM=top_m, BLOCK_T=_p2(nt),
                              num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
-    return cand
+    _fixup_kernel[(cap,)](rows, nrows, keys, bad, cand, fin, xc, W, b, kk, S, D, L,
+                          nt, cap, col0, TOPM=top_m, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=BS,
+                          TB=max(BS, KP), BLOCK_D=min(32, _p2(D)),
+                          num_warps=1 if interpreting() else 4)
 
 
-def _finish(out, keys, fin, xc, W, b, thr, act, k, fix=None, col0=0):
+def _finish(out, keys, fin, thr, act, k, bad=None):
     """keys -> out = (values, indices, overflow as int8, left as int8) for these rows, through
-    _finish_kernel. fix = (bad, cand, top_m): settle the flagged rows on the device first
-    (their keys are rewritten). out = (left,) alone: only that (a latent chunk's keys; W, b
-    hold latents col0 ...)."""
+    _finish_kernel (left: rows the host must redo -- non-finite, or bad > 0)."""
     N, kk = keys.shape
     if N == 0:
         return
-    D = xc.shape[1]
-    S = W.shape[0]
-    KP = _p2(kk, 2)
-    BS = _blocks(D)[1]
-    nt = triton.cdiv(S, BS)
-    bad, cand, top_m = fix if fix is not None else (fin, keys, 1)
-    values, indices, overflow, left = out if len(out) == 4 else (keys, keys, fin, out[0])
-    _finish_kernel[(N,)](keys, bad, cand, fin, xc, W, b, thr if thr is not None else b, act,
-                         values, indices, overflow, left, k, kk, S, D, cand.shape[1], nt,
-                         ENCODE["fix_tiles"], col0, FIX=fix is not None, OUT=len(out) == 4,
-                         HAS_THR=thr is not None, TOPM=top_m, KP=KP, BLOCK_T=_p2(nt),
-                         BLOCK_S=BS, TB=max(BS, KP), BLOCK_D=min(64, _p2(D)),
+    values, indices, overflow, left = out
+    _finish_kernel[(N,)](keys, bad if bad is not None else fin, fin,
+                         thr if thr is not None else keys, act, values, indices, overflow, left,
+                         k, kk, thr.shape[0] if thr is not None else 0,
+                         HAS_BAD=bad is not None, HAS_THR=thr is not None, KP=_p2(kk, 2),
                          num_warps=1 if interpreting() else 4)
 
 
@@ -604,28 +618,22 @@ def _encode_main(xc, W, b, kk, thr, act, k, fin, out, top_m, bounds):
     bad = torch.empty(N, dtype=torch.int32, device=dev)
     for r in range(0, N, rows):
         sl = slice(r, r + rows)
-        o = tuple(t[sl] for t in out)
         if len(bounds) == 1:
-            cand = _encode_top(xc[sl], W, b, kk, thr, act[sl], top_m, keys[sl], bad[sl])
-            _finish(o, keys[sl], fin[sl], xc[sl], W, b, thr, act[sl], k,
-                    fix=(bad[sl], cand, top_m))
+            _encode_top(xc[sl], W, b, kk, thr, act[sl], fin[sl], top_m, keys[sl], bad[sl])
+            _finish(tuple(t[sl] for t in out), keys[sl], fin[sl], thr, act[sl], k, bad[sl])
             continue
         # Latent chunks: each chunk's exact top-kk (settled on the device), merged into a
         # running top-kk -- the row's top-kk is among the chunks' top-kk lists.
-        run = handed = None
+        run = unsettled = None
         for t0, t1 in bounds:
             s0, s1 = t0 * BS, min(S, t1 * BS)
-            cand = _encode_top(xc[sl], W[s0:s1], b[s0:s1], kk,
-                               thr[s0:s1] if thr is not None else None, act[sl], top_m,
-                               keys[sl], bad[sl], col0=s0)
-            _finish((o[3],), keys[sl], fin[sl], xc[sl], W[s0:s1], b[s0:s1], None, act[sl], k,
-                    fix=(bad[sl], cand, top_m), col0=s0)
-            del cand
-            handed = o[3].clone() if handed is None else handed | o[3]
+            _encode_top(xc[sl], W[s0:s1], b[s0:s1], kk, thr[s0:s1] if thr is not None else None,
+                        act[sl], fin[sl], top_m, keys[sl], bad[sl], col0=s0)
+            more = bad[sl].clone()
+            unsettled = more if unsettled is None else unsettled.add_(more)
             both = keys[sl] if run is None else torch.cat([run, keys[sl]], 1)
             run = torch.topk(both, kk, dim=1).values
-        _finish(o, run, fin[sl], xc[sl], W, b, thr, act[sl], k)
-        o[3].bitwise_or_(handed)
+        _finish(tuple(t[sl] for t in out), run, fin[sl], thr, act[sl], k, unsettled)
 
 
 def topk_encode(x, W, b, k, b_pre, thr):
@@ -653,10 +661,10 @@ def topk_encode(x, W, b, k, b_pre, thr):
     if plan is not None:
         _encode_main(xc, W, b, kk, thr, act, k, fin, out, *plan)
     else:
-        keys = _encode_append(xc, W, b, kk, thr, act)
-        _finish(out, keys, fin, xc, W, b, thr, act, k)
-    # The one host sync: rows the kernels handed back (non-finite input; a row with more
-    # flagged tiles than ENCODE["fix_tiles"], i.e. heavy ties) -- normally none.
+        _finish(out, _encode_append(xc, W, b, kk, thr, act), fin, thr, act, k)
+    # The one host sync: rows the kernels handed back -- non-finite input, or flagged rows the
+    # fix-up did not take (more flagged tiles than ENCODE["fix_tiles"], i.e. heavy ties, or
+    # beyond its ENCODE["fix_rows"] share of the rows); normally none.
     redo = left.nonzero().reshape(-1)
     if redo.numel():
         nonfinite = redo[fin[redo] == 0]
@@ -665,7 +673,7 @@ def topk_encode(x, W, b, k, b_pre, thr):
             sub = tuple(torch.empty_like(t[heavy]) for t in out)
             a = act[heavy]
             keys = _encode_append(xc[heavy], W, b, kk, thr, torch.zeros_like(a))
-            _finish(sub, keys, fin[heavy], xc[heavy], W, b, thr, a, k)
+            _finish(sub, keys, fin[heavy], thr, a, k)
             for t, u in zip(out, sub):
                 t[heavy] = u
         if nonfinite.numel():

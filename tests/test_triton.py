@@ -203,6 +203,7 @@ def test_triton_encode_device_fixup_settles_many_tiles(monkeypatch, top_m, thres
     _fallback_rows(monkeypatch, "device")
     monkeypatch.setitem(_triton.ENCODE, "top_m", top_m)
     monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
+    monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)
     N, D, S, k = 9, 21, 997, 7
     t = make_case(N, D, S, k, b_pre=True, threshold=threshold)
     x, W, b = t["x"], t["W_enc"], t["b_enc"]
@@ -229,6 +230,7 @@ def test_triton_encode_latent_chunks(monkeypatch, top_m, threshold):
     if top_m:  # one candidate per tile: most rows need the fix-up in several chunks
         monkeypatch.setitem(_triton.ENCODE, "top_m", top_m)
         monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
+        monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)
     # 133 rows: two row chunks of >= 128 (the fix-up-heavy variant: a few rows, it is slow
     # in the interpreter)
     N, D, S, k = (12 if top_m else 133), 17, 1000, 5
@@ -242,6 +244,27 @@ def test_triton_encode_latent_chunks(monkeypatch, top_m, threshold):
     v0, i0, n0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t["b_pre"],
                              threshold=thr, backend="torch", return_overflow=True)
     assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
+    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+
+
+def test_triton_encode_rows_beyond_the_fixup_share_go_to_the_host(monkeypatch):
+    """With one candidate per tile most rows are flagged; the fix-up takes 2 of them
+    (fix_rows), the host-side fallback the rest; all exact."""
+    from sae_sparse import _triton
+    calls = []
+    real = _triton._encode_append
+    monkeypatch.setattr(_triton, "_encode_append",
+                        lambda xc, *a: calls.append(xc.shape[0]) or real(xc, *a))
+    monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
+    monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
+    monkeypatch.setitem(_triton.ENCODE, "fix_rows", 2 / 9)
+    N, D, S, k = 9, 21, 997, 4
+    t = make_case(N, D, S, k)
+    v, i = topk_encode(t["x"].float().to(DEVICE), t["W_enc"].float().to(DEVICE),
+                       t["b_enc"].float().to(DEVICE), k, backend="triton")
+    v0, i0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, backend="torch")
+    assert calls == [N - 2]
+    assert torch.equal(i.cpu(), i0)
     assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
 
 

@@ -1,0 +1,138 @@
+"""Compile every Triton kernel of sae_sparse._triton ahead of time for Hopper (sm_90), at the
+configurations its launchers pick on a GPU (shapes A-D of the GPU issue); no GPU needed.
+
+    python tests/hopper_compile.py      # prints one JSON line per case
+
+Must run in a process where triton was imported *without* TRITON_INTERPRET=1 (the
+interpreter turns triton's own standard library into interpreted functions, which the
+compiler cannot inline); tests/test_triton_compile.py runs it in a subprocess.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
+# (candidates per row, k + 1, tiles) of the main encode path at shapes A, B, C, D
+SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
+
+
+def _p2(n, lo=16):
+    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def cases():
+    """(name, kernel, argument types (others i32), constexprs, compile options)."""
+    out = []
+    for dtype in ("bf16", "fp32"):
+        for tma in (True, False) if dtype != "fp32" else (False,):  # as _gemm_args picks
+            for thr in (False, True):
+                desc = f"tensordesc<{dtype}[128,64]>" if tma else f"*{dtype}"
+                out.append((f"encode_top-{dtype}-tma{int(tma)}-thr{int(thr)}",
+                            "_encode_top_kernel",
+                            dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", x_desc=desc,
+                                 w_desc=desc, b_ptr=f"*{dtype}", thr_ptr=f"*{dtype}",
+                                 cand_ptr="*i64", act_ptr="*i32"),
+                            dict(GEMM, TOPM=4, HAS_THR=thr, TMA=tma, IEEE=dtype == "fp32"),
+                            dict(num_warps=8, num_stages=3)))
+    for sample in (True, False):
+        out.append((f"encode_append-sample{int(sample)}", "_encode_kernel",
+                    dict(x_ptr="*bf16", w_ptr="*bf16", x_desc="tensordesc<bf16[128,64]>",
+                         w_desc="tensordesc<bf16[128,64]>", b_ptr="*bf16", thr_ptr="*bf16",
+                         lo_ptr="*fp32", buf_ptr="*fp32" if sample else "*i64",
+                         cnt_ptr="*i32", act_ptr="*i32"),
+                    dict(GEMM, SAMPLE=sample, HAS_THR=True, TMA=True, WIDE=False),
+                    dict(num_warps=8, num_stages=3)))
+    for shape, (L, kk, nt) in zip("ABCD", SELECT):
+        block, KP = _p2(L), _p2(kk, 2)
+        out.append((f"select_top-{shape}", "_select_top_kernel",
+                    dict(cand_ptr="*i64", out_ptr="*i64", bad_ptr="*i32", list_ptr="*i32",
+                         nlist_ptr="*i32"),
+                    dict(BLOCK=block, KP=KP, TOPM=L // nt, BLOCK_T=_p2(nt)),
+                    dict(num_warps=4 if block <= 2048 else 8)))
+        out.append((f"fixup-{shape}", "_fixup_kernel",
+                    dict(list_ptr="*i32", nlist_ptr="*i32", keys_ptr="*i64", bad_ptr="*i32",
+                         cand_ptr="*i64", fin_ptr="*i8", x_ptr="*bf16", w_ptr="*bf16",
+                         b_ptr="*bf16"),
+                    dict(TOPM=L // nt, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=128, TB=max(128, KP),
+                         BLOCK_D=32),
+                    dict(num_warps=4)))
+        for has_bad, thr in ((True, False), (False, True)):
+            out.append((f"finish-{shape}-bad{int(has_bad)}-thr{int(thr)}", "_finish_kernel",
+                        dict(keys_ptr="*i64", bad_ptr="*i32", fin_ptr="*i8", thr_ptr="*bf16",
+                             act_ptr="*i32", val_ptr="*fp32", idx_ptr="*i64", ovf_ptr="*i8",
+                             left_ptr="*i8"),
+                        dict(HAS_BAD=has_bad, HAS_THR=thr, KP=KP), dict(num_warps=4)))
+    out.append(("select_append", "_select_kernel",
+                dict(buf_ptr="*i64", cnt_ptr="*i32", out_ptr="*i64"), dict(BLOCK=2048, KP=128),
+                dict(num_warps=4)))
+    for has in ((True, True, True, True), (False, False, True, False),
+                (False, True, True, False)):
+        out.append(("edit_decode-" + "".join(str(int(h)) for h in has), "_edit_decode_kernel",
+                    dict(out_ptr="*bf16", x_ptr="*bf16", base_ptr="*fp32", coef_ptr="*fp32",
+                         idx_ptr="*i64", w_ptr="*bf16", a_ptr="*fp32", m_ptr="*fp32"),
+                    dict(zip(("HAS_X", "HAS_BASE", "HAS_COEF", "HAS_H"), has), BLOCK_K=32,
+                         BLOCK_C=256, BLOCK_H=16),
+                    dict(num_warps=4)))
+    out.append(("gather_dot", "_gather_dot_kernel",
+                dict(out_ptr="*fp32", a_ptr="*bf16", idx_ptr="*i64", w_ptr="*bf16"),
+                dict(BLOCK_K=64, BLOCK_C=128), dict(num_warps=4)))
+    for sub in (True, False):
+        out.append((f"segment_rows-sub{int(sub)}", "_segment_rows_kernel",
+                    dict(out_ptr="*bf16", csum_ptr="*fp32", off_ptr="*i64", order_ptr="*i64",
+                         active_ptr="*i64", coef_ptr="*bf16", src_ptr="*bf16",
+                         sub_ptr="*bf16"),
+                    "SEGMENT", None))
+    return out
+
+
+def compile_case(T, case):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+    name, kernel, types, constexprs, options = case
+    if constexprs == "SEGMENT":  # the launcher's tunables
+        constexprs = dict(HAS_SUB=name.endswith("1"), BLOCK_E=T.SEGMENT["block_e"],
+                          BLOCK_C=T.SEGMENT["block_c"])
+        options = dict(num_warps=T.SEGMENT["num_warps"])
+    fn = getattr(T, kernel)
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                           target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # reported, not raised: every case gets a verdict
+        return dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[-3000:])
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
+                            os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    return dict(name=name, ok=r.returncode == 0, error=r.stderr[-3000:],
+                regs=int(regs.group(1)) if regs else None,
+                spill_bytes=sum(int(b) for b in re.findall(r"(\d+) bytes spill", r.stderr)),
+                shared=k.metadata.shared)
+
+
+def _run(i):
+    from sae_sparse import _triton as T
+    return compile_case(T, cases()[i])
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("run without TRITON_INTERPRET=1")
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        for res in pool.map(_run, range(len(cases()))):
+            print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
