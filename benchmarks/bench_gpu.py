@@ -12,6 +12,7 @@ Ours: encode (topk_encode), decode (sparse_decode), edit step (encode + adapter 
 fwd+bwd, frozen SAE), SAE train step (all SAE grads).
 
     python benchmarks/bench_gpu.py [--shapes A,B,C,D] [--save]
+    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # plumbing check on CPU
 """
 import argparse
 import datetime
@@ -23,26 +24,14 @@ import torch.nn.functional as F
 import triton
 
 import sae_sparse as ss
+from _bench import Bench
 from sae_sparse import _triton
 
-SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
-          "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def bench(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    ms, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return ms, lo, hi, peak
-
-
-def rows_for(name, N, D, S, k, h=16):
-    dev, dt = "cuda", torch.bfloat16
+def rows_for(B, name, N, D, S, k, h=16):
+    dev, dt = B.device, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(N, D, device=dev, generator=g).to(dt)
     W_enc = (torch.randn(S, D, device=dev, generator=g) / D ** 0.5).to(dt)
@@ -59,7 +48,7 @@ def rows_for(name, N, D, S, k, h=16):
           dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec).items()}
 
     def sparsify_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             pre = F.relu(F.linear(x - sp["b_dec"], sp["W_enc"], sp["b_enc"]))
             v, i = pre.topk(k, sorted=False)
             y = F.embedding_bag(i, sp["W_dec"], per_sample_weights=v.float(),
@@ -89,8 +78,11 @@ def rows_for(name, N, D, S, k, h=16):
     out = {}
     for n, fn in fns.items():
         try:
-            out[n] = bench(fn)
+            peak = B.peak_extra(fn)
+            out[n] = (*B.ms(fn, quantiles=[0.5, 0.2, 0.8]), peak)
         except Exception as e:  # report, keep going
+            if B.smoke:
+                raise
             out[n] = (float("nan"),) * 4
             print(f"{name} {n}: {type(e).__name__}: {e}")
     gathered = N * k * D * 2  # bytes of the decode's gathered rows (bf16)
@@ -101,8 +93,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="A,B,C,D")
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on CPU (needs TRITON_INTERPRET=1): checks the script runs")
     a = ap.parse_args()
-    card = torch.cuda.get_device_name()
+    B = Bench(a.smoke)
+    card = B.card()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                             capture_output=True, text=True).stdout.strip()
     head = (f"{card}; torch {torch.__version__}; triton {triton.__version__}; "
@@ -110,8 +105,10 @@ def main():
     lines = [f"# GPU benchmark\n\n{head}\n", "| shape | op | median ms | p20–p80 | × gemm | "
              "peak extra MiB | note |", "|---|---|---|---|---|---|---|"]
     for s in a.shapes.split(","):
-        N, D, S, k = SHAPES[s]
-        res, gathered = rows_for(s, N, D, S, k)
+        if s not in B.shapes:
+            continue
+        N, D, S, k = B.shapes[s]
+        res, gathered = rows_for(B, s, N, D, S, k)
         g = res["gemm"][0]
         for n, (ms, lo, hi, peak) in res.items():
             note = (f"{gathered / ms / 1e9:.2f} TB/s gathered" if "decode" in n or n ==
@@ -120,7 +117,7 @@ def main():
                          f"{ms / g:.2f} | {peak:.0f} | {note} |")
     text = "\n".join(lines)
     print(text)
-    if a.save:
+    if a.save and not a.smoke:
         path = os.path.join(HERE, "results",
                             f"gpu-{card.replace(' ', '_')}-{datetime.date.today()}.md")
         with open(path, "w") as f:

@@ -1,0 +1,44 @@
+"""What the GPU benchmark scripts share: shapes A-D of the GPU issue, timing and peak memory,
+and a --smoke mode that runs a script end to end on tiny shapes on CPU under the Triton
+interpreter (TRITON_INTERPRET=1), so a broken script shows up in CI, not on a GPU lease."""
+import time
+
+import torch
+
+SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
+          "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
+SMOKE_SHAPES = {"A": (24, 32, 600, 4), "B": (20, 24, 1100, 5)}
+
+
+class Bench:
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.device = "cpu" if smoke else "cuda"
+        self.shapes = SMOKE_SHAPES if smoke else SHAPES
+
+    def card(self) -> str:
+        return "CPU smoke run (Triton interpreter)" if self.smoke else torch.cuda.get_device_name()
+
+    def ms(self, fn, quantiles=None):
+        """Median ms (do_bench; with quantiles, (median, q20, q80)); one timed call in smoke."""
+        if self.smoke:
+            t0 = time.perf_counter()
+            fn()
+            t = (time.perf_counter() - t0) * 1e3
+            return (t, t, t) if quantiles else t
+        import triton
+        if quantiles:
+            return tuple(triton.testing.do_bench(fn, quantiles=quantiles))
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def peak_extra(self, fn) -> float:
+        """MiB allocated at peak beyond what was allocated before fn (nan in smoke)."""
+        if self.smoke:
+            fn()
+            return float("nan")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20

@@ -1,0 +1,24 @@
+"""The GPU benchmark scripts run end to end (--smoke: tiny shapes, CPU, Triton interpreter),
+so a script broken by a kernel-library change fails here rather than on a GPU lease."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sae_sparse as ss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif("triton" not in ss.available_backends(), reason="needs triton")
+
+
+@pytest.mark.parametrize("script", ["bench_gpu.py", "encode_sweep.py"])
+def test_gpu_benchmark_script_smoke(script):
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke",
+                          "--shapes", "A"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| A")]
+    assert table and not any("nan" in line.split("|")[3] for line in table), out.stdout
