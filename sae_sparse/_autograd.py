@@ -75,15 +75,17 @@ def make_ops(get_lib, name: str):
             S, k = W_enc.shape[0], values.shape[1]
             dpre = torch.where(values != 0, dvalues, torch.zeros_like(dvalues)).contiguous()
             dx = dW = db = dbp = None
-            if _needs(ctx, 0) or _needs(ctx, 4):
-                dx, _ = get_lib().edit_decode_fwd(None, dpre, indices, W_enc, None, None, None,
-                                                  None, None, None, 0, _MODES["plain"])
-                if _needs(ctx, 4):
-                    dbp = -dx.sum(0)
-            if _needs(ctx, 1) or _needs(ctx, 2):
+            need_x, need_bp = _needs(ctx, 0), _needs(ctx, 4)
+            if _needs(ctx, 1) or _needs(ctx, 2) or (need_bp and not need_x):
                 off, order, active = get_lib().latent_csr(indices, S)
                 dW, db = get_lib().segment_rows(off, order, active, dpre, x, b_pre, S, k)
-            return dx if _needs(ctx, 0) else None, dW, db, None, dbp, None
+            if need_x:  # dx = sum_j dpre_j W_enc[i_j]: a gather over the N*k selected rows
+                dx, _ = get_lib().edit_decode_fwd(None, dpre, indices, W_enc, None, None, None,
+                                                  None, None, None, 0, _MODES["plain"])
+            if need_bp:  # -sum_n dx_n; without dx the same is -db @ W_enc (db: per latent)
+                dbp = -dx.sum(0) if need_x else -(db @ W_enc)
+            return (dx if need_x else None, dW if _needs(ctx, 1) else None,
+                    db if _needs(ctx, 2) else None, None, dbp, None)
 
     class EditDecode(torch.autograd.Function):
         """y = edit-decode(x, values, indices), given the folded M = W_out W_dec, c = bias W_dec."""

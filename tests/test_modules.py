@@ -87,3 +87,30 @@ def test_low_precision_activations_with_fp32_sae():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     y = ss.sae_edit(x, sae, ad)
     assert y.dtype == torch.bfloat16 and torch.equal(y, x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_sae_training_step_gradients(backend, tied):
+    """An SAE training step (x needs no gradient, b_pre does: the backward takes b_pre's
+    gradient from the per-latent sums, not from a dx) against the float64 torch backend."""
+    dt = dtype_for(backend)
+    g = torch.Generator().manual_seed(2)
+    W_enc, W_dec = torch.randn(2, 170, 20, generator=g, dtype=torch.float64) / 5
+    b_enc, b_dec, b_pre = (0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+                           for n in (170, 20, 20))
+    x = torch.randn(3, 11, 20, generator=g, dtype=torch.float64)
+
+    def step(dtype, be):
+        ps = [t.to(dtype) for t in (W_enc, b_enc, W_dec, b_dec, b_pre)]
+        sae = ss.SAE(*ps[:4], 5, b_pre=ps[3] if tied else ps[4])
+        assert sae.tied_b_pre == tied
+        xx = x.to(dtype)
+        loss = (sae(xx, backend=be) - xx).square().sum()
+        return torch.autograd.grad(loss, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+                                   + ([] if tied else [sae.b_pre]))
+
+    tol = 1e-9 if dt == torch.float64 else 2e-4
+    for n, g1, g0 in zip(("W_enc", "b_enc", "W_dec", "b_dec", "b_pre"), step(dt, backend),
+                         step(torch.float64, "torch")):
+        assert_close(g1, g0, rtol=tol, atol=tol * g0.abs().max().item(), name=n)
