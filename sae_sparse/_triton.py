@@ -416,8 +416,8 @@ def _check(*ts):
 
 # Encode tuning knobs (module-level so benchmarks/encode_sweep.py can sweep them).
 ENCODE = dict(
-    # candidates kept per (row, latent tile); a row is redone when one of its tiles may hide
-    # more. None: the smallest m for which about 1% of rows (or fewer) are redone.
+    # candidates kept per (row, latent tile); a row needs the fix-up when one of its tiles may
+    # hide more. None: the smallest m for which about 1% of rows (or fewer) need it.
     top_m=None,
     # candidate / survivor buffers per row chunk (bounds extra memory; 48 MiB leaves the
     # chunk counts at shapes A-D of the GPU issue as they were at 56 MiB)
