@@ -14,9 +14,10 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
   merges it; ``_finish_kernel`` then writes values, indices and overflow. No host sync until
   the very end; only the rows handed back (non-finite input, heavy ties) cost more.
 * Dictionaries too wide for one candidate select run in latent chunks, merged.
-* Fallback for those rows, small S or large k (``_encode_kernel`` + ``_select_kernel``): a
-  rigorous per-row lower bound from a strided sample of latents (SAMPLE pass), a GEMM pass that
-  appends every entry >= the bound through relaxed atomic row counters, an exact top-k.
+* Fallback for the handed-back rows, small S or large k (``_encode_kernel`` +
+  ``_select_kernel``): a rigorous per-row lower bound from a strided sample of latents (SAMPLE
+  pass), a GEMM pass that appends every entry >= the bound through relaxed atomic row
+  counters, an exact top-k.
 
 Decode and backward: ``_edit_decode_kernel`` (fused edit + decode, one rounding; also h_pre),
 ``_gather_dot_kernel`` (decode backward) and
@@ -24,7 +25,8 @@ Decode and backward: ``_edit_decode_kernel`` (fused edit + decode, one rounding;
 that selected it, after a stable sort by latent; no float atomics; the grouping,
 ``latent_csr``, is sync-free with static sizes).
 
-Tuning knobs live in ``ENCODE``; H100 measurements are in benchmarks/results/.
+Tuning knobs live in ``ENCODE`` and ``SEGMENT``; H100 measurements are in benchmarks/results/;
+tests/hopper_compile.py compiles every kernel for sm_90 without a GPU.
 """
 from __future__ import annotations
 
