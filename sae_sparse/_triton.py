@@ -441,6 +441,10 @@ ENCODE = dict(
 # Not tuned on a GPU yet (the earlier one-pair-per-step loop measured 0.43 ms per call at
 # shape A on an H100, latency-bound).
 SEGMENT = dict(block_e=16, block_c=256, num_warps=4)
+# Gather decode (_edit_decode_kernel): columns per program, gathered rows per step, warps.
+# At these values an H100 measured 0.7-1.4 TB/s on the gathered bytes (target >= 2):
+# benchmarks/decode_sweep.py sweeps them.
+DECODE = dict(block_c=256, block_k=32, num_warps=4)
 _ERR_UNIT = 2.0 ** -22  # per-operation error unit of a tensor-core fp32 sum; 2x the ulp bound
 _SM_COUNT = {}
 
@@ -694,7 +698,7 @@ def _gather_decode(out, coef, idx, W, x=None, base=None, a=None, M=None):
     if N == 0 or C == 0:
         return out
     H = a.shape[1] if a is not None else 0
-    BLOCK_C = min(256, _p2(C))
+    BLOCK_C = min(DECODE["block_c"], _p2(C))
     dummy = idx
     _edit_decode_kernel[(N, triton.cdiv(C, BLOCK_C))](
         out, x.contiguous() if x is not None else dummy,
@@ -702,8 +706,8 @@ def _gather_decode(out, coef, idx, W, x=None, base=None, a=None, M=None):
         coef.contiguous() if coef is not None else dummy, idx.contiguous(), W.contiguous(),
         a.contiguous() if a is not None else dummy, M.contiguous() if a is not None else dummy,
         K, C, H, HAS_X=x is not None, HAS_BASE=base is not None, HAS_COEF=coef is not None,
-        HAS_H=a is not None, BLOCK_K=min(32, _p2(K)), BLOCK_C=BLOCK_C, BLOCK_H=_p2(H),
-        num_warps=1 if interpreting() else 4)
+        HAS_H=a is not None, BLOCK_K=min(DECODE["block_k"], _p2(K)), BLOCK_C=BLOCK_C,
+        BLOCK_H=_p2(H), num_warps=1 if interpreting() else DECODE["num_warps"])
     return out
 
 

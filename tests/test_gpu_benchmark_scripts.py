@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif("triton" not in ss.available_backends(), reason="needs triton")
 
 
-@pytest.mark.parametrize("script", ["bench_gpu.py", "encode_sweep.py"])
+@pytest.mark.parametrize("script", ["bench_gpu.py", "encode_sweep.py", "decode_sweep.py"])
 def test_gpu_benchmark_script_smoke(script):
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))

@@ -1,0 +1,71 @@
+"""Sweep the triton gather decode's knobs (sae_sparse._triton.DECODE) on shapes A-D of the GPU
+issue: plain sparse_decode through the kernel library, effective TB/s on the N*k*D gathered
+bytes, against F.embedding_bag in the same run; every config's output checked against it.
+
+    python benchmarks/decode_sweep.py [--shapes A,C]
+    TRITON_INTERPRET=1 python benchmarks/decode_sweep.py --smoke   # plumbing check, CPU
+"""
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from _bench import Bench
+from sae_sparse import _triton as T
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="A,B,C,D")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on CPU (needs TRITON_INTERPRET=1): checks the script runs")
+    a = ap.parse_args()
+    B = Bench(a.smoke)
+    dev = B.device
+    grid = [dict()] + [dict(block_c=c, block_k=kb, num_warps=w) for c, kb, w in
+                       itertools.product((128, 256, 512, 1024), (8, 32, 64), (4, 8))]
+    if a.smoke:
+        grid = grid[:3]
+    default = dict(T.DECODE)
+    print(f"{B.card()} torch {torch.__version__} triton {triton.__version__}")
+    rows = []
+    for name in a.shapes.split(","):
+        if name not in B.shapes:
+            continue
+        N, D, S, k = B.shapes[name]
+        g = torch.Generator(device=dev).manual_seed(0)
+        W = (torch.randn(S, D, device=dev, generator=g) / D ** 0.5).bfloat16()
+        idx = torch.randint(0, S, (N, k), device=dev, generator=g)
+        vals = torch.rand(N, k, device=dev, generator=g).bfloat16()
+        gathered = N * k * D * W.element_size()
+        ref = F.embedding_bag(idx, W.float(), per_sample_weights=vals.float(), mode="sum")
+        t0 = B.ms(lambda: F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"))
+        rows.append((name, "embedding_bag", t0, gathered / t0 / 1e9, ""))
+        for cfg in grid:
+            T.DECODE.clear()
+            T.DECODE.update(default, **cfg)
+            label = ",".join(f"{k_}={v}" for k_, v in cfg.items()) or "default"
+            out = torch.empty(N, D, dtype=W.dtype, device=dev)
+            fn = lambda: T._gather_decode(out, vals, idx, W)  # noqa: E731
+            try:
+                t = B.ms(fn)
+                fn()
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                rows.append((name, "decode " + label, t, gathered / t / 1e9, f"rel err {err:.1e}"))
+            except Exception as e:  # report and go on
+                if a.smoke:
+                    raise
+                rows.append((name, "decode " + label, float("nan"), float("nan"),
+                             f"{type(e).__name__}: {str(e)[:80]}"))
+            print(*rows[-1], flush=True)
+        T.DECODE.clear()
+        T.DECODE.update(default)
+    print("\n| shape | what | median ms | TB/s gathered | note |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]} |")
+
+
+if __name__ == "__main__":
+    main()
