@@ -2,10 +2,10 @@
 
 ``backend=None`` picks the fastest backend available for the tensors' device:
 CPU -> ``cpp`` (if the extension was built) else ``torch``; CUDA -> ``triton`` (if triton is
-installed; not for float64, which the triton kernels do not take) else ``torch``. The ``triton`` backend runs on CPU tensors only under the Triton
-interpreter (``TRITON_INTERPRET=1``, for tests) and is never picked there by default. The
-environment variable ``SAE_SPARSE_BACKEND`` forces one backend for every call that does not
-name one.
+installed; not for float64, which the triton kernels do not take) else ``torch``. The
+``triton`` backend runs on CPU tensors only under the Triton interpreter
+(``TRITON_INTERPRET=1``, for tests) and is never picked there by default. The environment
+variable ``SAE_SPARSE_BACKEND`` forces one backend for every call that does not name one.
 """
 from __future__ import annotations
 
