@@ -1,6 +1,7 @@
-"""Sweep the triton gather decode's knobs (sae_sparse._triton.DECODE) on shapes A-D of the GPU
-issue: plain sparse_decode through the kernel library, effective TB/s on the N*k*D gathered
-bytes, against F.embedding_bag in the same run; every config's output checked against it.
+"""Sweep the triton gather decode's knobs (sae_sparse._triton.DECODE) and its backward's
+(GATHER_DOT) on shapes A-D of the GPU issue: plain sparse_decode through the kernel library and
+the gather-dot of its backward, effective TB/s on the N*k*D gathered bytes, against
+F.embedding_bag in the same run; every config's output checked.
 
     python benchmarks/decode_sweep.py [--shapes A,C]
     TRITON_INTERPRET=1 python benchmarks/decode_sweep.py --smoke   # plumbing check, CPU
@@ -62,6 +63,30 @@ def main():
             print(*rows[-1], flush=True)
         T.DECODE.clear()
         T.DECODE.update(default)
+        # the decode's backward: dvalues[n, j] = dy[n] . W[idx[n, j]]
+        dy = torch.randn(N, D, device=dev, generator=g).bfloat16()
+        want = (W.float()[idx] * dy.float()[:, None, :]).sum(-1)
+        gd_default = dict(T.GATHER_DOT)
+        gd_grid = [dict()] + [dict(block_c=c, num_warps=w)
+                              for c, w in itertools.product((32, 64, 128, 256), (4, 8))]
+        for cfg in gd_grid[:2] if a.smoke else gd_grid:
+            T.GATHER_DOT.clear()
+            T.GATHER_DOT.update(gd_default, **cfg)
+            label = ",".join(f"{k_}={v}" for k_, v in cfg.items()) or "default"
+            try:
+                t = B.ms(lambda: T._gather_dot(dy, idx, W))
+                err = ((T._gather_dot(dy, idx, W) - want).abs().max()
+                       / want.abs().max()).item()
+                rows.append((name, "gather_dot " + label, t, gathered / t / 1e9,
+                             f"rel err {err:.1e}"))
+            except Exception as e:  # report and go on
+                if a.smoke:
+                    raise
+                rows.append((name, "gather_dot " + label, float("nan"), float("nan"),
+                             f"{type(e).__name__}: {str(e)[:80]}"))
+            print(*rows[-1], flush=True)
+        T.GATHER_DOT.clear()
+        T.GATHER_DOT.update(gd_default)
     print("\n| shape | what | median ms | TB/s gathered | note |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]} |")

@@ -445,6 +445,9 @@ SEGMENT = dict(block_e=16, block_c=256, num_warps=4)
 # At these values an H100 measured 0.7-1.4 TB/s on the gathered bytes (target >= 2):
 # benchmarks/decode_sweep.py sweeps them.
 DECODE = dict(block_c=256, block_k=32, num_warps=4)
+# Its backward (_gather_dot_kernel: all k rows x block_c columns per step). At 128 columns and
+# k = 64 it compiles to 254 registers on sm_90 (tests/hopper_compile.py); not tuned on a GPU.
+GATHER_DOT = dict(block_c=128, num_warps=4)
 _ERR_UNIT = 2.0 ** -22  # per-operation error unit of a tensor-core fp32 sum; 2x the ulp bound
 _SM_COUNT = {}
 
@@ -712,13 +715,15 @@ def _gather_decode(out, coef, idx, W, x=None, base=None, a=None, M=None):
 
 
 def _gather_dot(a, idx, W):
+    """out[n, j] = a[n] . W[idx[n, j]] in fp32 (the decode's backward)."""
     N, K = idx.shape
     out = torch.empty(N, K, dtype=torch.float32, device=a.device)
     if N == 0:
         return out
     C = W.shape[1]
     _gather_dot_kernel[(N,)](out, a.contiguous(), idx.contiguous(), W.contiguous(), K, C,
-                             BLOCK_K=_p2(K), BLOCK_C=min(128, _p2(C)))
+                             BLOCK_K=_p2(K), BLOCK_C=min(GATHER_DOT["block_c"], _p2(C)),
+                             num_warps=1 if interpreting() else GATHER_DOT["num_warps"])
     return out
 
 

@@ -26,7 +26,8 @@ def _p2(n, lo=16):
 
 
 def cases():
-    """(name, kernel, argument types (others i32), constexprs, compile options)."""
+    """(name, kernel, argument types (others i32), constexprs, compile options); constexprs
+    (knobs, fixed) takes block sizes and warps from that tuning dict of sae_sparse._triton."""
     out = []
     for dtype in ("bf16", "fp32"):
         for tma in (True, False) if dtype != "fp32" else (False,):  # as _gemm_args picks
@@ -75,18 +76,18 @@ def cases():
         out.append(("edit_decode-" + "".join(str(int(h)) for h in has), "_edit_decode_kernel",
                     dict(out_ptr="*bf16", x_ptr="*bf16", base_ptr="*fp32", coef_ptr="*fp32",
                          idx_ptr="*i64", w_ptr="*bf16", a_ptr="*fp32", m_ptr="*fp32"),
-                    dict(zip(("HAS_X", "HAS_BASE", "HAS_COEF", "HAS_H"), has), BLOCK_K=32,
-                         BLOCK_C=256, BLOCK_H=16),
-                    dict(num_warps=4)))
+                    ("DECODE", dict(zip(("HAS_X", "HAS_BASE", "HAS_COEF", "HAS_H"), has),
+                                    BLOCK_H=16)),
+                    None))
     out.append(("gather_dot", "_gather_dot_kernel",
                 dict(out_ptr="*fp32", a_ptr="*bf16", idx_ptr="*i64", w_ptr="*bf16"),
-                dict(BLOCK_K=64, BLOCK_C=128), dict(num_warps=4)))
+                ("GATHER_DOT", dict(BLOCK_K=64)), None))
     for sub in (True, False):
         out.append((f"segment_rows-sub{int(sub)}", "_segment_rows_kernel",
                     dict(out_ptr="*bf16", csum_ptr="*fp32", off_ptr="*i64", order_ptr="*i64",
                          active_ptr="*i64", coef_ptr="*bf16", src_ptr="*bf16",
                          sub_ptr="*bf16"),
-                    "SEGMENT", None))
+                    ("SEGMENT", dict(HAS_SUB=sub)), None))
     return out
 
 
@@ -96,10 +97,15 @@ def compile_case(T, case):
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
     name, kernel, types, constexprs, options = case
-    if constexprs == "SEGMENT":  # the launcher's tunables
-        constexprs = dict(HAS_SUB=name.endswith("1"), BLOCK_E=T.SEGMENT["block_e"],
-                          BLOCK_C=T.SEGMENT["block_c"])
-        options = dict(num_warps=T.SEGMENT["num_warps"])
+    if isinstance(constexprs, tuple):  # the launcher's tunables, read from the module
+        knobs, constexprs = constexprs[0], dict(constexprs[1])
+        tune = getattr(T, knobs)
+        constexprs["BLOCK_C"] = tune["block_c"]
+        if knobs == "SEGMENT":
+            constexprs["BLOCK_E"] = tune["block_e"]
+        if knobs == "DECODE":
+            constexprs["BLOCK_K"] = tune["block_k"]
+        options = dict(num_warps=tune["num_warps"])
     fn = getattr(T, kernel)
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     try:
