@@ -42,3 +42,32 @@ class Bench:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+    def sweep(self, rows, shape, what, knobs, grid, measure):
+        """For each config of `grid` (updates to the tuning dict `knobs`): append the row
+        (shape, "<what> <config>", *measure()) -- measure returns (ms, figure, note); an error
+        becomes a row of nan in a GPU run and is raised in smoke. `knobs` is restored after."""
+        default = dict(knobs)
+        try:
+            for cfg in grid:
+                knobs.clear()
+                knobs.update(default, **cfg)
+                label = f"{what} " + (",".join(f"{k}={v}" for k, v in cfg.items()) or "default")
+                try:
+                    rows.append((shape, label, *measure()))
+                except Exception as e:  # report and go on
+                    if self.smoke:
+                        raise
+                    rows.append((shape, label, float("nan"), float("nan"),
+                                 f"{type(e).__name__}: {str(e)[:80]}"))
+                print(*rows[-1], flush=True)
+        finally:
+            knobs.clear()
+            knobs.update(default)
+
+
+def table(rows, figure: str):
+    """The rows as a markdown table: shape, what, median ms, `figure`, note."""
+    print(f"\n| shape | what | median ms | {figure} | note |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]} |")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from _bench import Bench
+from _bench import Bench, table
 from sae_sparse import _triton as T
 
 
@@ -29,7 +29,6 @@ def main():
                        itertools.product((128, 256, 512, 1024), (8, 32, 64), (4, 8))]
     if a.smoke:
         grid = grid[:3]
-    default = dict(T.DECODE)
     print(f"{B.card()} torch {torch.__version__} triton {triton.__version__}")
     rows = []
     for name in a.shapes.split(","):
@@ -44,52 +43,27 @@ def main():
         ref = F.embedding_bag(idx, W.float(), per_sample_weights=vals.float(), mode="sum")
         t0 = B.ms(lambda: F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"))
         rows.append((name, "embedding_bag", t0, gathered / t0 / 1e9, ""))
-        for cfg in grid:
-            T.DECODE.clear()
-            T.DECODE.update(default, **cfg)
-            label = ",".join(f"{k_}={v}" for k_, v in cfg.items()) or "default"
-            out = torch.empty(N, D, dtype=W.dtype, device=dev)
-            fn = lambda: T._gather_decode(out, vals, idx, W)  # noqa: E731
-            try:
-                t = B.ms(fn)
-                fn()
-                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                rows.append((name, "decode " + label, t, gathered / t / 1e9, f"rel err {err:.1e}"))
-            except Exception as e:  # report and go on
-                if a.smoke:
-                    raise
-                rows.append((name, "decode " + label, float("nan"), float("nan"),
-                             f"{type(e).__name__}: {str(e)[:80]}"))
-            print(*rows[-1], flush=True)
-        T.DECODE.clear()
-        T.DECODE.update(default)
+        out = torch.empty(N, D, dtype=W.dtype, device=dev)
+
+        def decode():
+            t = B.ms(lambda: T._gather_decode(out, vals, idx, W))
+            T._gather_decode(out, vals, idx, W)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            return t, gathered / t / 1e9, f"rel err {err:.1e}"
+        B.sweep(rows, name, "decode", T.DECODE, grid, decode)
         # the decode's backward: dvalues[n, j] = dy[n] . W[idx[n, j]]
         dy = torch.randn(N, D, device=dev, generator=g).bfloat16()
         want = (W.float()[idx] * dy.float()[:, None, :]).sum(-1)
-        gd_default = dict(T.GATHER_DOT)
+
+        def gather_dot():
+            t = B.ms(lambda: T._gather_dot(dy, idx, W))
+            err = ((T._gather_dot(dy, idx, W) - want).abs().max() / want.abs().max()).item()
+            return t, gathered / t / 1e9, f"rel err {err:.1e}"
         gd_grid = [dict()] + [dict(block_c=c, num_warps=w)
                               for c, w in itertools.product((32, 64, 128, 256), (4, 8))]
-        for cfg in gd_grid[:2] if a.smoke else gd_grid:
-            T.GATHER_DOT.clear()
-            T.GATHER_DOT.update(gd_default, **cfg)
-            label = ",".join(f"{k_}={v}" for k_, v in cfg.items()) or "default"
-            try:
-                t = B.ms(lambda: T._gather_dot(dy, idx, W))
-                err = ((T._gather_dot(dy, idx, W) - want).abs().max()
-                       / want.abs().max()).item()
-                rows.append((name, "gather_dot " + label, t, gathered / t / 1e9,
-                             f"rel err {err:.1e}"))
-            except Exception as e:  # report and go on
-                if a.smoke:
-                    raise
-                rows.append((name, "gather_dot " + label, float("nan"), float("nan"),
-                             f"{type(e).__name__}: {str(e)[:80]}"))
-            print(*rows[-1], flush=True)
-        T.GATHER_DOT.clear()
-        T.GATHER_DOT.update(gd_default)
-    print("\n| shape | what | median ms | TB/s gathered | note |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]} |")
+        B.sweep(rows, name, "gather_dot", T.GATHER_DOT, gd_grid[:2] if a.smoke else gd_grid,
+                gather_dot)
+    table(rows, "TB/s gathered")
 
 
 if __name__ == "__main__":

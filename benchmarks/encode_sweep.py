@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from _bench import Bench
+from _bench import Bench, table
 from sae_sparse import _triton as T
 
 
@@ -29,7 +29,6 @@ def main():
     a = ap.parse_args()
     B = Bench(a.smoke)
     dev = B.device
-    default = dict(T.ENCODE)
     grid = [dict(), dict(top_m=3), dict(top_m=5), dict(programs_per_sm=2), dict(tma=False),
             dict(num_stages=4), dict(num_warps=4)]
     if a.smoke:
@@ -53,25 +52,14 @@ def main():
         ref_idx = torch.topk(F.linear(x, W, b).float(), k).indices.sort(1).values
         rows.append((name, "gemm", gemm, 1.0, ""))
         rows.append((name, "linear+topk", base, base / gemm, ""))
-        for cfg in grid:
-            T.ENCODE.clear()
-            T.ENCODE.update(default, **cfg)
-            label = ",".join(f"{k_}={v}" for k_, v in cfg.items()) or "default"
-            try:
-                t = B.ms(lambda: T.topk_encode(x, W, b, k, None, None))
-                _, idx, _ = T.topk_encode(x, W, b, k, None, None)
-                agree = (idx.sort(1).values == ref_idx).float().mean().item()
-                mem = B.peak_extra(lambda: T.topk_encode(x, W, b, k, None, None))
-                rows.append((name, "encode " + label, t, t / gemm,
-                             f"agree {agree:.4f}, peak +{mem:.0f} MiB"))
-            except Exception as e:  # report and go on
-                if a.smoke:
-                    raise
-                rows.append((name, "encode " + label, float("nan"), float("nan"),
-                             f"{type(e).__name__}: {str(e)[:80]}"))
-            print(*rows[-1], flush=True)
-        T.ENCODE.clear()
-        T.ENCODE.update(default)
+
+        def encode():
+            t = B.ms(lambda: T.topk_encode(x, W, b, k, None, None))
+            _, idx, _ = T.topk_encode(x, W, b, k, None, None)
+            agree = (idx.sort(1).values == ref_idx).float().mean().item()
+            mem = B.peak_extra(lambda: T.topk_encode(x, W, b, k, None, None))
+            return t, t / gemm, f"agree {agree:.4f}, peak +{mem:.0f} MiB"
+        B.sweep(rows, name, "encode", T.ENCODE, grid, encode)
         # the parts, default config, one row chunk
         kk = k + 1
         top_m, bounds = T._plan(kk, S, D)
@@ -118,10 +106,7 @@ def main():
             rows.append((name, f"part: {part} (x{scale:.0f} chunks of {rws} rows)", t * scale,
                          t * scale / gemm, note))
             print(*rows[-1], flush=True)
-    print("\n| shape | what | median ms | x gemm | note |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]} |")
-
+    table(rows, "x gemm")
 
 if __name__ == "__main__":
     main()

@@ -638,8 +638,7 @@ def _encode_main(xc, W, b, kk, thr, act, k, fin, out, top_m, bounds):
             s0, s1 = t0 * BS, min(S, t1 * BS)
             _encode_top(xc[sl], W[s0:s1], b[s0:s1], kk, thr[s0:s1] if thr is not None else None,
                         act[sl], fin[sl], top_m, keys[sl], bad[sl], col0=s0)
-            more = bad[sl].clone()
-            unsettled = more if unsettled is None else unsettled.add_(more)
+            unsettled = bad[sl].clone() if unsettled is None else unsettled.add_(bad[sl])
             both = keys[sl] if run is None else torch.cat([run, keys[sl]], 1)
             run = torch.topk(both, kk, dim=1).values
         _finish(tuple(t[sl] for t in out), run, fin[sl], thr, act[sl], k, unsettled)

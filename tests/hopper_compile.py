@@ -21,13 +21,10 @@ GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_
 SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
 
 
-def _p2(n, lo=16):
-    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
-
-
 def cases():
     """(name, kernel, argument types (others i32), constexprs, compile options); constexprs
     (knobs, fixed) takes block sizes and warps from that tuning dict of sae_sparse._triton."""
+    from sae_sparse._triton import _p2  # the launchers' block-size rounding
     out = []
     for dtype in ("bf16", "fp32"):
         for tma in (True, False) if dtype != "fp32" else (False,):  # as _gemm_args picks

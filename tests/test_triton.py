@@ -155,9 +155,9 @@ def test_triton_bf16_gradients_reach_every_parameter():
 
 
 def _fallback_rows(monkeypatch, where):
-    """where="device": fail if a row reaches the host-side fallback (the device fix-up must
-    settle it). where="host": fix_tiles=0 sends every flagged row to the fallback; returns the
-    list of row counts the fallback received."""
+    """Spies on the host-side fallback; returns the list of row counts it received.
+    where="device": fail if a row reaches it (the device fix-up must settle it);
+    "host": fix_tiles=0 sends every flagged row to it; "count": only count."""
     from sae_sparse import _triton
     calls, real = [], _triton._encode_append
 
@@ -170,6 +170,20 @@ def _fallback_rows(monkeypatch, where):
     if where == "host":
         monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 0)
     return calls
+
+
+def _encode_matches_reference(t, k, *, b_pre=False, threshold=False):
+    """The triton encode (fp32) of a make_case case against the fp64 torch backend: the same
+    indices and overflow count, values within 1e-4."""
+    ts = [t["x"], t["W_enc"], t["b_enc"], t["b_pre"] if b_pre else None,
+          t["threshold"] if threshold else None]
+    f = lambda u: u.float().to(DEVICE) if u is not None else None  # noqa: E731
+    kw = dict(return_overflow=True)
+    v, i, n = topk_encode(*map(f, ts[:3]), k, b_pre=f(ts[3]), threshold=f(ts[4]),
+                          backend="triton", **kw)
+    v0, i0, n0 = topk_encode(*ts[:3], k, b_pre=ts[3], threshold=ts[4], backend="torch", **kw)
+    assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
+    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
 
 
 @pytest.mark.parametrize("where", ["device", "host"])
@@ -213,15 +227,7 @@ def test_triton_encode_device_fixup_settles_many_tiles(monkeypatch, top_m, thres
     N, D, k = 9, 21, 7
     S = 31 * _triton._blocks(D)[1] + 5  # 32 tiles (997 latents in the interpreter)
     t = make_case(N, D, S, k, b_pre=True, threshold=threshold)
-    x, W, b = t["x"], t["W_enc"], t["b_enc"]
-    thr = t["threshold"] if threshold else None
-    f = lambda u: u.float().to(DEVICE) if u is not None else None  # noqa: E731
-    v, i, n = topk_encode(f(x), f(W), f(b), k, b_pre=f(t["b_pre"]), threshold=f(thr),
-                          backend="triton", return_overflow=True)
-    v0, i0, n0 = topk_encode(x, W, b, k, b_pre=t["b_pre"], threshold=thr, backend="torch",
-                             return_overflow=True)
-    assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
-    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+    _encode_matches_reference(t, k, b_pre=True, threshold=threshold)
 
 
 @pytest.mark.parametrize("top_m", [None, 1])
@@ -245,36 +251,21 @@ def test_triton_encode_latent_chunks(monkeypatch, top_m, threshold):
     plan = _triton._plan(k if threshold else k + 1, S, D)
     assert plan is not None and len(plan[1]) >= 2
     t = make_case(N, D, S, k, b_pre=True, threshold=threshold)
-    thr = t["threshold"] if threshold else None
-    f = lambda u: u.float().to(DEVICE) if u is not None else None  # noqa: E731
-    v, i, n = topk_encode(f(t["x"]), f(t["W_enc"]), f(t["b_enc"]), k, b_pre=f(t["b_pre"]),
-                          threshold=f(thr), backend="triton", return_overflow=True)
-    v0, i0, n0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t["b_pre"],
-                             threshold=thr, backend="torch", return_overflow=True)
-    assert torch.equal(i.cpu(), i0) and int(n) == int(n0)
-    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+    _encode_matches_reference(t, k, b_pre=True, threshold=threshold)
 
 
 def test_triton_encode_rows_beyond_the_fixup_share_go_to_the_host(monkeypatch):
     """With one candidate per tile most rows are flagged; the fix-up takes 2 of them
     (fix_rows), the host-side fallback the rest; all exact."""
     from sae_sparse import _triton
-    calls = []
-    real = _triton._encode_append
-    monkeypatch.setattr(_triton, "_encode_append",
-                        lambda xc, *a: calls.append(xc.shape[0]) or real(xc, *a))
+    calls = _fallback_rows(monkeypatch, "count")
     monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
     monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
     monkeypatch.setitem(_triton.ENCODE, "fix_rows", 2 / 9)
     N, D, k = 9, 21, 4
     S = 31 * _triton._blocks(D)[1] + 5
-    t = make_case(N, D, S, k)
-    v, i = topk_encode(t["x"].float().to(DEVICE), t["W_enc"].float().to(DEVICE),
-                       t["b_enc"].float().to(DEVICE), k, backend="triton")
-    v0, i0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, backend="torch")
+    _encode_matches_reference(make_case(N, D, S, k), k)
     assert calls == [N - 2]
-    assert torch.equal(i.cpu(), i0)
-    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
 
 
 def test_triton_encode_latent_chunks_hand_heavy_rows_to_the_host(monkeypatch):
@@ -285,13 +276,8 @@ def test_triton_encode_latent_chunks_hand_heavy_rows_to_the_host(monkeypatch):
     monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
     N, D, k = 6, 17, 5
     S = 31 * _triton._blocks(D)[1] + 8
-    t = make_case(N, D, S, k)
-    v, i = topk_encode(t["x"].float().to(DEVICE), t["W_enc"].float().to(DEVICE),
-                       t["b_enc"].float().to(DEVICE), k, backend="triton")
-    v0, i0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, backend="torch")
+    _encode_matches_reference(make_case(N, D, S, k), k)
     assert calls and sum(calls) <= N
-    assert torch.equal(i.cpu(), i0)
-    assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
 
 
 @pytest.mark.parametrize("where", ["device", "host"])
