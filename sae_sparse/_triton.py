@@ -12,7 +12,8 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
 * ``_fixup_kernel``: settles the (listed, ~1%) rows with a few such tiles on the device --
   recomputes each tile still flagged against the running (k+1)-th key (a 128 x D GEMV) and
   merges it; ``_finish_kernel`` then writes values, indices and overflow. No host sync until
-  the very end; only the rows handed back (non-finite input, heavy ties) cost more.
+  the very end, which also raises for non-finite input; only rows handed back for heavy ties
+  cost more.
 * Dictionaries too wide for one candidate select run in latent chunks, merged.
 * Fallback for the handed-back rows, small S or large k (``_encode_kernel`` +
   ``_select_kernel``): a rigorous per-row lower bound from a strided sample of latents (SAMPLE
@@ -216,7 +217,7 @@ if triton is not None:
         pid = tl.program_id(0)
         if pid < tl.minimum(tl.load(nlist_ptr), CAP):
             r = tl.load(list_ptr + pid).to(tl.int64)
-            if tl.load(fin_ptr + r) != 0:  # non-finite rows: the host asks the reference
+            if tl.load(fin_ptr + r) != 0:  # non-finite rows: the host raises
                 o = tl.arange(0, KP)
                 keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
                 t = tl.arange(0, BLOCK_T)
@@ -238,7 +239,7 @@ if triton is not None:
                        left_ptr, K, KOUT, S,
                        HAS_BAD: tl.constexpr, HAS_THR: tl.constexpr, KP: tl.constexpr):
         """Row r's keys -> values [N, K] (fp32), indices [N, K], overflow [N]; left[r] = 1
-        hands the row to the host: non-finite input, or flagged tiles the fix-up did not
+        hands the row to the host: non-finite input (an error), or flagged tiles the fix-up did not
         settle (more than its limit: heavy ties)."""
         r = tl.program_id(0).to(tl.int64)
         o = tl.arange(0, KP)
@@ -531,7 +532,7 @@ def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
 
 def _finish(out, keys, fin, thr, act, k, bad=None):
     """keys -> out = (values, indices, overflow as int8, left as int8) for these rows, through
-    _finish_kernel (left: rows the host must redo -- non-finite, or bad > 0)."""
+    _finish_kernel (left: rows the host must look at -- non-finite, or bad > 0)."""
     N, kk = keys.shape
     if N == 0:
         return
@@ -663,32 +664,31 @@ def topk_encode(x, W, b, k, b_pre, thr):
     # Without a JumpReLU threshold, "more than k active latents" is "the (k+1)-th largest
     # pre-activation is > 0", so the kernels select k+1.
     kk = min(S, k + 1) if thr is None else k
-    fin = torch.isfinite(xc).all(1).view(torch.int8)  # non-finite rows: the reference decides
+    fin = torch.isfinite(xc).all(1).view(torch.int8)  # non-finite rows: an error, below
     out = (values, indices, overflow, left)
     plan = _plan(kk, S, D)
     if plan is not None:
         _encode_main(xc, W, b, kk, thr, act, k, fin, out, *plan)
     else:
         _finish(out, _encode_append(xc, W, b, kk, thr, act), fin, thr, act, k)
-    # The one host sync: rows the kernels handed back -- non-finite input, or flagged rows the
-    # fix-up did not take (more flagged tiles than ENCODE["fix_tiles"], i.e. heavy ties, or
-    # beyond its ENCODE["fix_rows"] share of the rows); normally none.
+    # The one host sync: rows the kernels handed back -- non-finite input (an error), or
+    # flagged rows the fix-up did not take (more flagged tiles than ENCODE["fix_tiles"], i.e.
+    # heavy ties, or beyond its ENCODE["fix_rows"] share of the rows); normally none.
     redo = left.nonzero().reshape(-1)
     if redo.numel():
         nonfinite = redo[fin[redo] == 0]
-        heavy = redo[fin[redo] != 0]
-        if heavy.numel():
-            sub = tuple(torch.empty_like(t[heavy]) for t in out)
-            a = act[heavy]
-            keys = _encode_append(xc[heavy], W, b, kk, thr, torch.zeros_like(a))
-            _finish(sub, keys, fin[heavy], thr, a, k)
-            for t, u in zip(out, sub):
-                t[heavy] = u
-        if nonfinite.numel():
-            from .reference import topk_encode_torch
-            values[nonfinite], indices[nonfinite], o = topk_encode_torch(
-                xc[nonfinite], W, b, k, None, thr)
-            overflow[nonfinite] = o.to(torch.int8)
+        if nonfinite.numel():  # checked here rather than by a pass + sync before the kernels
+            rows = nonfinite[:8].tolist()
+            more = f" and {nonfinite.numel() - 8} more" if nonfinite.numel() > 8 else ""
+            what = "x" if b_pre is None else "x - b_pre"
+            raise ValueError(f"x contains NaN or inf ({what} is not finite in rows {rows}{more} "
+                             f"of the [{N}, {D}] input)")
+        sub = tuple(torch.empty_like(t[redo]) for t in out)
+        a = act[redo]
+        keys = _encode_append(xc[redo], W, b, kk, thr, torch.zeros_like(a))
+        _finish(sub, keys, fin[redo], thr, a, k)
+        for t, u in zip(out, sub):
+            t[redo] = u
     return values.to(x.dtype), indices, overflow.view(torch.bool)
 
 

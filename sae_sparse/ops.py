@@ -49,8 +49,9 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
         >>> values, indices = topk_encode(x, W, b, k=8)
     """
     D, S = V.check_encoder(x, W_enc, b_enc, k, b_pre, threshold)
-    V.check_finite(x, "x")
     name = resolve(backend, x.device, x.dtype)
+    if name != "triton":  # the triton kernels check it on the device, at their one host sync
+        V.check_finite(x, "x")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, D)
     args = _lowp_to_fp32(name, x2, W_enc, b_enc, b_pre, threshold)
