@@ -9,7 +9,7 @@ and the ratio to the bare GEMM x @ W_enc.T measured in the same run. Baselines:
                    autocast encoder: dense pre-activations, topk, fp32 embedding_bag decode,
                    MSE, backward to every SAE parameter); ours trains bf16 parameters
 Ours: encode (topk_encode), decode (sparse_decode), edit step (encode + adapter h=16 + decode,
-fwd+bwd, frozen SAE), SAE train step (all SAE grads).
+fwd+bwd, frozen SAE; with and without a gradient for x), SAE train step (all SAE grads).
 
     python benchmarks/bench_gpu.py [--shapes A,B,C,D] [--save]
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # plumbing check on CPU
@@ -59,8 +59,11 @@ def rows_for(B, name, N, D, S, k, h=16):
         y = sae(x, backend="triton")
         (y.float() - x.float()).square().sum(-1).mean().backward()
 
-    def edit_step():
-        xg = x.clone().requires_grad_(True)
+    def edit_step(x_grad=True):
+        # x_grad: the activations need a gradient too (trainable layers below the adapter),
+        # which adds a gather of the N*k selected encoder rows; without it (one adapter on a
+        # frozen model) the step is the encode plus two W_dec gathers (decode and its backward)
+        xg = x.clone().requires_grad_(x_grad)
         ss.sae_edit(xg, frozen, ad, backend="triton").float().square().mean().backward()
 
     fns = {
@@ -73,6 +76,7 @@ def rows_for(B, name, N, D, S, k, h=16):
                                                                           None, None),
         "triton decode": lambda: ss.sparse_decode(vals, idx, W_dec, backend="triton"),
         "triton edit step": edit_step,
+        "triton edit step, x frozen": lambda: edit_step(False),
         "triton SAE step": our_sae_step,
     }
     out = {}
