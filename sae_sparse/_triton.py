@@ -4,9 +4,11 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
 
 * ``_encode_top_kernel``: a persistent tensor-core GEMM (TMA loads where strides allow) over
   (row block, 128-latent tile) pairs of (x - b_pre) W_enc^T + b_enc; its epilogue keeps each
-  row's top-m entries of the tile (row reductions in the accumulator's layout, no atomics) as
-  packed int64 keys (order-preserving 32-bit value << 32 | ~index: one integer order sorts by
-  value and breaks ties by the smaller index). No N x S tensor exists.
+  row's top-m entries of the tile (row reductions in the accumulator's layout, no atomics).
+  Keys are packed int64 (order-preserving 32-bit value << 32 | ~index: one integer order
+  sorts by value and breaks ties by the smaller index). For bf16/fp16 input the epilogue
+  works on one int32 per entry instead (value rounded to odd at 16 mantissa bits, tile column
+  in the low 7) and stores those; see ``_round_odd`` and ``_load_cand``. No N x S tensor.
 * ``_select_top_kernel``: exact top-(k+1) over a row's candidates; counts the tiles that had
   all m candidates at or above the result (each could hide one more).
 * ``_fixup_kernel``: settles the (listed, ~1%) rows with a few such tiles on the device --
@@ -97,9 +99,21 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _pack(v, col):
-        """Order-preserving int64 key: value bits high, ~index low (ties -> smaller index)."""
-        bits = v.to(tl.int32, bitcast=True)
+    def _round_odd(bits, RLOW: tl.constexpr):
+        """fp32 bits rounded to odd with the low bits of mask RLOW dropped (RLOW = 0: as is).
+        Rounding to odd keeps every strict comparison with a number of <= 22 - log2(RLOW + 1)
+        significant bits (bf16/fp16 thresholds, 0), and rounding its result to bf16/fp16 gives
+        the correctly rounded value of the exact one (intermediate precision >= target + 2)."""
+        if RLOW == 0:
+            return bits
+        else:
+            return (bits | ((bits & RLOW) + RLOW)) & ~RLOW
+
+    @triton.jit
+    def _pack(v, col, RLOW: tl.constexpr):
+        """Order-preserving int64 key: value bits high, ~index low (ties -> smaller index);
+        the value rounded to odd first when RLOW > 0 (see _encode_top_kernel's KEY32 path)."""
+        bits = _round_odd(v.to(tl.int32, bitcast=True), RLOW)
         key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         return (key32.to(tl.int64) << 32) | (0xFFFFFFFF - col.to(tl.int64))
 
@@ -114,7 +128,7 @@ if triton is not None:
     def _encode_top_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, cand_ptr, act_ptr,
                            N, S, D, L, COL0,
                            TOPM: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
-                           IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                           IEEE: tl.constexpr, UPCAST: tl.constexpr, RLOW: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                            NUM_PROGS: tl.constexpr):
         """Persistent GEMM over (row block, latent block) tiles, row blocks fastest so the
@@ -136,38 +150,75 @@ if triton is not None:
             rmask = rows < N
             cmask = cols < S
             valid = rmask[:, None] & cmask[None, :]
-            bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            pre = acc + bias[None, :] + 0.0  # + 0.0 turns -0.0 into +0.0
+            # + 0.0 turns a -0.0 bias into +0.0, so no entry of pre is -0.0 (-0.0 + 0.0 = +0.0).
+            # The int32-key path fills the columns past S with -inf: they rank below every
+            # real entry (ties -> smaller column), so no select takes them (the plan leaves
+            # >= kk real candidates per row) and no tile is flagged for them.
+            bias = tl.load(b_ptr + cols, mask=cmask,
+                           other=float("-inf") if RLOW > 0 else 0.0).to(tl.float32) + 0.0
+            pre = acc + bias[None, :]
             if HAS_THR:
                 _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask, valid)
-            pre = tl.where(valid, pre, float("-inf"))
             out = cand_ptr + rows.to(tl.int64) * L + pid_s * TOPM
-            for m in tl.static_range(TOPM):
-                v, j = tl.max(pre, axis=1, return_indices=True,
-                              return_indices_tie_break_left=True)
-                col = pid_s * BLOCK_S + j
-                key = tl.where((col < S) & (v > float("-inf")), _pack(v, col + COL0), _KEY_MIN)
-                tl.store(out + m, key, mask=rmask)
-                if m + 1 < TOPM:
-                    pre = tl.where(local[None, :] == j[:, None], float("-inf"), pre)
+            if RLOW > 0:  # bf16/fp16 input: one int32 key per entry
+                # The order-preserving bits of pre rounded to odd (_round_odd) at 23 - log2
+                # BLOCK_S mantissa bits, the freed low bits holding the reversed tile column:
+                # a plain integer max per row then finds value and column (ties -> smaller
+                # column) at once -- about 3 instructions per entry and candidate, not the
+                # ~7 of a float argmax with a tie-break (SASS, sm_90).
+                tl.static_assert(RLOW == BLOCK_S - 1)
+                bits = _round_odd(pre.to(tl.int32, bitcast=True), RLOW)
+                key = (bits ^ ((bits >> 31) & (0x7FFFFFFF ^ RLOW))) | (RLOW - local)[None, :]
+                for m in tl.static_range(TOPM):  # cand is int32 here (see _load_cand)
+                    mx = tl.max(key, axis=1)
+                    tl.store(out + m, mx, mask=rmask)
+                    if m + 1 < TOPM:
+                        key = tl.where(key == mx[:, None], -2 ** 31, key)
+            else:
+                pre = tl.where(valid, pre, float("-inf"))
+                for m in tl.static_range(TOPM):
+                    v, j = tl.max(pre, axis=1, return_indices=True,
+                                  return_indices_tie_break_left=True)
+                    col = pid_s * BLOCK_S + j
+                    key = tl.where((col < S) & (v > float("-inf")), _pack(v, col + COL0, 0),
+                                   _KEY_MIN)
+                    tl.store(out + m, key, mask=rmask)
+                    if m + 1 < TOPM:
+                        pre = tl.where(local[None, :] == j[:, None], float("-inf"), pre)
+
+    @triton.jit
+    def _load_cand(row_ptr, pos, mask, COL0, TOPM: tl.constexpr, BLOCK_S: tl.constexpr,
+                   RLOW: tl.constexpr):
+        """A row's candidates at positions pos as _pack keys (int64). With RLOW > 0 they are
+        the int32 tile keys of _encode_top_kernel: value bits with the reversed tile column in
+        the low bits; the tile is pos // TOPM, W's first latent COL0."""
+        if RLOW == 0:
+            return tl.load(row_ptr + pos, mask=mask, other=_KEY_MIN)
+        else:
+            c = tl.load(row_ptr + pos, mask=mask, other=-2 ** 31)
+            col = (pos // TOPM) * BLOCK_S + (RLOW - (c & RLOW)) + COL0
+            hi = tl.where(c < 0, c | RLOW, c & ~RLOW)  # _pack's high word
+            key = (hi.to(tl.int64) << 32) | (0xFFFFFFFF - col.to(tl.int64))
+            return tl.where(c != -2 ** 31, key, _KEY_MIN)
 
     @triton.jit
     def _select_top_kernel(cand_ptr, out_ptr, bad_ptr, list_ptr, nlist_ptr, L, KOUT, NT,
-                           LIMIT, CAP,
+                           LIMIT, CAP, COL0,
                            BLOCK: tl.constexpr, KP: tl.constexpr, TOPM: tl.constexpr,
-                           BLOCK_T: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, RLOW: tl.constexpr):
         """out[r] = the KOUT largest candidates of row r; bad[r] = how many tiles had all TOPM
         candidates at or above the KOUT-th (each may hide one more top entry). A row with
         1..LIMIT such tiles is appended to list (CAP slots, counter nlist) for _fixup_kernel."""
         r = tl.program_id(0).to(tl.int64)
         j = tl.arange(0, BLOCK)
-        keys = tl.load(cand_ptr + r * L + j, mask=j < L, other=_KEY_MIN)
+        keys = _load_cand(cand_ptr + r * L, j, j < L, COL0, TOPM, BLOCK_S, RLOW)
         top = tl.topk(keys, KP)
         o = tl.arange(0, KP)
         tl.store(out_ptr + r * KOUT + o, top, mask=o < KOUT)
         kth = tl.min(tl.where(o < KOUT, top, _KEY_MAX), axis=0)
         t = tl.arange(0, BLOCK_T)
-        last = tl.load(cand_ptr + r * L + t * TOPM + (TOPM - 1), mask=t < NT, other=_KEY_MIN)
+        last = _load_cand(cand_ptr + r * L, t * TOPM + (TOPM - 1), t < NT, COL0, TOPM, BLOCK_S,
+                          RLOW)
         nb = tl.sum(((last >= kth) & (t < NT)).to(tl.int32), axis=0)
         tl.store(bad_ptr + r, nb)
         if (nb > 0) & (nb <= LIMIT):
@@ -184,7 +235,7 @@ if triton is not None:
     @triton.jit
     def _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, tile, S, D, COL0,
                     KP: tl.constexpr, BLOCK_S: tl.constexpr, TB: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, RLOW: tl.constexpr):
         """keys (a row's top-KP, descending) with tile `tile` recomputed in full: its entries
         already in keys are dropped and its KP largest merged in (W, b: latents COL0 ...)."""
         j = tl.arange(0, TB)
@@ -199,7 +250,7 @@ if triton is not None:
                         mask=cm[:, None] & dm[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * xv[None, :], axis=1)
         pre = acc + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32) + 0.0
-        tk = tl.topk(tl.where(cm & (pre > float("-inf")), _pack(pre, cols + COL0), _KEY_MIN), KP)
+        tk = tl.topk(tl.where(cm, _pack(pre, cols + COL0, RLOW), _KEY_MIN), KP)
         _, ix = _unpack_keys(keys)
         lo = tile * BLOCK_S + COL0
         keys = tl.where((ix >= lo) & (ix < lo + BLOCK_S), _KEY_MIN, keys)
@@ -209,7 +260,8 @@ if triton is not None:
     def _fixup_kernel(list_ptr, nlist_ptr, keys_ptr, bad_ptr, cand_ptr, fin_ptr, x_ptr, w_ptr,
                       b_ptr, KOUT, S, D, L, NT, CAP, COL0,
                       TOPM: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_S: tl.constexpr, TB: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_S: tl.constexpr, TB: tl.constexpr, BLOCK_D: tl.constexpr,
+                      RLOW: tl.constexpr):
         """Settles the listed rows on the device (no host sync): each tile still flagged
         against the row's running KOUT-th key is recomputed in full (a [BLOCK_S, D] GEMV) and
         merged; the keys are rewritten and bad[r] = 0. Launched on CAP programs; rows that did
@@ -221,15 +273,15 @@ if triton is not None:
                 o = tl.arange(0, KP)
                 keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
                 t = tl.arange(0, BLOCK_T)
-                last = tl.load(cand_ptr + r * L + t * TOPM + (TOPM - 1), mask=t < NT,
-                               other=_KEY_MIN)
+                last = _load_cand(cand_ptr + r * L, t * TOPM + (TOPM - 1), t < NT, COL0, TOPM,
+                                  BLOCK_S, RLOW)
                 prev = -1
                 for _ in range(tl.load(bad_ptr + r)):  # the flagged set only shrinks
                     kth = tl.min(tl.where(o < KOUT, keys, _KEY_MAX), axis=0)
                     nxt = tl.min(tl.where((last >= kth) & (t > prev) & (t < NT), t, NT), axis=0)
                     if nxt < NT:
                         keys = _merge_tile(keys, x_ptr, w_ptr, b_ptr, r, nxt, S, D, COL0, KP,
-                                           BLOCK_S, TB, BLOCK_D)
+                                           BLOCK_S, TB, BLOCK_D, RLOW)
                     prev = nxt
                 tl.store(keys_ptr + r * KOUT + o, keys, mask=o < KOUT)
                 tl.store(bad_ptr + r, 0)
@@ -266,6 +318,7 @@ if triton is not None:
                        act_ptr, N, S, D, CAP, stride_w, stride_b,
                        SAMPLE: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
                        IEEE: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+                       RLOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        NUM_PROGS: tl.constexpr):
         """Persistent GEMM over (row block, latent block) tiles, row blocks fastest, so the
@@ -298,7 +351,7 @@ if triton is not None:
                 keep = (pre >= lo[:, None]) & valid
                 slot = tl.atomic_add(tl.broadcast_to(cnt_ptr + rows[:, None], (BLOCK_N, BLOCK_S)),
                                      1, mask=keep, sem="relaxed")
-                key = _pack(pre, cols[None, :])
+                key = _pack(pre, cols[None, :], RLOW)
                 if WIDE:
                     off = rows.to(tl.int64)[:, None] * CAP + slot
                 else:
@@ -422,8 +475,8 @@ ENCODE = dict(
     # candidates kept per (row, latent tile); a row needs the fix-up when one of its tiles may
     # hide more. None: the smallest m for which about 1% of rows (or fewer) need it.
     top_m=None,
-    # candidate / survivor buffers per row chunk (bounds extra memory; 48 MiB leaves the
-    # chunk counts at shapes A-D of the GPU issue as they were at 56 MiB)
+    # candidate / survivor buffers per row chunk (bounds extra memory): at shapes A-D of the
+    # GPU issue 1/2/2/2 row chunks with int32 candidates (key32), 2/4/3/3 with int64 ones
     buffer_bytes=48 << 20,
     block_n=128, block_s=128, block_d=64, num_warps=8, num_stages=3,
     programs_per_sm=1,  # persistent grid: programs = SMs x this
@@ -432,11 +485,20 @@ ENCODE = dict(
     # a row with up to this many flagged tiles is settled on the device by recomputing those
     # tiles; more (heavy ties) go to the fallback after the one host sync
     fix_tiles=8,
+    # latent tile of the fallback's append pass: its per-entry atomics need the registers
+    # (128 spills on sm_90 once the launch specializes N, S, D as multiples of 16)
+    append_block_s=64,
     # ... for up to this fraction of a chunk's rows (the fix-up grid; about 1% are flagged)
     fix_rows=1 / 16,
     # candidates per row in one select (a power of two); larger dictionaries are encoded in
     # latent chunks of at most this many candidates per row, merged
     max_candidates=8192,
+    # bf16/fp16 input: rank pre-activations rounded to odd at 16 mantissa bits (17 with
+    # 32-latent interpreter tiles), packed with the tile column into one int32, so the
+    # per-tile top-m epilogue is integer max reductions (_encode_top_kernel). The values
+    # returned after rounding to bf16/fp16 are the same; only entries that agree to 17
+    # significant bits may swap places (smaller index first). False: the fp32 argmax epilogue.
+    key32=True,
 )
 # Backward segment reduction: (token, slot) pairs gathered per step x columns per program.
 # Not tuned on a GPU yet (the earlier one-pair-per-step loop measured 0.43 ms per call at
@@ -470,6 +532,13 @@ def _top_m(kk: int, nt: int) -> int:
     return m
 
 
+def _rlow(dtype, D: int) -> int:
+    """The low-bit mask every encode kernel rounds keys at (ENCODE["key32"]); 0: exact."""
+    if ENCODE["key32"] and dtype in (torch.bfloat16, torch.float16):
+        return _blocks(D)[1] - 1
+    return 0
+
+
 def _programs(device, tiles: int) -> int:
     if interpreting():
         return min(tiles, 4)
@@ -478,12 +547,13 @@ def _programs(device, tiles: int) -> int:
     return max(1, min(tiles, _SM_COUNT[device.index] * ENCODE["programs_per_sm"]))
 
 
-def _gemm_args(xc, W, stride=1):
+def _gemm_args(xc, W, stride=1, block_s=None):
     """Shared launch arguments of the encode kernels: (x_desc, w_desc, TMA, IEEE, UPCAST, blocks,
-    programs, launch options)."""
+    programs, launch options); block_s: a narrower latent tile than _blocks(D)'s."""
     N, D = xc.shape
     S = (W.shape[0] + stride - 1) // stride
     BN, BS, BD = _blocks(D)
+    BS = min(BS, block_s or BS)
     es = xc.element_size()
     # TMA for the tensor-core (bf16/fp16) products; fp32's IEEE product is not one, and fed
     # from TMA tiles it spills registers (ptxas, sm_90: tests/hopper_compile.py)
@@ -496,7 +566,7 @@ def _gemm_args(xc, W, stride=1):
         w_desc = TensorDescriptor(W, [S, D], [stride * D, 1], [BS, BD])
     nprog = _programs(xc.device, triton.cdiv(N, BN) * triton.cdiv(S, BS))
     meta = dict(TMA=tma, IEEE=xc.dtype == torch.float32 or interpreting(), UPCAST=interpreting(),
-                BLOCK_N=BN, BLOCK_S=BS, BLOCK_D=BD, NUM_PROGS=nprog,
+                RLOW=_rlow(xc.dtype, D), BLOCK_N=BN, BLOCK_S=BS, BLOCK_D=BD, NUM_PROGS=nprog,
                 num_warps=1 if interpreting() else ENCODE["num_warps"],
                 num_stages=1 if interpreting() else ENCODE["num_stages"])
     return (x_desc, w_desc), nprog, meta
@@ -512,8 +582,9 @@ def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
     BS = _blocks(D)[1]
     nt = triton.cdiv(S, BS)
     L = nt * top_m
-    cand = torch.empty(N, L, dtype=torch.long, device=xc.device)
     (x_desc, w_desc), nprog, meta = _gemm_args(xc, W)
+    cand = torch.empty(N, L, dtype=torch.int32 if meta["RLOW"] else torch.long,
+                       device=xc.device)
     _encode_top_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b, cand,
                                  act, N, S, D, L, col0, TOPM=top_m, HAS_THR=thr is not None,
                                  **meta)
@@ -522,11 +593,12 @@ def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
     nrows = torch.zeros(1, dtype=torch.int32, device=xc.device)
     block, KP = _p2(L), _p2(kk, 2)
     _select_top_kernel[(N,)](cand, keys, bad, rows, nrows, L, kk, nt, ENCODE["fix_tiles"], cap,
-                             BLOCK=block, KP=KP, TOPM=top_m, BLOCK_T=_p2(nt),
+                             col0, BLOCK=block, KP=KP, TOPM=top_m, BLOCK_T=_p2(nt), BLOCK_S=BS,
+                             RLOW=meta["RLOW"],
                              num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
     _fixup_kernel[(cap,)](rows, nrows, keys, bad, cand, fin, xc, W, b, kk, S, D, L,
                           nt, cap, col0, TOPM=top_m, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=BS,
-                          TB=max(BS, KP), BLOCK_D=min(32, _p2(D)),
+                          TB=max(BS, KP), BLOCK_D=min(32, _p2(D)), RLOW=meta["RLOW"],
                           num_warps=1 if interpreting() else 4)
 
 
@@ -596,7 +668,7 @@ def _encode_append(xc, W, b, kk, thr, act):
         cnt = torch.zeros(N, dtype=torch.int32, device=dev)
         act.zero_()
         buf = torch.empty(N, cap, dtype=torch.long, device=dev)
-        (x_desc, w_desc), nprog, meta = _gemm_args(xc, W)
+        (x_desc, w_desc), nprog, meta = _gemm_args(xc, W, block_s=ENCODE["append_block_s"])
         _encode_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b,
                                  lo.contiguous(), buf, cnt, act, N, S, D, cap, D, 1, SAMPLE=False,
                                  HAS_THR=thr is not None, WIDE=N * cap >= 2 ** 31, **meta)
@@ -623,7 +695,8 @@ def _encode_main(xc, W, b, kk, thr, act, k, fin, out, top_m, bounds):
     BS = _blocks(D)[1]
     dev = xc.device
     L = max(t1 - t0 for t0, t1 in bounds) * top_m
-    rows = max(128, ENCODE["buffer_bytes"] // (8 * L) // 128 * 128)
+    per = 4 if _rlow(xc.dtype, D) else 8  # bytes per candidate (int32 keys / int64 keys)
+    rows = max(128, ENCODE["buffer_bytes"] // (per * L) // 128 * 128)
     keys = torch.empty(N, kk, dtype=torch.long, device=dev)
     bad = torch.empty(N, dtype=torch.int32, device=dev)
     for r in range(0, N, rows):

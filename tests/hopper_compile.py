@@ -16,6 +16,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Integer arguments of the GEMM kernels that are multiples of 16 at shapes A-D, so a launch
+# there specializes them as such (as it does every 16-byte-aligned pointer).
+DIV16 = {"N", "S", "D", "L", "COL0"}
 GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
 # (candidates per row, k + 1, tiles) of the main encode path at shapes A, B, C, D
 SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
@@ -24,40 +27,46 @@ SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
 def cases():
     """(name, kernel, argument types (others i32), constexprs, compile options); constexprs
     (knobs, fixed) takes block sizes and warps from that tuning dict of sae_sparse._triton."""
-    from sae_sparse._triton import _p2  # the launchers' block-size rounding
+    from sae_sparse._triton import ENCODE, _p2  # the launchers' block-size rounding
+    rlow = GEMM["BLOCK_S"] - 1 if ENCODE["key32"] else 0  # bf16 keys (as _triton._rlow)
     out = []
-    for dtype in ("bf16", "fp32"):
+    for dtype, rl in (("bf16", rlow), ("bf16", rlow ^ (GEMM["BLOCK_S"] - 1)), ("fp32", 0)):
+        # bf16 with both epilogues (int32 keys and the argmax one; ENCODE["key32"] picks)
         for tma in (True, False) if dtype != "fp32" else (False,):  # as _gemm_args picks
             for thr in (False, True):
                 desc = f"tensordesc<{dtype}[128,64]>" if tma else f"*{dtype}"
-                out.append((f"encode_top-{dtype}-tma{int(tma)}-thr{int(thr)}",
+                out.append((f"encode_top-{dtype}-rlow{rl}-tma{int(tma)}-thr{int(thr)}",
                             "_encode_top_kernel",
                             dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", x_desc=desc,
                                  w_desc=desc, b_ptr=f"*{dtype}", thr_ptr=f"*{dtype}",
-                                 cand_ptr="*i64", act_ptr="*i32"),
-                            dict(GEMM, TOPM=4, HAS_THR=thr, TMA=tma, IEEE=dtype == "fp32"),
+                                 cand_ptr="*i32" if rl else "*i64", act_ptr="*i32"),
+                            dict(GEMM, TOPM=4, HAS_THR=thr, TMA=tma, IEEE=dtype == "fp32",
+                                 RLOW=rl),
                             dict(num_warps=8, num_stages=3)))
     for sample in (True, False):
+        bs = GEMM["BLOCK_S"] if sample else min(GEMM["BLOCK_S"], ENCODE["append_block_s"])
         out.append((f"encode_append-sample{int(sample)}", "_encode_kernel",
                     dict(x_ptr="*bf16", w_ptr="*bf16", x_desc="tensordesc<bf16[128,64]>",
-                         w_desc="tensordesc<bf16[128,64]>", b_ptr="*bf16", thr_ptr="*bf16",
+                         w_desc=f"tensordesc<bf16[{bs},64]>", b_ptr="*bf16", thr_ptr="*bf16",
                          lo_ptr="*fp32", buf_ptr="*fp32" if sample else "*i64",
                          cnt_ptr="*i32", act_ptr="*i32"),
-                    dict(GEMM, SAMPLE=sample, HAS_THR=True, TMA=True, WIDE=False),
+                    dict(GEMM, SAMPLE=sample, HAS_THR=True, TMA=True, WIDE=False, RLOW=rlow,
+                         BLOCK_S=bs),
                     dict(num_warps=8, num_stages=3)))
     for shape, (L, kk, nt) in zip("ABCD", SELECT):
         block, KP = _p2(L), _p2(kk, 2)
         out.append((f"select_top-{shape}", "_select_top_kernel",
-                    dict(cand_ptr="*i64", out_ptr="*i64", bad_ptr="*i32", list_ptr="*i32",
-                         nlist_ptr="*i32"),
-                    dict(BLOCK=block, KP=KP, TOPM=L // nt, BLOCK_T=_p2(nt)),
+                    dict(cand_ptr="*i32" if rlow else "*i64", out_ptr="*i64", bad_ptr="*i32",
+                         list_ptr="*i32", nlist_ptr="*i32"),
+                    dict(BLOCK=block, KP=KP, TOPM=L // nt, BLOCK_T=_p2(nt), BLOCK_S=128,
+                         RLOW=rlow),
                     dict(num_warps=4 if block <= 2048 else 8)))
         out.append((f"fixup-{shape}", "_fixup_kernel",
                     dict(list_ptr="*i32", nlist_ptr="*i32", keys_ptr="*i64", bad_ptr="*i32",
-                         cand_ptr="*i64", fin_ptr="*i8", x_ptr="*bf16", w_ptr="*bf16",
+                         cand_ptr="*i32" if rlow else "*i64", fin_ptr="*i8", x_ptr="*bf16", w_ptr="*bf16",
                          b_ptr="*bf16"),
                     dict(TOPM=L // nt, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=128, TB=max(128, KP),
-                         BLOCK_D=32),
+                         BLOCK_D=32, RLOW=rlow),
                     dict(num_warps=4)))
         for has_bad, thr in ((True, False), (False, True)):
             out.append((f"finish-{shape}-bad{int(has_bad)}-thr{int(thr)}", "_finish_kernel",
@@ -105,22 +114,51 @@ def compile_case(T, case):
         options = dict(num_warps=tune["num_warps"])
     fn = getattr(T, kernel)
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    gemm = kernel in ("_encode_top_kernel", "_encode_kernel")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*") or (gemm and n in DIV16)}
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # reported, not raised: every case gets a verdict
         return dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[-3000:])
     with tempfile.TemporaryDirectory() as d:
-        ptx = os.path.join(d, "k.ptx")
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(ptx, "w") as f:
             f.write(k.asm["ptx"])
-        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
-                            os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        ptxas = get_ptxas(90).path
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                           capture_output=True, text=True)
+        epi = None
+        if r.returncode == 0 and kernel in ("_encode_top_kernel", "_encode_kernel"):
+            nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
+            sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+            epi = epilogue_instructions(sass.stdout) if sass.returncode == 0 else None
     regs = re.search(r"Used (\d+) registers", r.stderr)
     return dict(name=name, ok=r.returncode == 0, error=r.stderr[-3000:],
                 regs=int(regs.group(1)) if regs else None,
                 spill_bytes=sum(int(b) for b in re.findall(r"(\d+) bytes spill", r.stderr)),
-                shared=k.metadata.shared)
+                shared=k.metadata.shared, epilogue_instructions=epi)
+
+
+def epilogue_instructions(sass: str):
+    """Static SASS instructions of a persistent GEMM kernel's tile epilogue: from the branch
+    after the last tensor-core instruction that skips it (K steps left) to that branch's label.
+    Straight-line code run once per tile by every thread, so per tile it costs about
+    (count x warps / 4 schedulers) issue cycles next to the tile's MMA time. Info, not a gate."""
+    lines = sass.splitlines()
+    mma = [i for i, line in enumerate(lines) if "HGMMA" in line or "HMMA" in line]
+    if not mma:
+        return None
+    for i in range(mma[-1], len(lines)):
+        m = re.search(r"@!?P\d BRA `\((\.L_x_\d+)\)", lines[i])
+        if m:
+            end = next((j for j in range(i, len(lines)) if lines[j].startswith(m.group(1) + ":")),
+                       None)
+            if end is None:
+                return None
+            return sum(1 for line in lines[i + 1:end] if re.match(r"\s+/\*[0-9a-f]+\*/", line))
+    return None
 
 
 def _run(i):

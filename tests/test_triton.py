@@ -381,6 +381,94 @@ def test_triton_training_steps_sync_once(monkeypatch, step):
     assert dict(per_fn)["topk_encode"] == ["aten::nonzero"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("key32", [True, False])
+@pytest.mark.parametrize("spread", [True, False])
+@pytest.mark.parametrize("jumprelu", [False, True])
+def test_triton_encode_low_precision_rounding(monkeypatch, dtype, key32, spread, jumprelu):
+    """bf16/fp16 values are the fp32 pre-activations correctly rounded to the dtype, also when
+    int32 keys (ENCODE["key32"]) rank them rounded to odd: a sum above a rounding midpoint by
+    less than the bits the key drops rounds up, an exact midpoint to even; a JumpReLU
+    threshold keeps an entry above it by such a margin and drops one equal to it; and two
+    entries agreeing to 17+ significant bits tie under key32 (smaller index first). Crafted
+    sums of powers of two, exact in fp32; spread: one latent per tile (the epilogue's
+    candidates), else all in tile 0 (settled by the device fix-up)."""
+    from sae_sparse import _triton
+    _fallback_rows(monkeypatch, "device")
+    monkeypatch.setitem(_triton.ENCODE, "key32", key32)
+    monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)  # both (identical) rows on the device
+    BS = _triton._blocks(3)[1]
+    u, tiny = 2.0 ** -(7 if dtype == torch.bfloat16 else 10), 2.0 ** -21
+    rows = [  # (W row: three powers of two, their exact sum); the dtype's ulp at 2^e is u 2^e
+        ([8, 4 * u, 8 * tiny], 8 + 4 * u + 8 * tiny),  # just above a midpoint: rounds up
+        ([4, 2 * u, 0], 4 + 2 * u),  # a midpoint: to even (down)
+        ([2, 2 * u, u], 2 + 3 * u),  # a midpoint: to even (up)
+        ([1, tiny / 2, 0], 1 + tiny / 2),  # with the next: a tie under key32
+        ([1, tiny, 0], 1 + tiny),
+        ([0.5, tiny / 4, 0], 0.5 + tiny / 4),  # JumpReLU threshold 0.5: kept
+        ([0.5, 0, 0], 0.5),  # JumpReLU threshold 0.5: dropped
+    ]
+    k = len(rows)
+    S = 12 * BS + 5
+    pos = [j * BS + 1 + j for j in range(k)] if spread else [2 * j + 1 for j in range(k)]
+    W = torch.zeros(S, 3, dtype=torch.float64)
+    W[:, 0] = torch.rand(S, dtype=torch.float64) * 0.2 - 0.1  # filler below every crafted row
+    for p_, (w, _) in zip(pos, rows):
+        W[p_] = torch.tensor(w, dtype=torch.float64)
+    thr = None
+    if jumprelu:
+        thr = torch.zeros(S, dtype=dtype, device=DEVICE)
+        thr[pos[5]] = thr[pos[6]] = 0.5
+    x = torch.ones(2, 3, dtype=dtype, device=DEVICE)
+    v, i = topk_encode(x, W.to(DEVICE, dtype), torch.zeros(S, dtype=dtype, device=DEVICE), k,
+                       threshold=thr, backend="triton")
+    order = [0, 1, 2, 3, 4, 5, 6] if key32 else [0, 1, 2, 4, 3, 5, 6]
+    exact = torch.tensor([rows[j][1] for j in order], dtype=torch.float64)
+    if jumprelu:
+        exact[6] = 0.0  # pre == threshold is not > threshold
+    assert (W[pos, 0] + W[pos, 1] + W[pos, 2]).tolist() == [r[1] for r in rows]  # exact sums
+    assert i.cpu().tolist() == [[pos[j] for j in order]] * 2
+    want = exact.to(dtype)  # rounded once, to nearest even
+    assert want[0] == 8 + 8 * u and want[1] == 4 and want[2] == 2 + 4 * u  # up, down, up
+    assert torch.equal(v.cpu(), want.expand(2, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("variant", ["main", "fixup", "chunks", "append"])
+def test_triton_encode_key32_matches_exact_keys(monkeypatch, dtype, threshold, variant):
+    """On random bf16/fp16 inputs (no near-ties at 2^-16) the int32-key encode returns the
+    same values bit for bit, the same indices and the same overflow as exact fp32 keys, on
+    each path: the main epilogue, the device fix-up (one candidate per tile), latent chunks,
+    and the fallback's append pass."""
+    from sae_sparse import _triton
+    if variant in ("fixup", "chunks"):
+        monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
+        monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
+        monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)
+    if variant == "chunks":
+        monkeypatch.setitem(_triton.ENCODE, "max_candidates", 16)
+    if variant == "append":
+        monkeypatch.setattr(_triton, "_plan", lambda *a: None)
+    N, D, k = 8, 40, 6
+    S = (31 if variant == "chunks" else 15) * _triton._blocks(D)[1] + 7
+    if variant == "chunks":
+        assert len(_triton._plan(k if threshold else k + 1, S, D)[1]) == 2
+    t = on(make_case(N, D, S, k, b_pre=True, threshold=threshold), dtype)
+    args = (t["x"], t["W_enc"], t["b_enc"], k)
+    kw = dict(b_pre=t["b_pre"], threshold=t.get("threshold") if threshold else None,
+              backend="triton", return_overflow=True)
+    out = {}
+    for key32 in (True, False):
+        monkeypatch.setitem(_triton.ENCODE, "key32", key32)
+        with torch.no_grad():
+            out[key32] = topk_encode(*args, **kw)
+    (v1, i1, n1), (v0, i0, n0) = out[True], out[False]
+    assert torch.equal(i1, i0) and int(n1) == int(n0)
+    assert torch.equal(v1, v0)
+    assert (v1 > 0).any()
+
+
 @pytest.mark.parametrize("path", ["top", "append"])
 def test_triton_encode_row_chunks_and_paths(monkeypatch, path):
     """Rows split into chunks (a small buffer budget) on both encode paths, against fp64."""
