@@ -101,7 +101,7 @@ if triton is not None:
     @triton.jit
     def _round_odd(bits, RLOW: tl.constexpr):
         """fp32 bits rounded to odd with the low bits of mask RLOW dropped (RLOW = 0: as is).
-        Rounding to odd keeps every strict comparison with a number of <= 22 - log2(RLOW + 1)
+        Rounding to odd keeps every strict comparison with a number of <= 23 - log2(RLOW + 1)
         significant bits (bf16/fp16 thresholds, 0), and rounding its result to bf16/fp16 gives
         the correctly rounded value of the exact one (intermediate precision >= target + 2)."""
         if RLOW == 0:
@@ -112,7 +112,7 @@ if triton is not None:
     @triton.jit
     def _pack(v, col, RLOW: tl.constexpr):
         """Order-preserving int64 key: value bits high, ~index low (ties -> smaller index);
-        the value rounded to odd first when RLOW > 0 (see _encode_top_kernel's KEY32 path)."""
+        the value rounded to odd first when RLOW > 0 (_encode_top_kernel's int32-key path)."""
         bits = _round_odd(v.to(tl.int32, bitcast=True), RLOW)
         key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         return (key32.to(tl.int64) << 32) | (0xFFFFFFFF - col.to(tl.int64))
@@ -533,9 +533,13 @@ def _top_m(kk: int, nt: int) -> int:
 
 
 def _rlow(dtype, D: int) -> int:
-    """The low-bit mask every encode kernel rounds keys at (ENCODE["key32"]); 0: exact."""
-    if ENCODE["key32"] and dtype in (torch.bfloat16, torch.float16):
-        return _blocks(D)[1] - 1
+    """The low-bit mask every encode kernel rounds keys at (ENCODE["key32"]); 0: exact.
+    The tile column takes log2(block_s) of fp32's 24 significant bits; rounding to odd and
+    then to fp16 (11 bits) is correct with >= 13 left, so tiles wider than 2048 keep exact
+    keys."""
+    BS = _blocks(D)[1]
+    if ENCODE["key32"] and dtype in (torch.bfloat16, torch.float16) and BS <= 2048:
+        return BS - 1
     return 0
 
 
