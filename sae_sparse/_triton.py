@@ -291,8 +291,8 @@ if triton is not None:
                        left_ptr, K, KOUT, S,
                        HAS_BAD: tl.constexpr, HAS_THR: tl.constexpr, KP: tl.constexpr):
         """Row r's keys -> values [N, K] (fp32), indices [N, K], overflow [N]; left[r] = 1
-        hands the row to the host: non-finite input (an error), or flagged tiles the fix-up did not
-        settle (more than its limit: heavy ties)."""
+        hands the row to the host: non-finite input (an error), or flagged tiles the fix-up did
+        not settle (more than its limit: heavy ties)."""
         r = tl.program_id(0).to(tl.int64)
         o = tl.arange(0, KP)
         keys = tl.load(keys_ptr + r * KOUT + o, mask=o < KOUT, other=_KEY_MIN)
@@ -485,11 +485,11 @@ ENCODE = dict(
     # a row with up to this many flagged tiles is settled on the device by recomputing those
     # tiles; more (heavy ties) go to the fallback after the one host sync
     fix_tiles=8,
+    # ... for up to this fraction of a chunk's rows (the fix-up grid; about 1% are flagged)
+    fix_rows=1 / 16,
     # latent tile of the fallback's append pass: its per-entry atomics need the registers
     # (128 spills on sm_90 once the launch specializes N, S, D as multiples of 16)
     append_block_s=64,
-    # ... for up to this fraction of a chunk's rows (the fix-up grid; about 1% are flagged)
-    fix_rows=1 / 16,
     # candidates per row in one select (a power of two); larger dictionaries are encoded in
     # latent chunks of at most this many candidates per row, merged
     max_candidates=8192,

@@ -63,8 +63,8 @@ def cases():
                     dict(num_warps=4 if block <= 2048 else 8)))
         out.append((f"fixup-{shape}", "_fixup_kernel",
                     dict(list_ptr="*i32", nlist_ptr="*i32", keys_ptr="*i64", bad_ptr="*i32",
-                         cand_ptr="*i32" if rlow else "*i64", fin_ptr="*i8", x_ptr="*bf16", w_ptr="*bf16",
-                         b_ptr="*bf16"),
+                         cand_ptr="*i32" if rlow else "*i64", fin_ptr="*i8", x_ptr="*bf16",
+                         w_ptr="*bf16", b_ptr="*bf16"),
                     dict(TOPM=L // nt, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=128, TB=max(128, KP),
                          BLOCK_D=32, RLOW=rlow),
                     dict(num_warps=4)))
