@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One GPU session's checks and measurements, in the order that matters most when device time
+# is short: install (no network), the GPU tests, the benchmark (saved to benchmarks/results/),
+# the encode and decode sweeps, the step profile. Each part has its own time limit (under the
+# device tool's 10 minutes per call) and writes a log to $OUT (default
+# benchmarks/results/session-<date>/); a failing part does not stop the others. A short
+# summary is printed last. Everything takes longer than one 10-minute call, so pick parts:
+#
+#     OUT=$OUT PARTS="install tests" bash benchmarks/gpu_session.sh
+#     OUT=$OUT PARTS="bench" bash benchmarks/gpu_session.sh
+#     OUT=$OUT PARTS="encode decode profile" bash benchmarks/gpu_session.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/session-$(date +%F)}
+PARTS=${PARTS:-"install tests bench encode decode profile"}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+summary=()
+
+part() {  # part NAME SECONDS COMMAND...
+    local name=$1 secs=$2
+    shift 2
+    case " $PARTS " in *" $name "*) ;; *) return ;; esac
+    local t0=$SECONDS
+    timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    summary+=("$(printf '%-8s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" \
+        "$(tail -n 1 "$OUT/$name.log" | cut -c1-120)")")
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } >"$OUT/card.txt" 2>&1
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    >>"$OUT/card.txt" 2>&1
+git rev-parse --short HEAD >>"$OUT/card.txt" 2>&1
+
+# no network on the device: build the extension against the torch that is there
+part install 240 pip install -e . --no-build-isolation --no-deps -q
+part tests 330 python -m pytest -q tests/test_triton_gpu.py tests/test_triton.py \
+    tests/test_custom_ops.py tests/test_auxk.py
+part bench 570 python benchmarks/bench_gpu.py --save
+part encode 300 python benchmarks/encode_sweep.py --quick
+part decode 180 python benchmarks/decode_sweep.py
+part profile 100 python benchmarks/profile_steps.py --shape A
+
+cat "$OUT/card.txt"
+printf '%s\n' "${summary[@]}"
