@@ -509,7 +509,8 @@ SEGMENT = dict(block_e=16, block_c=256, num_warps=4)
 # benchmarks/decode_sweep.py sweeps them.
 DECODE = dict(block_c=256, block_k=32, num_warps=4)
 # Its backward (_gather_dot_kernel: all k rows x block_c columns per step). At 128 columns and
-# k = 64 it compiles to 254 registers on sm_90 (tests/hopper_compile.py); not tuned on a GPU.
+# k = 64: 64 registers on sm_90 when D is a multiple of 16 (the launch specializes it; 254
+# without); tests/hopper_compile.py. Not tuned on a GPU.
 GATHER_DOT = dict(block_c=128, num_warps=4)
 _ERR_UNIT = 2.0 ** -22  # per-operation error unit of a tensor-core fp32 sum; 2x the ulp bound
 _SM_COUNT = {}

@@ -16,9 +16,15 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Integer arguments of the GEMM kernels that are multiples of 16 at shapes A-D, so a launch
-# there specializes them as such (as it does every 16-byte-aligned pointer).
-DIV16 = {"N", "S", "D", "L", "COL0"}
+# Per kernel, the integer arguments that are multiples of 16 at shapes A-D, so a launch there
+# specializes them as such (as it does every 16-byte-aligned pointer): the compiler then
+# vectorizes loads along them (e.g. the decode's row gathers: 2-byte loads without it).
+DIV16 = {"_encode_top_kernel": {"N", "S", "D", "L", "COL0"},
+         "_encode_kernel": {"N", "S", "D", "CAP", "stride_w"},
+         "_select_top_kernel": {"L", "NT", "COL0"},
+         "_fixup_kernel": {"S", "D", "L", "NT", "COL0"},
+         "_edit_decode_kernel": {"K", "C", "H"}, "_gather_dot_kernel": {"K", "C"},
+         "_segment_rows_kernel": {"K", "C", "S"}}
 GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
 # (candidates per row, k + 1, tiles) of the main encode path at shapes A, B, C, D
 SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
@@ -114,9 +120,8 @@ def compile_case(T, case):
         options = dict(num_warps=tune["num_warps"])
     fn = getattr(T, kernel)
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-    gemm = kernel in ("_encode_top_kernel", "_encode_kernel")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or (gemm and n in DIV16)}
+             if sig[n].startswith("*") or n in DIV16.get(kernel, ())}
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options=options)
