@@ -118,10 +118,11 @@ if triton is not None:
         return (key32.to(tl.int64) << 32) | (0xFFFFFFFF - col.to(tl.int64))
 
     @triton.jit
-    def _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask, valid):
-        """act[row] += the tile's entries with pre > max(threshold, 0) (JumpReLU overflow)."""
-        t = tl.load(thr_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        on = (pre > t[None, :]) & (pre > 0.0) & valid
+    def _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask):
+        """act[row] += the tile's entries with pre > max(threshold, 0) (JumpReLU overflow).
+        Columns past S hold pre = 0 (zero-filled W rows, bias 0) or -inf: never counted."""
+        t = tl.maximum(tl.load(thr_ptr + cols, mask=cmask, other=0.0).to(tl.float32), 0.0)
+        on = pre > t[None, :]
         tl.atomic_add(act_ptr + rows, tl.sum(on.to(tl.int32), axis=1), mask=rmask, sem="relaxed")
 
     @triton.jit
@@ -149,7 +150,6 @@ if triton is not None:
             cols = pid_s * BLOCK_S + local
             rmask = rows < N
             cmask = cols < S
-            valid = rmask[:, None] & cmask[None, :]
             # + 0.0 turns a -0.0 bias into +0.0, so no entry of pre is -0.0 (-0.0 + 0.0 = +0.0).
             # The int32-key path fills the columns past S with -inf: they rank below every
             # real entry (ties -> smaller column), so no select takes them (the plan leaves
@@ -158,7 +158,7 @@ if triton is not None:
                            other=float("-inf") if RLOW > 0 else 0.0).to(tl.float32) + 0.0
             pre = acc + bias[None, :]
             if HAS_THR:
-                _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask, valid)
+                _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask)
             out = cand_ptr + rows.to(tl.int64) * L + pid_s * TOPM
             if RLOW > 0:  # bf16/fp16 input: one int32 key per entry
                 # The order-preserving bits of pre rounded to odd (_round_odd) at 23 - log2
@@ -169,13 +169,19 @@ if triton is not None:
                 tl.static_assert(RLOW == BLOCK_S - 1)
                 bits = _round_odd(pre.to(tl.int32, bitcast=True), RLOW)
                 key = (bits ^ ((bits >> 31) & (0x7FFFFFFF ^ RLOW))) | (RLOW - local)[None, :]
+                # the m maxima gathered into one [BLOCK_N, TOPM] store: a row's TOPM int32 go
+                # out as one vector store, one barrier per tile instead of two per candidate
+                TP: tl.constexpr = 1 << (TOPM - 1).bit_length()  # arange needs a power of 2
+                slot = tl.arange(0, TP)[None, :]
+                tops = tl.zeros((BLOCK_N, TP), dtype=tl.int32)
                 for m in tl.static_range(TOPM):  # cand is int32 here (see _load_cand)
                     mx = tl.max(key, axis=1)
-                    tl.store(out + m, mx, mask=rmask)
+                    tops = tl.where(slot == m, mx[:, None], tops)
                     if m + 1 < TOPM:
                         key = tl.where(key == mx[:, None], -2 ** 31, key)
+                tl.store(out[:, None] + slot, tops, mask=rmask[:, None] & (slot < TOPM))
             else:
-                pre = tl.where(valid, pre, float("-inf"))
+                pre = tl.where(rmask[:, None] & cmask[None, :], pre, float("-inf"))
                 for m in tl.static_range(TOPM):
                     v, j = tl.max(pre, axis=1, return_indices=True,
                                   return_indices_tie_break_left=True)
@@ -346,7 +352,7 @@ if triton is not None:
                          mask=valid)
             else:
                 if HAS_THR:
-                    _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask, valid)
+                    _count_active(pre, thr_ptr, act_ptr, rows, cols, rmask, cmask)
                 lo = tl.load(lo_ptr + rows, mask=rmask, other=float("inf"))
                 keep = (pre >= lo[:, None]) & valid
                 slot = tl.atomic_add(tl.broadcast_to(cnt_ptr + rows[:, None], (BLOCK_N, BLOCK_S)),
