@@ -865,10 +865,12 @@ def latent_csr(indices, S):
     by latent), offsets [S + 1] (latent s owns order[offsets[s]:offsets[s + 1]]) and active
     [min(N*k, S)], the latents with pairs in increasing order, padded with S. Static sizes, so
     torch.compile needs no data-dependent shapes."""
-    flat = indices.reshape(-1)
+    # latent ids as int32 when they fit: a radix sort over half the key bits of int64
+    it = torch.int32 if S < 2 ** 31 - 1 else torch.int64
+    flat = indices.reshape(-1).to(it)
     dev = indices.device
     by_latent, order = torch.sort(flat, stable=True)
-    offsets = torch.searchsorted(by_latent, torch.arange(S + 1, device=dev))
+    offsets = torch.searchsorted(by_latent, torch.arange(S + 1, device=dev, dtype=it))
     seen = torch.cumsum(offsets[1:] > offsets[:-1], 0)  # active latents among 0..s
     slots = min(flat.numel(), S)
     active = torch.searchsorted(seen, torch.arange(1, slots + 1, device=dev))  # S: padding
