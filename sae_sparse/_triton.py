@@ -499,8 +499,8 @@ ENCODE = dict(
     # candidates per row in one select (a power of two); larger dictionaries are encoded in
     # latent chunks of at most this many candidates per row, merged
     max_candidates=8192,
-    # bf16/fp16 input: rank pre-activations rounded to odd at 16 mantissa bits (17 with
-    # 32-latent interpreter tiles), packed with the tile column into one int32, so the
+    # bf16/fp16 input: rank pre-activations rounded to odd at 16 mantissa bits (18 with the
+    # interpreter's 32-latent tiles), packed with the tile column into one int32, so the
     # per-tile top-m epilogue is integer max reductions (_encode_top_kernel). The values
     # returned after rounding to bf16/fp16 are the same; only entries that agree to 17
     # significant bits may swap places (smaller index first). False: the fp32 argmax epilogue.
