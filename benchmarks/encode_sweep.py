@@ -29,11 +29,10 @@ def main():
     a = ap.parse_args()
     B = Bench(a.smoke)
     dev = B.device
-    # key32=False: the fp32 argmax epilogue; top_m=3 with a larger fix-up share: fewer
-    # candidates per tile, more rows (~8% at A) settled by the device fix-up
-    grid = [dict(), dict(key32=False), dict(top_m=3, fix_rows=1 / 4), dict(top_m=3),
-            dict(top_m=5), dict(programs_per_sm=2), dict(tma=False), dict(num_stages=4),
-            dict(num_warps=4)]
+    # key32=False: the fp32 argmax epilogue; top_m=3: fewer candidates per tile, more rows
+    # (~8% at A) settled by the device fix-up
+    grid = [dict(), dict(key32=False), dict(top_m=3), dict(top_m=5), dict(programs_per_sm=2),
+            dict(tma=False), dict(num_stages=4), dict(num_warps=4)]
     if a.smoke:
         grid = grid[:2] + [dict(tma=False)]
     elif not a.quick:
@@ -86,15 +85,14 @@ def main():
                                                          D, L, 0, TOPM=1, HAS_THR=False, **meta))
         keys = torch.empty(rws, kk, dtype=torch.long, device=dev)
         bad = torch.empty(rws, dtype=torch.int32, device=dev)
-        cap = max(1, min(rws, int(rws * T.ENCODE["fix_rows"])))
-        lst = torch.empty(cap, dtype=torch.int32, device=dev)
+        lst = torch.empty(rws, dtype=torch.int32, device=dev)
         nlst = torch.zeros(1, dtype=torch.int32, device=dev)
         block = T._p2(L)
 
         def select():
             nlst.zero_()
             T._select_top_kernel[(rws,)](cand, keys, bad, lst, nlst, L, kk, nt,
-                                         T.ENCODE["fix_tiles"], cap, 0, BLOCK=block,
+                                         T.ENCODE["fix_tiles"], rws, 0, BLOCK=block,
                                          KP=T._p2(kk, 2), TOPM=top_m, BLOCK_T=T._p2(nt),
                                          BLOCK_S=T._blocks(D)[1], RLOW=meta["RLOW"],
                                          num_warps=1 if a.smoke else (4 if block <= 2048 else 8))
@@ -112,7 +110,7 @@ def main():
                                                 f"int32 keys={bool(meta['RLOW'])}"),
                  ("select", t2, f"{nbad} of {rws} rows flagged"),
                  ("select + device fix-up", t23,
-                  f"{unsettled} rows left to the host (fix-up grid {cap})"),
+                  f"{unsettled} rows left to the host"),
                  ("finish (values, indices, overflow)", t4, "")]
         for part, t, note in parts:
             rows.append((name, f"part: {part} (x{scale:.0f} chunks of {rws} rows)", t * scale,

@@ -270,8 +270,10 @@ if triton is not None:
                       RLOW: tl.constexpr):
         """Settles the listed rows on the device (no host sync): each tile still flagged
         against the row's running KOUT-th key is recomputed in full (a [BLOCK_S, D] GEMV) and
-        merged; the keys are rewritten and bad[r] = 0. Launched on CAP programs; rows that did
-        not fit the list keep bad > 0 (the host redoes them). W, b: latents COL0 ..."""
+        merged; the keys are rewritten and bad[r] = 0. Launched on one program per row the
+        list could hold (CAP: every row of the chunk), so no flagged row is left to the host
+        for lack of room; the programs past the list's length return at once (a loop over the
+        list in fewer programs spills registers on sm_90). W, b: latents COL0 ..."""
         pid = tl.program_id(0)
         if pid < tl.minimum(tl.load(nlist_ptr), CAP):
             r = tl.load(list_ptr + pid).to(tl.int64)
@@ -491,8 +493,6 @@ ENCODE = dict(
     # a row with up to this many flagged tiles is settled on the device by recomputing those
     # tiles; more (heavy ties) go to the fallback after the one host sync
     fix_tiles=8,
-    # ... for up to this fraction of a chunk's rows (the fix-up grid; about 1% are flagged)
-    fix_rows=1 / 16,
     # latent tile of the fallback's append pass: its per-entry atomics need the registers
     # (128 spills on sm_90 once the launch specializes N, S, D as multiples of 16)
     append_block_s=64,
@@ -599,18 +599,17 @@ def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
     _encode_top_kernel[(nprog,)](xc, W, x_desc, w_desc, b, thr if thr is not None else b, cand,
                                  act, N, S, D, L, col0, TOPM=top_m, HAS_THR=thr is not None,
                                  **meta)
-    cap = max(1, min(N, math.ceil(N * ENCODE["fix_rows"])))
-    rows = torch.empty(cap, dtype=torch.int32, device=xc.device)
+    rows = torch.empty(N, dtype=torch.int32, device=xc.device)  # the flagged rows' list
     nrows = torch.zeros(1, dtype=torch.int32, device=xc.device)
     block, KP = _p2(L), _p2(kk, 2)
-    _select_top_kernel[(N,)](cand, keys, bad, rows, nrows, L, kk, nt, ENCODE["fix_tiles"], cap,
+    _select_top_kernel[(N,)](cand, keys, bad, rows, nrows, L, kk, nt, ENCODE["fix_tiles"], N,
                              col0, BLOCK=block, KP=KP, TOPM=top_m, BLOCK_T=_p2(nt), BLOCK_S=BS,
                              RLOW=meta["RLOW"],
                              num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
-    _fixup_kernel[(cap,)](rows, nrows, keys, bad, cand, fin, xc, W, b, kk, S, D, L,
-                          nt, cap, col0, TOPM=top_m, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=BS,
-                          TB=max(BS, KP), BLOCK_D=min(32, _p2(D)), RLOW=meta["RLOW"],
-                          num_warps=1 if interpreting() else 4)
+    _fixup_kernel[(N,)](rows, nrows, keys, bad, cand, fin, xc, W, b, kk, S, D, L,
+                        nt, N, col0, TOPM=top_m, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=BS,
+                        TB=max(BS, KP), BLOCK_D=min(32, _p2(D)), RLOW=meta["RLOW"],
+                        num_warps=1 if interpreting() else 4)
 
 
 def _finish(out, keys, fin, thr, act, k, bad=None):
@@ -757,7 +756,7 @@ def topk_encode(x, W, b, k, b_pre, thr):
         _finish(out, _encode_append(xc, W, b, kk, thr, act), fin, thr, act, k)
     # The one host sync: rows the kernels handed back -- non-finite input (an error), or
     # flagged rows the fix-up did not take (more flagged tiles than ENCODE["fix_tiles"], i.e.
-    # heavy ties, or beyond its ENCODE["fix_rows"] share of the rows); normally none.
+    # heavy ties); normally none.
     redo = left.nonzero().reshape(-1)
     if redo.numel():
         nonfinite = redo[fin[redo] == 0]

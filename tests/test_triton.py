@@ -224,7 +224,6 @@ def test_triton_encode_device_fixup_settles_many_tiles(monkeypatch, top_m, thres
     _fallback_rows(monkeypatch, "device")
     monkeypatch.setitem(_triton.ENCODE, "top_m", top_m)
     monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
-    monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)
     N, D, k = 9, 21, 7
     S = 31 * _triton._blocks(D)[1] + 5  # 32 tiles (997 latents in the interpreter)
     t = make_case(N, D, S, k, b_pre=True, threshold=threshold)
@@ -244,7 +243,6 @@ def test_triton_encode_latent_chunks(monkeypatch, top_m, threshold):
     if top_m:  # one candidate per tile: most rows need the fix-up in several chunks
         monkeypatch.setitem(_triton.ENCODE, "top_m", top_m)
         monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
-        monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)
     # 133 rows: two row chunks of >= 128 (the fix-up-heavy variant: a few rows, it is slow
     # in the interpreter)
     N, D, k = (12 if top_m else 133), 17, 5
@@ -255,18 +253,16 @@ def test_triton_encode_latent_chunks(monkeypatch, top_m, threshold):
     _encode_matches_reference(t, k, b_pre=True, threshold=threshold)
 
 
-def test_triton_encode_rows_beyond_the_fixup_share_go_to_the_host(monkeypatch):
-    """With one candidate per tile most rows are flagged; the fix-up takes 2 of them
-    (fix_rows), the host-side fallback the rest; all exact."""
+def test_triton_encode_fixup_takes_every_flagged_row(monkeypatch):
+    """With one candidate per tile every row is flagged; the fix-up (one program per row the
+    list can hold) settles all 9 on the device, none left to the host; exact."""
     from sae_sparse import _triton
-    calls = _fallback_rows(monkeypatch, "count")
+    _fallback_rows(monkeypatch, "device")
     monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
     monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
-    monkeypatch.setitem(_triton.ENCODE, "fix_rows", 2 / 9)
     N, D, k = 9, 21, 4
     S = 31 * _triton._blocks(D)[1] + 5
     _encode_matches_reference(make_case(N, D, S, k), k)
-    assert calls == [N - 2]
 
 
 def test_triton_encode_latent_chunks_hand_heavy_rows_to_the_host(monkeypatch):
@@ -396,7 +392,6 @@ def test_triton_encode_low_precision_rounding(monkeypatch, dtype, key32, spread,
     from sae_sparse import _triton
     _fallback_rows(monkeypatch, "device")
     monkeypatch.setitem(_triton.ENCODE, "key32", key32)
-    monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)  # both (identical) rows on the device
     BS = _triton._blocks(3)[1]
     u, tiny = 2.0 ** -(7 if dtype == torch.bfloat16 else 10), 2.0 ** -21
     rows = [  # (W row: three powers of two, their exact sum); the dtype's ulp at 2^e is u 2^e
@@ -445,7 +440,6 @@ def test_triton_encode_key32_matches_exact_keys(monkeypatch, dtype, threshold, v
     if variant in ("fixup", "chunks"):
         monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
         monkeypatch.setitem(_triton.ENCODE, "fix_tiles", 10 ** 6)
-        monkeypatch.setitem(_triton.ENCODE, "fix_rows", 1.0)
     if variant == "chunks":
         monkeypatch.setitem(_triton.ENCODE, "max_candidates", 16)
     if variant == "append":
