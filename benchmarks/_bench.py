@@ -19,6 +19,18 @@ class Bench:
     def card(self) -> str:
         return "CPU smoke run (Triton interpreter)" if self.smoke else torch.cuda.get_device_name()
 
+    def banner(self) -> str:
+        import triton
+        return f"{self.card()} torch {torch.__version__} triton {triton.__version__}"
+
+    def each_shape(self, names: str):
+        """(name, N, D, S, k, generator seeded 0 on the device) for each known shape in the
+        comma-separated `names` (unknown names, e.g. C in smoke runs, are skipped)."""
+        for name in names.split(","):
+            if name in self.shapes:
+                g = torch.Generator(device=self.device).manual_seed(0)
+                yield (name, *self.shapes[name], g)
+
     def ms(self, fn, quantiles=None):
         """Median ms (do_bench; with quantiles, (median, q20, q80)); one timed call in smoke."""
         if self.smoke:

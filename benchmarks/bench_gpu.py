@@ -108,10 +108,7 @@ def main():
             f"sae_sparse @ {commit}; {datetime.date.today()}")
     lines = [f"# GPU benchmark\n\n{head}\n", "| shape | op | median ms | p20–p80 | × gemm | "
              "peak extra MiB | note |", "|---|---|---|---|---|---|---|"]
-    for s in a.shapes.split(","):
-        if s not in B.shapes:
-            continue
-        N, D, S, k = B.shapes[s]
+    for s, N, D, S, k, _ in B.each_shape(a.shapes):
         res, gathered = rows_for(B, s, N, D, S, k)
         g = res["gemm"][0]
         for n, (ms, lo, hi, peak) in res.items():

@@ -11,7 +11,6 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from _bench import Bench, table
 from sae_sparse import _triton as T
@@ -29,13 +28,9 @@ def main():
                        itertools.product((128, 256, 512, 1024), (8, 32, 64), (4, 8))]
     if a.smoke:
         grid = grid[:3]
-    print(f"{B.card()} torch {torch.__version__} triton {triton.__version__}")
+    print(B.banner())
     rows = []
-    for name in a.shapes.split(","):
-        if name not in B.shapes:
-            continue
-        N, D, S, k = B.shapes[name]
-        g = torch.Generator(device=dev).manual_seed(0)
+    for name, N, D, S, k, g in B.each_shape(a.shapes):
         W = (torch.randn(S, D, device=dev, generator=g) / D ** 0.5).bfloat16()
         idx = torch.randint(0, S, (N, k), device=dev, generator=g)
         vals = torch.rand(N, k, device=dev, generator=g).bfloat16()

@@ -39,13 +39,9 @@ def main():
         grid += [dict(block_n=128, block_s=64, num_warps=4, num_stages=4),
                  dict(block_n=64, block_s=128, num_warps=4, num_stages=4),
                  dict(block_d=128, num_stages=2), dict(block_n=256, block_s=128, num_stages=2)]
-    print(f"{B.card()} torch {torch.__version__} triton {triton.__version__}")
+    print(B.banner())
     rows = []
-    for name in a.shapes.split(","):
-        if name not in B.shapes:
-            continue
-        N, D, S, k = B.shapes[name]
-        g = torch.Generator(device=dev).manual_seed(0)
+    for name, N, D, S, k, g in B.each_shape(a.shapes):
         x = torch.randn(N, D, device=dev, generator=g).bfloat16()
         W = (torch.randn(S, D, device=dev, generator=g) / D ** 0.5).bfloat16()
         b = (0.1 * torch.randn(S, device=dev, generator=g)).bfloat16()
