@@ -9,8 +9,10 @@ Same functions as the C++ extension (see sae_sparse/_autograd.py). Encode:
   sorts by value and breaks ties by the smaller index). For bf16/fp16 input the epilogue
   works on one int32 per entry instead (value rounded to odd at 16 mantissa bits, tile column
   in the low 7) and stores those; see ``_round_odd`` and ``_load_cand``. No N x S tensor.
-* ``_select_top_kernel``: exact top-(k+1) over a row's candidates; counts the tiles that had
-  all m candidates at or above the result (each could hide one more).
+* ``_select_top_kernel``: exact top-(k+1) over a row's candidates -- a top-k over the tile
+  maxima picks the k+1 tiles that can hold them, a second one runs over those tiles'
+  candidates; counts the tiles that had all m candidates at or above the result (each could
+  hide one more).
 * ``_fixup_kernel``: settles the (listed, ~1%) rows with a few such tiles on the device --
   recomputes each tile still flagged against the running (k+1)-th key (a 128 x D GEMV) and
   merges it; ``_finish_kernel`` then writes values, indices and overflow. No host sync until
@@ -211,20 +213,39 @@ if triton is not None:
     def _select_top_kernel(cand_ptr, out_ptr, bad_ptr, list_ptr, nlist_ptr, L, KOUT, NT,
                            LIMIT, CAP, COL0,
                            BLOCK: tl.constexpr, KP: tl.constexpr, TOPM: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, RLOW: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, RLOW: tl.constexpr,
+                           BY_TILE: tl.constexpr):
         """out[r] = the KOUT largest candidates of row r; bad[r] = how many tiles had all TOPM
         candidates at or above the KOUT-th (each may hide one more top entry). A row with
-        1..LIMIT such tiles is appended to list (CAP slots, counter nlist) for _fixup_kernel."""
+        1..LIMIT such tiles is appended to list (CAP slots, counter nlist) for _fixup_kernel.
+
+        BY_TILE (needs NT >= KOUT): the KOUT largest candidates lie in the KOUT tiles with
+        the largest maxima (keys are distinct: any candidate of another tile has KOUT larger
+        ones, those maxima). So a top-k over the NT tile maxima (candidate 0 of each tile)
+        picks the tiles, and a top-k over those tiles' KOUT x TOPM candidates gives the
+        result -- two small top-ks instead of one over all L candidates. Else: that one."""
         r = tl.program_id(0).to(tl.int64)
-        j = tl.arange(0, BLOCK)
-        keys = _load_cand(cand_ptr + r * L, j, j < L, COL0, TOPM, BLOCK_S, RLOW)
-        top = tl.topk(keys, KP)
+        row = cand_ptr + r * L
         o = tl.arange(0, KP)
+        t = tl.arange(0, BLOCK_T)
+        if BY_TILE:
+            tl.static_assert(BLOCK_T >= KP)
+            heads = tl.topk(_load_cand(row, t * TOPM, t < NT, COL0, TOPM, BLOCK_S, RLOW), KP)
+            _, col = _unpack_keys(heads)
+            TP: tl.constexpr = 1 << (TOPM - 1).bit_length()  # arange needs a power of 2
+            m = tl.arange(0, TP)[None, :]
+            pos = ((col - COL0) // BLOCK_S).to(tl.int32)[:, None] * TOPM + m
+            # a tile whose maximum is _KEY_MIN (NaN input: the row is an error) has nothing
+            # to read, and its column is not an address
+            ok = (o < KOUT) & (heads != _KEY_MIN)
+            c = _load_cand(row, pos, ok[:, None] & (m < TOPM), COL0, TOPM, BLOCK_S, RLOW)
+            top = tl.topk(tl.reshape(c, [KP * TP]), KP)
+        else:
+            j = tl.arange(0, BLOCK)
+            top = tl.topk(_load_cand(row, j, j < L, COL0, TOPM, BLOCK_S, RLOW), KP)
         tl.store(out_ptr + r * KOUT + o, top, mask=o < KOUT)
         kth = tl.min(tl.where(o < KOUT, top, _KEY_MAX), axis=0)
-        t = tl.arange(0, BLOCK_T)
-        last = _load_cand(cand_ptr + r * L, t * TOPM + (TOPM - 1), t < NT, COL0, TOPM, BLOCK_S,
-                          RLOW)
+        last = _load_cand(row, t * TOPM + (TOPM - 1), t < NT, COL0, TOPM, BLOCK_S, RLOW)
         nb = tl.sum(((last >= kth) & (t < NT)).to(tl.int32), axis=0)
         tl.store(bad_ptr + r, nb)
         if (nb > 0) & (nb <= LIMIT):
@@ -505,6 +526,9 @@ ENCODE = dict(
     # returned after rounding to bf16/fp16 are the same; only entries that agree to 17
     # significant bits may swap places (smaller index first). False: the fp32 argmax epilogue.
     key32=True,
+    # the candidate select: a top-k over the tile maxima, then over the candidates of the k
+    # tiles it picks (where that is less work); False: one top-k over all of a row's candidates
+    select_by_tile=True,
 )
 # Backward segment reduction: (token, slot) pairs gathered per step x columns per program.
 # Not tuned on a GPU yet (the earlier one-pair-per-step loop measured 0.43 ms per call at
@@ -604,13 +628,20 @@ def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
     block, KP = _p2(L), _p2(kk, 2)
     _select_top_kernel[(N,)](cand, keys, bad, rows, nrows, L, kk, nt, ENCODE["fix_tiles"], N,
                              col0, BLOCK=block, KP=KP, TOPM=top_m, BLOCK_T=_p2(nt), BLOCK_S=BS,
-                             RLOW=meta["RLOW"],
+                             RLOW=meta["RLOW"], BY_TILE=_by_tile(kk, nt, top_m, block),
                              num_warps=1 if interpreting() else (4 if block <= 2048 else 8))
     _fixup_kernel[(N,)](rows, nrows, keys, bad, cand, fin, xc, W, b, kk, S, D, L,
                         nt, N, col0, TOPM=top_m, KP=KP, BLOCK_T=_p2(nt), BLOCK_S=BS,
                         TB=max(BS, KP), BLOCK_D=min(32, _p2(D)), RLOW=meta["RLOW"],
                         num_warps=1 if interpreting() else 4)
 
+
+def _by_tile(kk: int, nt: int, top_m: int, block: int) -> bool:
+    """Whether _select_top_kernel selects through the tiles with the kk largest maxima (a
+    top-k over nt maxima and one over kk x top_m candidates) rather than one top-k over all
+    its block >= nt x top_m candidates: when there are kk tiles, and it is less work."""
+    KP, TP = _p2(kk, 2), _p2(top_m, 1)
+    return ENCODE["select_by_tile"] and nt >= kk and KP * TP < block
 
 def _finish(out, keys, fin, thr, act, k, bad=None):
     """keys -> out = (values, indices, overflow as int8, left as int8) for these rows, through

@@ -61,12 +61,13 @@ def cases():
                     dict(num_warps=8, num_stages=3)))
     for shape, (L, kk, nt) in zip("ABCD", SELECT):
         block, KP = _p2(L), _p2(kk, 2)
-        out.append((f"select_top-{shape}", "_select_top_kernel",
-                    dict(cand_ptr="*i32" if rlow else "*i64", out_ptr="*i64", bad_ptr="*i32",
-                         list_ptr="*i32", nlist_ptr="*i32"),
-                    dict(BLOCK=block, KP=KP, TOPM=L // nt, BLOCK_T=_p2(nt), BLOCK_S=128,
-                         RLOW=rlow),
-                    dict(num_warps=4 if block <= 2048 else 8)))
+        for by_tile in (True, False):  # ENCODE["select_by_tile"] (True at A-D) / False
+            out.append((f"select_top-{shape}-by_tile{int(by_tile)}", "_select_top_kernel",
+                        dict(cand_ptr="*i32" if rlow else "*i64", out_ptr="*i64",
+                             bad_ptr="*i32", list_ptr="*i32", nlist_ptr="*i32"),
+                        dict(BLOCK=block, KP=KP, TOPM=L // nt, BLOCK_T=_p2(nt), BLOCK_S=128,
+                             RLOW=rlow, BY_TILE=by_tile),
+                        dict(num_warps=4 if block <= 2048 else 8)))
         out.append((f"fixup-{shape}", "_fixup_kernel",
                     dict(list_ptr="*i32", nlist_ptr="*i32", keys_ptr="*i64", bad_ptr="*i32",
                          cand_ptr="*i32" if rlow else "*i64", fin_ptr="*i8", x_ptr="*bf16",
@@ -134,16 +135,20 @@ def compile_case(T, case):
         ptxas = get_ptxas(90).path
         r = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin],
                            capture_output=True, text=True)
-        epi = None
-        if r.returncode == 0 and kernel in ("_encode_top_kernel", "_encode_kernel"):
+        epi = total = None
+        if r.returncode == 0:
             nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
             sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
-            epi = epilogue_instructions(sass.stdout) if sass.returncode == 0 else None
+            if sass.returncode == 0:
+                total = len(re.findall(r"^\s+/\*[0-9a-f]+\*/", sass.stdout, re.M))
+                if kernel in ("_encode_top_kernel", "_encode_kernel"):
+                    epi = epilogue_instructions(sass.stdout)
     regs = re.search(r"Used (\d+) registers", r.stderr)
     return dict(name=name, ok=r.returncode == 0, error=r.stderr[-3000:],
                 regs=int(regs.group(1)) if regs else None,
                 spill_bytes=sum(int(b) for b in re.findall(r"(\d+) bytes spill", r.stderr)),
-                shared=k.metadata.shared, epilogue_instructions=epi)
+                shared=k.metadata.shared, sass_instructions=total,
+                epilogue_instructions=epi)
 
 
 def epilogue_instructions(sass: str):

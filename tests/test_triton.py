@@ -478,3 +478,60 @@ def test_triton_encode_row_chunks_and_paths(monkeypatch, path):
     v0, i0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t["b_pre"], backend="torch")
     assert torch.equal(i.cpu(), i0)
     assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+
+
+@pytest.mark.parametrize("rlow", [0, 31])
+def test_triton_select_by_tile_matches_a_topk_over_all_candidates(rlow):
+    """_select_top_kernel on crafted candidate lists (TOPM per tile, descending, in the
+    epilogue's int64 or int32 form, latents from COL0 = 1000): picking the KOUT tiles with the
+    largest maxima and selecting among their candidates (BY_TILE) gives what a top-k over all
+    candidates gives -- keys, flagged-tile counts, the fix-up list -- with random values,
+    many ties across tiles, an all-equal row, a row whose top entries fill one tile, an
+    all-negative row, and a row with fewer real tiles than KOUT (the others hold only the
+    empty key, as a NaN row's tiles do: they must not be read through)."""
+    from sae_sparse import _triton
+    g = torch.Generator().manual_seed(5)
+    N, NT, TOPM, BS, KOUT, COL0 = 7, 40, 3, 32, 9, 1000
+    v = torch.randn(N, NT, TOPM, generator=g)
+    v[1] = torch.randint(0, 4, (NT, TOPM), generator=g).float()  # ties across tiles
+    v[2] = 0.5  # every candidate equal
+    v[3, 7] = 100 + torch.arange(TOPM).float()  # tile 7 holds the row's 3 largest
+    v[4] = -v[4].abs() - 1
+    v = v.bfloat16().float()  # low 16 bits zero: the int32 form drops none of them
+    local = torch.stack([torch.randperm(BS, generator=g)[:TOPM] for _ in range(N * NT)])
+    col = COL0 + torch.arange(NT)[None, :, None] * BS + local.view(N, NT, TOPM)
+    bits = v.view(torch.int32).long()
+    hi = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    keys = (hi << 32) | (0xFFFFFFFF - col)
+    keys = keys.sort(dim=2, descending=True).values  # each tile's candidates, descending
+    empty = torch.zeros(N, NT, TOPM, dtype=torch.bool)
+    empty[6, 2:] = True  # row 6: 2 real tiles, 6 real candidates
+    keys[empty] = torch.iinfo(torch.long).min
+    if rlow:  # the int32 form: value bits with the reversed tile column in the low bits
+        c = keys >> 32
+        loc = (0xFFFFFFFF - (keys & 0xFFFFFFFF)) - COL0 - torch.arange(NT)[None, :, None] * BS
+        cand = ((c & ~rlow) | (rlow - loc)).to(torch.int32)
+        cand[empty] = -2 ** 31
+    else:
+        cand = keys
+    L = NT * TOPM
+    cand = cand.reshape(N, L).to(DEVICE)
+    want = torch.topk(keys.reshape(N, L), KOUT, dim=1).values
+    kth = want[:, -1:]
+    want_bad = (keys[:, :, -1] >= kth).sum(1)
+    assert want_bad[3] >= 1 and want_bad[2] == KOUT // TOPM  # flagged tiles are there
+    KP = _triton._p2(KOUT, 2)
+    assert _triton._by_tile(KOUT, NT, TOPM, _triton._p2(L))
+    for by_tile in (True, False):
+        out = torch.full((N, KOUT), 7, dtype=torch.long, device=DEVICE)  # poisoned
+        bad = torch.full((N,), -1, dtype=torch.int32, device=DEVICE)
+        lst = torch.full((N,), -1, dtype=torch.int32, device=DEVICE)
+        nlst = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        _triton._select_top_kernel[(N,)](cand, out, bad, lst, nlst, L, KOUT, NT, 8, N, COL0,
+                                         BLOCK=_triton._p2(L), KP=KP, TOPM=TOPM,
+                                         BLOCK_T=_triton._p2(NT), BLOCK_S=BS, RLOW=rlow,
+                                         BY_TILE=by_tile, num_warps=1)
+        assert torch.equal(out.cpu(), want), by_tile
+        assert torch.equal(bad.cpu().long(), want_bad), by_tile
+        listed = sorted(lst[:int(nlst)].tolist())
+        assert listed == [r for r in range(N) if 1 <= want_bad[r] <= 8], by_tile
