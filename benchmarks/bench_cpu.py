@@ -167,7 +167,8 @@ def main():
     for name, (med, lo, hi, mem) in rows.items():
         op, impl = name.split("/")
         ratio = rows[base[op]][0] / med
-        lines.append(f"| {op} | {impl} | {med:.1f} | {lo:.1f}–{hi:.1f} | {ratio:.2f}× | {mem:.1f} |")
+        lines.append(f"| {op} | {impl} | {med:.1f} | {lo:.1f}–{hi:.1f} | {ratio:.2f}× "
+                     f"| {mem:.1f} |")
     # Encode across batch sizes (inference is often a few rows): D=768, S=32768, k=32.
     lines += ["", "Encode across batch sizes, D=768 S=32768 k=32 (fewer than 256 fp32 rows use "
               "exact fp32 tiles; more use the bf16 screen):", "",

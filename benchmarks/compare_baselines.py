@@ -47,7 +47,8 @@ def main():
         rows.append((name, m["base_eval_loss"], m["final_eval_loss"], n_params, 1e3 * dt / a.steps))
     print(f"demo task, {a.steps} steps, CPU threads={torch.get_num_threads()}, "
           f"torch {torch.__version__}")
-    print("| method | eval loss unedited | eval loss edited | trainable params | ms/step (incl. eval) |")
+    print("| method | eval loss unedited | eval loss edited | trainable params "
+          "| ms/step (incl. eval) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} | {r[3]} | {r[4]:.1f} |")

@@ -2,8 +2,9 @@
 
 A backend is a *kernel library* with the functions of the C++ extension (csrc/sae_sparse.h):
 ``topk_encode``, ``edit_decode_fwd``, ``edit_decode_bwd``, ``latent_csr``, ``segment_rows``.
-The Functions below turn it into the differentiable ``topk_encode`` / ``edit_decode`` ops;
-dense parameter-sized products (M = W_out W_dec, c = bias W_dec, dM) are left to torch.
+The Functions below turn it into the differentiable ``topk_encode`` / ``edit_decode`` ops.
+The dense parameter-sized products (M = W_out W_dec, c = bias W_dec and their backward) use
+the library's ``fold`` / ``fold_t`` where it has them (triton), else torch.
 """
 from __future__ import annotations
 
@@ -27,17 +28,23 @@ def _fold_dtype(t):
 
 
 class _Fold(torch.autograd.Function):
-    """A [r, S] @ W_dec [S, D] in fp32 (fp64 for fp64), upcasting W_dec a chunk of rows at a
-    time; gradients in the inputs' dtypes."""
+    """A [r, S] @ W [S, D] in fp32 (fp64 for fp64); gradients in the inputs' dtypes.
+
+    With a kernel library that has ``fold`` / ``fold_t`` (triton) and A in W's dtype, each
+    product reads W once in its own dtype. Otherwise torch upcasts W a chunk of rows at a
+    time (a copy of W in fp32 written and read again, per product)."""
 
     @staticmethod
-    def forward(ctx, A, W):
+    def forward(ctx, A, W, lib):
+        ctx.lib = lib if hasattr(lib, "fold") and A.dtype == W.dtype else None
+        ctx.save_for_backward(A, W)
+        if ctx.lib is not None:
+            return ctx.lib.fold(A, W)
         ct = _fold_dtype(W)
         rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
         out = torch.zeros(A.shape[0], W.shape[1], dtype=ct, device=W.device)
         for s in range(0, W.shape[0], rows):
             out += A[:, s:s + rows].to(ct) @ W[s:s + rows].to(ct)
-        ctx.save_for_backward(A, W)
         return out
 
     @staticmethod
@@ -48,11 +55,14 @@ class _Fold(torch.autograd.Function):
         dA = dW = None
         rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
         if ctx.needs_input_grad[0]:
-            dA = torch.cat([(dout @ W[s:s + rows].to(ct).T).to(A.dtype)
-                            for s in range(0, W.shape[0], rows)], dim=1)
+            if ctx.lib is not None:
+                dA = ctx.lib.fold_t(dout.contiguous(), W).to(A.dtype)
+            else:
+                dA = torch.cat([(dout @ W[s:s + rows].to(ct).T).to(A.dtype)
+                                for s in range(0, W.shape[0], rows)], dim=1)
         if ctx.needs_input_grad[1]:
             dW = (A.to(ct).T @ dout).to(W.dtype)  # [S, D]: a dense gradient either way
-        return dA, dW
+        return dA, dW, None
 
 
 def make_ops(get_lib, name: str):
@@ -144,12 +154,17 @@ def make_ops(get_lib, name: str):
                     b_in=None, W_out=None, activation="relu", mode="delta"):
         if activation not in _ACTS:
             raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
-        # Folded dense terms, once per step, in fp32 for low-precision inputs (the kernels
-        # accumulate in fp32 anyway), without an fp32 copy of all of W_dec.
-        M = _Fold.apply(W_out, W_dec) if W_in is not None else None  # [h, D]
-        c = _Fold.apply(bias[None], W_dec)[0] if bias is not None else None  # [D]
         if mode == "plain":
-            gain = W_in = b_in = M = c = None
+            gain = bias = W_in = b_in = W_out = None
+        # Folded dense terms, once per step, in fp32 for low-precision inputs (the kernels
+        # accumulate in fp32 anyway): M = W_out W_dec [h, D] and c = bias W_dec [D] in one
+        # product, so W_dec is read once for both (and once in the backward).
+        M = c = None
+        rows = [t for t in (W_out, bias[None] if bias is not None else None) if t is not None]
+        if rows:
+            F = _Fold.apply(torch.cat(rows) if len(rows) > 1 else rows[0], W_dec, get_lib())
+            M = F[:W_out.shape[0]] if W_out is not None else None
+            c = F[-1] if bias is not None else None
         return EditDecode.apply(x if mode == "delta" else None, values, indices.long(), W_dec,
                                 b_dec if mode != "delta" else None, gain, W_in, b_in, M, c,
                                 activation, mode)

@@ -2,7 +2,8 @@
 autograd ops without graph breaks inside them (fake implementations give output shapes).
 
 ``wrap(lib, name)`` registers ``sae_sparse::{name}_topk_encode``, ``..._edit_decode_fwd``,
-``..._edit_decode_bwd``, ``..._latent_csr`` and ``..._segment_rows`` around a kernel library
+``..._edit_decode_bwd``, ``..._latent_csr``, ``..._segment_rows`` (and ``..._fold``,
+``..._fold_t`` where the library has them) around a kernel library
 (see sae_sparse/_autograd.py) and returns an object with the library's interface. Optional
 tensor outputs (``h_pre``, ``dh``) travel through the ops as empty [N, 0] tensors.
 """
@@ -19,9 +20,11 @@ def _none_if_empty(t):
     return None if t.numel() == 0 and t.dim() == 2 and t.shape[1] == 0 else t
 
 
-def wrap(get_lib, name: str, *, padded_csr: bool = False):
+def wrap(get_lib, name: str, *, padded_csr: bool = False, fold: bool = False):
     """padded_csr: the library's latent_csr returns ``active`` padded to min(N*k, S) entries
-    (a static size) instead of exactly the active latents (a data-dependent size)."""
+    (a static size) instead of exactly the active latents (a data-dependent size).
+    fold: the library has ``fold(A, W)`` / ``fold_t(G, W)`` (the edit's dense folds and their
+    backward, fp32 results); wrapped as ``..._fold`` / ``..._fold_t``."""
     ns = f"sae_sparse::{name}_"
 
     @torch.library.custom_op(ns + "topk_encode", mutates_args=())
@@ -84,6 +87,26 @@ def wrap(get_lib, name: str, *, padded_csr: bool = False):
     def _(offsets, order, active, coef, src, sub, S, k):
         return src.new_empty(S, src.shape[1]), src.new_empty(S)
 
+    folds = {}
+    if fold:
+        @torch.library.custom_op(ns + "fold", mutates_args=())
+        def fold_op(A: Tensor, W: Tensor) -> Tensor:
+            return get_lib().fold(A, W)
+
+        @fold_op.register_fake
+        def _(A, W):
+            return A.new_empty(A.shape[0], W.shape[1], dtype=torch.float32)
+
+        @torch.library.custom_op(ns + "fold_t", mutates_args=())
+        def fold_t_op(G: Tensor, W: Tensor) -> Tensor:
+            return get_lib().fold_t(G, W)
+
+        @fold_t_op.register_fake
+        def _(G, W):
+            return G.new_empty(G.shape[0], W.shape[0], dtype=torch.float32)
+
+        folds = dict(fold=fold_op, fold_t=fold_t_op)
+
     def fwd(*a):
         y, h = edit_decode_fwd(*a)
         return y, _none_if_empty(h)
@@ -94,7 +117,7 @@ def wrap(get_lib, name: str, *, padded_csr: bool = False):
 
     return types.SimpleNamespace(topk_encode=topk_encode, edit_decode_fwd=fwd,
                                  edit_decode_bwd=bwd, latent_csr=latent_csr,
-                                 segment_rows=segment_rows,
+                                 segment_rows=segment_rows, **folds,
                                  ops=dict(topk_encode=topk_encode, edit_decode_fwd=edit_decode_fwd,
                                           edit_decode_bwd=edit_decode_bwd, latent_csr=latent_csr,
-                                          segment_rows=segment_rows))
+                                          segment_rows=segment_rows, **folds))

@@ -485,6 +485,67 @@ if triton is not None:
         if pc == 0:
             tl.store(csum_ptr + s, total, mask=ok)
 
+    @triton.jit
+    def _fold_kernel(out_ptr, a_ptr, w_ptr, R, S, D, S_PER,
+                     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[p, r, d] = sum over latents s of split p (S_PER of them) of A[r, s] W[s, d], in
+        fp32: W is read once, in its own dtype (A has W's dtype: the products are exact)."""
+        pd = tl.program_id(0)
+        p = tl.program_id(1)
+        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+        rm = r < R
+        dm = d < D
+        end = tl.minimum(S, (p + 1) * S_PER)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for s0 in range(p * S_PER, end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            sm = s < end
+            a = tl.load(a_ptr + r.to(tl.int64)[:, None] * S + s[None, :],
+                        mask=rm[:, None] & sm[None, :], other=0.0)
+            w = tl.load(w_ptr + s.to(tl.int64)[:, None] * D + d[None, :],
+                        mask=sm[:, None] & dm[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        tl.store(out_ptr + (p * R + r.to(tl.int64))[:, None] * D + d[None, :], acc,
+                 mask=rm[:, None] & dm[None, :])
+
+    @triton.jit
+    def _fold_t_kernel(out_ptr, g_ptr, w_ptr, R, S, D,
+                       P: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[r, s] = sum_d G[r, d] W[s, d] in fp32, with G given as P parts in W's dtype
+        (g_ptr: [P, R, D], summing to G): each W tile is read once and multiplied by every
+        part in W's own dtype -- exact products on tensor cores, no upcast copies."""
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = r < R
+        sm = s < S
+        acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            w = tl.load(w_ptr + s.to(tl.int64)[:, None] * D + d[None, :],
+                        mask=sm[:, None] & dm[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            for p in tl.static_range(P):
+                g = tl.load(g_ptr + (p * R + r)[:, None] * D + d[None, :],
+                            mask=rm[:, None] & dm[None, :], other=0.0)
+                if UPCAST:
+                    g = g.to(tl.float32)
+                if IEEE:
+                    acc = tl.dot(g, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(g, tl.trans(w), acc)
+        tl.store(out_ptr + r[:, None] * S + s[None, :], acc, mask=rm[:, None] & sm[None, :])
+
 
 def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
@@ -542,6 +603,11 @@ DECODE = dict(block_c=256, block_k=32, num_warps=4)
 # k = 64: 64 registers on sm_90 when D is a multiple of 16 (the launch specializes it; 254
 # without); tests/hopper_compile.py. Not tuned on a GPU.
 GATHER_DOT = dict(block_c=128, num_warps=4)
+# The edit's dense folds (M = W_out W_dec, c = bias W_dec: _fold_kernel, split over latents)
+# and their backward (_fold_t_kernel): W_dec streams once per product in its own dtype.
+# Tiles: [rows of A (<= 64; 32 for fp32), block_n] of fp32 sums over block_k steps (forward:
+# n = columns of W_dec, k = latents; backward: n = latents, k = columns). Not tuned on a GPU.
+FOLD = dict(block_k=32, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)
 _ERR_UNIT = 2.0 ** -22  # per-operation error unit of a tensor-core fp32 sum; 2x the ulp bound
 _SM_COUNT = {}
 
@@ -574,12 +640,18 @@ def _rlow(dtype, D: int) -> int:
     return 0
 
 
+def _sm_count(device) -> int:
+    if interpreting():
+        return 4
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
 def _programs(device, tiles: int) -> int:
     if interpreting():
         return min(tiles, 4)
-    if device.index not in _SM_COUNT:
-        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, _SM_COUNT[device.index] * ENCODE["programs_per_sm"]))
+    return max(1, min(tiles, _sm_count(device) * ENCODE["programs_per_sm"]))
 
 
 def _gemm_args(xc, W, stride=1, block_s=None):
@@ -920,3 +992,80 @@ def segment_rows(offsets, order, active, coef, src, sub, S, k):
             HAS_SUB=sub is not None, BLOCK_E=4 if interpreting() else SEGMENT["block_e"],
             BLOCK_C=BLOCK_C, num_warps=1 if interpreting() else SEGMENT["num_warps"])
     return out, csum.to(src.dtype)
+
+
+def _fold_blocks(R, dtype):
+    """(rows of A, n, k) of a fold tile; see FOLD. fp32's IEEE products need more registers
+    (64 rows spill on sm_90)."""
+    if interpreting():
+        return min(32, _p2(R)), 32, 16
+    return min(32 if dtype == torch.float32 else 64, _p2(R)), FOLD["block_n"], FOLD["block_k"]
+
+
+def fold(A, W):
+    """A [R, S] @ W [S, D] -> fp32 [R, D] (A in W's dtype), W read once in its own dtype:
+    products exact (tensor cores for bf16/fp16, IEEE fp32 for fp32), fp32 sums. The latents
+    are split across programs so a short-D product still fills the GPU; the partial sums are
+    added by torch (deterministic)."""
+    _check(A, W)
+    if A.dtype != W.dtype:
+        raise TypeError(f"fold: A ({A.dtype}) must have W's dtype ({W.dtype})")
+    R, S = A.shape
+    D = W.shape[1]
+    if R == 0 or S == 0 or D == 0:
+        return torch.zeros(R, D, dtype=torch.float32, device=W.device)
+    A, W = A.contiguous(), W.contiguous()
+    BR, BD, BS = _fold_blocks(R, W.dtype)
+    grid_d, grid_r = triton.cdiv(D, BD), triton.cdiv(R, BR)
+    want = _sm_count(W.device) * FOLD["programs_per_sm"]
+    split = max(1, min(triton.cdiv(S, BS), want // (grid_d * grid_r)))
+    per = triton.cdiv(triton.cdiv(S, split), BS) * BS
+    split = triton.cdiv(S, per)
+    part = torch.empty(split, R, D, dtype=torch.float32, device=W.device)
+    _fold_kernel[(grid_d, split, grid_r)](
+        part, A, W, R, S, D, per, IEEE=W.dtype == torch.float32 or interpreting(),
+        UPCAST=interpreting(), BLOCK_R=BR, BLOCK_S=BS, BLOCK_D=BD,
+        num_warps=1 if interpreting() else FOLD["num_warps"],
+        num_stages=1 if interpreting() else FOLD["num_stages"])
+    return part[0] if split == 1 else part.sum(0)
+
+
+def _split(G, dtype):
+    """fp32 G as P parts in dtype, sum(parts) = G * scale to about fp32 precision: 3 bf16
+    parts (8 significant bits each), or 2 fp16 parts (11 each) after scaling by a power of
+    two that puts max |G| near 2^14 (fp16's range; computed on the device, no sync).
+    -> (parts [P, R, D], scale: a 0-dim tensor or None)."""
+    scale = None
+    if dtype == torch.float16:
+        amax = G.abs().amax()
+        scale = torch.where(amax > 0, torch.exp2(14 - torch.ceil(torch.log2(amax))),
+                            torch.ones_like(amax))
+        G = G * scale
+    parts = []
+    for _ in range(3 if dtype == torch.bfloat16 else 2):
+        parts.append(G.to(dtype))
+        G = G - parts[-1].float()
+    return torch.stack(parts), scale
+
+
+def fold_t(G, W):
+    """G [R, D] @ W [S, D]^T -> fp32 [R, S] (the folds' backward; G fp32). W is read once in
+    its own dtype; for bf16/fp16 W, G goes in as 3 bf16 / 2 fp16 parts (_split) so every
+    product runs on tensor cores and is exact, and the sum is fp32-grade."""
+    R, D = G.shape
+    S = W.shape[0]
+    if R == 0 or S == 0 or D == 0:
+        return torch.zeros(R, S, dtype=torch.float32, device=W.device)
+    W = W.contiguous()
+    if W.dtype == torch.float32:
+        parts, scale = G.float().contiguous()[None], None
+    else:
+        parts, scale = _split(G.float(), W.dtype)
+    BR, BS, BD = _fold_blocks(R, W.dtype)
+    out = torch.empty(R, S, dtype=torch.float32, device=W.device)
+    _fold_t_kernel[(triton.cdiv(S, BS), triton.cdiv(R, BR))](
+        out, parts, W, R, S, D, P=parts.shape[0],
+        IEEE=W.dtype == torch.float32 or interpreting(), UPCAST=interpreting(), BLOCK_R=BR,
+        BLOCK_S=BS, BLOCK_D=BD, num_warps=1 if interpreting() else FOLD["num_warps"],
+        num_stages=1 if interpreting() else FOLD["num_stages"])
+    return out if scale is None else out / scale

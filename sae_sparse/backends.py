@@ -22,7 +22,7 @@ from .reference import edit_decode_torch, topk_encode_torch
 ENV_VAR = "SAE_SPARSE_BACKEND"
 ALL_BACKENDS = ("torch", "cpp", "triton")
 
-TRITON_OPS = wrap(lambda: _triton, "triton", padded_csr=True)
+TRITON_OPS = wrap(lambda: _triton, "triton", padded_csr=True, fold=True)
 _topk_encode_triton, _edit_decode_triton = make_ops(lambda: TRITON_OPS, "Triton")
 _ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.topk_encode_cpp, "triton": _topk_encode_triton}
 _DECODE = {"torch": edit_decode_torch, "cpp": _cpp.edit_decode_cpp, "triton": _edit_decode_triton}

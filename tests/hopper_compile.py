@@ -24,7 +24,8 @@ DIV16 = {"_encode_top_kernel": {"N", "S", "D", "L", "COL0"},
          "_select_top_kernel": {"L", "NT", "COL0"},
          "_fixup_kernel": {"S", "D", "L", "NT", "COL0"},
          "_edit_decode_kernel": {"K", "C", "H"}, "_gather_dot_kernel": {"K", "C"},
-         "_segment_rows_kernel": {"K", "C", "S"}}
+         "_segment_rows_kernel": {"K", "C", "S"},
+         "_fold_kernel": {"S", "D", "S_PER"}, "_fold_t_kernel": {"S", "D"}}
 GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
 # (candidates per row, k + 1, tiles) of the main encode path at shapes A, B, C, D
 SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
@@ -101,6 +102,16 @@ def cases():
                          active_ptr="*i64", coef_ptr="*bf16", src_ptr="*bf16",
                          sub_ptr="*bf16"),
                     ("SEGMENT", dict(HAS_SUB=sub)), None))
+    # the edit's folds: h = 16 plus the bias row (R = 17), and R > 32 (64 rows; fp32: 32)
+    for dtype, br in (("bf16", 32), ("bf16", 64), ("fp32", 32)):
+        fb = ("FOLD", dict(BLOCK_R=br))
+        out.append((f"fold-{dtype}-r{br}", "_fold_kernel",
+                    dict(out_ptr="*fp32", a_ptr=f"*{dtype}", w_ptr=f"*{dtype}"),
+                    (fb[0], dict(fb[1], IEEE=dtype == "fp32", UPCAST=False)), None))
+        out.append((f"fold_t-{dtype}-r{br}", "_fold_t_kernel",
+                    dict(out_ptr="*fp32", g_ptr=f"*{dtype}", w_ptr=f"*{dtype}"),
+                    (fb[0], dict(fb[1], P=1 if dtype == "fp32" else 3, IEEE=dtype == "fp32",
+                                 UPCAST=False)), None))
     return out
 
 
@@ -113,12 +124,18 @@ def compile_case(T, case):
     if isinstance(constexprs, tuple):  # the launcher's tunables, read from the module
         knobs, constexprs = constexprs[0], dict(constexprs[1])
         tune = getattr(T, knobs)
-        constexprs["BLOCK_C"] = tune["block_c"]
+        if "block_c" in tune:
+            constexprs["BLOCK_C"] = tune["block_c"]
         if knobs == "SEGMENT":
             constexprs["BLOCK_E"] = tune["block_e"]
         if knobs == "DECODE":
             constexprs["BLOCK_K"] = tune["block_k"]
         options = dict(num_warps=tune["num_warps"])
+        if knobs == "FOLD":  # as fold / fold_t: n along D (forward) or latents (backward)
+            fwd = kernel == "_fold_kernel"
+            constexprs.update(BLOCK_S=tune["block_k"] if fwd else tune["block_n"],
+                              BLOCK_D=tune["block_n"] if fwd else tune["block_k"])
+            options["num_stages"] = tune["num_stages"]
     fn = getattr(T, kernel)
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

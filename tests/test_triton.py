@@ -535,3 +535,57 @@ def test_triton_select_by_tile_matches_a_topk_over_all_candidates(rlow):
         assert torch.equal(bad.cpu().long(), want_bad), by_tile
         listed = sorted(lst[:int(nlst)].tolist())
         assert listed == [r for r in range(N) if 1 <= want_bad[r] <= 8], by_tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,S,D", [(1, 1, 1), (17, 1001, 33), (70, 257, 70)])
+def test_triton_folds_match_float64(dtype, R, S, D):
+    """fold (A @ W: the edit's M = W_out W_dec and c = bias W_dec, in fp32; its latents split
+    across programs, here 2-8 partial sums) and fold_t (G @ W^T, its backward) against float64
+    on odd shapes, R = 70 spanning several row blocks. Bound: an fp32 sum of n exact-ish
+    products, in any order, is off by at most ~n * 2^-21 of sum |a w| (3xTF32 on a GPU)."""
+    from sae_sparse import _triton
+    g = torch.Generator().manual_seed(R + S + D)
+    A = torch.randn(R, S, generator=g).to(dtype)
+    W = torch.randn(S, D, generator=g).to(dtype)
+    G = torch.randn(R, D, generator=g)
+    out = _triton.fold(A.to(DEVICE), W.to(DEVICE))
+    ref = A.double() @ W.double()
+    bound = (S + 4) * 2.0 ** -21 * (A.double().abs() @ W.double().abs())
+    assert out.dtype == torch.float32 and out.shape == (R, D)
+    assert ((out.cpu().double() - ref).abs() <= bound).all()
+    out_t = _triton.fold_t(G.to(DEVICE), W.to(DEVICE))
+    ref_t = G.double() @ W.double().T
+    bound_t = (D + 4) * 2.0 ** -21 * (G.double().abs() @ W.double().abs().T)
+    assert out_t.dtype == torch.float32 and out_t.shape == (R, S)
+    assert ((out_t.cpu().double() - ref_t).abs() <= bound_t).all()
+    with pytest.raises(TypeError, match="W's dtype"):
+        _triton.fold((A.float() if dtype != torch.float32 else A.half()).to(DEVICE),
+                     W.to(DEVICE))
+
+
+def test_triton_edit_step_reads_W_dec_once_per_fold(monkeypatch):
+    """An edit step on the triton backend with gain, bias and an FFN adapter folds W_out and
+    bias into W_dec in one fold call (one read of W_dec) and takes their gradient in one
+    fold_t call -- not the torch path's chunked fp32 copies of W_dec."""
+    from sae_sparse import _triton
+    calls = []
+    for name in ("fold", "fold_t"):
+        f = getattr(_triton, name)
+        monkeypatch.setattr(_triton, name, lambda *a, f=f, name=name: calls.append(name) or f(*a))
+    sae = ss.SAE.random(24, 300, 5, device=DEVICE)
+    ad = ss.LatentAdapter(300, 4, device=DEVICE)
+    with torch.no_grad():
+        ad.W_out.normal_()
+        ad.bias.normal_()
+    x = torch.randn(6, 24, device=DEVICE)
+    y = ss.sae_edit(x, sae, ad, backend="triton")
+    y.square().sum().backward()
+    assert calls == ["fold", "fold_t"]
+    grads = [p.grad.clone() for p in (ad.W_out, ad.bias)]
+    ad.zero_grad()
+    y0 = ss.sae_edit(x, sae, ad, backend="torch")
+    y0.square().sum().backward()
+    assert_close(y, y0, rtol=1e-4, atol=1e-4, name="y")
+    for got, p in zip(grads, (ad.W_out, ad.bias)):
+        assert_close(got, p.grad, rtol=1e-4, atol=1e-4, name="adapter grad")
