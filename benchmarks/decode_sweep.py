@@ -1,7 +1,8 @@
 """Sweep the triton gather decode's knobs (sae_sparse._triton.DECODE) and its backward's
 (GATHER_DOT) on shapes A-D of the GPU issue: plain sparse_decode through the kernel library and
 the gather-dot of its backward, effective TB/s on the N*k*D gathered bytes, against
-F.embedding_bag in the same run; every config's output checked.
+F.embedding_bag in the same run; every config's output checked. Then the edit's dense folds
+(FOLD: fold, fold_t) against the torch path they replaced, TB/s on one read of W_dec.
 
     python benchmarks/decode_sweep.py [--shapes A,C]
     TRITON_INTERPRET=1 python benchmarks/decode_sweep.py --smoke   # plumbing check, CPU
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from _bench import Bench, table
 from sae_sparse import _triton as T
+from sae_sparse._autograd import fold_t_torch, fold_torch
 
 
 def main():
@@ -58,7 +60,29 @@ def main():
                               for c, w in itertools.product((32, 64, 128, 256), (4, 8))]
         B.sweep(rows, name, "gather_dot", T.GATHER_DOT, gd_grid[:2] if a.smoke else gd_grid,
                 gather_dot)
-    table(rows, "TB/s gathered")
+        # The edit's dense folds (adapter h = 16 plus its bias: 17 rows), TB/s on one read of
+        # W: the Triton kernels against torch's chunked fp32 upcast (what they replaced).
+        A = torch.randn(17, S, device=dev, generator=g).bfloat16()
+        G = torch.randn(17, D, device=dev, generator=g)
+        wb = S * D * W.element_size()
+        ref_f = A.double() @ W.double()
+        ref_t = G.double() @ W.double().T
+        for what, fn, ref in (("fold, torch", lambda: fold_torch(A, W), ref_f),
+                              ("fold_t, torch", lambda: fold_t_torch(G, W), ref_t)):
+            t = B.ms(fn)
+            err = ((fn().double() - ref).abs().max() / ref.abs().max()).item()
+            rows.append((name, what, t, wb / t / 1e9, f"rel err {err:.1e}"))
+            print(*rows[-1], flush=True)
+        fgrid = [dict()] + [dict(block_k=bk, block_n=bn, num_warps=w) for bk, bn, w in
+                            itertools.product((32, 64), (64, 128, 256), (4, 8))]
+        for what, fn, ref in (("fold", lambda: T.fold(A, W), ref_f),
+                              ("fold_t", lambda: T.fold_t(G, W), ref_t)):
+            def run(fn=fn, ref=ref):
+                t = B.ms(fn)
+                err = ((fn().double() - ref).abs().max() / ref.abs().max()).item()
+                return t, wb / t / 1e9, f"rel err {err:.1e}"
+            B.sweep(rows, name, what, T.FOLD, fgrid[:2] if a.smoke else fgrid, run)
+    table(rows, "TB/s gathered (folds: TB/s of W)")
 
 
 if __name__ == "__main__":

@@ -27,41 +27,46 @@ def _fold_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def fold_torch(A, W):
+    """A [r, S] @ W [S, D] in fp32 (fp64 for fp64) with torch, upcasting W a chunk of rows
+    at a time (an fp32 copy of W written and read again)."""
+    ct = _fold_dtype(W)
+    rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
+    out = torch.zeros(A.shape[0], W.shape[1], dtype=ct, device=W.device)
+    for s in range(0, W.shape[0], rows):
+        out += A[:, s:s + rows].to(ct) @ W[s:s + rows].to(ct)
+    return out
+
+
+def fold_t_torch(G, W):
+    """G [r, D] @ W [S, D]^T in G's dtype (fp32 / fp64), W upcast a chunk at a time."""
+    rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
+    return torch.cat([G @ W[s:s + rows].to(G.dtype).T for s in range(0, W.shape[0], rows)],
+                     dim=1)
+
+
 class _Fold(torch.autograd.Function):
     """A [r, S] @ W [S, D] in fp32 (fp64 for fp64); gradients in the inputs' dtypes.
 
     With a kernel library that has ``fold`` / ``fold_t`` (triton) and A in W's dtype, each
-    product reads W once in its own dtype. Otherwise torch upcasts W a chunk of rows at a
-    time (a copy of W in fp32 written and read again, per product)."""
+    product reads W once in its own dtype; otherwise torch (fold_torch, fold_t_torch)."""
 
     @staticmethod
     def forward(ctx, A, W, lib):
         ctx.lib = lib if hasattr(lib, "fold") and A.dtype == W.dtype else None
         ctx.save_for_backward(A, W)
-        if ctx.lib is not None:
-            return ctx.lib.fold(A, W)
-        ct = _fold_dtype(W)
-        rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
-        out = torch.zeros(A.shape[0], W.shape[1], dtype=ct, device=W.device)
-        for s in range(0, W.shape[0], rows):
-            out += A[:, s:s + rows].to(ct) @ W[s:s + rows].to(ct)
-        return out
+        return ctx.lib.fold(A, W) if ctx.lib is not None else fold_torch(A, W)
 
     @staticmethod
     def backward(ctx, dout):
         A, W = ctx.saved_tensors
-        ct = _fold_dtype(W)
-        dout = dout.to(ct)
+        dout = dout.to(_fold_dtype(W)).contiguous()
         dA = dW = None
-        rows = max(1, _FOLD_CHUNK // max(W.shape[1], 1))
         if ctx.needs_input_grad[0]:
-            if ctx.lib is not None:
-                dA = ctx.lib.fold_t(dout.contiguous(), W).to(A.dtype)
-            else:
-                dA = torch.cat([(dout @ W[s:s + rows].to(ct).T).to(A.dtype)
-                                for s in range(0, W.shape[0], rows)], dim=1)
+            lib = ctx.lib
+            dA = (lib.fold_t(dout, W) if lib is not None else fold_t_torch(dout, W)).to(A.dtype)
         if ctx.needs_input_grad[1]:
-            dW = (A.to(ct).T @ dout).to(W.dtype)  # [S, D]: a dense gradient either way
+            dW = (A.to(dout.dtype).T @ dout).to(W.dtype)  # [S, D]: a dense gradient either way
         return dA, dW, None
 
 
@@ -140,11 +145,11 @@ def make_ops(get_lib, name: str):
                     grads[6] = segment(values, dh)[0]
                 if _needs(ctx, 7):
                     grads[7] = dh.sum(0)
-                if _needs(ctx, 8):  # dM = act(h_pre)^T dy, [h, D], in M's dtype
-                    dt = ctx.dense_dtype
-                    grads[8] = activation_fn(act)(h_pre.to(dt)).T @ dy.to(dt)
+            dyd = dy.to(ctx.dense_dtype) if _needs(ctx, 8) or _needs(ctx, 9) else None
+            if W_in is not None and _needs(ctx, 8):  # dM = act(h_pre)^T dy, [h, D], M's dtype
+                grads[8] = activation_fn(act)(h_pre.to(dyd.dtype)).T @ dyd
             if _needs(ctx, 9):
-                grads[9] = dy.to(ctx.dense_dtype).sum(0)
+                grads[9] = dyd.sum(0)
             return tuple(grads)
 
     def topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None):

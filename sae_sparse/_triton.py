@@ -544,7 +544,8 @@ if triton is not None:
                     acc = tl.dot(g, tl.trans(w), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(g, tl.trans(w), acc)
-        tl.store(out_ptr + r[:, None] * S + s[None, :], acc, mask=rm[:, None] & sm[None, :])
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * S + s[None, :], acc,
+                 mask=rm[:, None] & sm[None, :])
 
 
 def _p2(n: int, lo: int = 16) -> int:
@@ -965,7 +966,8 @@ def edit_decode_bwd(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode)
 def latent_csr(indices, S):
     """(token, slot) pairs grouped by latent, without a host sync: order [N*k] (a stable sort
     by latent), offsets [S + 1] (latent s owns order[offsets[s]:offsets[s + 1]]) and active
-    [min(N*k, S)], the latents with pairs in increasing order, padded with S. Static sizes, so
+    [min(N*k, S)], the latents with pairs in increasing order, padded with S -- or, when
+    N*k >= S, all S latents (those without pairs have empty segments). Static sizes, so
     torch.compile needs no data-dependent shapes."""
     # latent ids as int32 when they fit: a radix sort over half the key bits of int64
     it = torch.int32 if S < 2 ** 31 - 1 else torch.int64
@@ -973,16 +975,20 @@ def latent_csr(indices, S):
     dev = indices.device
     by_latent, order = torch.sort(flat, stable=True)
     offsets = torch.searchsorted(by_latent, torch.arange(S + 1, device=dev, dtype=it))
+    if flat.numel() >= S:  # as many slots as latents: every latent, active or not (so
+        return offsets, order, torch.arange(S, device=dev)  # segment_rows writes every row)
     seen = torch.cumsum(offsets[1:] > offsets[:-1], 0)  # active latents among 0..s
-    slots = min(flat.numel(), S)
-    active = torch.searchsorted(seen, torch.arange(1, slots + 1, device=dev))  # S: padding
+    active = torch.searchsorted(seen, torch.arange(1, flat.numel() + 1, device=dev))  # S: pad
     return offsets, order, active
 
 
 def segment_rows(offsets, order, active, coef, src, sub, S, k):
     C = src.shape[1]
-    out = torch.zeros(S, C, dtype=src.dtype, device=src.device)  # the kernel rounds once
-    csum = torch.zeros(S, dtype=torch.float32, device=src.device)
+    # active holds all S latents when N*k >= S (latent_csr): the kernel then writes every row,
+    # zeros for latents without pairs, and the [S, C] gradient needs no zero fill first
+    new = torch.empty if active.numel() == S else torch.zeros
+    out = new(S, C, dtype=src.dtype, device=src.device)  # the kernel rounds once
+    csum = new(S, dtype=torch.float32, device=src.device)
     A = active.numel()
     if A:
         BLOCK_C = min(SEGMENT["block_c"], _p2(max(C, 1)))

@@ -42,6 +42,9 @@ def test_opcheck(lib, device):
                                                    s["W_in"], s["h_pre"], s["M"], 0, 1))
     if lib is backends.TRITON_OPS:  # static output sizes (the cpp one's are data-dependent)
         torch.library.opcheck(ops["latent_csr"], (s["i"], s["S"]))
+        torch.library.opcheck(ops["fold"], (s["M"].T[:s["S"] // 10].T.contiguous(),
+                                            s["W"][:s["S"] // 10]))  # [h, 9] @ [9, D]
+        torch.library.opcheck(ops["fold_t"], (s["M"], s["W"]))
     off, order, active = ops["latent_csr"](s["i"], s["S"])
     torch.library.opcheck(ops["segment_rows"], (off, order, active, s["v"].reshape(-1), s["dy"],
                                                 s["bp"], s["S"], s["k"]))
@@ -98,15 +101,32 @@ def test_torch_compile_traces_the_op(backend):
 
 @pytest.mark.parametrize("S", [7, 90])
 def test_triton_latent_csr_is_padded_and_sync_free(S):
-    """The triton grouping by latent: a stable order, offsets, and the active latents in
-    increasing order padded with S to min(N*k, S) entries (static sizes for torch.compile)."""
+    """The triton grouping by latent: a stable order, offsets, and min(N*k, S) latents (static
+    sizes for torch.compile): with fewer pairs than latents the active ones in increasing
+    order padded with S; with at least as many (S = 7 here, 12 pairs, latent 3 unused) every
+    latent, so segment_rows writes every row of its [S, C] output -- zeros for latent 3 over
+    the poisoned torch.empty -- and needs no zero fill."""
     from sae_sparse import _triton
-    idx = torch.randint(0, S, (4, 3), generator=torch.Generator().manual_seed(S))
+    g = torch.Generator().manual_seed(S)
+    idx = torch.randint(0, S, (4, 3), generator=g)
+    idx[idx == 3] = 4
     off, order, active = _triton.latent_csr(idx, S)
     flat = idx.reshape(-1)
     assert torch.equal(order, torch.sort(flat, stable=True).indices)
     counts = torch.bincount(flat, minlength=S)
     assert torch.equal(off, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
-    want = torch.nonzero(counts).reshape(-1)
     assert active.numel() == min(12, S)
-    assert torch.equal(active[:want.numel()], want) and (active[want.numel():] == S).all()
+    if 12 >= S:
+        assert torch.equal(active, torch.arange(S))
+    else:
+        want = torch.nonzero(counts).reshape(-1)
+        assert torch.equal(active[:want.numel()], want) and (active[want.numel():] == S).all()
+    coef, src, sub = (torch.randn(12, generator=g), torch.randn(4, 5, generator=g),
+                      torch.randn(5, generator=g))
+    out, csum = _triton.segment_rows(off, order, active, coef, src, sub, S, 3)
+    dense = torch.zeros(12, S).scatter_(1, flat[:, None], coef[:, None])  # [pair, latent]
+    want_csum = dense.sum(0)
+    want_out = dense.T @ src.repeat_interleave(3, 0) - want_csum[:, None] * sub
+    torch.testing.assert_close(csum, want_csum)
+    torch.testing.assert_close(out, want_out)
+    assert (out[3] == 0).all() and csum[3] == 0
