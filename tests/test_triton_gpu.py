@@ -130,3 +130,37 @@ def test_triton_sae_training_step_realistic():
     for g1, g0 in zip(grads["triton"], grads["torch"]):
         err = ((g1 - g0).norm() / g0.norm()).item()
         assert err <= 2e-3, err
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d).split(".")[-1])
+def test_triton_folds_realistic(dtype):
+    """The edit's dense folds (17 rows: h = 16 plus the bias) at C's W_dec size (S odd)
+    against float64, within the fp32 bound of tests/test_triton.py."""
+    from sae_sparse import _triton
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S, D = 65539, 2304
+    A = (0.1 * torch.randn(17, S, device="cuda", generator=g)).to(dtype)
+    W = (torch.randn(S, D, device="cuda", generator=g) / D ** 0.5).to(dtype)
+    G = torch.randn(17, D, device="cuda", generator=g) * 1e-3
+    out = _triton.fold(A, W).double()
+    bound = (S + 4) * 2.0 ** -21 * (A.double().abs() @ W.double().abs())
+    assert ((out - A.double() @ W.double()).abs() <= bound).all()
+    out_t = _triton.fold_t(G, W).double()
+    bound_t = (D + 4) * 2.0 ** -21 * (G.double().abs() @ W.double().abs().T)
+    assert ((out_t - G.double() @ W.double().T).abs() <= bound_t).all()
+
+
+def test_triton_encode_select_by_tile_realistic(monkeypatch):
+    """Shape A's N=4096 rows in bf16: the select through the tiles returns exactly what one
+    top-k over all candidates returns."""
+    from sae_sparse import _triton
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(4096, 768, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(32768, 768, device="cuda", generator=g) / 768 ** 0.5).bfloat16()
+    b = (0.1 * torch.randn(32768, device="cuda", generator=g)).bfloat16()
+    out = {}
+    for flag in (True, False):
+        monkeypatch.setitem(_triton.ENCODE, "select_by_tile", flag)
+        out[flag] = ss.topk_encode(x, W, b, 32, backend="triton", return_overflow=True)
+    for a, b_ in zip(out[True], out[False]):
+        assert torch.equal(a, b_)
