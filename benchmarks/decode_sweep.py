@@ -67,21 +67,21 @@ def main():
         wb = S * D * W.element_size()
         ref_f = A.double() @ W.double()
         ref_t = G.double() @ W.double().T
-        for what, fn, ref in (("fold, torch", lambda: fold_torch(A, W), ref_f),
-                              ("fold_t, torch", lambda: fold_t_torch(G, W), ref_t)):
+
+        def run(fn, ref):
             t = B.ms(fn)
             err = ((fn().double() - ref).abs().max() / ref.abs().max()).item()
-            rows.append((name, what, t, wb / t / 1e9, f"rel err {err:.1e}"))
+            return t, wb / t / 1e9, f"rel err {err:.1e}"
+        for what, fn, ref in (("fold, torch", lambda: fold_torch(A, W), ref_f),
+                              ("fold_t, torch", lambda: fold_t_torch(G, W), ref_t)):
+            rows.append((name, what, *run(fn, ref)))
             print(*rows[-1], flush=True)
         fgrid = [dict()] + [dict(block_k=bk, block_n=bn, num_warps=w) for bk, bn, w in
                             itertools.product((32, 64), (64, 128, 256), (4, 8))]
         for what, fn, ref in (("fold", lambda: T.fold(A, W), ref_f),
                               ("fold_t", lambda: T.fold_t(G, W), ref_t)):
-            def run(fn=fn, ref=ref):
-                t = B.ms(fn)
-                err = ((fn().double() - ref).abs().max() / ref.abs().max()).item()
-                return t, wb / t / 1e9, f"rel err {err:.1e}"
-            B.sweep(rows, name, what, T.FOLD, fgrid[:2] if a.smoke else fgrid, run)
+            B.sweep(rows, name, what, T.FOLD, fgrid[:2] if a.smoke else fgrid,
+                    lambda fn=fn, ref=ref: run(fn, ref))
     table(rows, "TB/s gathered (folds: TB/s of W)")
 
 

@@ -87,25 +87,19 @@ def wrap(get_lib, name: str, *, padded_csr: bool = False, fold: bool = False):
     def _(offsets, order, active, coef, src, sub, S, k):
         return src.new_empty(S, src.shape[1]), src.new_empty(S)
 
-    folds = {}
-    if fold:
-        @torch.library.custom_op(ns + "fold", mutates_args=())
-        def fold_op(A: Tensor, W: Tensor) -> Tensor:
-            return get_lib().fold(A, W)
+    def fold_op(op: str, cols: int):
+        """The library's op(A, W) -> fp32 [A.shape[0], W.shape[cols]] (fold: W's columns;
+        fold_t: W's rows)."""
+        @torch.library.custom_op(ns + op, mutates_args=())
+        def f(A: Tensor, W: Tensor) -> Tensor:
+            return getattr(get_lib(), op)(A, W)
 
-        @fold_op.register_fake
+        @f.register_fake
         def _(A, W):
-            return A.new_empty(A.shape[0], W.shape[1], dtype=torch.float32)
+            return A.new_empty(A.shape[0], W.shape[cols], dtype=torch.float32)
+        return f
 
-        @torch.library.custom_op(ns + "fold_t", mutates_args=())
-        def fold_t_op(G: Tensor, W: Tensor) -> Tensor:
-            return get_lib().fold_t(G, W)
-
-        @fold_t_op.register_fake
-        def _(G, W):
-            return G.new_empty(G.shape[0], W.shape[0], dtype=torch.float32)
-
-        folds = dict(fold=fold_op, fold_t=fold_t_op)
+    folds = dict(fold=fold_op("fold", 1), fold_t=fold_op("fold_t", 0)) if fold else {}
 
     def fwd(*a):
         y, h = edit_decode_fwd(*a)

@@ -716,6 +716,7 @@ def _by_tile(kk: int, nt: int, top_m: int, block: int) -> bool:
     KP, TP = _p2(kk, 2), _p2(top_m, 1)
     return ENCODE["select_by_tile"] and nt >= kk and KP * TP < block
 
+
 def _finish(out, keys, fin, thr, act, k, bad=None):
     """keys -> out = (values, indices, overflow as int8, left as int8) for these rows, through
     _finish_kernel (left: rows the host must look at -- non-finite, or bad > 0)."""
