@@ -5,6 +5,8 @@ Rows (float32, default N=2048 D=256 S=16384 k=32, h=16):
   decode  : F.embedding_bag         vs  sae_sparse.sparse_decode(backend="cpp")
   edit    : sae_edit fwd+bwd (frozen SAE, gain+bias+ffn adapter): the dense latent adapter
             (same math on a dense N x S code), the torch backend, and the cpp backend
+then the encode across batch sizes, and sae_edit at one token per call (generation) with and
+without ss.cached_folds().
 
 Times are medians over --reps runs (after one warm-up), measured in this process, so every
 ratio is against its baseline in the same run. "peak extra" is the peak resident memory an op
@@ -178,6 +180,22 @@ def main():
         base = median_ms(lambda: torch.topk(F.linear(x, W_enc, b_enc), 32), a.reps)[0]
         ours = median_ms(lambda: ss.topk_encode(x, W_enc, b_enc, 32, backend="cpp"), a.reps)[0]
         lines.append(f"| {n} | {base:.1f} | {ours:.1f} | {base / ours:.2f}× |")
+    # Generation: one token per call through a trained adapter (no_grad), with and without
+    # ss.cached_folds() (M = W_out W_dec and c = bias W_dec folded once instead of per call).
+    lines += ["", f"Edit at inference, one token per call (generation), D=768 S=32768 k=32, "
+              f"gain+bias+FFN h={a.h}, no_grad, cpp backend:", "",
+              "| sae_edit | ms per call | speed-up |", "|---|---|---|"]
+    x, W_enc, b_enc, W_dec = make(1, 768, 32768, 32)
+    sae = ss.SAE(W_enc, b_enc, W_dec, torch.zeros(768), 32).requires_grad_(False)
+    ad = ss.LatentAdapter(32768, hidden=a.h)
+    with torch.no_grad():
+        for p in (ad.gain, ad.bias, ad.W_out):
+            p.normal_(0, 0.01)
+        plain = median_ms(lambda: ss.sae_edit(x, sae, ad, backend="cpp"), a.reps)[0]
+        with ss.cached_folds():
+            cached = median_ms(lambda: ss.sae_edit(x, sae, ad, backend="cpp"), a.reps)[0]
+    lines += [f"| every call folds | {plain:.1f} | 1.00× |",
+              f"| inside `ss.cached_folds()` | {cached:.1f} | {plain / cached:.2f}× |"]
     text = "\n".join(lines)
     print(text)
     if a.save:

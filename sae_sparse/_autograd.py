@@ -8,6 +8,8 @@ the library's ``fold`` / ``fold_t`` where it has them (triton), else torch.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .reference import activation_fn, decode_coef
@@ -71,8 +73,9 @@ class _Fold(torch.autograd.Function):
 
 
 def make_ops(get_lib, name: str):
-    """-> (topk_encode(x, W_enc, b_enc, k, b_pre, threshold), edit_decode(...)) over
-    the kernel library returned by ``get_lib()``."""
+    """-> namespace of ``topk_encode(x, W_enc, b_enc, k, b_pre, threshold)``,
+    ``edit_decode(...)`` and ``fold(W_dec, bias, W_out)`` over the kernel library returned by
+    ``get_lib()``."""
 
     class TopKEncode(torch.autograd.Function):
         """values, indices, overflow = topk(relu((x - b_pre) W_enc^T + b_enc)); top-k held fixed."""
@@ -155,25 +158,30 @@ def make_ops(get_lib, name: str):
     def topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None):
         return TopKEncode.apply(x, W_enc, b_enc, k, b_pre, threshold)
 
+    def fold(W_dec, bias=None, W_out=None):
+        """The edit's dense terms (M = W_out W_dec [h, D], c = bias W_dec [D]; None where the
+        parameter is None), in fp32 for low-precision inputs (the kernels accumulate in fp32
+        anyway). One product for both, so W_dec is read once (and once in the backward)."""
+        rows = [t for t in (W_out, bias[None] if bias is not None else None) if t is not None]
+        if not rows:
+            return None, None
+        F = _Fold.apply(torch.cat(rows) if len(rows) > 1 else rows[0], W_dec, get_lib())
+        return (F[:W_out.shape[0]] if W_out is not None else None,
+                F[-1] if bias is not None else None)
+
     def edit_decode(x, values, indices, W_dec, b_dec=None, gain=None, bias=None, W_in=None,
-                    b_in=None, W_out=None, activation="relu", mode="delta"):
+                    b_in=None, W_out=None, activation="relu", mode="delta", *, folded=None):
+        """folded: (M, c) as ``fold(W_dec, bias, W_out)`` returns them, computed earlier (the
+        inference cache of ops.cached_folds); else they are computed here."""
         if activation not in _ACTS:
             raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
         if mode == "plain":
-            gain = bias = W_in = b_in = W_out = None
-        # Folded dense terms, once per step, in fp32 for low-precision inputs (the kernels
-        # accumulate in fp32 anyway): M = W_out W_dec [h, D] and c = bias W_dec [D] in one
-        # product, so W_dec is read once for both (and once in the backward).
-        M = c = None
-        rows = [t for t in (W_out, bias[None] if bias is not None else None) if t is not None]
-        if rows:
-            F = _Fold.apply(torch.cat(rows) if len(rows) > 1 else rows[0], W_dec, get_lib())
-            M = F[:W_out.shape[0]] if W_out is not None else None
-            c = F[-1] if bias is not None else None
+            gain = bias = W_in = b_in = W_out = folded = None
+        M, c = folded if folded is not None else fold(W_dec, bias, W_out)
         return EditDecode.apply(x if mode == "delta" else None, values, indices.long(), W_dec,
                                 b_dec if mode != "delta" else None, gain, W_in, b_in, M, c,
                                 activation, mode)
 
     TopKEncode.__name__ = TopKEncode.__qualname__ = f"TopKEncode{name}"
     EditDecode.__name__ = EditDecode.__qualname__ = f"EditDecode{name}"
-    return topk_encode, edit_decode
+    return types.SimpleNamespace(topk_encode=topk_encode, edit_decode=edit_decode, fold=fold)

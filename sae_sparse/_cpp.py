@@ -25,4 +25,4 @@ def available() -> bool:
 
 # The extension's functions as torch.library custom ops (sae_sparse::cpu_*), then autograd.
 OPS = wrap(lambda: _C, "cpu")
-topk_encode_cpp, edit_decode_cpp = make_ops(lambda: OPS, "CPU")
+CPP = make_ops(lambda: OPS, "CPU")

@@ -17,15 +17,16 @@ import torch
 from . import _cpp, _triton
 from ._autograd import make_ops
 from ._custom_ops import wrap
-from .reference import edit_decode_torch, topk_encode_torch
+from .reference import edit_decode_torch, fold_edit_torch, topk_encode_torch
 
 ENV_VAR = "SAE_SPARSE_BACKEND"
 ALL_BACKENDS = ("torch", "cpp", "triton")
 
 TRITON_OPS = wrap(lambda: _triton, "triton", padded_csr=True, fold=True)
-_topk_encode_triton, _edit_decode_triton = make_ops(lambda: TRITON_OPS, "Triton")
-_ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.topk_encode_cpp, "triton": _topk_encode_triton}
-_DECODE = {"torch": edit_decode_torch, "cpp": _cpp.edit_decode_cpp, "triton": _edit_decode_triton}
+_TRITON = make_ops(lambda: TRITON_OPS, "Triton")
+_ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.CPP.topk_encode, "triton": _TRITON.topk_encode}
+_DECODE = {"torch": edit_decode_torch, "cpp": _cpp.CPP.edit_decode, "triton": _TRITON.edit_decode}
+_FOLD = {"torch": fold_edit_torch, "cpp": _cpp.CPP.fold, "triton": _TRITON.fold}
 
 
 def available_backends() -> list[str]:
@@ -101,3 +102,9 @@ def encode_fn(name: str):
 
 def decode_fn(name: str):
     return _DECODE[name]
+
+
+def fold_fn(name: str):
+    """The backend's ``fold(W_dec, bias, W_out) -> (M, c)``, the dense terms its decode_fn
+    takes as ``folded=``."""
+    return _FOLD[name]

@@ -88,6 +88,7 @@ def teacher_adapter(sae, planted):
 def make_data(path, n=1500, seed=0, prompt_len=2, completion_len=14):
     """Samples prompt/completion records from the teacher (model + planted edit)."""
     from .hooks import attach
+    from .ops import cached_folds
 
     model, tok, sae, planted = load_assets()
     edits = attach(model, {planted["hook"]: (sae, teacher_adapter(sae, planted))})
@@ -96,11 +97,12 @@ def make_data(path, n=1500, seed=0, prompt_len=2, completion_len=14):
     P = bigram_chain(len(WORDS))
     try:
         ids = sample_chain(P, n, prompt_len, offset, g)
-        for _ in range(completion_len):
-            logits = model(input_ids=ids).logits[:, -1].float()
-            logits[:, :offset] = -float("inf")
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
-            ids = torch.cat([ids, nxt], 1)
+        with cached_folds():  # the teacher's c = bias W_dec, folded once
+            for _ in range(completion_len):
+                logits = model(input_ids=ids).logits[:, -1].float()
+                logits[:, :offset] = -float("inf")
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+                ids = torch.cat([ids, nxt], 1)
     finally:
         edits.remove()
     with open(path, "w") as f:

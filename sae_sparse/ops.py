@@ -6,10 +6,14 @@ except the JumpReLU ``threshold``, which gets no gradient.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+
 import torch
 
 from . import _validate as V
-from .backends import decode_fn, encode_fn, resolve
+from .backends import decode_fn, encode_fn, fold_fn, resolve
 from .reference import ACTIVATIONS, MODES
 
 
@@ -105,7 +109,80 @@ def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
     return values, dead[idx]
 
 
-def _edit_decode(x, values, indices, W_dec, b_dec, adapter_params, activation, mode, backend):
+_FOLDS = threading.local()  # .entries: the cache of the innermost cached_folds() context
+_MAX_FOLDS = 64
+
+
+@contextlib.contextmanager
+def cached_folds():
+    """Reuse an adapter's dense edit terms across calls, for inference (generation, eval).
+
+    An adapter with a ``bias`` or an FFN adds ``c = bias @ W_dec`` and ``M = W_out @ W_dec``
+    to every token's edit. :func:`sae_edit` computes them on every call, a read of all of
+    W_dec (S x D): with one token per call (generation) that is as much memory traffic as the
+    encode itself. Inside this context a call whose folds need no gradient (under
+    ``torch.no_grad()``, or with the adapter and W_dec frozen) computes them once per
+    (SAE, adapter) pair and reuses them while ``W_dec``, ``bias``, ``W_out`` and the latent
+    mask are the same tensor objects with unchanged version counters and storage. Every
+    in-place update through autograd-visible ops (optimizer steps, ``copy_`` under
+    ``no_grad``, ``load_state_dict``) bumps the version and refolds; changes made through
+    ``.data`` are invisible to version counters, so do not modify weights that way inside
+    the context. Like ``torch.nn.utils.parametrize.cached()``; the cache ends with the context.
+
+    Example:
+        >>> edits = ss.attach(model, {"model.layers.6": (sae, adapter)})
+        >>> with torch.no_grad(), ss.cached_folds():
+        ...     out = model.generate(input_ids, max_new_tokens=64)
+    """
+    prev = getattr(_FOLDS, "entries", None)
+    _FOLDS.entries = {}
+    try:
+        yield
+    finally:
+        _FOLDS.entries = prev
+
+
+def _stamp(t):
+    # (weak reference, version, storage) of a source tensor; inference tensors have no
+    # version counter, so they are never cached (RuntimeError)
+    return None if t is None else (weakref.ref(t), t._version, t.data_ptr())
+
+
+def _unchanged(stamp, t):
+    if stamp is None or t is None:
+        return stamp is None and t is None
+    ref, version, ptr = stamp
+    return ref() is t and t._version == version and t.data_ptr() == ptr
+
+
+def _cached_fold(name, sources, W_dec, bias, W_out):
+    """The backend's (M, c) from the innermost cached_folds() context, computing it on a miss;
+    None when no context is active or the folds need a gradient. ``sources``: the tensors
+    (M, c) derive from, whose identity and versions key the entry."""
+    entries = getattr(_FOLDS, "entries", None)
+    if entries is None or (bias is None and W_out is None) or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (W_dec, bias, W_out)):
+        return None
+    key = (name, W_dec.dtype, W_dec.device, torch.is_inference_mode_enabled(),
+           *(id(t) for t in sources))
+    hit = entries.get(key)
+    if hit is not None and all(_unchanged(st, t) for st, t in zip(hit[0], sources)):
+        return hit[1]
+    try:
+        stamps = tuple(_stamp(t) for t in sources)
+    except RuntimeError:  # an inference tensor among the sources
+        return None
+    folded = fold_fn(name)(W_dec, bias, W_out)
+    if len(entries) >= _MAX_FOLDS:  # e.g. a fresh temporary bias per call: no reuse anyway
+        entries.clear()
+    entries[key] = (stamps, folded)
+    return folded
+
+
+def _edit_decode(x, values, indices, W_dec, b_dec, adapter_params, activation, mode, backend,
+                 fold_sources=None):
     name = resolve(backend, values.device, values.dtype)
     S, D = W_dec.shape
     lead = values.shape[:-1]
@@ -114,8 +191,10 @@ def _edit_decode(x, values, indices, W_dec, b_dec, adapter_params, activation, m
     ts = (x.reshape(-1, D) if x is not None else None, values.reshape(-1, k), W_dec, b_dec,
           p.get("gain"), p.get("bias"), p.get("W_in"), p.get("b_in"), p.get("W_out"))
     ts = _lowp_to_fp32(name, *ts)
+    folded = (_cached_fold(name, fold_sources, ts[2], ts[5], ts[8])
+              if fold_sources is not None and mode != "plain" else None)
     y = decode_fn(name)(ts[0], ts[1], indices.reshape(-1, k).long(), *ts[2:],
-                        activation=activation, mode=mode)
+                        activation=activation, mode=mode, folded=folded)
     return y.to(values.dtype).reshape(*lead, D)
 
 
@@ -148,11 +227,12 @@ def edit_decode(x, values, indices, W_dec, b_dec=None, *, gain=None, bias=None, 
     b_in [h], W_out [h, S].
     """
     return _checked_edit_decode(x, values, indices, W_dec, b_dec, gain, bias, W_in, b_in, W_out,
-                                activation, mode, backend, check_range=True)
+                                activation, mode, backend, check_range=True,
+                                fold_sources=(W_dec, bias, W_out))
 
 
 def _checked_edit_decode(x, values, indices, W_dec, b_dec, gain, bias, W_in, b_in, W_out,
-                         activation, mode, backend, *, check_range):
+                         activation, mode, backend, *, check_range, fold_sources=None):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if activation not in ACTIVATIONS:
@@ -179,7 +259,8 @@ def _checked_edit_decode(x, values, indices, W_dec, b_dec, gain, bias, W_in, b_i
         if b_in is not None:
             V.check_tensor(b_in, "b_in", (h,), like=values)
             params["b_in"] = b_in
-    return _edit_decode(x, values, indices, W_dec, b_dec, params, activation, mode, backend)
+    return _edit_decode(x, values, indices, W_dec, b_dec, params, activation, mode, backend,
+                        fold_sources)
 
 
 def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
@@ -212,5 +293,7 @@ def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
     # indices come from the encoder: in range by construction
     y = _checked_edit_decode(x.to(dtype), values, indices, sae.W_dec, sae.b_dec, p.get("gain"),
                              p.get("bias"), p.get("W_in"), p.get("b_in"), p.get("W_out"), act,
-                             mode, backend, check_range=False)
+                             mode, backend, check_range=False,
+                             fold_sources=(sae.W_dec, adapter.bias, adapter.W_out,
+                                           adapter.latent_mask) if adapter is not None else None)
     return y.to(x.dtype)

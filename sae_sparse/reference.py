@@ -100,11 +100,21 @@ def _bag(indices, weight, coef):
     return F.embedding_bag(indices, weight, per_sample_weights=coef, mode="sum")
 
 
+def fold_edit_torch(W_dec, bias=None, W_out=None):
+    """The edit's dense terms M = W_out W_dec [h, D] and c = bias W_dec [D] (None where the
+    parameter is None), in the compute dtype of W_dec's dtype."""
+    ct = _compute_dtype(W_dec.dtype)
+    Wd = W_dec.to(ct)
+    return (W_out.to(ct) @ Wd if W_out is not None else None,
+            bias.to(ct) @ Wd if bias is not None else None)
+
+
 def edit_decode_torch(x, values, indices, W_dec, b_dec=None, gain=None, bias=None, W_in=None,
-                      b_in=None, W_out=None, activation="relu", mode="delta"):
+                      b_in=None, W_out=None, activation="relu", mode="delta", *, folded=None):
     """Reference edit + decode on 2-D inputs (DESIGN.md "Edit" and "Decode").
 
-    mode "plain" is sparse_decode: sum_j v_j W_dec[i_j] + b_dec.
+    mode "plain" is sparse_decode: sum_j v_j W_dec[i_j] + b_dec. ``folded``: (M, c) from
+    :func:`fold_edit_torch`, computed earlier (else here, once per call).
     """
     ct = _compute_dtype(values.dtype)
     out_dtype = values.dtype
@@ -126,14 +136,14 @@ def edit_decode_torch(x, values, indices, W_dec, b_dec=None, gain=None, bias=Non
         y = _bag(idx, Wd, coef)
         if b_dec is not None:
             y = y + b_dec.to(ct)
+    M, c = folded if folded is not None else fold_edit_torch(Wd, bias, W_out)
     if W_in is not None:
         h = _bag(idx, W_in.to(ct), v)
         if b_in is not None:
             h = h + b_in.to(ct)
-        M = W_out.to(ct) @ Wd  # [h, D], once per step
-        y = y + activation_fn(activation)(h) @ M
+        y = y + activation_fn(activation)(h) @ M.to(ct)  # M = W_out W_dec: [h, D]
     if bias is not None:
-        y = y + bias.to(ct) @ Wd  # [D], once per step
+        y = y + c.to(ct)  # c = bias W_dec: [D]
     return y.to(out_dtype)
 
 

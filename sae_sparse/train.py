@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import __version__
 from .hooks import ResidualLoRA, attach
 from .modules import LatentAdapter
+from .ops import cached_folds
 from .reference import ACTIVATIONS, MODES
 
 CONFIG_NAME = "adapter_config.json"
@@ -260,7 +261,7 @@ def evaluate(model, data, cfg, edits, device, pad_id):
         return float("nan")
     tot, cnt = 0.0, 0
     model_dtype_ctx = _autocast(cfg, device)
-    with torch.no_grad():
+    with torch.no_grad(), cached_folds():  # the adapters' M, c folded once per evaluation
         for i in range(0, len(data), cfg.batch_size):
             ids, attn, loss_mask, prompt = (t.to(device) for t in
                                             collate(data[i:i + cfg.batch_size], pad_id))
