@@ -74,8 +74,8 @@ class _Fold(torch.autograd.Function):
 
 def make_ops(get_lib, name: str):
     """-> namespace of ``topk_encode(x, W_enc, b_enc, k, b_pre, threshold)``,
-    ``edit_decode(...)`` and ``fold(W_dec, bias, W_out)`` over the kernel library returned by
-    ``get_lib()``."""
+    ``edit_decode(...)``, ``fold(W_dec, bias, W_out)`` and ``sae_forward(x, W_enc, b_enc, k,
+    b_pre, threshold, W_dec, b_dec)`` over the kernel library returned by ``get_lib()``."""
 
     class TopKEncode(torch.autograd.Function):
         """values, indices, overflow = topk(relu((x - b_pre) W_enc^T + b_enc)); top-k held fixed."""
@@ -155,8 +155,59 @@ def make_ops(get_lib, name: str):
                 grads[9] = dyd.sum(0)
             return tuple(grads)
 
+    class SAEForward(torch.autograd.Function):
+        """An SAE's encode + plain decode as one Function: (y, values, indices, overflow).
+
+        The same math as TopKEncode followed by a plain EditDecode, but the backward groups
+        the (token, slot) pairs by latent once (latent_csr: a sort of N*k ids) for both the
+        decoder's dW_dec and the encoder's dW_enc / db_enc, which the composed ops each do.
+        ``values`` stays an output, so a loss on the code (L1, AuxK statistics) still reaches
+        the encoder through it."""
+
+        @staticmethod
+        def forward(ctx, x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec):
+            lib = get_lib()
+            values, indices, overflow = lib.topk_encode(x, W_enc, b_enc, k, b_pre, threshold)
+            y, _ = lib.edit_decode_fwd(None, values, indices, W_dec, b_dec, None, None, None,
+                                       None, None, 0, _MODES["plain"])
+            ctx.save_for_backward(x, W_enc, b_pre, W_dec, values, indices)
+            ctx.mark_non_differentiable(indices, overflow)
+            return y, values, indices, overflow
+
+        @staticmethod
+        def backward(ctx, dy, dvalues, _di, _do):
+            x, W_enc, b_pre, W_dec, values, indices = ctx.saved_tensors
+            lib = get_lib()
+            S, k = W_enc.shape[0], values.shape[1]
+            dy = dy.contiguous()
+            need_x, need_W, need_b, need_bp = (_needs(ctx, i) for i in (0, 1, 2, 4))
+            need_Wd, need_bd = _needs(ctx, 6), _needs(ctx, 7)
+            dWd = dW = db = dbp = dx = None
+            csr = None
+            if need_Wd or need_W or need_b or need_bp or need_x:
+                # dvalues from the decode (dy . W_dec[i]) plus the code's own gradient
+                dv, _, _ = lib.edit_decode_bwd(dy, values, indices, W_dec, None, None, None,
+                                               None, 0, _MODES["plain"])
+                dpre = torch.where(values != 0, dv + dvalues, torch.zeros_like(dv)).contiguous()
+            if need_Wd or need_W or need_b or (need_bp and not need_x):
+                csr = lib.latent_csr(indices, S)  # once, for both reductions
+            if need_Wd:  # dW_dec[s] = sum over s's pairs of v * dy[token]
+                dWd = lib.segment_rows(*csr, values.contiguous(), dy, None, S, k)[0]
+            if need_W or need_b or (need_bp and not need_x):
+                dW, db = lib.segment_rows(*csr, dpre, x, b_pre, S, k)
+            if need_x:
+                dx, _ = lib.edit_decode_fwd(None, dpre, indices, W_enc, None, None, None, None,
+                                            None, None, 0, _MODES["plain"])
+            if need_bp:
+                dbp = -dx.sum(0) if need_x else -(db @ W_enc)
+            return (dx, dW if need_W else None, db if need_b else None, None, dbp, None, dWd,
+                    dy.sum(0) if need_bd else None)
+
     def topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None):
         return TopKEncode.apply(x, W_enc, b_enc, k, b_pre, threshold)
+
+    def sae_forward(x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec):
+        return SAEForward.apply(x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec)
 
     def fold(W_dec, bias=None, W_out=None):
         """The edit's dense terms (M = W_out W_dec [h, D], c = bias W_dec [D]; None where the
@@ -184,4 +235,6 @@ def make_ops(get_lib, name: str):
 
     TopKEncode.__name__ = TopKEncode.__qualname__ = f"TopKEncode{name}"
     EditDecode.__name__ = EditDecode.__qualname__ = f"EditDecode{name}"
-    return types.SimpleNamespace(topk_encode=topk_encode, edit_decode=edit_decode, fold=fold)
+    SAEForward.__name__ = SAEForward.__qualname__ = f"SAEForward{name}"
+    return types.SimpleNamespace(topk_encode=topk_encode, edit_decode=edit_decode, fold=fold,
+                                 sae_forward=sae_forward)

@@ -17,7 +17,7 @@ import torch
 from . import _cpp, _triton
 from ._autograd import make_ops
 from ._custom_ops import wrap
-from .reference import edit_decode_torch, fold_edit_torch, topk_encode_torch
+from .reference import edit_decode_torch, fold_edit_torch, sae_forward_torch, topk_encode_torch
 
 ENV_VAR = "SAE_SPARSE_BACKEND"
 ALL_BACKENDS = ("torch", "cpp", "triton")
@@ -27,6 +27,7 @@ _TRITON = make_ops(lambda: TRITON_OPS, "Triton")
 _ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.CPP.topk_encode, "triton": _TRITON.topk_encode}
 _DECODE = {"torch": edit_decode_torch, "cpp": _cpp.CPP.edit_decode, "triton": _TRITON.edit_decode}
 _FOLD = {"torch": fold_edit_torch, "cpp": _cpp.CPP.fold, "triton": _TRITON.fold}
+_SAE = {"torch": sae_forward_torch, "cpp": _cpp.CPP.sae_forward, "triton": _TRITON.sae_forward}
 
 
 def available_backends() -> list[str]:
@@ -108,3 +109,10 @@ def fold_fn(name: str):
     """The backend's ``fold(W_dec, bias, W_out) -> (M, c)``, the dense terms its decode_fn
     takes as ``folded=``."""
     return _FOLD[name]
+
+
+def sae_fn(name: str):
+    """The backend's ``sae_forward(x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec)``
+    -> (y, values, indices, overflow): an SAE's encode + decode (one autograd Function on
+    the kernel backends, sharing the backward's grouping by latent)."""
+    return _SAE[name]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from .ops import _sparse_decode, auxk_encode, sparse_decode, topk_encode
+from .ops import _sae_forward, auxk_encode, sparse_decode, topk_encode
 from .reference import ACTIVATIONS
 
 
@@ -100,12 +100,13 @@ class SAE(nn.Module):
         """(values, indices) [..., k] -> reconstruction [..., D]."""
         return sparse_decode(values, indices, self.W_dec, self.b_dec, backend=backend)
 
-    def forward(self, x, *, backend=None):
-        """The SAE's reconstruction of x."""
-        values, indices = self.encode(x, backend=backend)
-        # the encoder's indices are in range: skip decode's range check (a device sync)
-        return _sparse_decode(values, indices, self.W_dec, self.b_dec, backend,
-                              check_range=False)
+    def forward(self, x, *, backend=None, return_code: bool = False):
+        """The SAE's reconstruction of x, [..., D] (with ``return_code``: ``(y, values,
+        indices)``, the code as :meth:`encode` returns it; a loss on ``values`` reaches the
+        encoder too). One op for encode and decode: on the kernel backends its backward groups
+        the (token, slot) pairs by latent once for dW_enc and dW_dec. Sets ``last_overflow``."""
+        y, values, indices, self.last_overflow = _sae_forward(x, self, backend)
+        return (y, values, indices) if return_code else y
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}, b_pre="

@@ -13,7 +13,7 @@ import weakref
 import torch
 
 from . import _validate as V
-from .backends import decode_fn, encode_fn, fold_fn, resolve
+from .backends import decode_fn, encode_fn, fold_fn, resolve, sae_fn
 from .reference import ACTIVATIONS, MODES
 
 
@@ -65,6 +65,22 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
     if return_overflow:
         return values, indices, overflow.sum()
     return values, indices
+
+
+def _sae_forward(x, sae, backend):
+    """SAE.forward: (y [..., D], values [..., k], indices [..., k], n_overflow)."""
+    D, S = V.check_encoder(x, sae.W_enc, sae.b_enc, sae.k, sae.b_pre, sae.threshold)
+    V.check_tensor(sae.W_dec, "W_dec", (S, D), like=x)
+    V.check_tensor(sae.b_dec, "b_dec", (D,), like=x)
+    name = resolve(backend, x.device, x.dtype)
+    if name != "triton":  # the triton kernels check it on the device, at their one host sync
+        V.check_finite(x, "x")
+    lead, k = x.shape[:-1], sae.k
+    a = _lowp_to_fp32(name, x.reshape(-1, D), sae.W_enc, sae.b_enc, sae.b_pre, sae.threshold,
+                      sae.W_dec, sae.b_dec)
+    y, values, indices, overflow = sae_fn(name)(a[0], a[1], a[2], k, a[3], a[4], a[5], a[6])
+    return (y.to(x.dtype).reshape(*lead, D), values.to(x.dtype).reshape(*lead, k),
+            indices.reshape(*lead, k), overflow.sum())
 
 
 def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):

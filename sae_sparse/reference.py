@@ -1,6 +1,7 @@
 """Plain-PyTorch implementations.
 
-* ``topk_encode_torch`` / ``edit_decode_torch``: the ``torch`` backend. Any device, any float
+* ``topk_encode_torch`` / ``edit_decode_torch`` (and ``fold_edit_torch``,
+  ``sae_forward_torch``): the ``torch`` backend. Any device, any float
   dtype (float64 included); chunked over S so no N x S tensor is held at once; gradients come
   from autograd. This is the ground truth the other backends are tested against.
 * ``dense_topk_encode`` / ``dense_sae_edit``: the literal definitions of shared/DESIGN.md with a
@@ -145,6 +146,13 @@ def edit_decode_torch(x, values, indices, W_dec, b_dec=None, gain=None, bias=Non
     if bias is not None:
         y = y + c.to(ct)  # c = bias W_dec: [D]
     return y.to(out_dtype)
+
+
+def sae_forward_torch(x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec):
+    """(y, values, indices, overflow): the SAE's encode and plain decode, composed."""
+    values, indices, overflow = topk_encode_torch(x, W_enc, b_enc, k, b_pre, threshold)
+    return (edit_decode_torch(None, values, indices, W_dec, b_dec, mode="plain"), values,
+            indices, overflow)
 
 
 # ----------------------------------------------------------------------------------------------

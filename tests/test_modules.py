@@ -114,3 +114,58 @@ def test_sae_training_step_gradients(backend, tied):
     for n, g1, g0 in zip(("W_enc", "b_enc", "W_dec", "b_dec", "b_pre"), step(dt, backend),
                          step(torch.float64, "torch")):
         assert_close(g1, g0, rtol=tol, atol=tol * g0.abs().max().item(), name=n)
+
+
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("variant", ["tied", "untied+jumprelu", "no b_pre, N=1"])
+def test_sae_forward_is_one_op_with_every_gradient(monkeypatch, backend, variant):
+    """SAE.forward(return_code=True) is one autograd op on the kernel backends: y, values and
+    indices as encode + decode give them, every gradient (x too, and a loss on the code
+    itself) against the float64 torch backend's composed ops, and one grouping by latent
+    (latent_csr) per backward where the composed ops take two."""
+    from sae_sparse import _cpp, backends
+    lib = _cpp.OPS if backend == "cpp" else backends.TRITON_OPS
+    csr_calls = []
+    csr = lib.latent_csr
+    monkeypatch.setattr(lib, "latent_csr", lambda *a: csr_calls.append(1) or csr(*a))
+    dt = dtype_for(backend)
+    g = torch.Generator().manual_seed(3)
+    N, D, S, k = (1, 19, 133, 7) if "N=1" in variant else (13, 19, 133, 7)
+    W_enc, W_dec = torch.randn(2, S, D, generator=g, dtype=torch.float64) / 4
+    b_enc, b_dec, b_pre = (0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+                           for n in (S, D, D))
+    thr = 0.3 * torch.rand(S, generator=g, dtype=torch.float64) if "jumprelu" in variant else None
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w_y, w_v = torch.randn(N, D, generator=g), torch.randn(N, k, generator=g)
+
+    def run(dtype, be, fused):
+        ps = [t.to(dtype) for t in (W_enc, b_enc, W_dec, b_dec, b_pre)]
+        sae = ss.SAE(*ps[:4], k, b_pre=None if "no b_pre" in variant else
+                     ps[3] if variant == "tied" else ps[4],
+                     threshold=thr.to(dtype) if thr is not None else None)
+        xx = x.to(dtype).requires_grad_()
+        if fused:
+            y, v, i = sae(xx, backend=be, return_code=True)
+        else:
+            v, i = sae.encode(xx, backend=be)
+            y = ss.sparse_decode(v, i, sae.W_dec, sae.b_dec, backend=be)
+        loss = (y * w_y.to(dtype)).sum() + (v * w_v.to(dtype)).sum()
+        params = [p for p in (xx, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.b_pre)
+                  if p is not None]
+        params = list({id(p): p for p in params}.values())  # tied: b_pre is b_dec
+        return (y, v, i, sae.last_overflow), torch.autograd.grad(loss, params)
+
+    (y, v, i, over), grads = run(dt, backend, True)
+    assert len(csr_calls) == 1
+    (y0, v0, i0, over0), grads0 = run(torch.float64, "torch", False)
+    assert torch.equal(i, i0) and int(over) == int(over0)
+    tol = 1e-9 if dt == torch.float64 else 2e-4
+    assert_close(y, y0, rtol=tol, atol=tol, name="y")
+    assert_close(v, v0, rtol=tol, atol=tol, name="values")
+    for n, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec", "b_pre"), grads, grads0):
+        assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), name="d" + n)
+    run(dt, backend, False)
+    assert len(csr_calls) == 3  # the composed ops group the pairs twice
