@@ -165,13 +165,17 @@ def make_ops(get_lib, name: str):
         the encoder through it."""
 
         @staticmethod
-        def forward(ctx, x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec):
+        def forward(ctx, x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec, tied):
+            # tied: b_pre is b_dec, passed once (torch.compile cannot trace an autograd
+            # Function given the same tensor twice)
             lib = get_lib()
+            b_pre = b_dec if tied else b_pre
             values, indices, overflow = lib.topk_encode(x, W_enc, b_enc, k, b_pre, threshold)
             y, _ = lib.edit_decode_fwd(None, values, indices, W_dec, b_dec, None, None, None,
                                        None, None, 0, _MODES["plain"])
             ctx.save_for_backward(x, W_enc, b_pre, W_dec, values, indices)
             ctx.mark_non_differentiable(indices, overflow)
+            ctx.tied = tied
             return y, values, indices, overflow
 
         @staticmethod
@@ -180,8 +184,9 @@ def make_ops(get_lib, name: str):
             lib = get_lib()
             S, k = W_enc.shape[0], values.shape[1]
             dy = dy.contiguous()
-            need_x, need_W, need_b, need_bp = (_needs(ctx, i) for i in (0, 1, 2, 4))
+            need_x, need_W, need_b = (_needs(ctx, i) for i in (0, 1, 2))
             need_Wd, need_bd = _needs(ctx, 6), _needs(ctx, 7)
+            need_bp = need_bd if ctx.tied else _needs(ctx, 4)
             dWd = dW = db = dbp = dx = None
             csr = None
             if need_Wd or need_W or need_b or need_bp or need_x:
@@ -200,14 +205,19 @@ def make_ops(get_lib, name: str):
                                             None, None, 0, _MODES["plain"])
             if need_bp:
                 dbp = -dx.sum(0) if need_x else -(db @ W_enc)
+            dbd = dy.sum(0) if need_bd else None
+            if ctx.tied:
+                dbd, dbp = (dbd + dbp if dbd is not None else None), None
             return (dx, dW if need_W else None, db if need_b else None, None, dbp, None, dWd,
-                    dy.sum(0) if need_bd else None)
+                    dbd, None)
 
     def topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None):
         return TopKEncode.apply(x, W_enc, b_enc, k, b_pre, threshold)
 
     def sae_forward(x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec):
-        return SAEForward.apply(x, W_enc, b_enc, k, b_pre, threshold, W_dec, b_dec)
+        tied = b_pre is not None and b_pre is b_dec
+        return SAEForward.apply(x, W_enc, b_enc, k, None if tied else b_pre, threshold, W_dec,
+                                b_dec, tied)
 
     def fold(W_dec, bias=None, W_out=None):
         """The edit's dense terms (M = W_out W_dec [h, D], c = bias W_dec [D]; None where the

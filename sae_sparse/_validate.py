@@ -34,7 +34,13 @@ def check_x(x, name: str = "x") -> int:
 
 
 def check_finite(x: torch.Tensor, name: str = "x") -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    """ValueError when x has a NaN or inf. Under torch.compile, where a data-dependent branch
+    would break the graph, the check is an assertion op in the graph (a RuntimeError)."""
+    if not x.numel():
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or inf")
+    elif not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
 
 

@@ -99,6 +99,46 @@ def test_torch_compile_traces_the_op(backend):
                                    msg=lambda m: f"compiled vs eager d{pn}: {m}")
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton")
+                                     if b in ss.available_backends()])
+def test_torch_compile_traces_the_public_api(backend):
+    """The public API under torch.compile(aot_eager, fullgraph): SAE.forward (one op: encode
+    + decode; b_pre tied to b_dec, passed to the op once; a loss on y and on the values) and
+    sae_edit through the same trainable SAE give eager's losses and gradients; non-finite x
+    still raises, from inside the compiled graph."""
+    if backend == "triton" and not (torch.cuda.is_available()
+                                    or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("no GPU")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    s = sample(device)
+    sae = ss.SAE(s["W"], s["b"], s["W"].flip(0) * 0.5, s["bp"], s["k"], b_pre=s["bp"])
+    ad = ss.LatentAdapter(s["S"], 3, device=device)
+    with torch.no_grad():
+        for p in (ad.gain, ad.bias, ad.W_out):
+            p.normal_()
+
+    def step(x):
+        y, v, _ = sae(x, backend=backend, return_code=True)
+        edited = ss.sae_edit(x, sae, ad, backend=backend)
+        return y.square().sum() + v.sum() + edited.square().sum()
+
+    params = list(sae.parameters()) + list(ad.parameters())
+    names = [n for n, _ in sae.named_parameters()] + [n for n, _ in ad.named_parameters()]
+    eager = step(s["x"])
+    g_eager = torch.autograd.grad(eager, params)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out = compiled(s["x"])
+    g = torch.autograd.grad(out, params)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=0)
+    for name, a, b in zip(names, g, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max(),
+                                   msg=lambda m: f"compiled vs eager d{name}: {m}")
+    bad = s["x"].clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises((RuntimeError, ValueError), match="NaN"):  # checked inside the graph
+        compiled(bad)
+
+
 @pytest.mark.parametrize("S", [7, 90])
 def test_triton_latent_csr_is_padded_and_sync_free(S):
     """The triton grouping by latent: a stable order, offsets, and min(N*k, S) latents (static
