@@ -388,6 +388,18 @@ if triton is not None:
                 tl.store(buf_ptr + off, key, mask=keep & (slot < CAP))
 
     @triton.jit
+    def _finite_rows_kernel(x_ptr, fin_ptr, D, BLOCK_D: tl.constexpr):
+        """fin[r] = 1 if every entry of row r is finite, else 0 (torch.isfinite(x).all(1)
+        without its N x D temporaries)."""
+        r = tl.program_id(0).to(tl.int64)
+        bad = tl.zeros((BLOCK_D,), dtype=tl.int32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(x_ptr + r * D + d, mask=d < D, other=0.0).to(tl.float32)
+            bad += (~(tl.abs(v) <= 3.4028234663852886e38)).to(tl.int32)  # inf; NaN compares false
+        tl.store(fin_ptr + r, (tl.sum(bad, axis=0) == 0).to(tl.int8))
+
+    @triton.jit
     def _select_kernel(buf_ptr, cnt_ptr, out_ptr, CAP, KOUT,
                        BLOCK: tl.constexpr, KP: tl.constexpr):
         """out[r, :KOUT] = the KOUT largest of row r's min(cnt[r], CAP) keys, descending."""
@@ -680,6 +692,19 @@ def _gemm_args(xc, W, stride=1, block_s=None):
     return (x_desc, w_desc), nprog, meta
 
 
+def _centered(x, b_pre, fin):
+    """xc = x - b_pre (x itself without b_pre), the rows the GEMM reads; fin [N] int8 <- 1 for
+    the rows of xc that are all finite (_finite_rows_kernel: no N x D temporaries)."""
+    xc = (x - b_pre if b_pre is not None else x).contiguous()
+    N, D = xc.shape
+    if N and D:
+        _finite_rows_kernel[(N,)](xc, fin, D, BLOCK_D=min(1024, _p2(D)),
+                                  num_warps=1 if interpreting() else 4)
+    elif N:
+        fin.fill_(1)
+    return xc
+
+
 def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
     """Main path, one row chunk (and latent chunk: W, b, thr hold latents col0 ...): keys
     [N, kk] (descending; ties -> smaller index), exact unless bad [N] > 0 -- the number of
@@ -803,21 +828,24 @@ def _encode_append(xc, W, b, kk, thr, act):
     return keys
 
 
-def _encode_main(xc, W, b, kk, thr, act, k, fin, out, top_m, bounds):
-    """The main path over row chunks (bounded candidate memory) and latent chunks."""
-    N, D = xc.shape
+def _encode_main(x, b_pre, W, b, kk, thr, act, k, fin, out, top_m, bounds):
+    """The main path over row chunks (bounded memory: the chunk's candidates and, with b_pre,
+    its x - b_pre) and latent chunks."""
+    N, D = x.shape
     S = W.shape[0]
     BS = _blocks(D)[1]
-    dev = xc.device
+    dev = x.device
     L = max(t1 - t0 for t0, t1 in bounds) * top_m
-    per = 4 if _rlow(xc.dtype, D) else 8  # bytes per candidate (int32 keys / int64 keys)
-    rows = max(128, ENCODE["buffer_bytes"] // (per * L) // 128 * 128)
+    per = 4 if _rlow(x.dtype, D) else 8  # bytes per candidate (int32 keys / int64 keys)
+    per_row = per * L + (D * x.element_size() if b_pre is not None else 0)
+    rows = max(128, ENCODE["buffer_bytes"] // per_row // 128 * 128)
     keys = torch.empty(N, kk, dtype=torch.long, device=dev)
     bad = torch.empty(N, dtype=torch.int32, device=dev)
     for r in range(0, N, rows):
         sl = slice(r, r + rows)
+        xc = _centered(x[sl], b_pre, fin[sl])
         if len(bounds) == 1:
-            _encode_top(xc[sl], W, b, kk, thr, act[sl], fin[sl], top_m, keys[sl], bad[sl])
+            _encode_top(xc, W, b, kk, thr, act[sl], fin[sl], top_m, keys[sl], bad[sl])
             _finish(tuple(t[sl] for t in out), keys[sl], fin[sl], thr, act[sl], k, bad[sl])
             continue
         # Latent chunks: each chunk's exact top-kk (settled on the device), merged into a
@@ -825,7 +853,7 @@ def _encode_main(xc, W, b, kk, thr, act, k, fin, out, top_m, bounds):
         run = unsettled = None
         for t0, t1 in bounds:
             s0, s1 = t0 * BS, min(S, t1 * BS)
-            _encode_top(xc[sl], W[s0:s1], b[s0:s1], kk, thr[s0:s1] if thr is not None else None,
+            _encode_top(xc, W[s0:s1], b[s0:s1], kk, thr[s0:s1] if thr is not None else None,
                         act[sl], fin[sl], top_m, keys[sl], bad[sl], col0=s0)
             unsettled = bad[sl].clone() if unsettled is None else unsettled.add_(bad[sl])
             both = keys[sl] if run is None else torch.cat([run, keys[sl]], 1)
@@ -838,7 +866,7 @@ def topk_encode(x, W, b, k, b_pre, thr):
     N, D = x.shape
     S = W.shape[0]
     dev = x.device
-    xc = (x - b_pre if b_pre is not None else x).contiguous()
+    x = x.contiguous()
     W, b = W.contiguous(), b.contiguous()  # the kernels index b and thr with stride 1
     thr = thr.contiguous() if thr is not None else None
     # fp32 values, rounded by torch after (the interpreter's fp32 -> bf16 store truncates)
@@ -852,13 +880,15 @@ def topk_encode(x, W, b, k, b_pre, thr):
     # Without a JumpReLU threshold, "more than k active latents" is "the (k+1)-th largest
     # pre-activation is > 0", so the kernels select k+1.
     kk = min(S, k + 1) if thr is None else k
-    fin = torch.isfinite(xc).all(1).view(torch.int8)  # non-finite rows: an error, below
+    fin = torch.empty(N, dtype=torch.int8, device=dev)  # rows of x - b_pre all finite
     out = (values, indices, overflow, left)
     plan = _plan(kk, S, D)
     if plan is not None:
-        _encode_main(xc, W, b, kk, thr, act, k, fin, out, *plan)
+        _encode_main(x, b_pre, W, b, kk, thr, act, k, fin, out, *plan)
     else:
+        xc = _centered(x, b_pre, fin)
         _finish(out, _encode_append(xc, W, b, kk, thr, act), fin, thr, act, k)
+        del xc
     # The one host sync: rows the kernels handed back -- non-finite input (an error), or
     # flagged rows the fix-up did not take (more flagged tiles than ENCODE["fix_tiles"], i.e.
     # heavy ties); normally none.
@@ -873,7 +903,8 @@ def topk_encode(x, W, b, k, b_pre, thr):
                              f"of the [{N}, {D}] input)")
         sub = tuple(torch.empty_like(t[redo]) for t in out)
         a = act[redo]
-        keys = _encode_append(xc[redo], W, b, kk, thr, torch.zeros_like(a))
+        xr = x[redo] - b_pre if b_pre is not None else x[redo]
+        keys = _encode_append(xr, W, b, kk, thr, torch.zeros_like(a))
         _finish(sub, keys, fin[redo], thr, a, k)
         for t, u in zip(out, sub):
             t[redo] = u

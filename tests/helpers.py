@@ -1,7 +1,11 @@
 """Shared builders for the op tests."""
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae_sparse import reference as R
 
@@ -86,3 +90,42 @@ def full_op(t, k, mode, activation, backend):
     y = edit_decode(t["x"], v, i, t["W_dec"], t["b_dec"], activation=activation, mode=mode,
                     backend=backend, **adapter_kw(t))
     return v, i, y
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that ops allocate while the mode is active, each counted
+    until the last tensor seen on it dies; storages of ``existing`` tensors are not counted.
+    The allocation plan of host code, not an allocator's (which rounds sizes up)."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        self.skip = {t.untyped_storage().data_ptr() for t in existing}
+        self.refs = {}  # storage pointer -> [bytes, tensors alive on it]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._see(t)
+        return out
+
+    def _see(self, t):
+        st = t.untyped_storage()
+        p, n = st.data_ptr(), st.nbytes()
+        if p in self.skip or n == 0:
+            return
+        entry = self.refs.get(p)
+        if entry is None:
+            entry = self.refs[p] = [n, 0]
+            self.now += n
+            self.peak = max(self.peak, self.now)
+        entry[1] += 1
+        weakref.finalize(t, self._gone, p)
+
+    def _gone(self, p):
+        entry = self.refs[p]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.refs[p]
+            self.now -= entry[0]

@@ -25,7 +25,8 @@ DIV16 = {"_encode_top_kernel": {"N", "S", "D", "L", "COL0"},
          "_fixup_kernel": {"S", "D", "L", "NT", "COL0"},
          "_edit_decode_kernel": {"K", "C", "H"}, "_gather_dot_kernel": {"K", "C"},
          "_segment_rows_kernel": {"K", "C", "S"},
-         "_fold_kernel": {"S", "D", "S_PER"}, "_fold_t_kernel": {"S", "D"}}
+         "_fold_kernel": {"S", "D", "S_PER"}, "_fold_t_kernel": {"S", "D"},
+         "_finite_rows_kernel": {"D"}}
 GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
 # (candidates per row, k + 1, tiles) of the main encode path at shapes A, B, C, D
 SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
@@ -82,6 +83,10 @@ def cases():
                              act_ptr="*i32", val_ptr="*fp32", idx_ptr="*i64", ovf_ptr="*i8",
                              left_ptr="*i8"),
                         dict(HAS_BAD=has_bad, HAS_THR=thr, KP=KP), dict(num_warps=4)))
+    for dtype in ("bf16", "fp32"):
+        out.append((f"finite_rows-{dtype}", "_finite_rows_kernel",
+                    dict(x_ptr=f"*{dtype}", fin_ptr="*i8"), dict(BLOCK_D=1024),
+                    dict(num_warps=4)))
     out.append(("select_append", "_select_kernel",
                 dict(buf_ptr="*i64", cnt_ptr="*i32", out_ptr="*i64"), dict(BLOCK=2048, KP=128),
                 dict(num_warps=4)))
