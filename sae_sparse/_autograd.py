@@ -50,8 +50,9 @@ def fold_t_torch(G, W):
 class _Fold(torch.autograd.Function):
     """A [r, S] @ W [S, D] in fp32 (fp64 for fp64); gradients in the inputs' dtypes.
 
-    With a kernel library that has ``fold`` / ``fold_t`` (triton) and A in W's dtype, each
-    product reads W once in its own dtype; otherwise torch (fold_torch, fold_t_torch)."""
+    With a kernel library that has ``fold`` / ``fold_t`` / ``fold_w`` (triton) and A in W's
+    dtype, each product reads or writes W once in its own dtype; otherwise torch (fold_torch,
+    fold_t_torch, and an fp32 [S, D] product for W's gradient)."""
 
     @staticmethod
     def forward(ctx, A, W, lib):
@@ -67,8 +68,9 @@ class _Fold(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             lib = ctx.lib
             dA = (lib.fold_t(dout, W) if lib is not None else fold_t_torch(dout, W)).to(A.dtype)
-        if ctx.needs_input_grad[1]:
-            dW = (A.to(dout.dtype).T @ dout).to(W.dtype)  # [S, D]: a dense gradient either way
+        if ctx.needs_input_grad[1]:  # [S, D]: a dense gradient either way
+            dW = (ctx.lib.fold_w(A, dout) if ctx.lib is not None
+                  else (A.to(dout.dtype).T @ dout).to(W.dtype))
         return dA, dW, None
 
 

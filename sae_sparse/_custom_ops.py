@@ -3,7 +3,7 @@ autograd ops without graph breaks inside them (fake implementations give output 
 
 ``wrap(lib, name)`` registers ``sae_sparse::{name}_topk_encode``, ``..._edit_decode_fwd``,
 ``..._edit_decode_bwd``, ``..._latent_csr``, ``..._segment_rows`` (and ``..._fold``,
-``..._fold_t`` where the library has them) around a kernel library
+``..._fold_t``, ``..._fold_w`` where the library has them) around a kernel library
 (see sae_sparse/_autograd.py) and returns an object with the library's interface. Optional
 tensor outputs (``h_pre``, ``dh``) travel through the ops as empty [N, 0] tensors.
 """
@@ -24,7 +24,8 @@ def wrap(get_lib, name: str, *, padded_csr: bool = False, fold: bool = False):
     """padded_csr: the library's latent_csr returns ``active`` padded to min(N*k, S) entries
     (a static size) instead of exactly the active latents (a data-dependent size).
     fold: the library has ``fold(A, W)`` / ``fold_t(G, W)`` (the edit's dense folds and their
-    backward, fp32 results); wrapped as ``..._fold`` / ``..._fold_t``."""
+    backward, fp32 results) and ``fold_w(A, G)`` (their gradient for W, in W's dtype); wrapped
+    as ``..._fold`` / ``..._fold_t`` / ``..._fold_w``."""
     ns = f"sae_sparse::{name}_"
 
     @torch.library.custom_op(ns + "topk_encode", mutates_args=())
@@ -99,7 +100,17 @@ def wrap(get_lib, name: str, *, padded_csr: bool = False, fold: bool = False):
             return A.new_empty(A.shape[0], W.shape[cols], dtype=torch.float32)
         return f
 
-    folds = dict(fold=fold_op("fold", 1), fold_t=fold_op("fold_t", 0)) if fold else {}
+    folds = {}
+    if fold:
+        @torch.library.custom_op(ns + "fold_w", mutates_args=())
+        def fold_w(A: Tensor, G: Tensor) -> Tensor:
+            return get_lib().fold_w(A, G)
+
+        @fold_w.register_fake
+        def _(A, G):
+            return A.new_empty(A.shape[1], G.shape[1])
+
+        folds = dict(fold=fold_op("fold", 1), fold_t=fold_op("fold_t", 0), fold_w=fold_w)
 
     def fwd(*a):
         y, h = edit_decode_fwd(*a)

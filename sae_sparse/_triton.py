@@ -559,6 +559,41 @@ if triton is not None:
         tl.store(out_ptr + r.to(tl.int64)[:, None] * S + s[None, :], acc,
                  mask=rm[:, None] & sm[None, :])
 
+    @triton.jit
+    def _fold_w_kernel(out_ptr, a_ptr, g_ptr, scale_ptr, R, S, D,
+                       P: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """out[s, d] = sum_r A[r, s] G[r, d] (the folds' gradient for W), summed in fp32 and
+        rounded once to out's dtype (W's), with G given as P parts in W's dtype (g_ptr:
+        [P, R, D], summing to G times the scale): exact products on tensor cores, and no fp32
+        [S, D] intermediate."""
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        sm = s < S
+        dm = d < D
+        acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rm = r < R
+            a = tl.load(a_ptr + r.to(tl.int64)[None, :] * S + s[:, None],
+                        mask=sm[:, None] & rm[None, :], other=0.0)  # [BLOCK_S, BLOCK_R]
+            if UPCAST:
+                a = a.to(tl.float32)
+            for p in tl.static_range(P):
+                g = tl.load(g_ptr + (p * R + r.to(tl.int64))[:, None] * D + d[None, :],
+                            mask=rm[:, None] & dm[None, :], other=0.0)
+                if UPCAST:
+                    g = g.to(tl.float32)
+                if IEEE:
+                    acc = tl.dot(a, g, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, g, acc)
+        if HAS_SCALE:
+            acc = acc / tl.load(scale_ptr)
+        tl.store(out_ptr + s.to(tl.int64)[:, None] * D + d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=sm[:, None] & dm[None, :])
+
 
 def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
@@ -619,8 +654,10 @@ GATHER_DOT = dict(block_c=128, num_warps=4)
 # The edit's dense folds (M = W_out W_dec, c = bias W_dec: _fold_kernel, split over latents)
 # and their backward (_fold_t_kernel): W_dec streams once per product in its own dtype.
 # Tiles: [rows of A (<= 64; 32 for fp32), block_n] of fp32 sums over block_k steps (forward:
-# n = columns of W_dec, k = latents; backward: n = latents, k = columns). Not tuned on a GPU.
-FOLD = dict(block_k=32, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)
+# n = columns of W_dec, k = latents; backward: n = latents, k = columns). The gradient for a
+# trainable W_dec (_fold_w_kernel) writes w_tile blocks of dW. Not tuned on a GPU.
+FOLD = dict(block_k=32, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4,
+            w_tile=(64, 128))  # fold_w: [latents, columns] of dW per program
 _ERR_UNIT = 2.0 ** -22  # per-operation error unit of a tensor-core fp32 sum; 2x the ulp bound
 _SM_COUNT = {}
 
@@ -1084,6 +1121,33 @@ def _split(G, dtype):
         parts.append(G.to(dtype))
         G = G - parts[-1].float()
     return torch.stack(parts), scale
+
+
+def fold_w(A, G):
+    """A [R, S] (W's dtype) and G [R, D] (fp32) -> A^T G [S, D] in A's dtype: the folds'
+    gradient for W, summed in fp32 and rounded once, without an fp32 [S, D] intermediate
+    (G split into exact bf16 / scaled fp16 parts for tensor cores, as in fold_t)."""
+    _check(A)
+    R, S = A.shape
+    D = G.shape[1]
+    out = torch.empty(S, D, dtype=A.dtype, device=A.device)
+    if S == 0 or D == 0:
+        return out
+    if R == 0:
+        return out.zero_()
+    A = A.contiguous()
+    if A.dtype == torch.float32:
+        parts, scale = G.float().contiguous()[None], None
+    else:
+        parts, scale = _split(G.float(), A.dtype)
+    BR = _fold_blocks(R, A.dtype)[0]
+    BS, BD = (16, 32) if interpreting() else FOLD["w_tile"]
+    _fold_w_kernel[(triton.cdiv(S, BS), triton.cdiv(D, BD))](
+        out, A, parts, scale if scale is not None else parts, R, S, D, P=parts.shape[0],
+        HAS_SCALE=scale is not None, IEEE=A.dtype == torch.float32 or interpreting(),
+        UPCAST=interpreting(), BLOCK_R=BR, BLOCK_S=BS, BLOCK_D=BD,
+        num_warps=1 if interpreting() else FOLD["num_warps"])
+    return out
 
 
 def fold_t(G, W):

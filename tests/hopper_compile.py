@@ -26,7 +26,7 @@ DIV16 = {"_encode_top_kernel": {"N", "S", "D", "L", "COL0"},
          "_edit_decode_kernel": {"K", "C", "H"}, "_gather_dot_kernel": {"K", "C"},
          "_segment_rows_kernel": {"K", "C", "S"},
          "_fold_kernel": {"S", "D", "S_PER"}, "_fold_t_kernel": {"S", "D"},
-         "_finite_rows_kernel": {"D"}}
+         "_fold_w_kernel": {"S", "D"}, "_finite_rows_kernel": {"D"}}
 GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
 # (candidates per row, k + 1, tiles) of the main encode path at shapes A, B, C, D
 SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
@@ -117,6 +117,12 @@ def cases():
                     dict(out_ptr="*fp32", g_ptr=f"*{dtype}", w_ptr=f"*{dtype}"),
                     (fb[0], dict(fb[1], P=1 if dtype == "fp32" else 3, IEEE=dtype == "fp32",
                                  UPCAST=False)), None))
+    for dtype, parts, br in (("bf16", 3, 32), ("fp16", 2, 32), ("bf16", 3, 64), ("fp32", 1, 32)):
+        out.append((f"fold_w-{dtype}-r{br}", "_fold_w_kernel",
+                    dict(out_ptr=f"*{dtype}", a_ptr=f"*{dtype}", g_ptr=f"*{dtype}",
+                         scale_ptr="*fp32"),
+                    ("FOLD", dict(BLOCK_R=br, P=parts, HAS_SCALE=dtype == "fp16",
+                                  IEEE=dtype == "fp32", UPCAST=False)), None))
     return out
 
 
@@ -136,7 +142,9 @@ def compile_case(T, case):
         if knobs == "DECODE":
             constexprs["BLOCK_K"] = tune["block_k"]
         options = dict(num_warps=tune["num_warps"])
-        if knobs == "FOLD":  # as fold / fold_t: n along D (forward) or latents (backward)
+        if knobs == "FOLD" and kernel == "_fold_w_kernel":  # as fold_w: a w_tile of dW
+            constexprs.update(BLOCK_S=tune["w_tile"][0], BLOCK_D=tune["w_tile"][1])
+        elif knobs == "FOLD":  # as fold / fold_t: n along D (forward) or latents (backward)
             fwd = kernel == "_fold_kernel"
             constexprs.update(BLOCK_S=tune["block_k"] if fwd else tune["block_n"],
                               BLOCK_D=tune["block_n"] if fwd else tune["block_k"])

@@ -45,6 +45,7 @@ def test_opcheck(lib, device):
         torch.library.opcheck(ops["fold"], (s["M"].T[:s["S"] // 10].T.contiguous(),
                                             s["W"][:s["S"] // 10]))  # [h, 9] @ [9, D]
         torch.library.opcheck(ops["fold_t"], (s["M"], s["W"]))
+        torch.library.opcheck(ops["fold_w"], (s["M"].T[:s["S"] // 10].T.contiguous(), s["M"]))
     off, order, active = ops["latent_csr"](s["i"], s["S"])
     torch.library.opcheck(ops["segment_rows"], (off, order, active, s["v"].reshape(-1), s["dy"],
                                                 s["bp"], s["S"], s["k"]))

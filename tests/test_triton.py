@@ -615,8 +615,9 @@ def test_triton_select_by_tile_matches_a_topk_over_all_candidates(rlow):
 @pytest.mark.parametrize("R,S,D", [(1, 1, 1), (17, 1001, 33), (70, 257, 70)])
 def test_triton_folds_match_float64(dtype, R, S, D):
     """fold (A @ W: the edit's M = W_out W_dec and c = bias W_dec, in fp32; its latents split
-    across programs, here 2-8 partial sums) and fold_t (G @ W^T, its backward) against float64
-    on odd shapes, R = 70 spanning several row blocks. Bound: an fp32 sum of n exact-ish
+    across programs, here 2-8 partial sums), fold_t (G @ W^T, its backward) and fold_w (A^T G,
+    the gradient for W, rounded once to W's dtype) against float64 on odd shapes, R = 70
+    spanning several row blocks. Bound: an fp32 sum of n exact-ish
     products, in any order, is off by at most ~n * 2^-21 of sum |a w| (3xTF32 on a GPU)."""
     from sae_sparse import _triton
     g = torch.Generator().manual_seed(R + S + D)
@@ -633,9 +634,40 @@ def test_triton_folds_match_float64(dtype, R, S, D):
     bound_t = (D + 4) * 2.0 ** -21 * (G.double().abs() @ W.double().abs().T)
     assert out_t.dtype == torch.float32 and out_t.shape == (R, S)
     assert ((out_t.cpu().double() - ref_t).abs() <= bound_t).all()
+    out_w = _triton.fold_w(A.to(DEVICE), G.to(DEVICE))  # rounded once to the dtype
+    ref_w = A.double().T @ G.double()
+    bound_w = ((R + 4) * 2.0 ** -21 * (A.double().abs().T @ G.double().abs())
+               + torch.finfo(dtype).eps * ref_w.abs())
+    assert out_w.dtype == dtype and out_w.shape == (S, D)
+    assert ((out_w.cpu().double() - ref_w).abs() <= bound_w).all()
     with pytest.raises(TypeError, match="W's dtype"):
         _triton.fold((A.float() if dtype != torch.float32 else A.half()).to(DEVICE),
                      W.to(DEVICE))
+
+
+def test_triton_trainable_W_dec_gets_the_folds_gradient_in_its_dtype(monkeypatch):
+    """With W_dec trainable (an SAE tuned together with its adapter) the folds' share of
+    dW_dec, bias^T dc + W_out^T dM, comes from one fold_w call that writes W_dec's dtype
+    directly (no fp32 [S, D] product); dW_dec matches the torch backend."""
+    from sae_sparse import _triton
+    calls = []
+    f = _triton.fold_w
+    monkeypatch.setattr(_triton, "fold_w", lambda *a: calls.append(1) or f(*a))
+    g = torch.Generator().manual_seed(5)
+    sae = ss.SAE.random(24, 301, 5, b_pre=True, device=DEVICE, generator=g)
+    ad = ss.LatentAdapter(301, 4, device=DEVICE)
+    with torch.no_grad():
+        ad.W_out.normal_(generator=g)
+        ad.bias.normal_(generator=g)
+    x = torch.randn(7, 24, device=DEVICE, generator=g)
+    grads = {}
+    for be in ("triton", "torch"):
+        sae.zero_grad()
+        ss.sae_edit(x, sae, ad, mode="replace", backend=be).square().sum().backward()
+        grads[be] = sae.W_dec.grad.clone()
+    assert len(calls) == 1
+    assert_close(grads["triton"], grads["torch"], rtol=1e-4,
+                 atol=1e-5 * grads["torch"].abs().max().item(), name="dW_dec")
 
 
 def test_triton_edit_step_reads_W_dec_once_per_fold(monkeypatch):
