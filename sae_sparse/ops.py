@@ -143,7 +143,8 @@ def cached_folds():
     in-place update through autograd-visible ops (optimizer steps, ``copy_`` under
     ``no_grad``, ``load_state_dict``) bumps the version and refolds; changes made through
     ``.data`` are invisible to version counters, so do not modify weights that way inside
-    the context. Like ``torch.nn.utils.parametrize.cached()``; the cache ends with the context.
+    the context. Like ``torch.nn.utils.parametrize.cached()``: the cache belongs to the thread
+    that entered the context and ends with it.
 
     Example:
         >>> edits = ss.attach(model, {"model.layers.6": (sae, adapter)})
@@ -223,11 +224,7 @@ def sparse_decode(values, indices, W_dec, b_dec=None, *, backend=None):
     Returns:
         y [..., D] in values' dtype.
     """
-    return _sparse_decode(values, indices, W_dec, b_dec, backend, check_range=True)
-
-
-def _sparse_decode(values, indices, W_dec, b_dec, backend, *, check_range):
-    S, D = V.check_code(values, indices, W_dec, check_range=check_range)
+    S, D = V.check_code(values, indices, W_dec)
     if b_dec is not None:
         V.check_tensor(b_dec, "b_dec", (D,), like=values)
     return _edit_decode(None, values, indices, W_dec, b_dec, {}, "identity", "plain", backend)
@@ -291,6 +288,9 @@ def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
         backend: as in :func:`topk_encode`.
     Returns:
         y [..., D] in x's dtype.
+
+    For inference (generation, evaluation), call it inside :func:`cached_folds` so an
+    adapter's dense terms are computed once instead of per call.
 
     Example:
         >>> sae = SAE.random(d_in=64, d_sae=1000, k=16)
