@@ -36,7 +36,7 @@ git rev-parse --short HEAD >>"$OUT/card.txt" 2>&1
 # no network on the device: build the extension against the torch that is there
 part install 240 pip install -e . --no-build-isolation --no-deps -q
 part tests 330 python -m pytest -q tests/test_triton_gpu.py tests/test_triton.py \
-    tests/test_custom_ops.py tests/test_auxk.py
+    tests/test_custom_ops.py tests/test_auxk.py tests/test_fold_cache.py tests/test_modules.py
 part bench 570 python benchmarks/bench_gpu.py --save
 part encode 300 python benchmarks/encode_sweep.py --quick
 part decode 180 python benchmarks/decode_sweep.py

@@ -3,10 +3,12 @@ import pytest
 import torch
 
 import sae_sparse as ss
+from sae_sparse import _triton
 
 from helpers import assert_close
 
-BACKENDS = ss.available_backends()
+# CPU tensors: triton only through the interpreter (on a GPU machine: test_triton_gpu.py)
+BACKENDS = [b for b in ss.available_backends() if b != "triton" or _triton.interpreting()]
 
 
 def dtype_for(backend):
@@ -116,7 +118,8 @@ def test_sae_training_step_gradients(backend, tied):
         assert_close(g1, g0, rtol=tol, atol=tol * g0.abs().max().item(), name=n)
 
 
-KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
+KERNEL_BACKENDS = [b for b in ss.available_backends() if b == "cpp" or (
+    b == "triton" and (_triton.interpreting() or torch.cuda.is_available()))]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -132,6 +135,7 @@ def test_sae_forward_is_one_op_with_every_gradient(monkeypatch, backend, variant
     csr = lib.latent_csr
     monkeypatch.setattr(lib, "latent_csr", lambda *a: csr_calls.append(1) or csr(*a))
     dt = dtype_for(backend)
+    dev = "cuda" if backend == "triton" and not _triton.interpreting() else "cpu"
     g = torch.Generator().manual_seed(3)
     N, D, S, k = (1, 19, 133, 7) if "N=1" in variant else (13, 19, 133, 7)
     W_enc, W_dec = torch.randn(2, S, D, generator=g, dtype=torch.float64) / 4
@@ -142,17 +146,18 @@ def test_sae_forward_is_one_op_with_every_gradient(monkeypatch, backend, variant
     w_y, w_v = torch.randn(N, D, generator=g), torch.randn(N, k, generator=g)
 
     def run(dtype, be, fused):
-        ps = [t.to(dtype) for t in (W_enc, b_enc, W_dec, b_dec, b_pre)]
+        d = dev if be == backend else "cpu"
+        ps = [t.to(d, dtype) for t in (W_enc, b_enc, W_dec, b_dec, b_pre)]
         sae = ss.SAE(*ps[:4], k, b_pre=None if "no b_pre" in variant else
                      ps[3] if variant == "tied" else ps[4],
-                     threshold=thr.to(dtype) if thr is not None else None)
-        xx = x.to(dtype).requires_grad_()
+                     threshold=thr.to(d, dtype) if thr is not None else None)
+        xx = x.to(d, dtype).requires_grad_()
         if fused:
             y, v, i = sae(xx, backend=be, return_code=True)
         else:
             v, i = sae.encode(xx, backend=be)
             y = ss.sparse_decode(v, i, sae.W_dec, sae.b_dec, backend=be)
-        loss = (y * w_y.to(dtype)).sum() + (v * w_v.to(dtype)).sum()
+        loss = (y * w_y.to(d, dtype)).sum() + (v * w_v.to(d, dtype)).sum()
         params = [p for p in (xx, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.b_pre)
                   if p is not None]
         params = list({id(p): p for p in params}.values())  # tied: b_pre is b_dec
@@ -161,11 +166,11 @@ def test_sae_forward_is_one_op_with_every_gradient(monkeypatch, backend, variant
     (y, v, i, over), grads = run(dt, backend, True)
     assert len(csr_calls) == 1
     (y0, v0, i0, over0), grads0 = run(torch.float64, "torch", False)
-    assert torch.equal(i, i0) and int(over) == int(over0)
+    assert torch.equal(i.cpu(), i0) and int(over) == int(over0)
     tol = 1e-9 if dt == torch.float64 else 2e-4
-    assert_close(y, y0, rtol=tol, atol=tol, name="y")
-    assert_close(v, v0, rtol=tol, atol=tol, name="values")
+    assert_close(y.cpu(), y0, rtol=tol, atol=tol, name="y")
+    assert_close(v.cpu(), v0, rtol=tol, atol=tol, name="values")
     for n, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec", "b_pre"), grads, grads0):
-        assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), name="d" + n)
+        assert_close(a.cpu(), b, rtol=tol, atol=tol * b.abs().max().item(), name="d" + n)
     run(dt, backend, False)
     assert len(csr_calls) == 3  # the composed ops group the pairs twice
