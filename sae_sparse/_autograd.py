@@ -191,7 +191,7 @@ def make_ops(get_lib, name: str):
             need_bp = need_bd if ctx.tied else _needs(ctx, 4)
             dWd = dW = db = dbp = dx = None
             csr = None
-            if need_Wd or need_W or need_b or need_bp or need_x:
+            if need_W or need_b or need_bp or need_x:  # the encoder's part needs dpre:
                 # dvalues from the decode (dy . W_dec[i]) plus the code's own gradient
                 dv, _, _ = lib.edit_decode_bwd(dy, values, indices, W_dec, None, None, None,
                                                None, 0, _MODES["plain"])

@@ -174,3 +174,20 @@ def test_sae_forward_is_one_op_with_every_gradient(monkeypatch, backend, variant
         assert_close(a.cpu(), b, rtol=tol, atol=tol * b.abs().max().item(), name="d" + n)
     run(dt, backend, False)
     assert len(csr_calls) == 3  # the composed ops group the pairs twice
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_sae_forward_decoder_only_gradients(backend):
+    """Only the decoder trains (encoder frozen): W_dec and b_dec get the composed ops'
+    gradients, the encoder none."""
+    dev = "cuda" if backend == "triton" and not _triton.interpreting() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    sae = ss.SAE.random(20, 150, 6, b_pre=True, generator=g, device=dev)
+    for p in (sae.W_enc, sae.b_enc, sae.b_dec):
+        p.requires_grad_(False)
+    x = torch.randn(9, 20, generator=g).to(dev)
+    (dWd,) = torch.autograd.grad(sae(x, backend=backend).square().sum(), [sae.W_dec])
+    v, i = sae.encode(x, backend="torch")
+    (want,) = torch.autograd.grad(ss.sparse_decode(v, i, sae.W_dec, sae.b_dec,
+                                                   backend="torch").square().sum(), [sae.W_dec])
+    assert_close(dWd.cpu(), want.cpu(), rtol=2e-5, atol=1e-6, name="dW_dec")
