@@ -74,6 +74,20 @@ if triton is not None:
     _KEY_MAX = tl.constexpr(2 ** 63 - 1)
 
     @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b in fp32: IEEE fp32 products (fp32 inputs), else tensor cores. UPCAST:
+        operands to fp32 first (the interpreter's dot misreads bf16 bits; bf16 and fp16
+        products are exact in fp32)."""
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+    @triton.jit
     def _tile_gemm(x_ptr, w_ptr, x_desc, w_desc, pid_n, pid_s, N, S, D, stride_w,
                    TMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -91,13 +105,7 @@ if triton is not None:
                              mask=(r < N)[:, None] & (d < D)[None, :], other=0.0)
                 wt = tl.load(w_ptr + c.to(tl.int64)[:, None] * stride_w + d[None, :],
                              mask=(c < S)[:, None] & (d < D)[None, :], other=0.0)
-            if UPCAST:  # the interpreter's dot misreads bf16 bits; bf16 products are exact in fp32
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, tl.trans(wt), acc)
+            acc = _dot(xt, tl.trans(wt), acc, IEEE, UPCAST)
         return acc
 
     @triton.jit
@@ -518,13 +526,7 @@ if triton is not None:
                         mask=rm[:, None] & sm[None, :], other=0.0)
             w = tl.load(w_ptr + s.to(tl.int64)[:, None] * D + d[None, :],
                         mask=sm[:, None] & dm[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
+            acc = _dot(a, w, acc, IEEE, UPCAST)
         tl.store(out_ptr + (p * R + r.to(tl.int64))[:, None] * D + d[None, :], acc,
                  mask=rm[:, None] & dm[None, :])
 
@@ -545,17 +547,10 @@ if triton is not None:
             dm = d < D
             w = tl.load(w_ptr + s.to(tl.int64)[:, None] * D + d[None, :],
                         mask=sm[:, None] & dm[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
             for p in tl.static_range(P):
                 g = tl.load(g_ptr + (p * R + r)[:, None] * D + d[None, :],
                             mask=rm[:, None] & dm[None, :], other=0.0)
-                if UPCAST:
-                    g = g.to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(g, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(g, tl.trans(w), acc)
+                acc = _dot(g, tl.trans(w), acc, IEEE, UPCAST)
         tl.store(out_ptr + r.to(tl.int64)[:, None] * S + s[None, :], acc,
                  mask=rm[:, None] & sm[None, :])
 
@@ -578,17 +573,10 @@ if triton is not None:
             rm = r < R
             a = tl.load(a_ptr + r.to(tl.int64)[None, :] * S + s[:, None],
                         mask=sm[:, None] & rm[None, :], other=0.0)  # [BLOCK_S, BLOCK_R]
-            if UPCAST:
-                a = a.to(tl.float32)
             for p in tl.static_range(P):
                 g = tl.load(g_ptr + (p * R + r.to(tl.int64))[:, None] * D + d[None, :],
                             mask=rm[:, None] & dm[None, :], other=0.0)
-                if UPCAST:
-                    g = g.to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(a, g, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, g, acc)
+                acc = _dot(a, g, acc, IEEE, UPCAST)
         if HAS_SCALE:
             acc = acc / tl.load(scale_ptr)
         tl.store(out_ptr + s.to(tl.int64)[:, None] * D + d[None, :],
