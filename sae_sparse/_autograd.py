@@ -74,6 +74,24 @@ class _Fold(torch.autograd.Function):
         return dA, dW, None
 
 
+def _encoder_grads(lib, dpre, indices, x, W_enc, b_pre, need_x, need_W, need_b, need_bp,
+                   csr=None):
+    """(dx, dW_enc, db_enc, db_pre) of the top-k encode (None where not needed), from dpre
+    [N, k], the gradient at the selected pre-activations. csr: ``latent_csr(indices, S)`` if
+    the caller has it already; else computed here when dW_enc / db_enc need it."""
+    S, k = W_enc.shape[0], dpre.shape[1]
+    dx = dW = db = dbp = None
+    if need_W or need_b or (need_bp and not need_x):
+        csr = csr if csr is not None else lib.latent_csr(indices, S)
+        dW, db = lib.segment_rows(*csr, dpre, x, b_pre, S, k)
+    if need_x:  # dx = sum_j dpre_j W_enc[i_j]: a gather over the N*k selected rows
+        dx, _ = lib.edit_decode_fwd(None, dpre, indices, W_enc, None, None, None, None, None,
+                                    None, 0, _MODES["plain"])
+    if need_bp:  # -sum_n dx_n; without dx the same is -db @ W_enc (db: per latent)
+        dbp = -dx.sum(0) if need_x else -(db @ W_enc)
+    return dx, dW if need_W else None, db if need_b else None, dbp
+
+
 def make_ops(get_lib, name: str):
     """-> namespace of ``topk_encode(x, W_enc, b_enc, k, b_pre, threshold)``,
     ``edit_decode(...)``, ``fold(W_dec, bias, W_out)`` and ``sae_forward(x, W_enc, b_enc, k,
@@ -92,20 +110,10 @@ def make_ops(get_lib, name: str):
         @staticmethod
         def backward(ctx, dvalues, _di, _do):
             x, W_enc, b_pre, values, indices = ctx.saved_tensors
-            S, k = W_enc.shape[0], values.shape[1]
             dpre = torch.where(values != 0, dvalues, torch.zeros_like(dvalues)).contiguous()
-            dx = dW = db = dbp = None
-            need_x, need_bp = _needs(ctx, 0), _needs(ctx, 4)
-            if _needs(ctx, 1) or _needs(ctx, 2) or (need_bp and not need_x):
-                off, order, active = get_lib().latent_csr(indices, S)
-                dW, db = get_lib().segment_rows(off, order, active, dpre, x, b_pre, S, k)
-            if need_x:  # dx = sum_j dpre_j W_enc[i_j]: a gather over the N*k selected rows
-                dx, _ = get_lib().edit_decode_fwd(None, dpre, indices, W_enc, None, None, None,
-                                                  None, None, None, 0, _MODES["plain"])
-            if need_bp:  # -sum_n dx_n; without dx the same is -db @ W_enc (db: per latent)
-                dbp = -dx.sum(0) if need_x else -(db @ W_enc)
-            return (dx if need_x else None, dW if _needs(ctx, 1) else None,
-                    db if _needs(ctx, 2) else None, None, dbp, None)
+            dx, dW, db, dbp = _encoder_grads(get_lib(), dpre, indices, x, W_enc, b_pre,
+                                             *(_needs(ctx, i) for i in (0, 1, 2, 4)))
+            return dx, dW, db, None, dbp, None
 
     class EditDecode(torch.autograd.Function):
         """y = edit-decode(x, values, indices), given the folded M = W_out W_dec, c = bias W_dec."""
@@ -189,29 +197,21 @@ def make_ops(get_lib, name: str):
             need_x, need_W, need_b = (_needs(ctx, i) for i in (0, 1, 2))
             need_Wd, need_bd = _needs(ctx, 6), _needs(ctx, 7)
             need_bp = need_bd if ctx.tied else _needs(ctx, 4)
-            dWd = dW = db = dbp = dx = None
-            csr = None
+            dWd = dW = db = dbp = dx = csr = None
+            if need_Wd:  # dW_dec[s] = sum over s's pairs of v * dy[token]
+                csr = lib.latent_csr(indices, S)  # once: the encoder's sums reuse it
+                dWd = lib.segment_rows(*csr, values.contiguous(), dy, None, S, k)[0]
             if need_W or need_b or need_bp or need_x:  # the encoder's part needs dpre:
                 # dvalues from the decode (dy . W_dec[i]) plus the code's own gradient
                 dv, _, _ = lib.edit_decode_bwd(dy, values, indices, W_dec, None, None, None,
                                                None, 0, _MODES["plain"])
                 dpre = torch.where(values != 0, dv + dvalues, torch.zeros_like(dv)).contiguous()
-            if need_Wd or need_W or need_b or (need_bp and not need_x):
-                csr = lib.latent_csr(indices, S)  # once, for both reductions
-            if need_Wd:  # dW_dec[s] = sum over s's pairs of v * dy[token]
-                dWd = lib.segment_rows(*csr, values.contiguous(), dy, None, S, k)[0]
-            if need_W or need_b or (need_bp and not need_x):
-                dW, db = lib.segment_rows(*csr, dpre, x, b_pre, S, k)
-            if need_x:
-                dx, _ = lib.edit_decode_fwd(None, dpre, indices, W_enc, None, None, None, None,
-                                            None, None, 0, _MODES["plain"])
-            if need_bp:
-                dbp = -dx.sum(0) if need_x else -(db @ W_enc)
+                dx, dW, db, dbp = _encoder_grads(lib, dpre, indices, x, W_enc, b_pre, need_x,
+                                                 need_W, need_b, need_bp, csr)
             dbd = dy.sum(0) if need_bd else None
             if ctx.tied:
                 dbd, dbp = (dbd + dbp if dbd is not None else None), None
-            return (dx, dW if need_W else None, db if need_b else None, None, dbp, None, dWd,
-                    dbd, None)
+            return dx, dW, db, None, dbp, None, dWd, dbd, None
 
     def topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None):
         return TopKEncode.apply(x, W_enc, b_enc, k, b_pre, threshold)
