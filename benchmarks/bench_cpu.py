@@ -5,8 +5,8 @@ Rows (float32, default N=2048 D=256 S=16384 k=32, h=16):
   decode  : F.embedding_bag         vs  sae_sparse.sparse_decode(backend="cpp")
   edit    : sae_edit fwd+bwd (frozen SAE, gain+bias+ffn adapter): the dense latent adapter
             (same math on a dense N x S code), the torch backend, and the cpp backend
-then the encode across batch sizes, and sae_edit at one token per call (generation) with and
-without ss.cached_folds().
+then the encode across batch sizes, sae_edit at one token per call (generation) with and
+without ss.cached_folds(), and the AuxK term of an SAE training step three ways.
 
 Times are medians over --reps runs (after one warm-up), measured in this process, so every
 ratio is against its baseline in the same run. "peak extra" is the peak resident memory an op
@@ -136,6 +136,46 @@ def git_commit():
         return "unknown"
 
 
+def auxk_rows(reps, N=1024, D=768, S=32768, n_dead=3000, k_aux=384):
+    """The AuxK term of a top-k SAE training step (sparsify's k_aux = D // 2), forward +
+    backward with every SAE weight trainable: sparsify's dense definition (N x S pre-activations,
+    masked top-k, embedding_bag decode), auxk_encode + sparse_decode (a sparse code of k_aux
+    latents per row) and auxk_decode (dense GEMMs over the dead latents), cpp backend."""
+    x, W_enc, b_enc, W_dec = make(N, D, S, 32, seed=1)
+    b_dec = torch.zeros(D)
+    for t in (W_enc, b_enc, W_dec, b_dec):
+        t.requires_grad_(True)
+    dead = torch.zeros(S, dtype=torch.bool)
+    dead[torch.randperm(S, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
+    e = torch.randn(N, D)  # stands for the main reconstruction's residual
+
+    def step(e_hat_fn):
+        def run():
+            (e_hat_fn() - e).pow(2).sum().backward()
+            for t in (W_enc, b_enc, W_dec, b_dec):
+                t.grad = None
+        return run
+
+    def dense():
+        pre = F.relu(F.linear(x, W_enc, b_enc))
+        acts, idx = torch.where(dead, pre, float("-inf")).topk(k_aux, sorted=False)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum") + b_dec
+
+    def sparse():
+        v, i = ss.auxk_encode(x, W_enc, b_enc, dead, k_aux, backend="cpp")
+        return ss.sparse_decode(v, i, W_dec, b_dec, backend="cpp")
+
+    impls = {"dense pre-activations (sparsify)": dense, "auxk_encode + sparse_decode": sparse,
+             "auxk_decode": lambda: ss.auxk_decode(x, W_enc, b_enc, W_dec, dead, k_aux,
+                                                    b_dec=b_dec, backend="cpp")}
+    ms = {name: median_ms(step(fn), reps)[0] for name, fn in impls.items()}
+    base = ms["dense pre-activations (sparsify)"]
+    out = ["", f"AuxK term of an SAE training step, forward + backward, all SAE weights trainable: "
+           f"N={N} D={D} S={S}, {n_dead} dead latents, k_aux={k_aux}, float32:", "",
+           "| AuxK | ms | speed-up |", "|---|---|---|"]
+    return out + [f"| {name} | {t:.1f} | {base / t:.2f}× |" for name, t in ms.items()]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=2048)
@@ -146,6 +186,7 @@ def main():
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/cpu-<date>.md")
+    ap.add_argument("--out", help="with --save: write here instead")
     a = ap.parse_args()
     if "cpp" not in ss.available_backends():
         sys.exit("the cpp backend is not built: " + ss.backend_status()["cpp"])
@@ -196,11 +237,12 @@ def main():
             cached = median_ms(lambda: ss.sae_edit(x, sae, ad, backend="cpp"), a.reps)[0]
     lines += [f"| every call folds | {plain:.1f} | 1.00× |",
               f"| inside `ss.cached_folds()` | {cached:.1f} | {plain / cached:.2f}× |"]
+    lines += auxk_rows(a.reps)
     text = "\n".join(lines)
     print(text)
     if a.save:
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        path = os.path.join(HERE, "results", f"cpu-{datetime.date.today().isoformat()}.md")
+        path = a.out or os.path.join(HERE, "results", f"cpu-{datetime.date.today().isoformat()}.md")
         with open(path, "w") as f:
             f.write(text + "\n")
         print(f"\nwrote {path}")

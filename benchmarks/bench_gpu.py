@@ -10,6 +10,9 @@ and the ratio to the bare GEMM x @ W_enc.T measured in the same run. Baselines:
                    MSE, backward to every SAE parameter); ours trains bf16 parameters
 Ours: encode (topk_encode), decode (sparse_decode), edit step (encode + adapter h=16 + decode,
 fwd+bwd, frozen SAE; with and without a gradient for x), SAE train step (all SAE grads).
+"+ AuxK" rows add sparsify's auxiliary loss (k_aux = D // 2 over S // 10 dead latents):
+sparsify's from its dense pre-activations; ours by auxk_decode (dense GEMMs over the dead
+latents) or by auxk_encode + sparse_decode (a sparse code of k_aux latents per row).
 
     python benchmarks/bench_gpu.py [--shapes A,B,C,D] [--save]
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # plumbing check on CPU
@@ -59,6 +62,35 @@ def rows_for(B, name, N, D, S, k, h=16):
         y = sae(x, backend="triton")
         (y.float() - x.float()).square().sum(-1).mean().backward()
 
+    # AuxK (sparsify's defaults: k_aux = D // 2; here a tenth of the latents dead)
+    k_aux = D // 2
+    dead = torch.zeros(S, dtype=torch.bool, device=dev)
+    dead[torch.randperm(S, device=dev, generator=g)[:S // 10]] = True
+
+    def sparsify_auxk_step():
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            pre = F.relu(F.linear(x - sp["b_dec"], sp["W_enc"], sp["b_enc"]))
+            v, i = pre.topk(k, sorted=False)
+            y = F.embedding_bag(i, sp["W_dec"], per_sample_weights=v.float(),
+                                mode="sum") + sp["b_dec"]
+            e = y.float() - x.float()
+            av, ai = torch.where(dead, pre, float("-inf")).topk(k_aux, sorted=False)
+            e_hat = F.embedding_bag(ai, sp["W_dec"], per_sample_weights=av.float(),
+                                    mode="sum") + sp["b_dec"]
+            (e.square().sum(-1).mean() + (e_hat.float() - e.detach()).square().sum(-1).mean()
+             ).backward()
+
+    def our_auxk_step(dense_auxk=True):
+        y = sae(x, backend="triton")
+        e = y.float() - x.float()
+        if dense_auxk:
+            e_hat = sae.auxk_decode(x, dead, k_aux, backend="triton")
+        else:
+            e_hat = sae.decode(*sae.auxk_encode(x, dead, k_aux, backend="triton"),
+                               backend="triton")
+        (e.square().sum(-1).mean() + (e_hat.float() - e.detach()).square().sum(-1).mean()
+         ).backward()
+
     def edit_step(x_grad=True):
         # x_grad: the activations need a gradient too (trainable layers below the adapter),
         # which adds a gather of the N*k selected encoder rows; without it (one adapter on a
@@ -78,6 +110,9 @@ def rows_for(B, name, N, D, S, k, h=16):
         "triton edit step": edit_step,
         "triton edit step, x frozen": lambda: edit_step(False),
         "triton SAE step": our_sae_step,
+        "sparsify-style SAE step + AuxK": sparsify_auxk_step,
+        "triton SAE step + AuxK (auxk_decode)": our_auxk_step,
+        "triton SAE step + AuxK (auxk_encode + sparse_decode)": lambda: our_auxk_step(False),
     }
     out = {}
     for n, fn in fns.items():

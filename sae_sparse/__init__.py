@@ -4,7 +4,8 @@ See shared/DESIGN.md for the math. Public API:
 
 * :func:`topk_encode`, :func:`sparse_decode`, :func:`edit_decode`, :func:`sae_edit`
   (:func:`cached_folds`: reuse an adapter's dense terms across inference calls),
-  :func:`auxk_encode` (AuxK: top-k over the dead latents, for SAE training)
+  :func:`auxk_encode` / :func:`auxk_decode` (AuxK: top-k over the dead latents and its
+  reconstruction, for SAE training)
 * :class:`SAE`, :class:`LatentAdapter`
 * :func:`load_sae` (SAELens, sparsify, Gemma Scope, dictionary_learning, OpenAI),
   :func:`save_saelens`, :func:`save_sparsify`
@@ -19,7 +20,8 @@ from .backends import available_backends, backend_status
 from .hooks import ResidualLoRA, attach
 from .io import load_sae, save_saelens, save_sparsify
 from .modules import SAE, LatentAdapter
-from .ops import auxk_encode, cached_folds, edit_decode, sae_edit, sparse_decode, topk_encode
+from .ops import (auxk_decode, auxk_encode, cached_folds, edit_decode, sae_edit, sparse_decode,
+                  topk_encode)
 from .report import write_report
 from .train import TrainConfig, attach_run, load_adapter, merge_bias_edit, train_adapter
 
@@ -27,6 +29,7 @@ from .train import TrainConfig, attach_run, load_adapter, merge_bias_edit, train
 __all__ = [
     "topk_encode",
     "auxk_encode",
+    "auxk_decode",
     "sparse_decode",
     "edit_decode",
     "sae_edit",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from .ops import _sae_forward, auxk_encode, sparse_decode, topk_encode
+from .ops import _sae_forward, auxk_decode, auxk_encode, sparse_decode, topk_encode
 from .reference import ACTIVATIONS
 
 
@@ -95,6 +95,13 @@ class SAE(nn.Module):
         top-k SAEs; a JumpReLU threshold is not applied); see :func:`sae_sparse.auxk_encode`."""
         return auxk_encode(x, self.W_enc, self.b_enc, dead_mask, k_aux, b_pre=self.b_pre,
                            backend=backend)
+
+    def auxk_decode(self, x, dead_mask, k_aux: int, *, backend=None):
+        """The AuxK reconstruction of the residual (b_dec included, as sparsify's decode):
+        the k_aux largest pre-activations among the dead latents, decoded, with dense GEMMs
+        over the dead latents; see :func:`sae_sparse.auxk_decode`."""
+        return auxk_decode(x, self.W_enc, self.b_enc, self.W_dec, dead_mask, k_aux,
+                           b_pre=self.b_pre, b_dec=self.b_dec, backend=backend)
 
     def decode(self, values, indices, *, backend=None):
         """(values, indices) [..., k] -> reconstruction [..., D]."""

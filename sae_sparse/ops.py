@@ -13,6 +13,8 @@ import weakref
 import torch
 
 from . import _validate as V
+from ._auxk import AuxKDecode
+from ._auxk import select as auxk_select
 from .backends import decode_fn, encode_fn, fold_fn, resolve, sae_fn
 from .reference import ACTIVATIONS, MODES
 
@@ -123,6 +125,72 @@ def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
     values, idx = topk_encode(x, W_enc.index_select(0, dead), b_enc.index_select(0, dead), kk,
                               b_pre=b_pre, backend=backend)
     return values, dead[idx]
+
+
+def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=None,
+                backend=None):
+    """The AuxK reconstruction ``e_hat``: :func:`auxk_encode` followed by its decode, with
+    the decode and the whole backward as dense GEMMs over the dead latents.
+
+    Equal to ``sparse_decode(*auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, b_pre=b_pre),
+    W_dec, b_dec)`` (the same latents up to exact ties, the same gradients up to rounding)
+    but built for sparsify's ``k_aux = D // 2``: that sparse code has hundreds to thousands
+    of latents per token and its decode + backward gather ``N * k_aux * D`` elements four
+    times, while every latent it can name is dead. Here the code is a dense [rows, n_dead]
+    matrix and the decode, dvalues, dW_dec, dx and dW_enc are GEMMs of width n_dead
+    (``2 * N * n_dead * D`` flops each). The selection is the triton backend's top-k encode
+    over the gathered dead rows, or on the other backends chunked fp32 (fp64 for fp64) GEMMs
+    and ``torch.topk``, the pre-activations :func:`topk_encode` computes.
+    Extra memory: [rows, n_dead] chunks within 64 MiB, the compact dead rows of W_enc and
+    W_dec (and an fp32 copy of W_enc's for the selection of a bf16/fp16 x off triton), the
+    [N, min(k_aux, n_dead)] selection, and, for bf16/fp16 over several row chunks, fp32 sums
+    of the weight gradients. For a code with few latents among very many dead ones (n_dead
+    hundreds of times k_aux) the sparse composition above is cheaper.
+
+    Args:
+        x: [..., D]. W_enc: [S, D]. b_enc: [S]. W_dec: [S, D]. dead_mask: [S] bool.
+        k_aux: int >= 1 (sparsify uses D // 2), clamped to the number of dead latents.
+        b_pre: optional [D] subtracted from x before encoding. b_dec: optional [D] added to
+        e_hat (sparsify's ``self.decode`` adds it). backend: as in :func:`topk_encode`; only
+        "triton" changes how the latents are selected.
+
+    Returns:
+        e_hat [..., D] in x's dtype (just ``b_dec``, or zeros, when no latent is dead);
+        differentiable with respect to x, W_enc, b_enc, W_dec, b_pre and b_dec (only the dead
+        rows of W_enc, b_enc, W_dec get nonzero gradients). One host sync.
+
+    Example (sparsify's AuxK loss, ``e = x - x_hat`` the main reconstruction's residual):
+        >>> e_hat = auxk_decode(x, sae.W_enc, sae.b_enc, sae.W_dec, dead_mask,
+        ...                     x.shape[-1] // 2, b_pre=sae.b_pre, b_dec=sae.b_dec)
+        >>> scale = min(int(dead_mask.sum()) / (x.shape[-1] // 2), 1.0)
+        >>> aux_loss = scale * (e_hat - e.detach()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    """
+    D, S = V.check_encoder(x, W_enc, b_enc, 1, b_pre, None)
+    V.check_tensor(W_dec, "W_dec", (S, D), like=x)
+    if b_dec is not None:
+        V.check_tensor(b_dec, "b_dec", (D,), like=x)
+    V.check_tensor(dead_mask, "dead_mask", (S,), like=x, dtype=torch.bool)
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
+        raise ValueError(f"k_aux must be an int >= 1, got {k_aux!r}")
+    dead = dead_mask.nonzero().reshape(-1)
+    kk = min(k_aux, dead.numel())
+    x2 = x.reshape(-1, D)
+    if kk == 0 or x2.shape[0] == 0:
+        V.check_finite(x, "x")
+        out = torch.zeros_like(x)
+        return out + b_dec if b_dec is not None else out
+    We, be = W_enc.index_select(0, dead), b_enc.index_select(0, dead)
+    Wd = W_dec.index_select(0, dead)
+    with torch.no_grad():
+        if resolve(backend, x.device, x.dtype) == "triton":
+            values, idx = topk_encode(x2, We, be, kk, b_pre=b_pre, backend="triton")
+        else:
+            V.check_finite(x, "x")
+            values, idx = auxk_select(x2, We, be, b_pre, kk)
+    e_hat = AuxKDecode.apply(x2, We, be, b_pre, Wd, values, idx)
+    if b_dec is not None:
+        e_hat = e_hat + b_dec
+    return e_hat.reshape(x.shape)
 
 
 _FOLDS = threading.local()  # .entries: the cache of the innermost cached_folds() context

@@ -68,6 +68,23 @@ def test_auxk_with_no_dead_latent_and_errors():
     with pytest.raises(ValueError, match="k_aux must be an int >= 1"):
         ss.auxk_encode(x, W, b, torch.ones(20, dtype=torch.bool), 0)
 
+    Wd, b_dec, none = torch.randn(20, 8), torch.randn(8), torch.zeros(20, dtype=torch.bool)
+    assert torch.equal(ss.auxk_decode(x, W, b, Wd, none, 4), torch.zeros(2, 3, 8))
+    assert torch.equal(ss.auxk_decode(x, W, b, Wd, none, 4, b_dec=b_dec), b_dec.expand(2, 3, 8))
+    dead = torch.ones(20, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"W_dec must have shape \[20, 8\], got \[8, 20\]"):
+        ss.auxk_decode(x, W, b, Wd.T, dead, 4)
+    with pytest.raises(ValueError, match=r"b_dec must have shape \[8\]"):
+        ss.auxk_decode(x, W, b, Wd, dead, 4, b_dec=torch.zeros(20))
+    with pytest.raises(TypeError, match="W_dec must have dtype torch.float32 like x"):
+        ss.auxk_decode(x, W, b, Wd.double(), dead, 4)
+    with pytest.raises(TypeError, match="dead_mask must have dtype torch.bool"):
+        ss.auxk_decode(x, W, b, Wd, dead.float(), 4)
+    with pytest.raises(ValueError, match="k_aux must be an int >= 1"):
+        ss.auxk_decode(x, W, b, Wd, dead, True)
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        ss.auxk_decode(torch.full((2, 8), float("nan")), W, b, Wd, dead, 4)
+
 
 def test_auxk_loss_of_a_training_step_matches_sparsify():
     """The AuxK term of a sparsify-style step (compat.auxk_encoder + decode) has sparsify's
@@ -96,3 +113,129 @@ def test_auxk_loss_of_a_training_step_matches_sparsify():
     torch.testing.assert_close(ours, ref)
     for a, e in zip(g1, g0):
         torch.testing.assert_close(a, e)
+
+
+def dense_auxk_decode(x, W, b, Wd, dead, k_aux, b_pre=None, b_dec=None):
+    """e_hat by definition: sparsify's AuxK selection decoded densely (N x S code)."""
+    pre, idx = dense_auxk(x, W, b, dead, k_aux, b_pre)
+    code = torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype).scatter(1, idx, pre.relu())
+    return code @ Wd + (b_dec if b_dec is not None else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,n_dead,k_aux,chunk_bytes", [
+    (23, 41, 9, None),      # one row chunk
+    (23, 41, 9, 41 * 8),    # one row per chunk (fp32 sums of the weight gradients in bf16)
+    (23, 41, 9, 7 * 41 * 8 * 2),  # 7 rows per chunk, the last chunk short
+    (1, 5, 9, None),        # N = 1; k_aux clamped to n_dead
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_auxk_decode_matches_the_dense_definition(monkeypatch, backend, N, n_dead, k_aux,
+                                                  chunk_bytes, dtype):
+    """e_hat and the gradients of x, W_enc, b_enc, W_dec, b_pre, b_dec against float64,
+    with the dense code chunked by rows; rows of live latents get exactly zero gradient."""
+    import sae_sparse._auxk as auxk
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("the triton kernels take fp32/bf16/fp16")
+    if chunk_bytes is not None:
+        monkeypatch.setattr(auxk, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(N * 100 + n_dead)
+    D, S = 19, 301
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(S, D, generator=g, dtype=torch.float64) / D ** 0.5
+    b = 0.5 * torch.randn(S, generator=g, dtype=torch.float64)
+    Wd = torch.randn(S, D, generator=g, dtype=torch.float64) / D ** 0.5
+    b_pre = 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    b_dec = torch.randn(D, generator=g, dtype=torch.float64)
+    dead = torch.zeros(S, dtype=torch.bool)
+    dead[torch.randperm(S, generator=g)[:n_dead]] = True
+    gy = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    device = DEVICE if backend == "triton" else "cpu"
+    ins = (x, W, b, Wd, b_pre, b_dec)
+
+    ts = [t.to(device, dtype).requires_grad_() for t in ins]
+    out = ss.auxk_decode(ts[0], ts[1], ts[2], ts[3], dead.to(device), k_aux, b_pre=ts[4],
+                         b_dec=ts[5], backend=backend)
+    assert out.dtype == dtype and out.shape == (N, D)
+    (out * gy.to(device)).sum().backward()
+
+    # The reference selects on the low-precision inputs' exact values, as the kernels do.
+    ref = [t.to(dtype).double().requires_grad_() for t in ins]
+    e0 = dense_auxk_decode(ref[0], ref[1], ref[2], ref[3], dead, k_aux, ref[4], ref[5])
+    (e0 * gy.double()).sum().backward()
+    # Relative to each tensor's largest entry: bf16 rounds the GEMM outputs and the dense
+    # code's gradient (2^-8 each); fp32 sums of 19..41 terms; fp64 exact up to summation.
+    rel = {torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+
+    def close(a, e, name):
+        torch.testing.assert_close(a.cpu().double(), e, rtol=rel,
+                                   atol=rel * float(e.abs().max()), msg=lambda m: f"{name}: {m}")
+
+    close(out, e0.detach(), "e_hat")
+    for name, a, e in zip(("x", "W_enc", "b_enc", "W_dec", "b_pre", "b_dec"), ts, ref):
+        assert a.grad is not None, name
+        close(a.grad, e.grad, name)
+    for name, t in (("W_enc", ts[1]), ("b_enc", ts[2]), ("W_dec", ts[3])):
+        assert not t.grad.cpu()[~dead].any(), f"{name}: a live latent's row got a gradient"
+
+
+def test_auxk_decode_equals_the_sparse_composition():
+    """Same latents as auxk_encode; e_hat and every gradient as sparse_decode of them, leading
+    dims kept, on an SAE module with a tied b_pre."""
+    torch.manual_seed(3)
+    sae = ss.SAE.random(d_in=24, d_sae=333, k=5, b_pre=True, dtype=torch.float64)
+    sae.requires_grad_(True)
+    x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
+    dead = torch.rand(333) < 0.4
+    gy = torch.randn(2, 9, 24, dtype=torch.float64)
+    params = [x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    e1 = sae.auxk_decode(x, dead, 12)
+    g1 = torch.autograd.grad((e1 * gy).sum(), params)
+    e0 = sae.decode(*sae.auxk_encode(x, dead, 12))
+    g0 = torch.autograd.grad((e0 * gy).sum(), params)
+    assert e1.shape == x.shape
+    torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)
+    for name, a, e in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), g1, g0):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_auxk_decode_keeps_only_row_chunks_of_the_dense_code(monkeypatch):
+    """Forward + backward at n_dead = 12000 allocate no N x n_dead tensor: the peak is the
+    compact dead rows, the chunks within CHUNK_BYTES and the outputs / gradients."""
+    import sae_sparse._auxk as auxk
+    from helpers import LiveBytes
+    monkeypatch.setattr(auxk, "CHUNK_BYTES", 1 << 20)
+    N, D, S, n_dead, k_aux = 2048, 8, 16000, 12000, 4
+    x = torch.randn(N, D, requires_grad=True)
+    W = (torch.randn(S, D) / D ** 0.5).requires_grad_()
+    b, Wd = torch.zeros(S, requires_grad=True), torch.randn(S, D, requires_grad=True)
+    dead = torch.zeros(S, dtype=torch.bool)
+    dead[:n_dead] = True
+    backend = "cpp" if "cpp" in ss.available_backends() else "torch"
+    with LiveBytes(x, W, b, Wd, dead) as mem:
+        ss.auxk_decode(x, W, b, Wd, dead, k_aux, backend=backend).pow(2).sum().backward()
+    dense = N * n_dead * 4  # 98 MB: one dense code for all rows
+    params = 2 * (S * D * 4) + S * 4 + N * D * 4  # grads of W, Wd, b, x
+    compact = 2 * n_dead * D * 4 + n_dead * 4  # gathered dead rows
+    # 2.9 MB when written (the selection's [N, k_aux] values and indices are small here)
+    assert mem.peak < (1 << 20) + params + compact + (1 << 20), mem.peak
+    assert mem.peak < dense / 30
+
+
+def test_auxk_decode_sums_bf16_weight_gradients_over_row_chunks_in_fp32(monkeypatch):
+    """1024 row chunks of one row, each adding ~1 to every entry of dW_enc / db_enc / dW_dec:
+    a bf16 running sum would stall at 256 (its spacing there is 2); the fp32 sums do not."""
+    import sae_sparse._auxk as auxk
+    monkeypatch.setattr(auxk, "CHUNK_BYTES", 1)
+    N, D, S = 1024, 4, 6
+    x = (1 + 0.1 * torch.rand(N, D)).to(torch.bfloat16)
+    W = torch.full((S, D), 0.25, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.ones(S, dtype=torch.bfloat16, requires_grad=True)
+    Wd = torch.full((S, D), 0.25, dtype=torch.bfloat16, requires_grad=True)
+    dead = torch.tensor([True, False, True, True, False, True])
+    ss.auxk_decode(x, W, b, Wd, dead, 4, backend="torch").sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (W, b, Wd)]
+    dense_auxk_decode(x.double(), ref[0], ref[1], ref[2], dead, 4).sum().backward()
+    for name, a, e in zip(("W_enc", "b_enc", "W_dec"), (W, b, Wd), ref):
+        assert e.grad[dead].min() > 500, name  # the test's premise
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-2, atol=0, msg=name)
