@@ -7,7 +7,9 @@ package's fused op (gradients for input, weight, bias and W_dec), except that ``
 the dense N x S pre-activations -- is never materialised and is returned as ``None``.
 sparsify's AuxK loss selects from ``pre_acts``
 (``torch.where(dead_mask[None], pre_acts, -inf).topk(k_aux)``); :func:`auxk_encoder` gives
-that selection without them. Top-k comes back sorted in descending order (sparsify's is
+that selection without them, and :func:`sae_sparse.auxk_decode` its decoded ``e_hat``
+with dense GEMMs over the dead latents (cheaper than decoding ``k_aux = D // 2`` latents
+per row as a sparse code). Top-k comes back sorted in descending order (sparsify's is
 unsorted; the set is the same).
 """
 from __future__ import annotations
