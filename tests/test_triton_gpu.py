@@ -164,3 +164,40 @@ def test_triton_encode_select_by_tile_realistic(monkeypatch):
         out[flag] = ss.topk_encode(x, W, b, 32, backend="triton", return_overflow=True)
     for a, b_ in zip(out[True], out[False]):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_auxk_decode_realistic(dtype, backend):
+    """AuxK with sparsify's k_aux = D // 2 over 3000 dead latents: e_hat and every gradient
+    against the float64 dense definition, by relative Frobenius error (near-tie swaps in the
+    selection of a few of the 384 latents per row move them by far less than the tolerance);
+    the selection runs in row chunks (CHUNK_BYTES)."""
+    N, D, S, n_dead, k_aux = 4096, 768, 32768, 3000, 384
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, D, device="cuda", generator=g)
+    W = torch.randn(S, D, device="cuda", generator=g) / D ** 0.5
+    b = 0.1 * torch.randn(S, device="cuda", generator=g)
+    Wd = torch.randn(S, D, device="cuda", generator=g) / D ** 0.5
+    b_pre = 0.1 * torch.randn(D, device="cuda", generator=g)
+    dead = torch.zeros(S, dtype=torch.bool, device="cuda")
+    dead[torch.randperm(S, device="cuda", generator=g)[:n_dead]] = True
+    gy = torch.randn(N, D, device="cuda", generator=g).to(dtype)
+    ins = [t.to(dtype) for t in (x, W, b, Wd, b_pre)]
+    ts = [t.clone().requires_grad_() for t in ins]
+    e = ss.auxk_decode(ts[0], ts[1], ts[2], ts[3], dead, k_aux, b_pre=ts[4], backend=backend)
+    (e * gy).sum().backward()
+    ref = [t.double().requires_grad_() for t in ins]
+    pre = torch.nn.functional.linear(ref[0] - ref[4], ref[1], ref[2])
+    v, i = torch.where(dead, pre, float("-inf")).topk(k_aux, dim=1)
+    e0 = torch.zeros(N, S, dtype=torch.float64, device="cuda").scatter(1, i, v.relu()) @ ref[3]
+    (e0 * gy.double()).sum().backward()
+    rel = 2e-2 if dtype == torch.bfloat16 else 1e-4
+
+    def err(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    assert err(e.detach(), e0.detach()) < rel
+    for name, a, r in zip(("x", "W_enc", "b_enc", "W_dec", "b_pre"), ts, ref):
+        assert err(a.grad, r.grad) < rel, name
