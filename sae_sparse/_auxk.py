@@ -8,10 +8,10 @@ the encoder's dx / dW_enc) -- 4.8 GB per pass at N=8192, D=768, k_aux=384 in bf1
 Only the ``n_dead`` dead latents can be chosen, though, so the code is a dense
 ``[N, n_dead]`` matrix with ``k_aux`` nonzeros per row, and every product above is a GEMM
 of width ``n_dead``: ``2 N n_dead D`` flops each, which tensor cores run far faster than the
-gathers as long as ``n_dead`` is not hundreds of times ``k_aux``. The selection
-(:func:`select`) runs by row chunks too: the triton top-k encode over the gathered dead
-rows, or the same fp32 pre-activations as GEMMs and ``torch.topk``, which on CPU beats a
-top-k encode built for small k.
+gathers as long as ``n_dead`` is not hundreds of times ``k_aux``. The selection is the
+triton top-k encode over the gathered dead rows (whose large-k fallback keeps its
+candidates to row chunks), or :func:`select`: the same fp32 pre-activations as row-chunked
+GEMMs and ``torch.topk``.
 
 Rows are processed in chunks whose dense ``[rows, n_dead]`` temporaries stay within
 ``CHUNK_BYTES``; nothing of size N x n_dead is kept for backward, only the selection.
@@ -35,31 +35,25 @@ def _add_mm(acc, a, b):
         acc += a @ b
 
 
-def select(x, W_enc, b_enc, b_pre, k, encode=None):
+def select(x, W_enc, b_enc, b_pre, k):
     """Per row the k largest of ``relu((x - b_pre) W_enc^T + b_enc)`` (W_enc, b_enc: the
-    compact dead rows), a row chunk at a time: values [N, k] in x's dtype, indices [N, k]
-    int64 into W_enc's rows. ``encode(x_rows) -> (values, indices)``, a backend's top-k
-    encode, selects when given (its [rows, n_dead] int64 candidate buffer, for a k this
-    large, is what the chunks bound); else fp32 (fp64 for fp64) GEMMs and ``torch.topk``."""
+    compact dead rows), computed in fp32 (fp64 for fp64) a row chunk at a time with GEMMs
+    and ``torch.topk``: values [N, k] in x's dtype, indices [N, k] int64 into W_enc's rows,
+    unsorted. (On CPU this beats the cpp top-k encode, which is built for small k.)"""
     N, n = x.shape[0], W_enc.shape[0]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if encode is None:
-        W, b = W_enc.to(ct), b_enc.to(ct)
-        bp = b_pre.to(ct) if b_pre is not None else None
+    W, b = W_enc.to(ct), b_enc.to(ct)
+    bp = b_pre.to(ct) if b_pre is not None else None
     values = torch.empty(N, k, dtype=x.dtype, device=x.device)
     idx = torch.empty(N, k, dtype=torch.long, device=x.device)
-    rows = _chunk_rows(n, 8)  # int64 candidate keys or an fp32/fp64 pre-activation chunk
+    rows = _chunk_rows(n, torch.finfo(ct).bits // 8)
     for s in range(0, N, rows):
         e = min(N, s + rows)
-        if encode is not None:
-            v, i = encode(x[s:e])
-        else:
-            xc = x[s:e].to(ct)
-            if bp is not None:
-                xc = xc - bp
-            v, i = torch.addmm(b, xc, W.T).topk(k, dim=1, sorted=False)
-            v = v.clamp_min_(0)
-        values[s:e] = v
+        xc = x[s:e].to(ct)
+        if bp is not None:
+            xc = xc - bp
+        v, i = torch.addmm(b, xc, W.T).topk(k, dim=1, sorted=False)
+        values[s:e] = v.clamp_min_(0)
         idx[s:e] = i
     return values, idx
 

@@ -799,6 +799,27 @@ def _plan(kk: int, S: int, D: int):
     return m, bounds
 
 
+def _append_stride(kk: int, S: int) -> int:
+    """The fallback's sample stride: its threshold comes from every stride-th latent."""
+    return max(1, min(ENCODE["sample_stride"], S // (4 * kk)))
+
+
+def _append_rows(kk: int, S: int, D: int, xc_bytes: int) -> int:
+    """Rows per fallback chunk, so that its per-row buffers -- the strided sample (fp32), the
+    candidate buffer (int64, `cap` keys), the keys out and x - b_pre (xc_bytes per element,
+    0 without b_pre) -- fit ENCODE["buffer_bytes"]. Without a sample (small S) every entry is
+    a candidate: [rows, S] keys, which is what made the unchunked fallback N x S. At least
+    256 rows (a multiple of 128, the GEMM's row tile): each chunk reads all of W again, which
+    at fewer rows costs more than the chunk's GEMM (on an H100, S*D*2 bytes at 3.35 TB/s
+    against 2*rows*S*D flops at ~1 PFLOP/s break even near 300 rows), so a very large k
+    may take more than the budget."""
+    stride = _append_stride(kk, S)
+    cap = _p2(int(1.5 * kk * stride) + 64) if stride > 1 else S
+    sample = 4 * ((S + stride - 1) // stride) if stride > 1 else 0
+    per_row = 8 * cap + sample + 8 * kk + D * xc_bytes
+    return max(256, ENCODE["buffer_bytes"] // per_row // 128 * 128)
+
+
 def _encode_append(xc, W, b, kk, thr, act):
     """Fallback path (few candidates per tile would not do: small S / large k, and the rows
     the main path could not settle). A lower bound lo on each row's kk-th largest entry from a
@@ -807,7 +828,7 @@ def _encode_append(xc, W, b, kk, thr, act):
     N, D = xc.shape
     S = W.shape[0]
     dev = xc.device
-    stride = max(1, min(ENCODE["sample_stride"], S // (4 * kk)))
+    stride = _append_stride(kk, S)
     if stride > 1:
         # The kk-th largest of the sample, minus twice the worst-case fp32 summation error of
         # one entry (both passes sum exact bf16/fp16/fp32 products in fp32: |error| <= gamma_D
@@ -910,10 +931,14 @@ def topk_encode(x, W, b, k, b_pre, thr):
     plan = _plan(kk, S, D)
     if plan is not None:
         _encode_main(x, b_pre, W, b, kk, thr, act, k, fin, out, *plan)
-    else:
-        xc = _centered(x, b_pre, fin)
-        _finish(out, _encode_append(xc, W, b, kk, thr, act), fin, thr, act, k)
-        del xc
+    else:  # row chunks: the fallback's candidate buffer holds up to `cap` keys per row
+        rows = _append_rows(kk, S, D, x.element_size() if b_pre is not None else 0)
+        for r in range(0, N, rows):
+            sl = slice(r, r + rows)
+            xc = _centered(x[sl], b_pre, fin[sl])
+            keys = _encode_append(xc, W, b, kk, thr, act[sl])
+            _finish(tuple(t[sl] for t in out), keys, fin[sl], thr, act[sl], k)
+            del xc, keys
     # The one host sync: rows the kernels handed back -- non-finite input (an error), or
     # flagged rows the fix-up did not take (more flagged tiles than ENCODE["fix_tiles"], i.e.
     # heavy ties); normally none.

@@ -138,9 +138,9 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
     of latents per token and its decode + backward gather ``N * k_aux * D`` elements four
     times, while every latent it can name is dead. Here the code is a dense [rows, n_dead]
     matrix and the decode, dvalues, dW_dec, dx and dW_enc are GEMMs of width n_dead
-    (``2 * N * n_dead * D`` flops each). The selection, by row chunks too, is the triton
-    backend's top-k encode over the gathered dead rows, or on the other backends fp32 (fp64
-    for fp64) GEMMs and ``torch.topk``: the pre-activations :func:`topk_encode` computes.
+    (``2 * N * n_dead * D`` flops each). The selection is the triton backend's top-k encode
+    over the gathered dead rows, or on the other backends row-chunked fp32 (fp64 for fp64)
+    GEMMs and ``torch.topk``: the pre-activations :func:`topk_encode` computes.
     Extra memory: [rows, n_dead] chunks within 64 MiB, the compact dead rows of W_enc and
     W_dec (and an fp32 copy of W_enc's for the selection of a bf16/fp16 x off triton), the
     [N, min(k_aux, n_dead)] selection, and, for bf16/fp16 over several row chunks, fp32 sums
@@ -173,7 +173,8 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
     if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
         raise ValueError(f"k_aux must be an int >= 1, got {k_aux!r}")
     name = resolve(backend, x.device, x.dtype)
-    V.check_finite(x, "x")  # here for every backend: a chunk's error would number its rows
+    if name != "triton":  # the triton encode checks it on the device
+        V.check_finite(x, "x")
     dead = dead_mask.nonzero().reshape(-1)
     kk = min(k_aux, dead.numel())
     x2 = x.reshape(-1, D)
@@ -182,12 +183,11 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
         return out + b_dec if b_dec is not None else out
     We, be = W_enc.index_select(0, dead), b_enc.index_select(0, dead)
     Wd = W_dec.index_select(0, dead)
-    enc = None
-    if name == "triton":
-        def enc(rows):
-            return topk_encode(rows, We, be, kk, b_pre=b_pre, backend="triton")
     with torch.no_grad():
-        values, idx = auxk_select(x2, We, be, b_pre, kk, encode=enc)
+        if name == "triton":  # bf16/fp16 tensor-core products summed in fp32
+            values, idx = topk_encode(x2, We, be, kk, b_pre=b_pre, backend="triton")
+        else:
+            values, idx = auxk_select(x2, We, be, b_pre, kk)
     e_hat = AuxKDecode.apply(x2, We, be, b_pre, Wd, values, idx)
     if b_dec is not None:
         e_hat = e_hat + b_dec

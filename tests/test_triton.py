@@ -375,17 +375,12 @@ GPU_SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
               "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
 
 
-@pytest.mark.parametrize("shape", "ABCD")
-def test_triton_encode_memory_plan_at_the_gpu_shapes(monkeypatch, shape):
-    """The encode's extra memory at shapes A-D of the GPU issue (bf16, with and without
-    b_pre; outputs included) stays within the issue's 64 MiB, as the host code plans it for
-    an H100: every kernel stubbed (their outputs are not looked at), the launchers' GPU
-    configuration, and the bytes of every tensor allocated counted while it lives
-    (helpers.LiveBytes). It was 96 MiB at C when the finite-row check ran torch.isfinite
-    (N x D temporaries), and x - b_pre took N x D more outside the row chunks' budget."""
+def _stub_encode_kernels(monkeypatch):
+    """Every encode kernel replaced by a no-op launch (the finish marks no row for the host,
+    every row finite), with the launchers' H100 configuration: for allocation plans."""
     from sae_sparse import _triton
 
-    class Stub:  # kernel[grid](*args): the finish marks no row for the host, rows finite
+    class Stub:  # kernel[grid](*args)
         def __init__(self, name):
             self.name = name
 
@@ -402,6 +397,18 @@ def test_triton_encode_memory_plan_at_the_gpu_shapes(monkeypatch, shape):
         monkeypatch.setattr(_triton, name, Stub(name))
     monkeypatch.setattr(_triton, "interpreting", lambda: False)  # the GPU's tiles and plan
     monkeypatch.setattr(_triton, "_sm_count", lambda device: 132)
+
+
+@pytest.mark.parametrize("shape", "ABCD")
+def test_triton_encode_memory_plan_at_the_gpu_shapes(monkeypatch, shape):
+    """The encode's extra memory at shapes A-D of the GPU issue (bf16, with and without
+    b_pre; outputs included) stays within the issue's 64 MiB, as the host code plans it for
+    an H100: every kernel stubbed (their outputs are not looked at), the launchers' GPU
+    configuration, and the bytes of every tensor allocated counted while it lives
+    (helpers.LiveBytes). It was 96 MiB at C when the finite-row check ran torch.isfinite
+    (N x D temporaries), and x - b_pre took N x D more outside the row chunks' budget."""
+    from sae_sparse import _triton
+    _stub_encode_kernels(monkeypatch)
     N, D, S, k = GPU_SHAPES[shape]
     x = torch.zeros(N, D, dtype=torch.bfloat16)
     W = torch.empty(S, D, dtype=torch.bfloat16)
@@ -414,6 +421,33 @@ def test_triton_encode_memory_plan_at_the_gpu_shapes(monkeypatch, shape):
         assert out[0].shape == (N, k)
         assert mode.peak <= 64 << 20, (shape, bp is not None, mode.peak / 2 ** 20)
         assert mode.peak >= 2 ** 20 * (N * k * 10 / 2 ** 20)  # it saw the outputs
+
+
+@pytest.mark.parametrize("S,k", [(3000, 384), (40000, 2048)])
+def test_triton_encode_fallback_memory_plan(monkeypatch, S, k):
+    """A k too large for per-tile candidates (the fallback path; here AuxK's k_aux = D // 2
+    over 3000 dead latents, and k = 2048 over 40000) keeps its candidate buffer to row
+    chunks of ENCODE["buffer_bytes"]: beyond the outputs, at most that budget plus one
+    chunk's keys, where it was N x S int64 keys (197 MB at S = 3000), or 1 GiB of them
+    with a sample at S = 40000."""
+    from sae_sparse import _triton
+    _stub_encode_kernels(monkeypatch)
+    N, D = 8192, 768
+    x = torch.zeros(N, D, dtype=torch.bfloat16)
+    W = torch.empty(S, D, dtype=torch.bfloat16)
+    b, b_pre = torch.zeros(S, dtype=torch.bfloat16), torch.zeros(D, dtype=torch.bfloat16)
+    assert _triton._plan(k + 1, S, D) is None  # the fallback
+    rows = _triton._append_rows(k + 1, S, D, 2)
+    assert rows < N  # more than one chunk
+    outputs = N * k * (4 + 8 + 2) + N * 3  # fp32 values, indices, bf16 values, int8 flags
+    for bp in (None, b_pre):
+        mode = LiveBytes(x, W, b, b_pre)
+        with mode:
+            out = _triton.topk_encode(x, W, b, k, bp, None)
+        assert out[1].shape == (N, k)
+        extra = mode.peak - outputs
+        assert extra <= _triton.ENCODE["buffer_bytes"] + rows * (k + 1) * 8, extra / 2 ** 20
+        assert mode.peak < N * S * 8 / 2
 
 
 @pytest.mark.parametrize("step", ["edit", "sae"])
@@ -542,6 +576,7 @@ def test_triton_encode_row_chunks_and_paths(monkeypatch, path):
     """Rows split into chunks (a small buffer budget) on both encode paths, against fp64."""
     from sae_sparse import _triton
     monkeypatch.setitem(_triton.ENCODE, "buffer_bytes", 1)
+    calls = _fallback_rows(monkeypatch, "count")
     if path == "append":  # too few candidates per tile for k: every row takes the fallback
         monkeypatch.setitem(_triton.ENCODE, "top_m", 1)
     N, D, S, k = 260, 24, 256, 5
@@ -552,6 +587,8 @@ def test_triton_encode_row_chunks_and_paths(monkeypatch, path):
     v0, i0 = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t["b_pre"], backend="torch")
     assert torch.equal(i.cpu(), i0)
     assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5, name="values")
+    if path == "append":  # the fallback's own row chunks: 256 rows at least, then the rest
+        assert calls == [256, 4], calls
 
 
 @pytest.mark.parametrize("rlow", [0, 31])
