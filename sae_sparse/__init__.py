@@ -2,7 +2,8 @@
 
 See shared/DESIGN.md for the math. Public API:
 
-* :func:`topk_encode`, :func:`sparse_decode`, :func:`edit_decode`, :func:`sae_edit`
+* :func:`topk_encode`, :func:`sparse_decode`, :func:`sae_forward` (an SAE's encode + decode
+  as one op), :func:`edit_decode`, :func:`sae_edit`
   (:func:`cached_folds`: reuse an adapter's dense terms across inference calls),
   :func:`auxk_encode` / :func:`auxk_decode` (AuxK: top-k over the dead latents and its
   reconstruction, for SAE training)
@@ -20,8 +21,8 @@ from .backends import available_backends, backend_status
 from .hooks import ResidualLoRA, attach
 from .io import load_sae, save_saelens, save_sparsify
 from .modules import SAE, LatentAdapter
-from .ops import (auxk_decode, auxk_encode, cached_folds, edit_decode, sae_edit, sparse_decode,
-                  topk_encode)
+from .ops import (auxk_decode, auxk_encode, cached_folds, edit_decode, sae_edit, sae_forward,
+                  sparse_decode, topk_encode)
 from .report import write_report
 from .train import TrainConfig, attach_run, load_adapter, merge_bias_edit, train_adapter
 
@@ -31,6 +32,7 @@ __all__ = [
     "auxk_encode",
     "auxk_decode",
     "sparse_decode",
+    "sae_forward",
     "edit_decode",
     "sae_edit",
     "cached_folds",

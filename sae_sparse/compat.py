@@ -9,8 +9,9 @@ sparsify's AuxK loss selects from ``pre_acts``
 (``torch.where(dead_mask[None], pre_acts, -inf).topk(k_aux)``); :func:`auxk_encoder` gives
 that selection without them, and :func:`sae_sparse.auxk_decode` its decoded ``e_hat``
 with dense GEMMs over the dead latents (cheaper than decoding ``k_aux = D // 2`` latents
-per row as a sparse code). Top-k comes back sorted in descending order (sparsify's is
-unsorted; the set is the same).
+per row as a sparse code). :func:`sae_sparse.sae_forward` replaces an ``encode`` +
+``decode`` pair by one op (one grouping by latent in the backward instead of two).
+Top-k comes back sorted in descending order (sparsify's is unsorted; the set is the same).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from .ops import _sae_forward, auxk_decode, auxk_encode, sparse_decode, topk_encode
+from .ops import auxk_decode, auxk_encode, sae_forward, sparse_decode, topk_encode
 from .reference import ACTIVATIONS
 
 
@@ -110,9 +110,12 @@ class SAE(nn.Module):
     def forward(self, x, *, backend=None, return_code: bool = False):
         """The SAE's reconstruction of x, [..., D] (with ``return_code``: ``(y, values,
         indices)``, the code as :meth:`encode` returns it; a loss on ``values`` reaches the
-        encoder too). One op for encode and decode: on the kernel backends its backward groups
-        the (token, slot) pairs by latent once for dW_enc and dW_dec. Sets ``last_overflow``."""
-        y, values, indices, self.last_overflow = _sae_forward(x, self, backend)
+        encoder too). One op for encode and decode (:func:`sae_sparse.sae_forward`): on the
+        kernel backends its backward groups the (token, slot) pairs by latent once for dW_enc
+        and dW_dec. Sets ``last_overflow``."""
+        y, values, indices, self.last_overflow = sae_forward(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, b_pre=self.b_pre,
+            threshold=self.threshold, backend=backend, return_overflow=True)
         return (y, values, indices) if return_code else y
 
     def extra_repr(self) -> str:

@@ -69,20 +69,45 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
     return values, indices
 
 
-def _sae_forward(x, sae, backend):
-    """SAE.forward: (y [..., D], values [..., k], indices [..., k], n_overflow)."""
-    D, S = V.check_encoder(x, sae.W_enc, sae.b_enc, sae.k, sae.b_pre, sae.threshold)
-    V.check_tensor(sae.W_dec, "W_dec", (S, D), like=x)
-    V.check_tensor(sae.b_dec, "b_dec", (D,), like=x)
+def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
+                backend=None, return_overflow=False):
+    """A top-k SAE's forward pass as one op: ``y = decode(topk_encode(x)) + b_dec``, with
+    the code. The functional form of :meth:`SAE.forward`, for training code that keeps its
+    own parameters (sparsify's ``encode`` + ``decode``, SAELens-style modules).
+
+    One autograd op for encode and decode: on the kernel backends its backward groups the
+    N*k (token, slot) pairs by latent once and uses that for dW_dec and for dW_enc / db_enc
+    (the composed :func:`topk_encode` + :func:`sparse_decode` sort twice).
+
+    Args:
+        x: [..., D]. W_enc: [S, D]. b_enc: [S]. W_dec: [S, D]. b_dec: [D].
+        k, b_pre, threshold, backend: as in :func:`topk_encode`. Pass the same tensor as
+            ``b_pre`` and ``b_dec`` for the tied decoder bias of sparsify / SAELens
+            (``apply_b_dec_to_input``); its gradient then sums both uses.
+        return_overflow: also return the number of rows with more than k active latents.
+
+    Returns:
+        y [..., D], values [..., k], indices [..., k] int64 (and ``n_overflow``, a 0-dim
+        int64 tensor, with ``return_overflow``). Gradients reach every floating input
+        except ``threshold``; a loss on ``values`` reaches the encoder too.
+
+    Example (sparsify's ``SparseCoder.forward``, whose encoder reads ``x - b_dec``):
+        >>> y, top_acts, top_idx = sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, b_pre=b_dec)
+    """
+    D, S = V.check_encoder(x, W_enc, b_enc, k, b_pre, threshold)
+    V.check_tensor(W_dec, "W_dec", (S, D), like=x)
+    V.check_tensor(b_dec, "b_dec", (D,), like=x)
     name = resolve(backend, x.device, x.dtype)
     if name != "triton":  # the triton kernels check it on the device, at their one host sync
         V.check_finite(x, "x")
-    lead, k = x.shape[:-1], sae.k
-    a = _lowp_to_fp32(name, x.reshape(-1, D), sae.W_enc, sae.b_enc, sae.b_pre, sae.threshold,
-                      sae.W_dec, sae.b_dec)
+    lead = x.shape[:-1]
+    a = _lowp_to_fp32(name, x.reshape(-1, D), W_enc, b_enc, b_pre, threshold, W_dec, b_dec)
+    if b_pre is not None and b_pre is b_dec:  # keep the tie through the fp32 copies
+        a = a[:3] + (a[6],) + a[4:]
     y, values, indices, overflow = sae_fn(name)(a[0], a[1], a[2], k, a[3], a[4], a[5], a[6])
-    return (y.to(x.dtype).reshape(*lead, D), values.to(x.dtype).reshape(*lead, k),
-            indices.reshape(*lead, k), overflow.sum())
+    out = (y.to(x.dtype).reshape(*lead, D), values.to(x.dtype).reshape(*lead, k),
+           indices.reshape(*lead, k))
+    return (*out, overflow.sum()) if return_overflow else out
 
 
 def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):

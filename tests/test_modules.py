@@ -191,3 +191,66 @@ def test_sae_forward_decoder_only_gradients(backend):
     (want,) = torch.autograd.grad(ss.sparse_decode(v, i, sae.W_dec, sae.b_dec,
                                                    backend="torch").square().sum(), [sae.W_dec])
     assert_close(dWd.cpu(), want.cpu(), rtol=2e-5, atol=1e-6, name="dW_dec")
+
+
+@pytest.mark.parametrize("backend", ss.available_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_functional_sae_forward(backend, dtype):
+    """ss.sae_forward on a training loop's own tensors (leading dims, a tied b_pre/b_dec
+    passed as the same tensor, bf16 through the cpp backend's fp32 copies): y, the code and
+    every gradient as the composed topk_encode + sparse_decode give them in float64, and the
+    overflow count."""
+    if backend == "triton" and not (_triton.interpreting() or torch.cuda.is_available()):
+        pytest.skip("triton needs CUDA or the interpreter")
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton kernels take fp32/bf16/fp16")
+    dev = "cuda" if backend == "triton" and not _triton.interpreting() else "cpu"
+    g = torch.Generator().manual_seed(7)
+    D, S, k = 18, 141, 9
+    W_enc, W_dec = torch.randn(2, S, D, generator=g, dtype=torch.float64) / 4
+    b_enc, b_dec = 0.1 * torch.randn(S, generator=g), 0.1 * torch.randn(D, generator=g)
+    x = torch.randn(2, 5, D, generator=g, dtype=torch.float64)
+    # the loss on the code weighs each latent, not each slot: bf16 may order near-ties
+    # differently (the triton kernels round x - b_pre to bf16 before the product)
+    w_y, w_lat = torch.randn(2, 5, D, generator=g), torch.randn(S, generator=g)
+
+    def run(dt, be, fused):  # the reference gets the same (rounded) inputs, in float64
+        d = dev if be == backend else "cpu"
+        xx, We, be_, Wd, bd = (t.to(dtype).to(d, dt).requires_grad_()
+                               for t in (x, W_enc, b_enc, W_dec, b_dec))
+        if fused:
+            y, v, i, over = ss.sae_forward(xx, We, be_, Wd, bd, k, b_pre=bd, backend=be,
+                                           return_overflow=True)
+        else:
+            v, i, over = ss.topk_encode(xx, We, be_, k, b_pre=bd, backend=be,
+                                        return_overflow=True)
+            y = ss.sparse_decode(v, i, Wd, bd, backend=be)
+        loss = (y * w_y.to(d, dt)).sum() + (v * w_lat.to(d, dt)[i]).sum()
+        return (y, v, i, over), torch.autograd.grad(loss, [xx, We, be_, Wd, bd])
+
+    (y, v, i, over), grads = run(dtype, backend, True)
+    (y0, v0, i0, over0), grads0 = run(torch.float64, "torch", False)
+    assert y.shape == (2, 5, D) and y.dtype == dtype and v.shape == i.shape == (2, 5, k)
+    assert int(over) == int(over0)
+    rel = 1e-9 if dtype == torch.float64 else 3e-2
+    if dtype == torch.float64:
+        assert torch.equal(i.cpu(), i0)
+    order, order0 = i.cpu().argsort(-1), i0.argsort(-1)  # the code compared as sets
+    assert torch.equal(i.cpu().gather(-1, order), i0.gather(-1, order0))
+    v, v0 = v.cpu().gather(-1, order), v0.gather(-1, order0)
+    for n, a, b in zip(("y", "values", "x", "W_enc", "b_enc", "W_dec", "b_dec"),
+                       (y, v, *grads), (y0, v0, *grads0)):
+        assert_close(a.cpu().double(), b, rtol=rel, atol=rel * b.abs().max().item(), name=n)
+
+
+def test_functional_sae_forward_errors():
+    x, W, b, Wd, bd = torch.randn(3, 8), torch.randn(20, 8), torch.zeros(20), \
+        torch.randn(20, 8), torch.zeros(8)
+    with pytest.raises(ValueError, match=r"W_dec must have shape \[20, 8\], got \[8, 20\]"):
+        ss.sae_forward(x, W, b, Wd.T, bd, 4)
+    with pytest.raises(ValueError, match=r"b_dec must have shape \[8\], got \[20\]"):
+        ss.sae_forward(x, W, b, Wd, b, 4)
+    with pytest.raises(ValueError, match=r"k must be in \[1, S=20\], got 21"):
+        ss.sae_forward(x, W, b, Wd, bd, 21)
+    with pytest.raises(TypeError, match="W_dec must have dtype torch.float32 like x"):
+        ss.sae_forward(x, W, b, Wd.double(), bd, 4)
