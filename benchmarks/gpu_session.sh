@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, in the order that matters most when device time
 # is short: install (no network), the GPU tests, the benchmark (saved to benchmarks/results/),
-# the encode and decode sweeps, the step profile. Each part has its own time limit (under the
+# the encode and decode sweeps, the step profile, adapter steps over millions of latents. Each part has its own time limit (under the
 # device tool's 10 minutes per call) and writes a log to $OUT (default
 # benchmarks/results/session-<date>/); a failing part does not stop the others. A short
 # summary is printed last. Everything takes longer than one 10-minute call, so pick parts:
@@ -9,10 +9,11 @@
 #     OUT=$OUT PARTS="install tests" bash benchmarks/gpu_session.sh
 #     OUT=$OUT PARTS="bench" bash benchmarks/gpu_session.sh
 #     OUT=$OUT PARTS="encode decode profile" bash benchmarks/gpu_session.sh
+#     OUT=$OUT PARTS="scale" bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/session-$(date +%F)}
-PARTS=${PARTS:-"install tests bench encode decode profile"}
+PARTS=${PARTS:-"install tests bench encode decode profile scale"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 summary=()
@@ -41,6 +42,7 @@ part bench 570 python benchmarks/bench_gpu.py --save
 part encode 300 python benchmarks/encode_sweep.py --quick
 part decode 180 python benchmarks/decode_sweep.py
 part profile 100 python benchmarks/profile_steps.py --shape A
+part scale 400 python benchmarks/bench_scale.py --save
 
 cat "$OUT/card.txt"
 printf '%s\n' "${summary[@]}"

@@ -25,6 +25,19 @@ def test_gpu_benchmark_script_smoke(script):
     assert table and not any("nan" in line.split("|")[3] for line in table), out.stdout
 
 
+def test_scale_benchmark_smoke():
+    """benchmarks/bench_scale.py end to end on two tiny dictionaries: every row timed."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_scale.py"),
+                          "--smoke"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")
+            and line[2].isdigit()]
+    assert len(rows) == 8, out.stdout
+    assert all(float(r[4]) > 0 for r in rows), out.stdout
+
+
 def test_gpu_session_script_runs_its_parts(tmp_path):
     """benchmarks/gpu_session.sh: valid bash; a part runs under its time limit into its log,
     a failing part is reported in the summary without stopping the script."""
