@@ -78,7 +78,6 @@ class AuxKDecode(torch.autograd.Function):
             z = code[:e - s].zero_().scatter_(1, idx[s:e], values[s:e])
             torch.mm(z, W_dec, out=out[s:e])
         ctx.save_for_backward(x, W_enc, b_pre, W_dec, values, idx)
-        ctx.has_b_pre = b_pre is not None
         return out
 
     @staticmethod

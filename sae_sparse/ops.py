@@ -182,7 +182,8 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
     Returns:
         e_hat [..., D] in x's dtype (just ``b_dec``, or zeros, when no latent is dead);
         differentiable with respect to x, W_enc, b_enc, W_dec, b_pre and b_dec (only the dead
-        rows of W_enc, b_enc, W_dec get nonzero gradients). One host sync.
+        rows of W_enc, b_enc, W_dec get nonzero gradients). Host syncs: one for the number
+        of dead latents (it sets the shapes), and the selection's own.
 
     Example (sparsify's AuxK loss, ``e = x - x_hat`` the main reconstruction's residual):
         >>> e_hat = auxk_decode(x, sae.W_enc, sae.b_enc, sae.W_dec, dead_mask,
