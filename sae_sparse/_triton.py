@@ -939,7 +939,8 @@ def topk_encode(x, W, b, k, b_pre, thr):
             keys = _encode_append(xc, W, b, kk, thr, act[sl])
             _finish(tuple(t[sl] for t in out), keys, fin[sl], thr, act[sl], k)
             del xc, keys
-    # The one host sync: rows the kernels handed back -- non-finite input (an error), or
+    # The main path's one host sync (the fallback adds one per row chunk, for its buffer
+    # size): rows the kernels handed back -- non-finite input (an error), or
     # flagged rows the fix-up did not take (more flagged tiles than ENCODE["fix_tiles"], i.e.
     # heavy ties); normally none.
     redo = left.nonzero().reshape(-1)
