@@ -5,8 +5,9 @@ Rows (float32, default N=2048 D=256 S=16384 k=32, h=16):
   decode  : F.embedding_bag         vs  sae_sparse.sparse_decode(backend="cpp")
   edit    : sae_edit fwd+bwd (frozen SAE, gain+bias+ffn adapter): the dense latent adapter
             (same math on a dense N x S code), the torch backend, and the cpp backend
-then the encode across batch sizes, sae_edit at one token per call (generation) with and
-without ss.cached_folds(), and the AuxK term of an SAE training step three ways.
+then the encode across batch sizes, the plain decode across widths, sae_edit at one token per
+call (generation) with and without ss.cached_folds(), and the AuxK term of an SAE training
+step three ways.
 
 Times are medians over --reps runs (after one warm-up), measured in this process, so every
 ratio is against its baseline in the same run. "peak extra" is the peak resident memory an op
@@ -221,6 +222,18 @@ def main():
         base = median_ms(lambda: torch.topk(F.linear(x, W_enc, b_enc), 32), a.reps)[0]
         ours = median_ms(lambda: ss.topk_encode(x, W_enc, b_enc, 32, backend="cpp"), a.reps)[0]
         lines.append(f"| {n} | {base:.1f} | {ours:.1f} | {base / ours:.2f}× |")
+    # Plain decode across widths: F.embedding_bag (fbgemm) against the cpp gather.
+    lines += ["", "Plain decode across widths (fp32):", "",
+              "| N, D, S, k | embedding_bag ms | cpp ms | speed-up |", "|---|---|---|---|"]
+    for n, d, s_, kk in ((2048, 256, 16384, 32), (2048, 768, 32768, 32), (512, 2304, 65536, 64)):
+        _, _, _, Wd = make(n, d, s_, kk)
+        g = torch.Generator().manual_seed(3)
+        ii = torch.randint(0, s_, (n, kk), generator=g)
+        vv = torch.rand(n, kk, generator=g)
+        base = median_ms(lambda: F.embedding_bag(ii, Wd, per_sample_weights=vv, mode="sum"),
+                         a.reps)[0]
+        ours = median_ms(lambda: ss.sparse_decode(vv, ii, Wd, backend="cpp"), a.reps)[0]
+        lines.append(f"| {n}, {d}, {s_}, {kk} | {base:.1f} | {ours:.1f} | {base / ours:.2f}× |")
     # Generation: one token per call through a trained adapter (no_grad), with and without
     # ss.cached_folds() (M = W_out W_dec and c = bias W_dec folded once instead of per call).
     lines += ["", f"Edit at inference, one token per call (generation), D=768 S=32768 k=32, "
