@@ -4,8 +4,9 @@ For each S: a frozen bf16 SAE (one [S, D] matrix serves as W_enc and W_dec, so a
 dictionary at D=768 takes 24 GiB, not 48) and a gain + bias + FFN (h=16) LatentAdapter in
 fp32 trained with Adam. One step = topk_encode + edit_decode forward, backward, Adam step.
 Rows: the step's median ms and peak extra memory, the bare GEMM x @ W.T at that S (the
-encode's floor) for scale, and the same step with the dense latent adapter (an N x S code;
-it runs out of memory first) and a rank-16 residual LoRA (independent of S) as baselines.
+encode's floor; by row chunks into a buffer of at most 2 GiB) for scale, and the same step
+with the dense latent adapter (an N x S code; it runs out of memory first) and a rank-16
+residual LoRA (independent of S) as baselines.
 
     python benchmarks/bench_scale.py [--S 1048576,4194304,16777216] [--save]
     TRITON_INTERPRET=1 python benchmarks/bench_scale.py --smoke    # plumbing check on CPU
@@ -70,7 +71,16 @@ def rows_for(B, S, N, D, k, h):
         lora_opt.step()
         lora_opt.zero_grad(set_to_none=True)
 
-    fns = {"gemm x @ W.T": lambda: x @ W.T, "adapter step": adapter_step(),
+    # The encode's floor: x @ W.T, by row chunks into one output buffer of at most 2 GiB (the
+    # whole [N, S] product is 128 GiB at 16M latents).
+    rows = max(1, min(N, (2 << 30) // (S * W.element_size())))
+
+    def gemm():
+        buf = torch.empty(rows, S, dtype=W.dtype, device=dev)
+        for r in range(0, N, rows):
+            torch.mm(x[r:r + rows], W.T, out=buf[:min(rows, N - r)])
+
+    fns = {"gemm x @ W.T": gemm, "adapter step": adapter_step(),
            "dense latent adapter step": adapter_step(dense=True),
            "residual LoRA r=16 step": lora_step}
     out = {}
@@ -113,7 +123,7 @@ def main():
              "|---|---|---|---|---|---|"]
     for S in sizes:
         res = rows_for(B, S, N, D, k, h)
-        g = res["gemm x @ W.T"][0]
+        g = res["gemm x @ W.T"][0] if res["gemm x @ W.T"] else float("nan")
         for name, r in res.items():
             if r is None:
                 lines.append(f"| {S} | {S * D * 2 / 2 ** 20:.0f} | {name} | out of memory | | |")
