@@ -124,9 +124,10 @@ def dense_auxk_decode(x, W, b, Wd, dead, k_aux, b_pre=None, b_dec=None):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N,n_dead,k_aux,chunk_bytes", [
+    # rows per chunk = chunk_bytes // (2 * n_dead * element size)
     (23, 41, 9, None),      # one row chunk
-    (23, 41, 9, 41 * 8),    # one row per chunk (fp32 sums of the weight gradients in bf16)
-    (23, 41, 9, 7 * 41 * 8 * 2),  # 7 rows per chunk, the last chunk short
+    (23, 41, 9, 41 * 8),    # 1 row per chunk (fp64, fp32), 2 (bf16: fp32 weight-grad sums)
+    (23, 41, 9, 7 * 41 * 8 * 2),  # 7 / 14 / 28 rows (fp64 / fp32 / bf16): short last chunks
     (1, 5, 9, None),        # N = 1; k_aux clamped to n_dead
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
