@@ -115,6 +115,42 @@ def test_auxk_loss_of_a_training_step_matches_sparsify():
         torch.testing.assert_close(a, e)
 
 
+def test_auxk_decode_gives_sparsifys_auxk_loss():
+    """The README's drop-in: sparsify's AuxK loss (its encoder reads x - b_dec, its decode adds
+    b_dec) through ss.auxk_decode on a training loop's own tensors, b_dec passed as b_pre
+    too: the loss and the gradients of W_enc, b_enc, W_dec, b_dec as sparsify computes them
+    from its dense pre-activations."""
+    g = torch.Generator().manual_seed(11)
+    N, D, S = 29, 18, 250
+    p = dict(W_enc=torch.randn(S, D, generator=g, dtype=torch.float64) / D ** 0.5,
+             b_enc=0.2 * torch.randn(S, generator=g, dtype=torch.float64),
+             W_dec=torch.randn(S, D, generator=g, dtype=torch.float64) / D ** 0.5,
+             b_dec=0.1 * torch.randn(D, generator=g, dtype=torch.float64))
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    e = torch.randn(N, D, generator=g, dtype=torch.float64)  # the main residual, detached
+    dead = torch.rand(S, generator=g) < 0.2
+    k_aux = D // 2
+    scale = min(int(dead.sum()) / k_aux, 1.0)
+    total_variance = (x - x.mean(0)).pow(2).sum()
+
+    def loss(e_hat):
+        return scale * (e_hat - e).pow(2).sum() / total_variance
+
+    ts = {n: t.clone().requires_grad_() for n, t in p.items()}
+    ours = loss(ss.auxk_decode(x, ts["W_enc"], ts["b_enc"], ts["W_dec"], dead, k_aux,
+                               b_pre=ts["b_dec"], b_dec=ts["b_dec"]))
+    g1 = torch.autograd.grad(ours, list(ts.values()))
+    ts = {n: t.clone().requires_grad_() for n, t in p.items()}
+    pre_acts = F.relu(F.linear(x - ts["b_dec"], ts["W_enc"], ts["b_enc"]))
+    acts, idx = torch.where(dead, pre_acts, float("-inf")).topk(min(k_aux, int(dead.sum())))
+    e_hat = F.embedding_bag(idx, ts["W_dec"], per_sample_weights=acts, mode="sum") + ts["b_dec"]
+    ref = loss(e_hat)
+    g0 = torch.autograd.grad(ref, list(ts.values()))
+    torch.testing.assert_close(ours, ref)
+    for n, a, b in zip(p, g1, g0):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{n}: {m}")
+
+
 def dense_auxk_decode(x, W, b, Wd, dead, k_aux, b_pre=None, b_dec=None):
     """e_hat by definition: sparsify's AuxK selection decoded densely (N x S code)."""
     pre, idx = dense_auxk(x, W, b, dead, k_aux, b_pre)
