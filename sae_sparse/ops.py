@@ -110,6 +110,17 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
     return (*out, overflow.sum()) if return_overflow else out
 
 
+def _dead_latents(x, W_enc, b_enc, dead_mask, k_aux, b_pre):
+    """AuxK's shared checks: (D, S, the dead latents' ids, k_aux clamped to their number).
+    One host sync (the number of dead latents sets the shapes)."""
+    D, S = V.check_encoder(x, W_enc, b_enc, 1, b_pre, None)
+    V.check_tensor(dead_mask, "dead_mask", (S,), like=x, dtype=torch.bool)
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
+        raise ValueError(f"k_aux must be an int >= 1, got {k_aux!r}")
+    dead = dead_mask.nonzero().reshape(-1)
+    return D, S, dead, min(k_aux, dead.numel())
+
+
 def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
     """AuxK encode (OpenAI's top-k SAE paper, App. B.1; sparsify): per row the ``k_aux`` largest
     pre-activations among the *dead* latents only, as :func:`topk_encode` computes them.
@@ -138,12 +149,7 @@ def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
         >>> e_hat = sparse_decode(v, i, sae.W_dec)
         >>> aux_loss = (e_hat - e.detach()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     """
-    D, S = V.check_encoder(x, W_enc, b_enc, 1, b_pre, None)
-    V.check_tensor(dead_mask, "dead_mask", (S,), like=x, dtype=torch.bool)
-    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
-        raise ValueError(f"k_aux must be an int >= 1, got {k_aux!r}")
-    dead = dead_mask.nonzero().reshape(-1)
-    kk = min(k_aux, dead.numel())
+    D, S, dead, kk = _dead_latents(x, W_enc, b_enc, dead_mask, k_aux, b_pre)
     if kk == 0:
         return x.new_empty(*x.shape[:-1], 0), torch.empty(*x.shape[:-1], 0, dtype=torch.long,
                                                          device=x.device)
@@ -191,18 +197,13 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
         >>> scale = min(int(dead_mask.sum()) / (x.shape[-1] // 2), 1.0)
         >>> aux_loss = scale * (e_hat - e.detach()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     """
-    D, S = V.check_encoder(x, W_enc, b_enc, 1, b_pre, None)
+    D, S, dead, kk = _dead_latents(x, W_enc, b_enc, dead_mask, k_aux, b_pre)
     V.check_tensor(W_dec, "W_dec", (S, D), like=x)
     if b_dec is not None:
         V.check_tensor(b_dec, "b_dec", (D,), like=x)
-    V.check_tensor(dead_mask, "dead_mask", (S,), like=x, dtype=torch.bool)
-    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
-        raise ValueError(f"k_aux must be an int >= 1, got {k_aux!r}")
     name = resolve(backend, x.device, x.dtype)
     if name != "triton":  # the triton encode checks it on the device
         V.check_finite(x, "x")
-    dead = dead_mask.nonzero().reshape(-1)
-    kk = min(k_aux, dead.numel())
     x2 = x.reshape(-1, D)
     if kk == 0 or x2.shape[0] == 0:
         out = torch.zeros_like(x)
