@@ -1,9 +1,23 @@
 """What the GPU benchmark scripts share: shapes A-D of the GPU issue, timing and peak memory,
 and a --smoke mode that runs a script end to end on tiny shapes on CPU under the Triton
 interpreter (TRITON_INTERPRET=1), so a broken script shows up in CI, not on a GPU lease."""
+import os
 import time
 
 import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_result(text: str, name: str, path=None) -> str:
+    """Writes a benchmark's table to `path` (default benchmarks/results/<name>), says where."""
+    path = path or os.path.join(RESULTS, name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(f"\nwrote {path}")
+    return path
+
 
 SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
           "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import sae_sparse as ss
+from _bench import write_result
 from sae_sparse.hooks import DenseLatentAdapterEdit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -254,11 +255,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if a.save:
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        path = a.out or os.path.join(HERE, "results", f"cpu-{datetime.date.today().isoformat()}.md")
-        with open(path, "w") as f:
-            f.write(text + "\n")
-        print(f"\nwrote {path}")
+        write_result(text, f"cpu-{datetime.date.today().isoformat()}.md", a.out)
 
 
 if __name__ == "__main__":

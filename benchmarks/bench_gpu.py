@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 
 import sae_sparse as ss
-from _bench import Bench
+from _bench import Bench, write_result
 from sae_sparse import _triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,13 +50,17 @@ def rows_for(B, name, N, D, S, k, h=16):
     sp = {n: t.detach().float().requires_grad_(True) for n, t in
           dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec).items()}
 
+    def sparsify_decode(v, i):
+        return F.embedding_bag(i, sp["W_dec"], per_sample_weights=v.float(),
+                               mode="sum") + sp["b_dec"]
+
+    def sparsify_forward():  # (pre-activations, residual), under the caller's autocast
+        pre = F.relu(F.linear(x - sp["b_dec"], sp["W_enc"], sp["b_enc"]))
+        return pre, sparsify_decode(*pre.topk(k, sorted=False)).float() - x.float()
+
     def sparsify_step():
         with torch.autocast(dev, dtype=torch.bfloat16):
-            pre = F.relu(F.linear(x - sp["b_dec"], sp["W_enc"], sp["b_enc"]))
-            v, i = pre.topk(k, sorted=False)
-            y = F.embedding_bag(i, sp["W_dec"], per_sample_weights=v.float(),
-                                mode="sum") + sp["b_dec"]
-            (y.float() - x.float()).square().sum(-1).mean().backward()
+            sparsify_forward()[1].square().sum(-1).mean().backward()
 
     def our_sae_step():
         y = sae(x, backend="triton")
@@ -69,14 +73,9 @@ def rows_for(B, name, N, D, S, k, h=16):
 
     def sparsify_auxk_step():
         with torch.autocast(dev, dtype=torch.bfloat16):
-            pre = F.relu(F.linear(x - sp["b_dec"], sp["W_enc"], sp["b_enc"]))
-            v, i = pre.topk(k, sorted=False)
-            y = F.embedding_bag(i, sp["W_dec"], per_sample_weights=v.float(),
-                                mode="sum") + sp["b_dec"]
-            e = y.float() - x.float()
+            pre, e = sparsify_forward()
             av, ai = torch.where(dead, pre, float("-inf")).topk(k_aux, sorted=False)
-            e_hat = F.embedding_bag(ai, sp["W_dec"], per_sample_weights=av.float(),
-                                    mode="sum") + sp["b_dec"]
+            e_hat = sparsify_decode(av, ai)
             (e.square().sum(-1).mean() + (e_hat.float() - e.detach()).square().sum(-1).mean()
              ).backward()
 
@@ -154,11 +153,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if a.save and not a.smoke:
-        path = os.path.join(HERE, "results",
-                            f"gpu-{card.replace(' ', '_')}-{datetime.date.today()}.md")
-        with open(path, "w") as f:
-            f.write(text + "\n")
-        print("wrote", path)
+        write_result(text, f"gpu-{card.replace(' ', '_')}-{datetime.date.today()}.md")
 
 
 if __name__ == "__main__":

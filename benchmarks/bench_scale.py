@@ -19,7 +19,7 @@ import subprocess
 import torch
 
 import sae_sparse as ss
-from _bench import Bench
+from _bench import Bench, write_result
 from sae_sparse.reference import dense_sae_edit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -134,11 +134,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if a.save and not a.smoke:
-        path = os.path.join(HERE, "results", f"scale-{B.card().replace(' ', '_')}-"
-                            f"{datetime.date.today()}.md")
-        with open(path, "w") as f:
-            f.write(text + "\n")
-        print("wrote", path)
+        write_result(text, f"scale-{B.card().replace(' ', '_')}-{datetime.date.today()}.md")
 
 
 if __name__ == "__main__":
