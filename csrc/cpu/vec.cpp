@@ -20,9 +20,9 @@ inline T dot_impl(const T* a, const T* b, int64_t n) {
 // Eight rows per pass over y (then four, then one): one load and store of y per eight rows
 // instead of per row, and eight independent row streams in flight. The rows kPrefetch ahead
 // are software-prefetched whole, since the row ids jump around a large matrix. On a 2-thread
-// Xeon this took the fp32 decode from 0.6-0.8x F.embedding_bag's speed to 0.9-1.1x at
-// D = 768 and 2304 (benchmarks/bench_cpu.py; tried and slower: register-blocking y by
-// 64 columns across all k rows, 0.35-0.4x).
+// Xeon this took the fp32 decode from 0.63-0.86x F.embedding_bag's speed to 1.05-1.24x at
+// D = 768 and 2304 (benchmarks/results/cpu-2026-11-30-decode-ab.md; tried and slower:
+// register-blocking y by 64 columns across all k rows, 0.35-0.4x).
 template <typename T>
 inline void gather_sum_impl(int64_t k, const T* coef, const int64_t* idx, const T* W, int64_t D,
                             T* y) {
