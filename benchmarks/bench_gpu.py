@@ -142,16 +142,17 @@ def main():
             f"sae_sparse @ {commit}; {datetime.date.today()}")
     lines = [f"# GPU benchmark\n\n{head}\n", "| shape | op | median ms | p20–p80 | × gemm | "
              "peak extra MiB | note |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)  # rows as each shape ends: a time limit keeps them
     for s, N, D, S, k, _ in B.each_shape(a.shapes):
         res, gathered = rows_for(B, s, N, D, S, k)
         g = res["gemm"][0]
         for n, (ms, lo, hi, peak) in res.items():
-            note = (f"{gathered / ms / 1e9:.2f} TB/s gathered" if "decode" in n or n ==
-                    "embedding_bag" else "")
+            note = (f"{gathered / ms / 1e9:.2f} TB/s gathered"
+                    if n in ("triton decode", "embedding_bag") else "")
             lines.append(f"| {s} N={N} D={D} S={S} k={k} | {n} | {ms:.3f} | {lo:.3f}–{hi:.3f} | "
                          f"{ms / g:.2f} | {peak:.0f} | {note} |")
+            print(lines[-1], flush=True)
     text = "\n".join(lines)
-    print(text)
     if a.save and not a.smoke:
         write_result(text, f"gpu-{card.replace(' ', '_')}-{datetime.date.today()}.md")
 

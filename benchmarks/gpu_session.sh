@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, in the order that matters most when device time
 # is short: install (no network), the GPU tests, the benchmark (saved to benchmarks/results/),
-# the encode and decode sweeps, the step profile, adapter steps over millions of latents. Each part has its own time limit (under the
-# device tool's 10 minutes per call) and writes a log to $OUT (default
+# the encode and decode sweeps, the step profile, adapter steps over millions of latents.
+# Each part has its own time limit (under the device tool's 10 minutes per call) and writes a
+# log to $OUT (default
 # benchmarks/results/session-<date>/); a failing part does not stop the others. A short
-# summary is printed last. Everything takes longer than one 10-minute call, so pick parts:
+# summary is printed last. Everything takes longer than one 10-minute call, so pick parts.
+#
+# A 15-minute lease (start-up, idle waits and hand-back included) has room for one call:
+#
+#     OUT=$OUT PARTS="gputests bench" bash benchmarks/gpu_session.sh     # run: timeout_s 560
+#
+# It skips the install (the triton backend needs no C++ build; PYTHONPATH points here), runs
+# the GPU-only tests at realistic sizes and torch.compile on CUDA, then the benchmark at every
+# shape (rows are printed as each shape ends, so a time limit keeps the finished
+# shapes). With more device time, in this order:
 #
 #     OUT=$OUT PARTS="install tests" bash benchmarks/gpu_session.sh
 #     OUT=$OUT PARTS="bench" bash benchmarks/gpu_session.sh
@@ -13,7 +23,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/session-$(date +%F)}
-PARTS=${PARTS:-"install tests bench encode decode profile scale"}
+PARTS=${PARTS:-"gputests bench"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 summary=()
@@ -38,7 +48,10 @@ git rev-parse --short HEAD >>"$OUT/card.txt" 2>&1
 part install 240 pip install -e . --no-build-isolation --no-deps -q
 part tests 330 python -m pytest -q tests/test_triton_gpu.py tests/test_triton.py \
     tests/test_custom_ops.py tests/test_auxk.py tests/test_fold_cache.py tests/test_modules.py
-part bench 570 python benchmarks/bench_gpu.py --save
+part gputests 200 python -m pytest -q tests/test_triton_gpu.py \
+    "tests/test_custom_ops.py::test_torch_compile_traces_the_op" \
+    "tests/test_custom_ops.py::test_torch_compile_traces_the_public_api"
+part bench 330 python -u benchmarks/bench_gpu.py --save
 part encode 300 python benchmarks/encode_sweep.py --quick
 part decode 180 python benchmarks/decode_sweep.py
 part profile 100 python benchmarks/profile_steps.py --shape A
