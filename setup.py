@@ -72,7 +72,9 @@ setup(
     extras_require={
         "train": ["transformers>=4.40", "tokenizers", "matplotlib"],
         "triton": ["triton>=3.4"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.4", "transformers>=4.40", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.4", "transformers>=4.40", "matplotlib",
+                 "eai-sparsify==1.3.3"],
+        "sparsify": ["eai-sparsify>=1.3"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -6,8 +6,9 @@ Rows (float32, default N=2048 D=256 S=16384 k=32, h=16):
   edit    : sae_edit fwd+bwd (frozen SAE, gain+bias+ffn adapter): the dense latent adapter
             (same math on a dense N x S code), the torch backend, and the cpp backend
 then the encode across batch sizes, the plain decode across widths, sae_edit at one token per
-call (generation) with and without ss.cached_folds(), and the AuxK term of an SAE training
-step three ways.
+call (generation) with and without ss.cached_folds(), the AuxK term of an SAE training step
+three ways, and (when EleutherAI sparsify is installed) a whole sparsify 1.3.3 training step,
+its own SparseCoder.forward + backward against the same coder under compat.patch_sparsify.
 
 Times are medians over --reps runs (after one warm-up), measured in this process, so every
 ratio is against its baseline in the same run. "peak extra" is the peak resident memory an op
@@ -140,9 +141,12 @@ def git_commit():
 
 def auxk_rows(reps, N=1024, D=768, S=32768, n_dead=3000, k_aux=384):
     """The AuxK term of a top-k SAE training step (sparsify's k_aux = D // 2), forward +
-    backward with every SAE weight trainable: sparsify's dense definition (N x S pre-activations,
-    masked top-k, embedding_bag decode), auxk_encode + sparse_decode (a sparse code of k_aux
-    latents per row) and auxk_decode (dense GEMMs over the dead latents), cpp backend."""
+    backward with its gradient reaching every SAE weight (the encoder's dead rows too, as
+    ss.auxk_decode gives it): the dense definition (N x S pre-activations, masked top-k,
+    embedding_bag decode, autograd through all of it), auxk_encode + sparse_decode (a sparse
+    code of k_aux latents per row) and auxk_decode (dense GEMMs over the dead latents), cpp
+    backend. (sparsify 1.3.3 itself drops the pre-activations' gradient, so its AuxK loss
+    trains W_dec alone: see sparsify_rows for its real step.)"""
     x, W_enc, b_enc, W_dec = make(N, D, S, 32, seed=1)
     b_dec = torch.zeros(D)
     for t in (W_enc, b_enc, W_dec, b_dec):
@@ -167,15 +171,55 @@ def auxk_rows(reps, N=1024, D=768, S=32768, n_dead=3000, k_aux=384):
         v, i = ss.auxk_encode(x, W_enc, b_enc, dead, k_aux, backend="cpp")
         return ss.sparse_decode(v, i, W_dec, b_dec, backend="cpp")
 
-    impls = {"dense pre-activations (sparsify)": dense, "auxk_encode + sparse_decode": sparse,
+    impls = {"dense pre-activations": dense, "auxk_encode + sparse_decode": sparse,
              "auxk_decode": lambda: ss.auxk_decode(x, W_enc, b_enc, W_dec, dead, k_aux,
                                                     b_dec=b_dec, backend="cpp")}
     ms = {name: median_ms(step(fn), reps)[0] for name, fn in impls.items()}
-    base = ms["dense pre-activations (sparsify)"]
-    out = ["", f"AuxK term of an SAE training step, forward + backward, all SAE weights trainable: "
+    base = ms["dense pre-activations"]
+    out = ["", f"AuxK term of an SAE training step, forward + backward, its gradient reaching "
+           f"every SAE weight (the dead encoder rows too; sparsify's own step trains only W_dec "
+           f"with it, see below): "
            f"N={N} D={D} S={S}, {n_dead} dead latents, k_aux={k_aux}, float32:", "",
            "| AuxK | ms | speed-up |", "|---|---|---|"]
     return out + [f"| {name} | {t:.1f} | {base / t:.2f}× |" for name, t in ms.items()]
+
+
+def sparsify_rows(reps, N=1024, D=768, S=32768, k=32, n_dead=3000):
+    """A whole training step of EleutherAI sparsify's own SparseCoder (its forward with the
+    Trainer's loss fvu + auxk_alpha * auxk_loss, backward), unpatched and under
+    compat.patch_sparsify (cpp backend), without and with AuxK (n_dead dead latents,
+    sparsify's k_aux = D // 2). fp32 parameters, as sparsify's Trainer makes them; sparsify's
+    decoder set to its eager F.embedding_bag path (its Triton decoder needs a GPU)."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError as e:
+        return ["", f"sparsify training step: skipped (sparsify not importable: {e})"]
+    import importlib.metadata as md
+    from sae_sparse.compat import patch_sparsify
+    torch.manual_seed(0)
+    sae = SparseCoder(D, SparseCoderConfig(num_latents=S, k=k), dtype=torch.float32)
+    x = make(N, D, S, k, seed=4)[0]
+    dead = torch.zeros(S, dtype=torch.bool)
+    dead[torch.randperm(S, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
+
+    def step(dead_mask):
+        def run():
+            out = sae(x, dead_mask=dead_mask)
+            (out.fvu + out.auxk_loss / 32).backward()
+            sae.zero_grad(set_to_none=True)
+        return run
+
+    out = ["", f"A sparsify {md.version('eai-sparsify')} training step (SparseCoder forward, "
+           f"fvu + auxk_loss / 32, backward to every parameter), N={N} D={D} S={S} k={k}, "
+           f"float32:", "", "| step | ms | speed-up |", "|---|---|---|"]
+    for aux, mask in (("", None), (f" + AuxK ({n_dead} dead, k_aux={D // 2})", dead)):
+        base = median_ms(step(mask), reps)[0]
+        with patch_sparsify(sae, backend="cpp"):
+            ours = median_ms(step(mask), reps)[0]
+        out += [f"| sparsify{aux} | {base:.1f} | 1.00× |",
+                f"| patch_sparsify (cpp){aux} | {ours:.1f} | {base / ours:.2f}× |"]
+    return out
 
 
 def main():
@@ -252,6 +296,7 @@ def main():
     lines += [f"| every call folds | {plain:.1f} | 1.00× |",
               f"| inside `ss.cached_folds()` | {cached:.1f} | {plain / cached:.2f}× |"]
     lines += auxk_rows(a.reps)
+    lines += sparsify_rows(a.reps)
     text = "\n".join(lines)
     print(text)
     if a.save:

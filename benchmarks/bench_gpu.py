@@ -5,14 +5,21 @@ and the ratio to the bare GEMM x @ W_enc.T measured in the same run. Baselines:
   gemm             x @ W_enc.T (cuBLAS)
   linear+topk      F.linear + torch.topk
   embedding_bag    F.embedding_bag decode of the top-k code
-  sparsify-style   a TopK SAE train step written like sparsify's (fp32 parameters, bf16
-                   autocast encoder: dense pre-activations, topk, fp32 embedding_bag decode,
-                   MSE, backward to every SAE parameter); ours trains bf16 parameters
+  sparsify-style   a TopK SAE train step by sparsify 1.3.3's algorithm (fp32 parameters, bf16
+                   autocast encoder: dense pre-activations, topk, a backward that index_adds
+                   the N*k selected rows and drops the pre-activations' gradient; fp32
+                   embedding_bag decode, MSE, backward to every SAE parameter), written here
+                   (the GPU image has no sparsify); ours trains bf16 parameters
+  sparsify 1.3.3   its own SparseCoder step, unpatched and under compat.patch_sparsify (only
+                   where sparsify is installed)
 Ours: encode (topk_encode), decode (sparse_decode), edit step (encode + adapter h=16 + decode,
 fwd+bwd, frozen SAE; with and without a gradient for x), SAE train step (all SAE grads).
-"+ AuxK" rows add sparsify's auxiliary loss (k_aux = D // 2 over S // 10 dead latents):
-sparsify's from its dense pre-activations; ours by auxk_decode (dense GEMMs over the dead
-latents) or by auxk_encode + sparse_decode (a sparse code of k_aux latents per row).
+"+ AuxK" rows add sparsify's auxiliary loss (k_aux = D // 2 over S // 10 dead latents).
+sparsify's comes from its dense pre-activations, whose gradient its encoder drops, so it
+trains W_dec alone; ours by auxk_decode (dense GEMMs over the dead latents) with the encoder
+detached as in sparsify, or with the gradient reaching the dead encoder rows too (the AuxK of
+the top-k SAE paper), or by auxk_encode + sparse_decode (a sparse code of k_aux latents per
+row, encoder gradient too).
 
     python benchmarks/bench_gpu.py [--shapes A,B,C,D] [--save]
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # plumbing check on CPU
@@ -31,6 +38,63 @@ from _bench import Bench, write_result
 from sae_sparse import _triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class SparsifyStyleEncoder(torch.autograd.Function):
+    """sparsify 1.3.3's fused encoder, by its algorithm: relu(x W^T + b) densely, a top-k;
+    backward by embedding_bag (dx) and index_add over the N*k selected (token, latent)
+    pairs (dW, db); the dense pre-activations are an output whose gradient is dropped."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, k):
+        pre = F.relu(F.linear(x, W, b))
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(x, W, indices)
+        return values, indices, pre
+
+    @staticmethod
+    def backward(ctx, dvalues, _di, _dpre):
+        x, W, indices = ctx.saved_tensors
+        dx = F.embedding_bag(indices, W, mode="sum", per_sample_weights=dvalues.type_as(W))
+        rows = (dvalues.unsqueeze(2) * x.unsqueeze(1)).reshape(-1, x.shape[1])
+        dW = torch.zeros_like(W).index_add_(0, indices.flatten(), rows.type_as(W))
+        db = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(
+            0, indices.flatten(), dvalues.flatten().type_as(W))
+        return dx, dW, db, None
+
+
+def real_sparsify_steps(B, x, W_enc, b_enc, W_dec, b_dec, k, dead):
+    """sparsify's own SparseCoder step (fvu + auxk_loss / 32, backward), unpatched and under
+    compat.patch_sparsify, with and without AuxK -- when sparsify is installed (not on the
+    GPU image, which has no network), else nothing."""
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return {}
+    from sae_sparse.compat import patch_sparsify
+    S, D = W_enc.shape
+    sae = SparseCoder(D, SparseCoderConfig(num_latents=S, k=k), device=x.device,
+                      dtype=torch.float32)
+    with torch.no_grad():
+        for p, t in ((sae.encoder.weight, W_enc), (sae.encoder.bias, b_enc),
+                     (sae.W_dec, W_dec), (sae.b_dec, b_dec)):
+            p.copy_(t)
+
+    def step(mask, patched):
+        def run():
+            if patched:
+                with patch_sparsify(sae, backend="triton"):
+                    out = sae(x.float(), dead_mask=mask)
+            else:
+                out = sae(x.float(), dead_mask=mask)
+            (out.fvu + out.auxk_loss / 32).backward()
+            sae.zero_grad(set_to_none=True)
+        return run
+
+    return {"sparsify 1.3.3 step": step(None, False),
+            "sparsify 1.3.3 step, patch_sparsify": step(None, True),
+            "sparsify 1.3.3 step + AuxK": step(dead, False),
+            "sparsify 1.3.3 step + AuxK, patch_sparsify": step(dead, True)}
 
 
 def rows_for(B, name, N, D, S, k, h=16):
@@ -55,8 +119,8 @@ def rows_for(B, name, N, D, S, k, h=16):
                                mode="sum") + sp["b_dec"]
 
     def sparsify_forward():  # (pre-activations, residual), under the caller's autocast
-        pre = F.relu(F.linear(x - sp["b_dec"], sp["W_enc"], sp["b_enc"]))
-        return pre, sparsify_decode(*pre.topk(k, sorted=False)).float() - x.float()
+        v, i, pre = SparsifyStyleEncoder.apply(x - sp["b_dec"], sp["W_enc"], sp["b_enc"], k)
+        return pre, sparsify_decode(v, i).float() - x.float()
 
     def sparsify_step():
         with torch.autocast(dev, dtype=torch.bfloat16):
@@ -79,10 +143,13 @@ def rows_for(B, name, N, D, S, k, h=16):
             (e.square().sum(-1).mean() + (e_hat.float() - e.detach()).square().sum(-1).mean()
              ).backward()
 
-    def our_auxk_step(dense_auxk=True):
+    def our_auxk_step(dense_auxk=True, encoder_grad=True):
         y = sae(x, backend="triton")
         e = y.float() - x.float()
-        if dense_auxk:
+        if dense_auxk and not encoder_grad:  # sparsify's: the AuxK loss trains W_dec alone
+            e_hat = ss.auxk_decode(x, sae.W_enc.detach(), sae.b_enc.detach(), sae.W_dec, dead,
+                                   k_aux, b_pre=sae.b_pre.detach(), backend="triton")
+        elif dense_auxk:
             e_hat = sae.auxk_decode(x, dead, k_aux, backend="triton")
         else:
             e_hat = sae.decode(*sae.auxk_encode(x, dead, k_aux, backend="triton"),
@@ -110,9 +177,13 @@ def rows_for(B, name, N, D, S, k, h=16):
         "triton edit step, x frozen": lambda: edit_step(False),
         "triton SAE step": our_sae_step,
         "sparsify-style SAE step + AuxK": sparsify_auxk_step,
-        "triton SAE step + AuxK (auxk_decode)": our_auxk_step,
-        "triton SAE step + AuxK (auxk_encode + sparse_decode)": lambda: our_auxk_step(False),
+        "triton SAE step + AuxK (auxk_decode, W_dec only as sparsify)":
+            lambda: our_auxk_step(encoder_grad=False),
+        "triton SAE step + AuxK (auxk_decode, encoder too)": our_auxk_step,
+        "triton SAE step + AuxK (auxk_encode + sparse_decode, encoder too)":
+            lambda: our_auxk_step(False),
     }
+    fns.update(real_sparsify_steps(B, x, W_enc, b_enc, W_dec, b_dec, k, dead))
     out = {}
     for n, fn in fns.items():
         try:
@@ -134,6 +205,8 @@ def main():
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU (needs TRITON_INTERPRET=1): checks the script runs")
     a = ap.parse_args()
+    if a.smoke:  # sparsify's Triton decoder in the interpreter: slow, and needs S % 8 == 0
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     B = Bench(a.smoke)
     card = B.card()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
