@@ -62,7 +62,10 @@ def auxk_encoder(input, weight, bias, dead_mask, k_aux: int, *, backend=None):
     with ``k_aux`` clamped to the number of dead latents, without ``pre_acts``.
     Returns (auxk_acts, auxk_indices); see :func:`sae_sparse.auxk_encode`. Zero-valued
     entries may name other dead latents than sparsify's (its order among zeros is arbitrary);
-    the decoded ``e_hat``, the loss and every gradient are the same."""
+    the decoded ``e_hat`` and the loss are the same. The gradient differs: ``auxk_acts``
+    carries it into ``input``, ``weight`` and ``bias`` (the AuxK of the top-k SAE paper),
+    while sparsify 1.3.3 drops its pre-activations' gradient, so its AuxK loss trains W_dec
+    alone -- pass detached encoder tensors for that, or use :func:`patch_sparsify`."""
     return auxk_encode(input, weight, bias, dead_mask, k_aux, backend=backend)
 
 
