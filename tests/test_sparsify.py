@@ -224,3 +224,49 @@ def test_gpu_benchmarks_sparsify_style_encoder_is_sparsifys():
                     *torch.autograd.grad(loss, (x, W, b))))
     for a, e in zip(*res):
         torch.testing.assert_close(a, e)
+
+
+
+def test_bf16_autocast_branch(monkeypatch):
+    """On a CUDA card with bf16, sparsify's forward runs under bf16 autocast (encoder GEMM and
+    selection in bf16, decode in fp32) and sparsify_forward does the same casts by hand. That
+    branch, forced here on the CPU, against sparsify's forward under CPU bf16 autocast (which
+    casts its F.linear the same way). bf16 near-ties may select differently, and a changed
+    selection moves gradient between latents, so: one token at a time (total_variance given,
+    as sparsify's Trainer does), and the tokens that select the same latents must give every
+    gradient to bf16 accuracy (measured: <= 0.6% relative); then a batch with AuxK and
+    Multi-TopK must give the three losses to 2%, the code in bf16 and the rest fp32."""
+    import sae_sparse.compat as compat
+    monkeypatch.setattr(compat, "_autocast_dtype", lambda x: torch.bfloat16)
+    ref = make_coder(torch.float32, S=200, k=6, skip_connection=True)
+    X = torch.randn(32, 24, generator=torch.Generator().manual_seed(8))
+    tv = torch.tensor(30.0)
+    same = 0
+    for i in range(32):
+        a, b = copy.deepcopy(ref), copy.deepcopy(ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o0 = a.forward.__wrapped__(a, X[i:i + 1], total_variance=tv)
+        o1 = sparsify_forward(b, X[i:i + 1], total_variance=tv, backend="torch")
+        if not torch.equal(o1.latent_indices.sort(1).values, o0.latent_indices.sort(1).values):
+            continue
+        same += 1
+        loss_of(o0).backward()
+        loss_of(o1).backward()
+        for (n, p), q in zip(b.named_parameters(), a.parameters()):
+            assert p.grad.dtype == torch.float32, n
+            err = (p.grad - q.grad).norm() / q.grad.norm()
+            assert err < 2e-2, (i, n, err)
+    assert same >= 24, same
+
+    ref = make_coder(torch.float32, S=200, k=6, multi_topk=True)
+    ours = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(64, 24, generator=g)
+    dead = torch.rand(200, generator=g) < 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o0 = ref.forward.__wrapped__(ref, x, dead_mask=dead)
+    o1 = sparsify_forward(ours, x, dead_mask=dead, backend="torch")
+    assert o1.latent_acts.dtype == torch.bfloat16 and o1.sae_out.dtype == torch.float32
+    for name in ("fvu", "auxk_loss", "multi_topk_fvu"):
+        a, e = getattr(o1, name).float(), getattr(o0, name).float()
+        assert e > 0 and (a - e).abs() <= 2e-2 * e, (name, a, e)
