@@ -139,7 +139,8 @@ def rows_for(B, name, N, D, S, k, h=16):
         with torch.autocast(dev, dtype=torch.bfloat16):
             pre, e = sparsify_forward()
             av, ai = torch.where(dead, pre, float("-inf")).topk(k_aux, sorted=False)
-            e_hat = sparsify_decode(av, ai)
+            # sparsify decodes e_hat without b_dec (e already accounts for it)
+            e_hat = F.embedding_bag(ai, sp["W_dec"], per_sample_weights=av.float(), mode="sum")
             (e.square().sum(-1).mean() + (e_hat.float() - e.detach()).square().sum(-1).mean()
              ).backward()
 
