@@ -136,6 +136,28 @@ def cmd_merge(a):
     return 0
 
 
+def cmd_sparsify(args):
+    """Runs sparsify's own command line (``sparsify.__main__.run``, which parses sys.argv)
+    under compat.patch_sparsify, so ``sae-sparse sparsify MODEL DATASET --k 32 ...`` is
+    ``python -m sparsify MODEL DATASET --k 32 ...`` on this package's kernels; torchrun
+    works as with sparsify: ``torchrun --nproc_per_node 8 -m sae_sparse.cli sparsify ...``."""
+    try:
+        from sparsify.__main__ import run
+    except ImportError as e:
+        raise SystemExit(f"sae-sparse sparsify needs EleutherAI sparsify (pip install "
+                         f"eai-sparsify): {e}")
+    from .compat import patch_sparsify
+
+    saved = sys.argv
+    sys.argv = ["sparsify", *args]
+    try:
+        with patch_sparsify():
+            run()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="sae-sparse", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -151,6 +173,13 @@ def main(argv=None):
     dp = sub.add_parser("demo", help="the offline demo (same as `train` with no arguments)")
     dp.add_argument("--out", default="sae_sparse_demo_run")
     dp.add_argument("--seed", type=int, default=0)
+    sub.add_parser("sparsify", add_help=False,
+                   help="EleutherAI sparsify's trainer (`python -m sparsify ARGS`) with every "
+                        "SparseCoder on this package's ops (compat.patch_sparsify); the "
+                        "backend from $SAE_SPARSE_BACKEND")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sparsify"]:  # everything after it is sparsify's, --help included
+        return cmd_sparsify(argv[1:])
     a = ap.parse_args(argv)
     if a.cmd == "train":
         return cmd_train(a, tp)

@@ -184,11 +184,12 @@ def test_sparsify_trainer_trains_on_the_patch(tmp_path, monkeypatch):
         return {n: {k: v.detach().clone() for k, v in sae.state_dict().items()}
                 for n, sae in trainer.saes.items()}, dead
 
+    original = SparseCoder.forward
     ref, dead = train(False)
     assert not calls
     ours, _ = train(True)
     assert len(calls) == 8 * 2  # 8 batches x 2 layers
-    assert SparseCoder.forward.__module__ == "sparsify.sparse_coder"  # restored
+    assert SparseCoder.forward is original  # restored
     assert all(d > 0 for d in dead.values()), dead  # AuxK had dead latents to work on
     for n in ref:
         for k in ref[n]:
@@ -270,3 +271,38 @@ def test_bf16_autocast_branch(monkeypatch):
     for name in ("fvu", "auxk_loss", "multi_topk_fvu"):
         a, e = getattr(o1, name).float(), getattr(o0, name).float()
         assert e > 0 and (a - e).abs() <= 2e-2 * e, (name, a, e)
+
+
+def test_cli_runs_sparsifys_command_line_patched(monkeypatch):
+    """`sae-sparse sparsify ARGS` hands ARGS to sparsify's own command line (its run() reads
+    sys.argv) with SparseCoder.forward patched for the duration, then restores both. (Its real
+    run() loads the model onto cuda:0, so it is stood in for here.)"""
+    import sys
+
+    import sparsify.__main__ as sp_main
+
+    import sae_sparse.compat as compat
+    from sae_sparse.cli import main
+    seen = {"calls": 0}
+    original = SparseCoder.forward
+    real = compat.sparsify_forward
+
+    def spy(*a, **kw):
+        seen["calls"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(compat, "sparsify_forward", spy)
+
+    def fake_run():
+        seen["argv"] = list(sys.argv)
+        sae = make_coder(torch.float64)
+        seen["patched"] = SparseCoder.forward is not original
+        seen["fvu"] = sae(torch.randn(6, 24, dtype=torch.float64)).fvu
+
+    monkeypatch.setattr(sp_main, "run", fake_run)
+    before = list(sys.argv)
+    assert main(["sparsify", "gpt2", "data.bin", "--k", "16", "--help"]) == 0
+    assert seen["argv"] == ["sparsify", "gpt2", "data.bin", "--k", "16", "--help"]
+    assert seen["patched"] and seen["calls"] == 1 and torch.isfinite(seen["fvu"])
+    assert sys.argv == before
+    assert SparseCoder.forward is original
