@@ -1,4 +1,4 @@
-"""Command line: ``sae-sparse train | report | merge | demo``.
+"""Command line: ``sae-sparse train | report | merge | demo | sparsify``.
 
 ``sae-sparse train`` with no arguments runs the offline demo (tiny model + SAE shipped in the
 package, a planted edit, training and the report).
