@@ -92,7 +92,8 @@ def sparsify_forward(sae, x, y=None, *, dead_mask=None, total_variance=None, bac
       When nothing is cast (CPU, or no bf16 on the card) encode and decode are one op,
       :func:`sae_sparse.sae_forward`. On a CUDA card with bf16, sparsify's forward runs
       under bf16 autocast, which puts its encoder GEMM (and so the selection) in bf16 and
-      leaves the decode in the parameters' dtype; this does the same casts, explicitly.
+      leaves the decode in the parameters' dtype (the skip connection's matmul is in bf16
+      too); this does the same casts, explicitly.
     * AuxK (``dead_mask`` with a dead latent): ``k_aux = y.shape[-1] // 2`` clamped to the
       number of dead latents, ``scale = min(n_dead / k_aux, 1)``, ``e_hat`` decoded without
       ``b_dec``, by :func:`sae_sparse.auxk_decode` (dense GEMMs over the dead rows, in the
@@ -130,17 +131,19 @@ def sparsify_forward(sae, x, y=None, *, dead_mask=None, total_variance=None, bac
         y = x
     with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
         xp = x.to(dt)
+        # the encoder as autocast hands it to F.linear (cast once per forward, as autocast's
+        # cache does; Multi-TopK reuses it)
+        We, be = (W_enc, b_enc) if enc_dt == dt else (W_enc.to(enc_dt), b_enc.to(enc_dt))
         if enc_dt == dt:
             sae_out, top_acts, top_indices = sae_forward(
                 xp, W_enc, b_enc, W_dec, b_dec, k, b_pre=None if cfg.transcode else b_dec,
                 backend=backend)
         else:
             x_in = xp if cfg.transcode else xp - b_dec
-            top_acts, top_indices = topk_encode(x_in.to(enc_dt), W_enc.to(enc_dt),
-                                                b_enc.to(enc_dt), k, backend=backend)
+            top_acts, top_indices = topk_encode(x_in.to(enc_dt), We, be, k, backend=backend)
             sae_out = sparse_decode(top_acts.to(dt), top_indices, W_dec, b_dec, backend=backend)
-        if sae.W_skip is not None:
-            sae_out = sae_out + xp @ sae.W_skip.mT
+        if sae.W_skip is not None:  # a matmul: in autocast's dtype, added to the fp32 output
+            sae_out = sae_out + (xp.to(enc_dt) @ sae.W_skip.to(enc_dt).mT).to(dt)
         e = y - sae_out
         if total_variance is None:
             total_variance = (y - y.mean(0)).pow(2).sum()
@@ -159,8 +162,7 @@ def sparsify_forward(sae, x, y=None, *, dead_mask=None, total_variance=None, bac
         fvu = e.pow(2).sum() / total_variance
         if cfg.multi_topk:
             with torch.no_grad():
-                top_acts, top_indices = topk_encode(detached_input().to(enc_dt),
-                                                    W_enc.to(enc_dt), b_enc.to(enc_dt), 4 * k,
+                top_acts, top_indices = topk_encode(detached_input().to(enc_dt), We, be, 4 * k,
                                                     backend=backend)
             sae_out = sparse_decode(top_acts.to(dt), top_indices, W_dec, b_dec, backend=backend)
             multi_topk_fvu = (sae_out - y).pow(2).sum() / total_variance
