@@ -9,7 +9,9 @@ and the ratio to the bare GEMM x @ W_enc.T measured in the same run. Baselines:
                    autocast encoder: dense pre-activations, topk, a backward that index_adds
                    the N*k selected rows and drops the pre-activations' gradient; fp32
                    embedding_bag decode, MSE, backward to every SAE parameter), written here
-                   (the GPU image has no sparsify); ours trains bf16 parameters
+                   (the GPU image has no sparsify); sparsify itself decodes with its own Triton
+                   embedding-bag kernel on a GPU, F.embedding_bag here; ours trains bf16
+                   parameters
   sparsify 1.3.3   its own SparseCoder step, unpatched and under compat.patch_sparsify (only
                    where sparsify is installed)
 Ours: encode (topk_encode), decode (sparse_decode), edit step (encode + adapter h=16 + decode,
