@@ -134,12 +134,12 @@ def sparsify_forward(sae, x, y=None, *, dead_mask=None, total_variance=None, bac
         # the encoder as autocast hands it to F.linear (cast once per forward, as autocast's
         # cache does; Multi-TopK reuses it)
         We, be = (W_enc, b_enc) if enc_dt == dt else (W_enc.to(enc_dt), b_enc.to(enc_dt))
+        x_in = xp if cfg.transcode else xp - b_dec  # the encoder's input
         if enc_dt == dt:
             sae_out, top_acts, top_indices = sae_forward(
                 xp, W_enc, b_enc, W_dec, b_dec, k, b_pre=None if cfg.transcode else b_dec,
                 backend=backend)
         else:
-            x_in = xp if cfg.transcode else xp - b_dec
             top_acts, top_indices = topk_encode(x_in.to(enc_dt), We, be, k, backend=backend)
             sae_out = sparse_decode(top_acts.to(dt), top_indices, W_dec, b_dec, backend=backend)
         if sae.W_skip is not None:  # a matmul: in autocast's dtype, added to the fp32 output
@@ -148,13 +148,10 @@ def sparsify_forward(sae, x, y=None, *, dead_mask=None, total_variance=None, bac
         if total_variance is None:
             total_variance = (y - y.mean(0)).pow(2).sum()
 
-        def detached_input():
-            return (xp if cfg.transcode else xp - b_dec).detach()
-
         if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
             k_aux = y.shape[-1] // 2
             scale = min(num_dead / k_aux, 1.0)
-            e_hat = auxk_decode(detached_input(), W_enc.detach(), b_enc.detach(), W_dec,
+            e_hat = auxk_decode(x_in.detach(), W_enc.detach(), b_enc.detach(), W_dec,
                                 dead_mask, min(k_aux, num_dead), backend=backend)
             auxk_loss = scale * (e_hat - e.detach()).pow(2).sum() / total_variance
         else:
@@ -162,7 +159,7 @@ def sparsify_forward(sae, x, y=None, *, dead_mask=None, total_variance=None, bac
         fvu = e.pow(2).sum() / total_variance
         if cfg.multi_topk:
             with torch.no_grad():
-                top_acts, top_indices = topk_encode(detached_input().to(enc_dt), We, be, 4 * k,
+                top_acts, top_indices = topk_encode(x_in.detach().to(enc_dt), We, be, 4 * k,
                                                     backend=backend)
             sae_out = sparse_decode(top_acts.to(dt), top_indices, W_dec, b_dec, backend=backend)
             multi_topk_fvu = (sae_out - y).pow(2).sum() / total_variance
