@@ -19,6 +19,17 @@ def write_result(text: str, name: str, path=None) -> str:
     return path
 
 
+def sparsify_step(sae, x, dead_mask=None):
+    """A closure for timing one training step of an EleutherAI sparsify SparseCoder as its
+    Trainer takes it (fvu + auxk_alpha * auxk_loss with auxk_alpha = 1/32, backward), the
+    gradients cleared after."""
+    def run():
+        out = sae(x, dead_mask=dead_mask)
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.zero_grad(set_to_none=True)
+    return run
+
+
 SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
           "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
 SMOKE_SHAPES = {"A": (24, 32, 600, 4), "B": (20, 24, 1100, 5)}

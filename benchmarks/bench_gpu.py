@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 
 import sae_sparse as ss
-from _bench import Bench, write_result
+from _bench import Bench, sparsify_step, write_result
 from sae_sparse import _triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,16 +82,17 @@ def real_sparsify_steps(B, x, W_enc, b_enc, W_dec, b_dec, k, dead):
                      (sae.W_dec, W_dec), (sae.b_dec, b_dec)):
             p.copy_(t)
 
+    xf = x.float()  # sparsify's Trainer feeds the activations as they come; fp32 here
+
     def step(mask, patched):
-        def run():
-            if patched:
-                with patch_sparsify(sae, backend="triton"):
-                    out = sae(x.float(), dead_mask=mask)
-            else:
-                out = sae(x.float(), dead_mask=mask)
-            (out.fvu + out.auxk_loss / 32).backward()
-            sae.zero_grad(set_to_none=True)
-        return run
+        run = sparsify_step(sae, xf, mask)
+        if not patched:
+            return run
+
+        def run_patched():
+            with patch_sparsify(sae, backend="triton"):
+                run()
+        return run_patched
 
     return {"sparsify 1.3.3 step": step(None, False),
             "sparsify 1.3.3 step, patch_sparsify": step(None, True),

@@ -38,11 +38,27 @@ def loss_of(out, alpha=0.7):
     return out.fvu + alpha * out.auxk_loss + out.multi_topk_fvu / 8
 
 
-def run(sae, x, y, dead, forward):
-    out = forward(sae, x, y, dead)
+def run(sae, x, y, dead):
+    out = sae(x, y, dead_mask=dead)
     loss_of(out).backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     return out, grads
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    """The backends compat.sparsify_forward is called with, one entry per call (the patched
+    forwards look it up at call time)."""
+    import sae_sparse.compat as compat
+    calls = []
+    real = compat.sparsify_forward
+
+    def spy(*a, **kw):
+        calls.append(kw.get("backend"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(compat, "sparsify_forward", spy)
+    return calls
 
 
 def tol(dtype):
@@ -72,9 +88,9 @@ def test_sparsify_forward_matches_sparsify(backend, case):
     if frac:
         assert int(dead.sum()) > 0
 
-    o0, g0 = run(ref, x, y, dead, lambda s, *a: s(a[0], a[1], dead_mask=a[2]))
+    o0, g0 = run(ref, x, y, dead)
     with patch_sparsify(ours, backend=backend):
-        o1, g1 = run(ours, x, y, dead, lambda s, *a: s(a[0], a[1], dead_mask=a[2]))
+        o1, g1 = run(ours, x, y, dead)
     assert isinstance(o1, ForwardOutput)
     t = tol(dtype)
     # the same latents (sparsify's top-k is unsorted, ours descending)
@@ -113,34 +129,22 @@ def test_auxk_reaches_only_w_dec_as_in_sparsify():
     torch.testing.assert_close(named["W_dec"], ref, rtol=1e-9, atol=1e-12)
 
 
-def test_class_patch_and_removal():
+def test_class_patch_and_removal(forward_calls, monkeypatch):
     """patch_sparsify() patches every coder (those sparsify's Trainer builds too) and puts
     sparsify's forward back on remove(); refusals name what is wrong."""
     original = SparseCoder.forward
-    calls = []
-    import sae_sparse.compat as compat
-    real = compat.sparsify_forward
-
-    def spy(*a, **kw):
-        calls.append(kw.get("backend"))
-        return real(*a, **kw)
-
-    compat.sparsify_forward = spy
-    try:
-        sae = make_coder(torch.float64)
-        x = torch.randn(5, 24, dtype=torch.float64)
-        handle = patch_sparsify(backend="torch")
-        out = sae(x)
-        assert calls == ["torch"]
-        assert SparseCoder.forward.__name__ == "forward"
-        handle.remove()
-        handle.remove()  # idempotent
-        assert SparseCoder.forward is original
-        torch.testing.assert_close(sae(x).fvu, out.fvu)
-        assert calls == ["torch"]
-    finally:
-        compat.sparsify_forward = real
-        SparseCoder.forward = original
+    monkeypatch.setattr(SparseCoder, "forward", original)  # restored even if this fails
+    sae = make_coder(torch.float64)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    handle = patch_sparsify(backend="torch")
+    out = sae(x)
+    assert forward_calls == ["torch"]
+    assert SparseCoder.forward.__name__ == "forward"
+    handle.remove()
+    handle.remove()  # idempotent
+    assert SparseCoder.forward is original
+    torch.testing.assert_close(sae(x).fvu, out.fvu)
+    assert forward_calls == ["torch"]
     with pytest.raises(TypeError, match="coder must be a sparsify SparseCoder"):
         patch_sparsify(torch.nn.Linear(2, 2))
     gm = make_coder(torch.float64, k=4, activation="groupmax")
@@ -148,7 +152,7 @@ def test_class_patch_and_removal():
         sparsify_forward(gm, torch.randn(3, 24, dtype=torch.float64))
 
 
-def test_sparsify_trainer_trains_on_the_patch(tmp_path, monkeypatch):
+def test_sparsify_trainer_trains_on_the_patch(tmp_path, forward_calls):
     """sparsify's own Trainer (fvu loss, AuxK on, Adam) on a tiny GPT-2, with every coder
     patched: after 8 steps each SAE's weights equal those of the unpatched run to fp32
     rounding, and the patched forward did run (for both layers, every step)."""
@@ -156,11 +160,6 @@ def test_sparsify_trainer_trains_on_the_patch(tmp_path, monkeypatch):
     from sparsify import TrainConfig, Trainer
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import sae_sparse.compat as compat
-    calls = []
-    real = compat.sparsify_forward
-    monkeypatch.setattr(compat, "sparsify_forward",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
     backend = "cpp" if "cpp" in BACKENDS else "torch"
 
     def train(patched):
@@ -186,9 +185,9 @@ def test_sparsify_trainer_trains_on_the_patch(tmp_path, monkeypatch):
 
     original = SparseCoder.forward
     ref, dead = train(False)
-    assert not calls
+    assert not forward_calls
     ours, _ = train(True)
-    assert len(calls) == 8 * 2  # 8 batches x 2 layers
+    assert forward_calls == [backend] * (8 * 2)  # 8 batches x 2 layers
     assert SparseCoder.forward is original  # restored
     assert all(d > 0 for d in dead.values()), dead  # AuxK had dead latents to work on
     for n in ref:
@@ -225,7 +224,6 @@ def test_gpu_benchmarks_sparsify_style_encoder_is_sparsifys():
                     *torch.autograd.grad(loss, (x, W, b))))
     for a, e in zip(*res):
         torch.testing.assert_close(a, e)
-
 
 
 def test_bf16_autocast_branch(monkeypatch):
@@ -273,7 +271,7 @@ def test_bf16_autocast_branch(monkeypatch):
         assert e > 0 and (a - e).abs() <= 2e-2 * e, (name, a, e)
 
 
-def test_cli_runs_sparsifys_command_line_patched(monkeypatch):
+def test_cli_runs_sparsifys_command_line_patched(monkeypatch, forward_calls):
     """`sae-sparse sparsify ARGS` hands ARGS to sparsify's own command line (its run() reads
     sys.argv) with SparseCoder.forward patched for the duration, then restores both. (Its real
     run() loads the model onto cuda:0, so it is stood in for here.)"""
@@ -281,17 +279,9 @@ def test_cli_runs_sparsifys_command_line_patched(monkeypatch):
 
     import sparsify.__main__ as sp_main
 
-    import sae_sparse.compat as compat
     from sae_sparse.cli import main
-    seen = {"calls": 0}
+    seen = {}
     original = SparseCoder.forward
-    real = compat.sparsify_forward
-
-    def spy(*a, **kw):
-        seen["calls"] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(compat, "sparsify_forward", spy)
 
     def fake_run():
         seen["argv"] = list(sys.argv)
@@ -303,6 +293,6 @@ def test_cli_runs_sparsifys_command_line_patched(monkeypatch):
     before = list(sys.argv)
     assert main(["sparsify", "gpt2", "data.bin", "--k", "16", "--help"]) == 0
     assert seen["argv"] == ["sparsify", "gpt2", "data.bin", "--k", "16", "--help"]
-    assert seen["patched"] and seen["calls"] == 1 and torch.isfinite(seen["fvu"])
+    assert seen["patched"] and forward_calls == [None] and torch.isfinite(seen["fvu"])
     assert sys.argv == before
     assert SparseCoder.forward is original
