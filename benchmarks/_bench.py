@@ -1,4 +1,5 @@
-"""What the GPU benchmark scripts share: shapes A-D of the GPU issue, timing and peak memory,
+"""What the benchmark scripts share: writing a results file and timing a sparsify step (CPU
+and GPU scripts); for the GPU scripts, shapes A-D of the GPU issue, timing and peak memory,
 and a --smoke mode that runs a script end to end on tiny shapes on CPU under the Triton
 interpreter (TRITON_INTERPRET=1), so a broken script shows up in CI, not on a GPU lease."""
 import os

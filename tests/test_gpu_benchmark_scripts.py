@@ -14,24 +14,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif("triton" not in ss.available_backends(), reason="needs triton")
 
 
-@pytest.mark.parametrize("script", ["bench_gpu.py", "encode_sweep.py", "decode_sweep.py"])
-def test_gpu_benchmark_script_smoke(script):
+def smoke(script, *args):
+    """benchmarks/<script> --smoke ARGS in a subprocess under the interpreter; its stdout."""
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke",
-                          "--shapes", "A"], env=env, capture_output=True, text=True, timeout=900)
+                          *args], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("script", ["bench_gpu.py", "encode_sweep.py", "decode_sweep.py"])
+def test_gpu_benchmark_script_smoke(script):
+    out = smoke(script, "--shapes", "A")
     table = [line for line in out.stdout.splitlines() if line.startswith("| A")]
     assert table and not any("nan" in line.split("|")[3] for line in table), out.stdout
 
 
 def test_scale_benchmark_smoke():
     """benchmarks/bench_scale.py end to end on two tiny dictionaries: every row timed."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_scale.py"),
-                          "--smoke"], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = smoke("bench_scale.py")
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")
             and line[2].isdigit()]
     assert len(rows) == 8, out.stdout
