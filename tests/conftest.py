@@ -29,6 +29,19 @@ def poison_torch_empty(monkeypatch):
     yield
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.quick_ids("id", ...)`` on a parametrized test keeps only those
+    parametrizations in the quick run (``python -m pytest -q``); the others get the
+    ``exhaustive`` marker, which the quick run deselects and ``.ci/run`` runs
+    (``python -m pytest -q -m exhaustive``)."""
+    for item in items:
+        keep = item.get_closest_marker("quick_ids")
+        if keep is None or not hasattr(item, "callspec"):
+            continue
+        if item.callspec.id not in keep.args:
+            item.add_marker(pytest.mark.exhaustive)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.exhaustive  # a CMake build of csrc/, ~30 s
 @pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None,
                     reason="cmake/ctest not installed")
 def test_ctest(tmp_path):

@@ -48,6 +48,7 @@ def make(backend, S=300, D=24, k=5, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.quick_ids("torch", "cpp")  # triton: ~30 s in the interpreter
 def test_cached_folds_reuse_and_refold_on_every_change(monkeypatch, backend):
     sae, ad, x = make(backend)
     calls = count_folds(monkeypatch, backend)

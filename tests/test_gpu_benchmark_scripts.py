@@ -11,7 +11,8 @@ import sae_sparse as ss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif("triton" not in ss.available_backends(), reason="needs triton")
+pytestmark = [pytest.mark.skipif("triton" not in ss.available_backends(), reason="needs triton"),
+              pytest.mark.exhaustive]  # ~3 minutes of interpreted benchmark smoke runs
 
 
 def smoke(script, *args):

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif("cpp" not in ss.available_backends(),
                                 reason="needs the C++ extension")
 
 
+@pytest.mark.exhaustive  # ~15 s
 def test_adapter_step_over_two_million_latents():
     N, D, S, k, h = 256, 48, 1 << 21, 16, 8
     g = torch.Generator().manual_seed(0)

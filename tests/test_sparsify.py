@@ -74,6 +74,9 @@ def tol(dtype):
     dict(skip_connection=True, dead=0.3),
     dict(transcode=True, dead=0.3),             # target y != x; encoder reads x itself
 ], ids=["topk", "auxk", "auxk-few-dead", "multi-topk", "skip", "transcoder"])
+@pytest.mark.quick_ids(*(f"{c}-{b}" for c in ("topk", "auxk", "auxk-few-dead", "multi-topk",
+                                              "skip", "transcoder") for b in ("torch", "cpp")),
+                       "auxk-triton")
 def test_sparsify_forward_matches_sparsify(backend, case):
     case = dict(case)
     frac = case.pop("dead", None)

@@ -41,6 +41,8 @@ def on(t, dtype):
 @pytest.mark.parametrize("N,D,S,k", SHAPES)
 @pytest.mark.parametrize("variant", ["plain", "tied", "jumprelu"])
 @pytest.mark.parametrize("mode", ["delta", "replace"])
+@pytest.mark.quick_ids("delta-plain-N7-D33-S1000-k7", "replace-jumprelu-N1-D33-S1000-k7",
+                       "delta-tied-N3-D19-S61-kS", "replace-tied-N64-D24-S40-k10")
 def test_triton_matches_reference(N, D, S, k, variant, mode):
     """fp32 triton vs fp64 reference: same indices, values/outputs/gradients within 1e-4."""
     t = make_case(N, D, S, k, b_pre=variant == "tied", tied=variant == "tied",
@@ -232,6 +234,7 @@ def test_triton_encode_device_fixup_settles_many_tiles(monkeypatch, top_m, thres
 
 @pytest.mark.parametrize("top_m", [None, 1])
 @pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.quick_ids("True-1")
 def test_triton_encode_latent_chunks(monkeypatch, top_m, threshold):
     """A dictionary too wide for one select (a small max_candidates here; S > 262144 at
     k=32 on a GPU) is encoded in latent chunks whose device-settled top-k lists are merged:
@@ -320,6 +323,7 @@ def test_triton_finite_rows_of_x_minus_b_pre(dtype):
 
 
 @pytest.mark.parametrize("b_pre", [False, True])
+@pytest.mark.quick_ids("True")
 def test_triton_encode_rejects_nonfinite_rows_at_its_one_sync(b_pre):
     """Non-finite x is checked on the device and raised at the encode's one host sync (no
     separate pass + sync before the kernels); the error names the rows, both for the kernel
@@ -539,6 +543,7 @@ def test_triton_encode_low_precision_rounding(monkeypatch, dtype, key32, spread,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threshold", [False, True])
 @pytest.mark.parametrize("variant", ["main", "fixup", "chunks", "append"])
+@pytest.mark.quick_ids("main-False-dtype0", "fixup-True-dtype1", "append-False-dtype1")
 def test_triton_encode_key32_matches_exact_keys(monkeypatch, dtype, threshold, variant):
     """On random bf16/fp16 inputs (no near-ties at 2^-16) the int32-key encode returns the
     same values bit for bit, the same indices and the same overflow as exact fp32 keys, on
@@ -572,6 +577,7 @@ def test_triton_encode_key32_matches_exact_keys(monkeypatch, dtype, threshold, v
 
 
 @pytest.mark.parametrize("path", ["top", "append"])
+@pytest.mark.quick_ids("top")
 def test_triton_encode_row_chunks_and_paths(monkeypatch, path):
     """Rows split into chunks (a small buffer budget) on both encode paths, against fp64."""
     from sae_sparse import _triton

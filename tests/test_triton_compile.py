@@ -19,6 +19,7 @@ except ImportError as e:  # pragma: no cover - a triton build without the NVIDIA
     pytest.skip(f"no NVIDIA backend in triton: {e}", allow_module_level=True)
 
 NAMES = [c[0] for c in hopper_compile.cases()]
+pytestmark = pytest.mark.exhaustive  # one ~40 s compile of every kernel
 
 
 @pytest.fixture(scope="module")
