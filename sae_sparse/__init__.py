@@ -1,6 +1,6 @@
 """sae_sparse: fused kernels for trainable sparse latent edits in SAE bases.
 
-See shared/DESIGN.md for the math. Public API:
+See docs/design.md for the math. Public API:
 
 * :func:`topk_encode`, :func:`sparse_decode`, :func:`sae_forward` (an SAE's encode + decode
   as one op), :func:`edit_decode`, :func:`sae_edit`

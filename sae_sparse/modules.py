@@ -12,7 +12,7 @@ from .reference import ACTIVATIONS
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder in the canonical layout of shared/DESIGN.md.
+    """A sparse autoencoder in the canonical layout of docs/design.md.
 
     Parameters (``nn.Parameter``, exactly these names): ``W_enc`` [S, D], ``b_enc`` [S],
     ``W_dec`` [S, D], ``b_dec`` [D], optional ``b_pre`` [D] (subtracted from x before encoding)

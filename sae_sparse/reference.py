@@ -4,7 +4,7 @@
   ``sae_forward_torch``): the ``torch`` backend. Any device, any float
   dtype (float64 included); chunked over S so no N x S tensor is held at once; gradients come
   from autograd. This is the ground truth the other backends are tested against.
-* ``dense_topk_encode`` / ``dense_sae_edit``: the literal definitions of shared/DESIGN.md with a
+* ``dense_topk_encode`` / ``dense_sae_edit``: the literal definitions of docs/design.md with a
   dense N x S latent code, used only to test the ``torch`` backend itself.
 """
 from __future__ import annotations
