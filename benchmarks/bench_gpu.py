@@ -37,7 +37,7 @@ import triton
 
 import sae_sparse as ss
 from _bench import Bench, sparsify_step, write_result
-from sae_sparse import _triton
+from sae_sparse import triton as _triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,8 +1,9 @@
-"""Sweep the triton gather decode's knobs (sae_sparse._triton.DECODE) and its backward's
-(GATHER_DOT) on shapes A-D of the GPU issue: plain sparse_decode through the kernel library and
-the gather-dot of its backward, effective TB/s on the N*k*D gathered bytes, against
-F.embedding_bag in the same run; every config's output checked. Then the edit's dense folds
-(FOLD: fold, fold_t) against the torch path they replaced, TB/s on one read of W_dec.
+"""Sweep the triton gather decode's knobs (sae_sparse.triton.DECODE) and its backward's
+(TOKEN: the per-token backward kernel) on shapes A-D of the GPU issue: plain sparse_decode
+through the fused edit + decode kernel and the p = dy . W_dec[i] of its backward, effective
+TB/s on the N*k*D gathered bytes, against F.embedding_bag in the same run; every config's
+output checked. Then the edit's dense folds (FOLD: fold, fold_t) against the torch path they
+replaced, TB/s on one read of W_dec.
 
     python benchmarks/decode_sweep.py [--shapes A,C]
     TRITON_INTERPRET=1 python benchmarks/decode_sweep.py --smoke   # plumbing check, CPU
@@ -14,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from _bench import Bench, table
-from sae_sparse import _triton as T
+from sae_sparse import triton as T
+from sae_sparse.triton import backward as BW
+from sae_sparse.triton import edit_decode as ED
 from sae_sparse._autograd import fold_t_torch, fold_torch
 
 
@@ -40,25 +43,30 @@ def main():
         ref = F.embedding_bag(idx, W.float(), per_sample_weights=vals.float(), mode="sum")
         t0 = B.ms(lambda: F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"))
         rows.append((name, "embedding_bag", t0, gathered / t0 / 1e9, ""))
-        out = torch.empty(N, D, dtype=W.dtype, device=dev)
+        def plain():  # sparse_decode through the fused edit + decode kernel
+            return ED.edit_decode_fwd(None, vals, idx, W, None, None, None, None, None, 0,
+                                      ED.PLAIN)[0]
 
         def decode():
-            t = B.ms(lambda: T._gather_decode(out, vals, idx, W))
-            T._gather_decode(out, vals, idx, W)
-            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            t = B.ms(plain)
+            err = ((plain().float() - ref).abs().max() / ref.abs().max()).item()
             return t, gathered / t / 1e9, f"rel err {err:.1e}"
         B.sweep(rows, name, "decode", T.DECODE, grid, decode)
         # the decode's backward: dvalues[n, j] = dy[n] . W[idx[n, j]]
         dy = torch.randn(N, D, device=dev, generator=g).bfloat16()
         want = (W.float()[idx] * dy.float()[:, None, :]).sum(-1)
 
+        def p_only():  # the per-token backward kernel computing just p = dy . W[idx]
+            return BW.token_bwd(dy, vals, idx, W, mode=ED.PLAIN, store_p=True,
+                                mask_dpre=False)["p"]
+
         def gather_dot():
-            t = B.ms(lambda: T._gather_dot(dy, idx, W))
-            err = ((T._gather_dot(dy, idx, W) - want).abs().max() / want.abs().max()).item()
+            t = B.ms(p_only)
+            err = ((p_only() - want).abs().max() / want.abs().max()).item()
             return t, gathered / t / 1e9, f"rel err {err:.1e}"
-        gd_grid = [dict()] + [dict(block_c=c, num_warps=w)
+        gd_grid = [dict()] + [dict(block_d=c, num_warps=w)
                               for c, w in itertools.product((32, 64, 128, 256), (4, 8))]
-        B.sweep(rows, name, "gather_dot", T.GATHER_DOT, gd_grid[:2] if a.smoke else gd_grid,
+        B.sweep(rows, name, "token_bwd (p)", T.TOKEN, gd_grid[:2] if a.smoke else gd_grid,
                 gather_dot)
         # The edit's dense folds (adapter h = 16 plus its bias: 17 rows), TB/s on one read of
         # W: the Triton kernels against torch's chunked fp32 upcast (what they replaced).

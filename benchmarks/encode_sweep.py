@@ -1,4 +1,4 @@
-"""Sweep the triton encode's tuning knobs (sae_sparse._triton.ENCODE) on shapes A-D of the GPU
+"""Sweep the triton encode's tuning knobs (sae_sparse.triton.ENCODE) on shapes A-D of the GPU
 issue and time its parts, against the bare GEMM measured in the same run.
 
     python benchmarks/encode_sweep.py [--shapes A,C] [--quick]
@@ -6,9 +6,10 @@ issue and time its parts, against the bare GEMM measured in the same run.
 
 Per shape: bare `x @ W_enc.T`, `F.linear` + `torch.topk`, then for each config the whole
 topk_encode and (for the default config) its passes alone: the GEMM with its top-m epilogue,
-the exact selection over the candidates, the device fix-up of the flagged rows, and the finish
-(values/indices/overflow). Every config's output is checked against `F.linear` + `torch.topk`
-(fraction of selected indices that agree; the rest must be near-ties). Medians of do_bench.
+the exact selection over the candidates, and the per-row settle (the device fix-up of the
+flagged rows and the finish: values/indices/overflow). Every config's output is checked
+against `F.linear` + `torch.topk` (fraction of selected indices that agree; the rest must be
+near-ties). Medians of do_bench.
 """
 import argparse
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from _bench import Bench, table
-from sae_sparse import _triton as T
+from sae_sparse.triton import encode as T
 
 
 def main():
@@ -82,29 +83,31 @@ def main():
                                                          D, L, 0, TOPM=1, HAS_THR=False, **meta))
         keys = torch.empty(rws, kk, dtype=torch.long, device=dev)
         bad = torch.empty(rws, dtype=torch.int32, device=dev)
-        lst = torch.empty(rws, dtype=torch.int32, device=dev)
-        nlst = torch.zeros(1, dtype=torch.int32, device=dev)
-        block = T._p2(L)
-
+        block = T.p2(L)
         by_tile = T._by_tile(kk, nt, top_m, block)
 
         def select(tiles):
-            nlst.zero_()
-            T._select_top_kernel[(rws,)](cand, keys, bad, lst, nlst, L, kk, nt,
-                                         T.ENCODE["fix_tiles"], rws, 0, BLOCK=block,
-                                         KP=T._p2(kk, 2), TOPM=top_m, BLOCK_T=T._p2(nt),
+            T._select_top_kernel[(rws,)](cand, keys, bad, xs, fin, L, kk, nt, D, 0, BLOCK=block,
+                                         KP=T.p2(kk, 2), TOPM=top_m, BLOCK_T=T.p2(nt),
                                          BLOCK_S=T._blocks(D)[1], RLOW=meta["RLOW"],
-                                         BY_TILE=tiles,
+                                         BY_TILE=tiles, CHECK_FIN=True,
+                                         BLOCK_D=min(1024, T.p2(D)),
                                          num_warps=1 if a.smoke else (4 if block <= 2048 else 8))
         t2all = B.ms(lambda: select(False))
         t2 = B.ms(lambda: select(by_tile))
         nbad = int((bad > 0).sum())
-        t23 = B.ms(lambda: T._encode_top(xs, W, b, kk, None, act, fin, top_m, keys, bad)) - t1
-        unsettled = int((bad > 0).sum())
-        out = (torch.empty(rws, k, device=dev), torch.empty(rws, k, dtype=torch.long, device=dev),
-               torch.empty(rws, dtype=torch.int8, device=dev),
-               torch.empty(rws, dtype=torch.int8, device=dev))
-        t4 = B.ms(lambda: T._finish(out, keys, fin, None, act, k, bad))
+        out = T._Out(torch.empty(rws, k, dtype=x.dtype, device=dev),
+                     torch.empty(rws, k, dtype=torch.long, device=dev), None,
+                     torch.empty(rws, dtype=torch.int8, device=dev), None)
+        keys0, bad0 = keys.clone(), bad.clone()
+
+        def settle():  # on the select's keys (each call settles a fresh copy)
+            keys.copy_(keys0)
+            bad.copy_(bad0)
+            T._settle(out, keys, bad, fin, xs, W, b, None, k, S, fix=1, finish=True, cand=cand,
+                      L=L, top_m=top_m)
+        t_copy = B.ms(lambda: (keys.copy_(keys0), bad.copy_(bad0)))
+        t4 = B.ms(settle) - t_copy
         scale = N / rws
         parts = [("GEMM + top-1 epilogue", t0, f"{nprog} programs"),
                  ("GEMM + top-m epilogue", t1, f"{nprog} programs, top_m={top_m}, "
@@ -112,9 +115,7 @@ def main():
                  ("select, a top-k over all candidates", t2all, f"{L} per row"),
                  ("select (default)", t2, f"{nbad} of {rws} rows flagged, "
                                           f"by tile: {by_tile}"),
-                 ("select + device fix-up", t23,
-                  f"{unsettled} rows left to the host"),
-                 ("finish (values, indices, overflow)", t4, "")]
+                 ("settle (fix-up of the flagged rows, finish)", t4, "")]
         for part, t, note in parts:
             rows.append((name, f"part: {part} (x{scale:.0f} chunks of {rws} rows)", t * scale,
                          t * scale / gemm, note))

@@ -1,7 +1,7 @@
 // sae_sparse CPU kernels: declarations shared by the Python binding (csrc/bindings.cpp)
 // and the standalone C++ test (csrc/tests/test_cpu_kernels.cpp).
 //
-// Shapes follow shared/DESIGN.md: x [N, D], W_enc / W_dec [S, D] (one row per latent),
+// Shapes follow docs/design.md: x [N, D], W_enc / W_dec [S, D] (one row per latent),
 // values / indices [N, k]. All kernels take float32 or float64 tensors; the Python layer
 // upcasts bfloat16 / float16 inputs. Optional tensors are passed as undefined at::Tensor().
 #pragma once
@@ -12,9 +12,9 @@
 
 namespace sae_sparse {
 
-// Decode / edit modes (must match sae_sparse/_cpp.py).
+// Decode / edit modes (must match sae_sparse/codes.py; tests/test_cpp.py checks).
 enum Mode : int64_t { kDelta = 0, kReplace = 1, kPlain = 2 };
-// Adapter activations (must match sae_sparse/_cpp.py).
+// Adapter activations (must match sae_sparse/codes.py; tests/test_cpp.py checks).
 enum Act : int64_t { kRelu = 0, kGelu = 1, kIdentity = 2 };
 
 // Test hook: when the environment variable SAE_SPARSE_POISON=1 is set (read once), every output

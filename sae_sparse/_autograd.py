@@ -14,8 +14,10 @@ import torch
 
 from .reference import activation_fn, decode_coef
 
-_MODES = {"delta": 0, "replace": 1, "plain": 2}
-_ACTS = {"relu": 0, "gelu": 1, "identity": 2}
+from .codes import ACTIVATIONS, MODES
+
+_MODES = {m: i for i, m in enumerate(MODES)}  # the kernels' codes (sae_sparse/codes.py)
+_ACTS = {a: i for i, a in enumerate(ACTIVATIONS)}
 
 
 def _needs(ctx, i):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 from ._autograd import make_ops
 from ._custom_ops import wrap
 
@@ -24,5 +26,6 @@ def available() -> bool:
 
 
 # The extension's functions as torch.library custom ops (sae_sparse::cpu_*), then autograd.
+# Eager calls go straight to the extension; torch.compile traces the custom ops.
 OPS = wrap(lambda: _C, "cpu")
-CPP = make_ops(lambda: OPS, "CPU")
+CPP = make_ops(lambda: OPS if torch.compiler.is_compiling() else _C, "CPU")

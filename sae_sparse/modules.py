@@ -55,7 +55,7 @@ class SAE(nn.Module):
             self.b_pre = nn.Parameter(b_pre.detach().clone()) if b_pre is not None else None
         self.threshold = (nn.Parameter(threshold.detach().clone(), requires_grad=False)
                           if threshold is not None else None)
-        self.last_overflow = None
+        self._overflow_rows = None  # [N] bool of the last call; counted on access
 
     @property
     def d_in(self) -> int:
@@ -84,11 +84,18 @@ class SAE(nn.Module):
 
     def encode(self, x, *, backend=None):
         """x [..., D] -> (values [..., k], indices [..., k]); see :func:`sae_sparse.topk_encode`."""
-        values, indices, n_over = topk_encode(x, self.W_enc, self.b_enc, self.k, b_pre=self.b_pre,
-                                              threshold=self.threshold, backend=backend,
-                                              return_overflow=True)
-        self.last_overflow = n_over
+        values, indices, self._overflow_rows = topk_encode(
+            x, self.W_enc, self.b_enc, self.k, b_pre=self.b_pre, threshold=self.threshold,
+            backend=backend, return_overflow="rows")
         return values, indices
+
+    @property
+    def last_overflow(self):
+        """The number of rows of the last :meth:`encode` / :meth:`forward` / ``sae_edit``
+        with more than k active latents (a 0-dim int64 tensor; None before any call). Counted
+        when read, so a training step that never reads it launches nothing for it."""
+        rows = self._overflow_rows
+        return None if rows is None else rows.sum()
 
     def auxk_encode(self, x, dead_mask, k_aux: int, *, backend=None):
         """The k_aux largest pre-activations among the dead latents (AuxK, for training
@@ -113,9 +120,9 @@ class SAE(nn.Module):
         encoder too). One op for encode and decode (:func:`sae_sparse.sae_forward`): on the
         kernel backends its backward groups the (token, slot) pairs by latent once for dW_enc
         and dW_dec. Sets ``last_overflow``."""
-        y, values, indices, self.last_overflow = sae_forward(
+        y, values, indices, self._overflow_rows = sae_forward(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, b_pre=self.b_pre,
-            threshold=self.threshold, backend=backend, return_overflow=True)
+            threshold=self.threshold, backend=backend, return_overflow="rows")
         return (y, values, indices) if return_code else y
 
     def extra_repr(self) -> str:

@@ -16,7 +16,13 @@ from . import _validate as V
 from ._auxk import AuxKDecode
 from ._auxk import select as auxk_select
 from .backends import decode_fn, encode_fn, fold_fn, resolve, sae_fn
+from .codes import act_code, mode_code
 from .reference import ACTIVATIONS, MODES
+from .triton import available as _triton_available
+from .triton.paths import forced as forced_path
+
+if _triton_available():
+    from .triton.functions import SAEEdit, SAEForward
 
 
 def _lowp_to_fp32(backend: str, *ts):
@@ -29,7 +35,7 @@ def _lowp_to_fp32(backend: str, *ts):
 
 
 def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
-                return_overflow=False):
+                return_overflow=False, path=None):
     """Top-k SAE encode without materialising the N x S pre-activations.
 
     ``pre = (x - b_pre) @ W_enc.T + b_enc``; per row the k largest entries of ``pre`` in
@@ -45,6 +51,9 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
         backend: "torch", "cpp" or None (fastest available; $SAE_SPARSE_BACKEND overrides None).
         return_overflow: also return the number of rows with more than k active latents
             (pre > 0, and > threshold when given) -- the rows where the cap changed the result.
+        path: triton backend only: "fused" (the Triton kernels), "torch" (row-chunked
+            F.linear + torch.topk) or "auto"/None (on a GPU the faster for this shape, timed
+            on first use; $SAE_SPARSE_PATH overrides None).
 
     Returns:
         values [..., k] in x's dtype, indices [..., k] int64
@@ -61,16 +70,20 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, D)
     args = _lowp_to_fp32(name, x2, W_enc, b_enc, b_pre, threshold)
-    values, indices, overflow = encode_fn(name)(args[0], args[1], args[2], k, args[3], args[4])
+    with forced_path(path):
+        values, indices, overflow = encode_fn(name)(args[0], args[1], args[2], k, args[3],
+                                                    args[4])
     values = values.to(x.dtype).reshape(*lead, k)
     indices = indices.reshape(*lead, k)
+    if return_overflow == "rows":  # the per-row flags (SAE.last_overflow counts them lazily)
+        return values, indices, overflow
     if return_overflow:
         return values, indices, overflow.sum()
     return values, indices
 
 
 def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
-                backend=None, return_overflow=False):
+                backend=None, return_overflow=False, path=None):
     """A top-k SAE's forward pass as one op: ``y = decode(topk_encode(x)) + b_dec``, with
     the code. The functional form of :meth:`SAE.forward`, for training code that keeps its
     own parameters (sparsify's ``encode`` + ``decode``, SAELens-style modules).
@@ -85,6 +98,7 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
             ``b_pre`` and ``b_dec`` for the tied decoder bias of sparsify / SAELens
             (``apply_b_dec_to_input``); its gradient then sums both uses.
         return_overflow: also return the number of rows with more than k active latents.
+        path: as in :func:`topk_encode` (the encode and the decode each choose).
 
     Returns:
         y [..., D], values [..., k], indices [..., k] int64 (and ``n_overflow``, a 0-dim
@@ -101,12 +115,22 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
     if name != "triton":  # the triton kernels check it on the device, at their one host sync
         V.check_finite(x, "x")
     lead = x.shape[:-1]
-    a = _lowp_to_fp32(name, x.reshape(-1, D), W_enc, b_enc, b_pre, threshold, W_dec, b_dec)
-    if b_pre is not None and b_pre is b_dec:  # keep the tie through the fp32 copies
-        a = a[:3] + (a[6],) + a[4:]
-    y, values, indices, overflow = sae_fn(name)(a[0], a[1], a[2], k, a[3], a[4], a[5], a[6])
+    if name == "triton" and not torch.compiler.is_compiling():  # the fused step, eager
+        tied = b_pre is not None and b_pre is b_dec
+        with forced_path(path):
+            y, values, indices, overflow = SAEForward.apply(
+                x.reshape(-1, D), W_enc, b_enc, None if tied else b_pre, threshold, W_dec,
+                b_dec, k, tied)
+    else:
+        a = _lowp_to_fp32(name, x.reshape(-1, D), W_enc, b_enc, b_pre, threshold, W_dec, b_dec)
+        if b_pre is not None and b_pre is b_dec:  # keep the tie through the fp32 copies
+            a = a[:3] + (a[6],) + a[4:]
+        y, values, indices, overflow = sae_fn(name)(a[0], a[1], a[2], k, a[3], a[4], a[5],
+                                                    a[6])
     out = (y.to(x.dtype).reshape(*lead, D), values.to(x.dtype).reshape(*lead, k),
            indices.reshape(*lead, k))
+    if return_overflow == "rows":
+        return (*out, overflow)
     return (*out, overflow.sum()) if return_overflow else out
 
 
@@ -372,7 +396,7 @@ def _checked_edit_decode(x, values, indices, W_dec, b_dec, gain, bias, W_in, b_i
                         fold_sources)
 
 
-def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
+def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None, path=None):
     """Encode with ``sae``, apply ``adapter`` to the active latents, decode -- in one call.
 
     Args:
@@ -381,7 +405,7 @@ def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
         adapter: a :class:`sae_sparse.LatentAdapter` or None (no edit).
         mode: ``"delta"`` (default; ``y = x + (z' - z) @ W_dec``, keeps the SAE's reconstruction
             error so a zero edit returns x exactly) or ``"replace"`` (``y = z' @ W_dec + b_dec``).
-        backend: as in :func:`topk_encode`.
+        backend, path: as in :func:`topk_encode`.
     Returns:
         y [..., D] in x's dtype.
 
@@ -399,13 +423,42 @@ def sae_edit(x, sae, adapter=None, *, mode="delta", backend=None):
         raise ValueError(f"adapter.d_sae={adapter.d_sae} does not match sae.d_sae={sae.d_sae}")
     V.check_x(x)
     dtype = sae.W_dec.dtype  # compute in the SAE's dtype; autograd tracks the casts
-    values, indices = sae.encode(x.to(dtype), backend=backend)
+    if (resolve(backend, x.device, dtype) == "triton" and not torch.compiler.is_compiling()
+            and getattr(_FOLDS, "entries", None) is None):  # (cached_folds: the composed ops)
+        with forced_path(path):
+            return _sae_edit_fused(x, sae, adapter, mode)
+    with forced_path(path):
+        values, indices = sae.encode(x.to(dtype), backend=backend)
     p = {n: t.to(dtype) for n, t in adapter.edit_params().items()} if adapter is not None else {}
     act = adapter.activation if adapter is not None else "relu"
     # indices come from the encoder: in range by construction
     y = _checked_edit_decode(x.to(dtype), values, indices, sae.W_dec, sae.b_dec, p.get("gain"),
                              p.get("bias"), p.get("W_in"), p.get("b_in"), p.get("W_out"), act,
                              mode, backend, check_range=False,
-                             fold_sources=(sae.W_dec, adapter.bias, adapter.W_out,
-                                           adapter.latent_mask) if adapter is not None else None)
+                             fold_sources=_fold_sources(sae, adapter))
     return y.to(x.dtype)
+
+
+def _fold_sources(sae, adapter):
+    return ((sae.W_dec, adapter.bias, adapter.W_out, adapter.latent_mask)
+            if adapter is not None else None)
+
+
+def _sae_edit_fused(x, sae, adapter, mode):
+    """sae_edit on the triton backend, eager: one autograd op (encode, fold, fused edit +
+    decode; its backward: one per-token kernel, the folds' GEMMs, one per-latent sum). The
+    adapter's parameters go in in their own dtype (the kernels load them and sum in fp32)."""
+    p = adapter.edit_params() if adapter is not None else {}
+    act = adapter.activation if adapter is not None else "relu"
+    for n, t in p.items():
+        V.check_tensor(t, n, tuple(t.shape), like=x, dtype=t.dtype)  # device
+    D = sae.d_in
+    tied = sae.tied_b_pre
+    xs = x.to(sae.W_dec.dtype)
+    y, overflow = SAEEdit.apply(xs.reshape(-1, D), sae.W_enc, sae.b_enc,
+                                None if tied else sae.b_pre, sae.threshold, sae.W_dec,
+                                sae.b_dec, p.get("gain"), p.get("bias"), p.get("W_in"),
+                                p.get("b_in"), p.get("W_out"), sae.k, act_code(act),
+                                mode_code(mode), tied)
+    sae._overflow_rows = overflow
+    return y.reshape(x.shape).to(x.dtype)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("relu", "gelu", "identity")
-MODES = ("delta", "replace")
+from .codes import ACTIVATIONS
+from .codes import MODES as _ALL_MODES
+
+MODES = _ALL_MODES[:2]  # the public modes; "plain" is sparse_decode
 
 
 def activation_fn(name: str):

@@ -136,8 +136,11 @@ def test_torch_compile_traces_the_public_api(backend):
                                    msg=lambda m: f"compiled vs eager d{name}: {m}")
     bad = s["x"].clone()
     bad[2, 3] = float("nan")
-    with pytest.raises((RuntimeError, ValueError), match="NaN"):  # checked inside the graph
-        compiled(bad)
+    if backend == "triton":  # no host sync to look: the non-finite row's loss is NaN
+        assert torch.isnan(compiled(bad))
+    else:
+        with pytest.raises((RuntimeError, ValueError), match="NaN"):  # checked in the graph
+            compiled(bad)
 
 
 @pytest.mark.parametrize("S", [7, 90])
@@ -147,7 +150,7 @@ def test_triton_latent_csr_is_padded_and_sync_free(S):
     order padded with S; with at least as many (S = 7 here, 12 pairs, latent 3 unused) every
     latent, so segment_rows writes every row of its [S, C] output -- zeros for latent 3 over
     the poisoned torch.empty -- and needs no zero fill."""
-    from sae_sparse import _triton
+    from sae_sparse import triton as _triton
     g = torch.Generator().manual_seed(S)
     idx = torch.randint(0, S, (4, 3), generator=g)
     idx[idx == 3] = 4

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import sae_sparse as ss
-from sae_sparse import _autograd, _triton, backends, reference
+from sae_sparse import _autograd, backends, reference
+from sae_sparse import triton as _triton
 
 from tiny_models import tiny_llama
 
@@ -30,8 +31,10 @@ def count_folds(monkeypatch, backend):
         monkeypatch.setitem(backends._FOLD, "torch", f)
     elif backend == "cpp":  # the C++ library has no fold: _Fold runs torch's
         monkeypatch.setattr(_autograd, "fold_torch", counted(_autograd.fold_torch))
-    else:
+    else:  # the composed ops (inside the context) and the fused sae_edit (outside it)
+        from sae_sparse.triton import functions
         monkeypatch.setattr(_triton, "fold", counted(_triton.fold))
+        monkeypatch.setattr(functions, "fold", counted(functions.fold))
     return calls
 
 
@@ -115,8 +118,12 @@ def test_cached_folds_never_hold_back_a_gradient(monkeypatch, backend):
             y = ss.sae_edit(x, sae, ad, backend=backend)
         assert len(calls) == n + 2
         y.square().sum().backward()
+        # triton: outside the context sae_edit is the fused op, inside it the composed ops
+        # (which take the cached fold): the same fp32 sums in another order
         for name, p in ad.named_parameters():
-            torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6)
+            tol = (dict(rtol=1e-4, atol=1e-5 * want[name].abs().max().item())
+                   if backend == "triton" else dict(rtol=1e-5, atol=1e-6))
+            torch.testing.assert_close(p.grad, want[name], **tol)
 
         ad.requires_grad_(False)
         xg = x.clone().requires_grad_()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sae_sparse as ss
-from sae_sparse import _triton
+from sae_sparse import triton as _triton
 
 from helpers import assert_close
 
@@ -129,11 +129,15 @@ def test_sae_forward_is_one_op_with_every_gradient(monkeypatch, backend, variant
     indices as encode + decode give them, every gradient (x too, and a loss on the code
     itself) against the float64 torch backend's composed ops, and one grouping by latent
     (latent_csr) per backward where the composed ops take two."""
-    from sae_sparse import _cpp, backends
-    lib = _cpp.OPS if backend == "cpp" else backends.TRITON_OPS
+    from sae_sparse import _cpp
+    from sae_sparse.triton import functions
     csr_calls = []
-    csr = lib.latent_csr
-    monkeypatch.setattr(lib, "latent_csr", lambda *a: csr_calls.append(1) or csr(*a))
+    # eager calls go straight to the kernel library: the extension, or the triton package
+    # (its composed ops) and its fused Functions
+    libs = [_cpp._C] if backend == "cpp" else [_triton, functions]
+    for lib in libs:
+        monkeypatch.setattr(lib, "latent_csr", lambda *a, f=lib.latent_csr, **kw:
+                            csr_calls.append(1) or f(*a, **kw))
     dt = dtype_for(backend)
     dev = "cuda" if backend == "triton" and not _triton.interpreting() else "cpu"
     g = torch.Generator().manual_seed(3)

@@ -75,8 +75,8 @@ def test_triton_encode_latent_chunks_realistic():
     """S = 600001 at k = 32: too many candidates for one select, so the encode runs in latent
     chunks whose top-k lists are merged; checked like test_triton_encode_realistic."""
     N, D, S, k = 300, 256, 600001, 32
-    from sae_sparse import _triton
-    assert len(_triton._plan(k + 1, S, D)[1]) > 1
+    from sae_sparse.triton import encode
+    assert len(encode._plan(k + 1, S, D)[1]) > 1
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(N, D, device="cuda", generator=g).bfloat16()
     W = (torch.randn(S, D, device="cuda", generator=g) / D ** 0.5).bfloat16()
@@ -99,7 +99,7 @@ def test_triton_encode_key32_matches_exact_keys_realistic(N, D, S, k, dtype, mon
     """The int32-key epilogue (ENCODE["key32"]) against exact fp32 keys on the same GPU: the
     same GEMM, so the same values bit for bit; indices may differ only where two entries
     agree to 17 significant bits (ties under key32; not seen on random data)."""
-    from sae_sparse import _triton
+    from sae_sparse import triton as _triton
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(N, D, device="cuda", generator=g).to(dtype)
     W = (torch.randn(S, D, device="cuda", generator=g) / D ** 0.5).to(dtype)
@@ -136,7 +136,7 @@ def test_triton_sae_training_step_realistic():
 def test_triton_folds_realistic(dtype):
     """The edit's dense folds (17 rows: h = 16 plus the bias) at C's W_dec size (S odd)
     against float64, within the fp32 bound of tests/test_triton.py."""
-    from sae_sparse import _triton
+    from sae_sparse import triton as _triton
     g = torch.Generator(device="cuda").manual_seed(0)
     S, D = 65539, 2304
     A = (0.1 * torch.randn(17, S, device="cuda", generator=g)).to(dtype)
@@ -153,7 +153,7 @@ def test_triton_folds_realistic(dtype):
 def test_triton_encode_select_by_tile_realistic(monkeypatch):
     """Shape A's N=4096 rows in bf16: the select through the tiles returns exactly what one
     top-k over all candidates returns."""
-    from sae_sparse import _triton
+    from sae_sparse import triton as _triton
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(4096, 768, device="cuda", generator=g).bfloat16()
     W = (torch.randn(32768, 768, device="cuda", generator=g) / 768 ** 0.5).bfloat16()
