@@ -34,10 +34,18 @@ def check(path, name="path"):
     return path
 
 
-@contextlib.contextmanager
 def forced(path):
-    """Within the block, the triton ops take `path` (None: no override)."""
-    token = _FORCED.set(check(path))
+    """A context in which the triton ops take `path` (None: no override; under torch.compile,
+    which runs the composed custom ops, none is needed)."""
+    check(path)
+    if path is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _forced(path)
+
+
+@contextlib.contextmanager
+def _forced(path):
+    token = _FORCED.set(path)
     try:
         yield
     finally:
