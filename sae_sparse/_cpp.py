@@ -1,12 +1,15 @@
-"""The ``cpp`` backend: the C++ CPU extension ``sae_sparse._C`` behind the shared autograd ops."""
+"""The ``cpp`` backend: the C++ CPU kernels behind the shared autograd ops.
+
+Importing the extension ``sae_sparse._C`` registers them as PyTorch operators
+(``torch.ops.sae_sparse_cpu.*``, schemas declared once with TORCH_LIBRARY in
+csrc/bindings.cpp); their fake implementations (``_custom_ops``) let torch.compile trace them.
+"""
 from __future__ import annotations
 
 import importlib.util
 
-import torch
-
 from ._autograd import make_ops
-from ._custom_ops import wrap
+from ._custom_ops import register_fakes
 
 if importlib.util.find_spec(f"{__package__}._C") is None:  # SAE_SPARSE_NO_NATIVE=1 builds none
     _C = None
@@ -25,7 +28,6 @@ def available() -> bool:
     return _C is not None
 
 
-# The extension's functions as torch.library custom ops (sae_sparse::cpu_*), then autograd.
-# Eager calls go straight to the extension; torch.compile traces the custom ops.
-OPS = wrap(lambda: _C, "cpu")
-CPP = make_ops(lambda: OPS if torch.compiler.is_compiling() else _C, "CPU")
+# The operators (dispatched in C++; the same calls eager and under torch.compile).
+OPS = register_fakes("sae_sparse_cpu") if _C is not None else None
+CPP = make_ops(lambda: OPS, "CPU")

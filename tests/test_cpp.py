@@ -191,3 +191,15 @@ def test_backward_is_deterministic():
         outs.append(grads_of(y, t))
     for n in outs[0]:
         assert torch.equal(outs[0][n], outs[1][n]), n
+
+
+def test_codes_match_the_python_definition():
+    """The C++ kernels' mode and activation enums (csrc/sae_sparse.h) are the codes of
+    sae_sparse/codes.py, the one definition the Python and Triton sides use."""
+    from sae_sparse import _cpp, codes
+    assert _cpp._C.MODE_CODES == {m: i for i, m in enumerate(codes.MODES)}
+    assert _cpp._C.ACT_CODES == {a: i for i, a in enumerate(codes.ACTIVATIONS)}
+    schemas = {op: str(getattr(torch.ops.sae_sparse_cpu, op).default._schema)
+               for op in ("topk_encode", "edit_decode_fwd", "edit_decode_bwd", "latent_csr",
+                          "segment_rows")}
+    assert "int act, int mode" in schemas["edit_decode_fwd"], schemas

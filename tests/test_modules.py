@@ -132,9 +132,9 @@ def test_sae_forward_is_one_op_with_every_gradient(monkeypatch, backend, variant
     from sae_sparse import _cpp
     from sae_sparse.triton import functions
     csr_calls = []
-    # eager calls go straight to the kernel library: the extension, or the triton package
+    # the kernel library: the C++ operators, or (eager) the triton package
     # (its composed ops) and its fused Functions
-    libs = [_cpp._C] if backend == "cpp" else [_triton, functions]
+    libs = [_cpp.OPS] if backend == "cpp" else [_triton, functions]
     for lib in libs:
         monkeypatch.setattr(lib, "latent_csr", lambda *a, f=lib.latent_csr, **kw:
                             csr_calls.append(1) or f(*a, **kw))
