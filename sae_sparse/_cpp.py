@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ._autograd import make_ops
+from ._autograd import KernelOps
 from ._custom_ops import register_fakes
 
 if importlib.util.find_spec(f"{__package__}._C") is None:  # SAE_SPARSE_NO_NATIVE=1 builds none
@@ -30,4 +30,4 @@ def available() -> bool:
 
 # The operators (dispatched in C++; the same calls eager and under torch.compile).
 OPS = register_fakes("sae_sparse_cpu") if _C is not None else None
-CPP = make_ops(lambda: OPS, "CPU")
+CPP = KernelOps(lambda: OPS)

@@ -16,7 +16,7 @@ import torch
 
 from . import _cpp
 from . import triton as _triton
-from ._autograd import make_ops
+from ._autograd import KernelOps
 from ._custom_ops import wrap
 from .reference import edit_decode_torch, fold_edit_torch, sae_forward_torch, topk_encode_torch
 
@@ -26,7 +26,7 @@ ALL_BACKENDS = ("torch", "cpp", "triton")
 # The triton kernel library as torch.library custom ops, for torch.compile; eager calls go
 # straight to the launchers (scattermoe's way).
 TRITON_OPS = wrap(lambda: _triton, "triton", padded_csr=True, fold=True)
-_TRITON = make_ops(lambda: TRITON_OPS if torch.compiler.is_compiling() else _triton, "Triton")
+_TRITON = KernelOps(lambda: TRITON_OPS if torch.compiler.is_compiling() else _triton)
 _ENCODE = {"torch": topk_encode_torch, "cpp": _cpp.CPP.topk_encode, "triton": _TRITON.topk_encode}
 _DECODE = {"torch": edit_decode_torch, "cpp": _cpp.CPP.edit_decode, "triton": _TRITON.edit_decode}
 _FOLD = {"torch": fold_edit_torch, "cpp": _cpp.CPP.fold, "triton": _TRITON.fold}

@@ -41,6 +41,9 @@ def _train_parser(sub):
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--eval-frac", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=10,
+                   help="read the training loss back from the device every N steps "
+                        "(a non-finite loss stops the run then)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, choices=["torch", "cpp"])
@@ -92,7 +95,8 @@ def cmd_train(a, parser):
                       edit_positions=a.edit_positions, l1=a.l1, lr=a.lr,
                       weight_decay=a.weight_decay, steps=a.steps, batch_size=a.batch_size,
                       grad_accum=a.grad_accum, max_len=a.max_len, eval_frac=a.eval_frac,
-                      eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, seed=a.seed,
+                      eval_every=a.eval_every, log_every=a.log_every,
+                      checkpoint_every=a.checkpoint_every, seed=a.seed,
                       backend=a.backend, bf16=a.bf16)
     out = a.out or "sae_sparse_run"
     m = train_adapter(model, tok, saes, a.data, out, cfg, sae_sources=sources,

@@ -70,8 +70,9 @@ class _Edit:
             if mask.shape != h.shape[:-1]:
                 raise ValueError(f"token mask must have shape {list(h.shape[:-1])} (the hooked "
                                  f"hidden states' leading dims), got {list(mask.shape)}")
-            y = h.clone()
-            y[mask] = self.fn(h[mask])
+            # every token through the edit, the masked-out ones then taken as they were: no
+            # boolean indexing (a host sync and a copy per layer per step)
+            y = torch.where(mask[..., None], self.fn(h), h)
         return (y, *output[1:]) if isinstance(output, tuple) else y
 
 

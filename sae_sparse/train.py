@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import warnings
@@ -72,6 +73,9 @@ class TrainConfig:
     max_len: int = 128
     eval_frac: float = 0.1
     eval_every: int = 50
+    # the loss is read back from the device (a host sync) every this many steps, not every
+    # micro-step; also at evals, checkpoints and the end
+    log_every: int = 10
     checkpoint_every: int = 50
     seed: int = 0
     backend: str | None = None
@@ -269,9 +273,9 @@ def evaluate(model, data, cfg, edits, device, pad_id):
                    else contextlib.nullcontext())
             with ctx, model_dtype_ctx:
                 loss = lm_loss(model, ids, attn, loss_mask)
-            n = int(loss_mask[:, 1:].sum())
-            tot, cnt = tot + float(loss) * n, cnt + n
-    return tot / max(cnt, 1)
+            n = loss_mask[:, 1:].sum()
+            tot, cnt = tot + loss.detach().double() * n, cnt + n  # read back once, at the end
+    return float(tot / cnt.clamp_min(1)) if torch.is_tensor(cnt) else tot
 
 
 def _autocast(cfg, device):
@@ -345,6 +349,24 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
         sched = _Schedule(len(train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                    desc="train", dynamic_ncols=True)
+        pending = []  # (step, loss on the device) not yet read back
+
+        def flush():
+            """Reads the pending losses back in one host sync; a non-finite one stops the run
+            (NaN in the data, the model or the SAE)."""
+            if not pending:
+                return
+            vals = torch.stack([t for _, t in pending]).tolist()
+            for (s, _), v in zip(pending, vals):
+                if not math.isfinite(v):
+                    raise FloatingPointError(
+                        f"the training loss is {v} at step {s}: check the SAE's weights, the "
+                        "model's activations at the hook and the learning rate")
+                history["step"].append(s)
+                history["train_loss"].append(v)
+            pending.clear()
+            bar.set_postfix(loss=f"{vals[-1]:.4f}", refresh=False)
+
         for step in bar:
             opt.zero_grad(set_to_none=True)
             total = 0.0
@@ -354,20 +376,22 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                 with edits.token_mask(_edit_mask(cfg, attn, prompt)), _autocast(cfg, device):
                     loss = lm_loss(model, ids, attn, loss_mask)
                 (loss / cfg.grad_accum).backward()
-                total += float(loss.detach()) / cfg.grad_accum
+                total = total + loss.detach().float() / cfg.grad_accum  # stays on the device
             pen = [l1_penalty(trainables[h], saes[h]) for h in trainables]
             pen = [p for p in pen if p is not None]
             if pen and cfg.l1 > 0:
                 (cfg.l1 * sum(pen)).backward()
             opt.step()
-            history["step"].append(step + 1)
-            history["train_loss"].append(total)
-            bar.set_postfix(loss=f"{total:.4f}", refresh=False)
+            pending.append((step + 1, total))
             last = step + 1 == cfg.steps
-            if eval_data and ((step + 1) % cfg.eval_every == 0 or last):
+            evals = eval_data and ((step + 1) % cfg.eval_every == 0 or last)
+            saves = (step + 1) % cfg.checkpoint_every == 0 and not last
+            if (step + 1) % cfg.log_every == 0 or last or evals or saves:
+                flush()
+            if evals:
                 history["eval_step"].append(step + 1)
                 history["eval_loss"].append(evaluate(model, eval_data, cfg, edits, device, pad_id))
-            if (step + 1) % cfg.checkpoint_every == 0 and not last:
+            if saves:
                 _save_checkpoint(ckpt, trainables, opt, history, step + 1, cfg)
     finally:
         edits.remove()
@@ -385,7 +409,8 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
 
 def _resumable(conf: dict) -> dict:
     # Everything but the step budget and logging cadence must match to resume a run.
-    return {k: v for k, v in conf.items() if k not in ("steps", "eval_every", "checkpoint_every")}
+    return {k: v for k, v in conf.items()
+            if k not in ("steps", "eval_every", "checkpoint_every", "log_every")}
 
 
 def _save_checkpoint(ckpt, trainables, opt, history, step, cfg):

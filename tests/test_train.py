@@ -225,3 +225,39 @@ def test_latent_mask_restricts_training(tmp_path, tok):
         main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.0",
               "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "r2"), "--latents",
               "99", "--no-progress"])
+
+
+def test_loss_is_read_back_every_log_every_steps_and_nan_stops_the_run(tmp_path, tok,
+                                                                        monkeypatch):
+    """The training loop keeps each step's loss on the device and reads them back (one host
+    sync) every log_every steps, at evals and at the end -- the history still has every
+    step's loss, equal to a run that reads every step; a NaN in the SAE's W_dec (a NaN loss)
+    stops the run with an error naming the step instead of saving an adapter of NaNs."""
+    from sae_sparse import train as T
+    model = tiny_gpt2(vocab=len(tok))
+    sae = ss.SAE.random(32, 120, 5)
+    data = write_data(tmp_path / "d.jsonl")
+    reads = []
+    real_stack = torch.stack
+
+    def stack(ts, *a, **k):  # the loop's read-back goes through one torch.stack of losses
+        out = real_stack(ts, *a, **k)
+        if all(t.dim() == 0 for t in ts):
+            reads.append(len(ts))
+        return out
+    monkeypatch.setattr(T.torch, "stack", stack)
+    kw = dict(edit="gain,bias", batch_size=4, eval_every=100, lr=0.05, steps=7)
+    m = train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "a"),
+                      TrainConfig(log_every=3, **kw), progress=False)
+    assert reads == [3, 3, 1] and m["history"]["step"] == list(range(1, 8))
+    monkeypatch.setattr(T.torch, "stack", real_stack)
+    m1 = train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "b"),
+                       TrainConfig(log_every=1, **kw), progress=False)
+    assert m1["history"]["train_loss"] == m["history"]["train_loss"]
+    bad = ss.SAE.random(32, 120, 5)
+    with torch.no_grad():
+        bad.W_dec[7, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d"):
+        train_adapter(model, tok, {"transformer.h.0": bad}, data, str(tmp_path / "c"),
+                      TrainConfig(log_every=3, **kw), progress=False)
+    assert not os.path.exists(tmp_path / "c" / "adapter_model.safetensors")
