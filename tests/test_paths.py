@@ -125,3 +125,41 @@ def test_torch_path_matches_the_reference_with_every_gradient(timer, threshold):
     bad[3, 2] = float("nan")
     _, vb, _ = sae(bad, backend="triton", return_code=True)
     assert torch.isnan(vb[3]).all() and not torch.isnan(vb[[0, 12]]).any()
+
+
+@pytest.mark.parametrize("mode", ["delta", "replace"])
+def test_edit_step_on_the_torch_path(timer, mode):
+    """sae_edit with a gain + bias + gelu FFN adapter, the encode and the edit + decode
+    forward on the torch composition (embedding_bag gathers of W_dec and W_in, fp32 dense
+    terms), against the float64 torch backend: y and every gradient (x, adapter, SAE)."""
+    calls, times = timer
+    times.update(fused=5.0, torch=1.0)
+    g = torch.Generator().manual_seed(6)
+    D, S, k = 19, 133, 7
+    sae = ss.SAE.random(D, S, k, b_pre=True, generator=g)
+    ad = ss.LatentAdapter(S, 5, activation="gelu")
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    x = torch.randn(11, D, generator=g).requires_grad_()
+    y = ss.sae_edit(x, sae, ad, mode=mode, backend="triton")
+    assert set(paths._CACHE.values()) == {"torch"} and len(paths._CACHE) == 2
+    W_enc, b_enc, W_dec, b_dec = (t.detach().double().requires_grad_()
+                                  for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    sae64 = ss.SAE(W_enc, b_enc, W_dec, b_dec, k, b_pre=b_dec)
+    ad64 = ss.LatentAdapter(S, 5, activation="gelu", dtype=torch.float64)
+    with torch.no_grad():
+        for p, q in zip(ad64.parameters(), ad.parameters()):
+            p.copy_(q)
+    x64 = x.detach().double().requires_grad_()
+    y0 = ss.sae_edit(x64, sae64, ad64, mode=mode, backend="torch")
+    assert_close(y.double(), y0, rtol=1e-5, atol=1e-5, name="y")
+    w = torch.randn(11, D, generator=g)
+    (y * w).sum().backward()
+    (y0 * w.double()).sum().backward()
+    pairs = [("x", x, x64)] + [(n, p, dict(sae64.named_parameters())[n])
+                               for n, p in sae.named_parameters()]
+    pairs += [(n, p, dict(ad64.named_parameters())[n]) for n, p in ad.named_parameters()]
+    for n, p, p0 in pairs:
+        assert_close(p.grad.double(), p0.grad, rtol=1e-4,
+                     atol=1e-5 * p0.grad.abs().max().item(), name=n)

@@ -107,25 +107,43 @@ def edit_decode_fwd(x, values, indices, W_dec, b_dec, gain, W_in, b_in, F, act, 
     h_pre = torch.empty(N, H, dtype=torch.float32, device=dev) if H else None
     if N == 0 or D == 0:
         return y, h_pre
-    if mode == PLAIN and (b_dec is None or b_dec.dtype == W_dec.dtype):
-        key = paths.bucket("decode", values, W_dec, b_dec)
-        path = paths.choose(key, dev, {
-            "fused": lambda: _edit_decode(y, h_pre, x, values, indices, W_dec, b_dec, gain,
-                                          W_in, b_in, F, act, mode, has_c),
-            "torch": lambda: _embedding_bag(y, values, indices, W_dec, b_dec)})
-        if path == "torch":
-            return _embedding_bag(y, values, indices, W_dec, b_dec), h_pre
-    return _edit_decode(y, h_pre, x, values, indices, W_dec, b_dec, gain, W_in, b_in, F, act,
-                        mode, has_c), h_pre
+    args = (y, h_pre, x, values, indices, W_dec, b_dec, gain, W_in, b_in, F, act, mode, has_c)
+    key = paths.bucket("edit_decode", values, W_dec, b_dec, gain, W_in, F, mode=mode, act=act,
+                       has_c=has_c)
+    path = paths.choose(key, dev, {"fused": lambda: _edit_decode(*args),
+                                   "torch": lambda: _edit_decode_torch(*args)})
+    return (_edit_decode if path == "fused" else _edit_decode_torch)(*args), h_pre
 
 
-def _embedding_bag(y, values, indices, W_dec, b_dec):
-    """The plain decode as torch ops (the paths.py candidate): sum_j v_j W_dec[i_j] + b_dec."""
-    out = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values.to(
-        W_dec.dtype), mode="sum")
-    if b_dec is not None:
-        out = out + b_dec
-    return out.to(y.dtype)
+def _edit_decode_torch(y, h_pre, x, values, indices, W_dec, b_dec, gain, W_in, b_in, F, act,
+                       mode, has_c):
+    """The same edit + decode from torch ops (the paths.py candidate): ``F.embedding_bag``
+    gathers of W_dec (and W_in) rows weighted by the coefficients, fp32 sums of the dense
+    terms; h_pre written for the backward. -> y (also written into y)."""
+    bag = torch.nn.functional.embedding_bag
+    v = values.float()
+    out = (x.to(torch.float32, copy=True) if mode == DELTA  # summed into in place: not x
+           else torch.zeros(y.shape, device=y.device))
+    if gain is not None and mode != PLAIN:
+        g = gain.float()[indices]
+        coef = v * g if mode == DELTA else v * (1 + g)
+    else:
+        coef = None if mode == DELTA else v
+    if coef is not None:
+        out += bag(indices, W_dec, per_sample_weights=coef.to(W_dec.dtype), mode="sum").float()
+    if mode != DELTA and b_dec is not None:
+        out += b_dec.float()
+    if h_pre is not None:
+        H = W_in.shape[1]
+        h = bag(indices, W_in.float(), per_sample_weights=v, mode="sum")
+        if b_in is not None:
+            h += b_in.float()
+        h_pre.copy_(h)
+        a = {0: torch.relu, 1: torch.nn.functional.gelu, 2: lambda t: t}[act](h)
+        out += a @ F[:H]
+    if has_c:
+        out += F[-1]
+    return y.copy_(out)
 
 
 def _edit_decode(y, h_pre, x, values, indices, W_dec, b_dec, gain, W_in, b_in, F, act, mode,
