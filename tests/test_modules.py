@@ -258,3 +258,29 @@ def test_functional_sae_forward_errors():
         ss.sae_forward(x, W, b, Wd, bd, 21)
     with pytest.raises(TypeError, match="W_dec must have dtype torch.float32 like x"):
         ss.sae_forward(x, W, b, Wd.double(), bd, 4)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_sae_forward_loss_on_the_code_alone(backend, tied):
+    """A loss on the values only (an L1 penalty, say): the encoder gets its gradient, W_dec
+    and b_dec get zeros (tied: b_dec gets b_pre's share), as on the float64 torch backend."""
+    dt = dtype_for(backend)
+    dev = "cuda" if backend == "triton" and not _triton.interpreting() else "cpu"
+    g = torch.Generator().manual_seed(8)
+    W_enc, W_dec = torch.randn(2, 90, 12, generator=g, dtype=torch.float64) / 4
+    b_enc, b_dec = 0.1 * torch.randn(90, generator=g, dtype=torch.float64), torch.zeros(12)
+    x = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    grads = {}
+    for be, d in ((backend, dt), ("torch", torch.float64)):
+        ps = [t.to(dev if be == backend else "cpu", d).requires_grad_()
+              for t in (W_enc, b_enc, W_dec, b_dec.double())]
+        sae = ss.SAE(*ps, 5, b_pre=ps[3] if tied else None)
+        _, v, _ = sae(x.to(ps[0].device, d), backend=be, return_code=True)
+        v.sum().backward()
+        grads[be] = [p.grad.cpu().double() if p.grad is not None else None for p in ps]
+    for a, b in zip(grads[backend], grads["torch"]):
+        if b is None or not b.any():
+            assert a is None or not a.any()
+        else:
+            assert_close(a, b, rtol=1e-4, atol=1e-6, name="grad")

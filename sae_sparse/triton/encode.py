@@ -496,7 +496,7 @@ def _settle(out, keys, bad, fin, xc, W, b, thr, k, S_all, *, fix, finish, cand=N
         k, kk, S, D, L, nt, col0, limit, S_all,
         FIX=fix, FINISH=finish, HAS_THR=has_thr, HAS_ID32=out.id32 is not None, TOPM=top_m,
         KP=KP, BLOCK_T=p2(nt), BLOCK_S=BS, TB=max(BS, KP), BLOCK_D=min(32, p2(D)),
-        RLOW=_rlow(xc.dtype, D) if fix == 1 else 0, RNE_BF16=rne_bf16(out.values.dtype),
+        RLOW=_rlow(xc.dtype, D), RNE_BF16=rne_bf16(out.values.dtype),
         num_warps=warps(4))
 
 

@@ -142,8 +142,9 @@ class SAEForward(torch.autograd.Function):
         dWd = lat.get("W_dec") if n_dec else (torch.zeros_like(W_dec) if n_Wd else None)
         dbp = _b_pre_grad(lat["b_enc"], W_enc).to(bp.dtype) if n_bp else None
         dbd = None
-        if n_bd:
-            dbd = dy.sum(0).to(W_dec.dtype) if dy is not None else torch.zeros_like(bp)
+        if n_bd:  # (a loss on the code alone leaves the decoder bias without a gradient)
+            dbd = (dy.sum(0).to(W_dec.dtype) if dy is not None
+                   else W_dec.new_zeros(W_dec.shape[1]))
         if ctx.tied:
             dbd = dbd + dbp if dbd is not None else None
             dbp = None
