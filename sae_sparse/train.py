@@ -89,7 +89,7 @@ class TrainConfig:
         if self.baseline is not None and self.baseline != "dense" and not (
                 self.baseline.startswith("lora:") and self.baseline[5:].isdigit()):
             raise ValueError(f"baseline must be None, 'dense' or 'lora:R', got {self.baseline!r}")
-        for name in ("steps", "batch_size", "grad_accum", "max_len"):
+        for name in ("steps", "batch_size", "grad_accum", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.latents is not None and (not self.latents or any(

@@ -261,3 +261,5 @@ def test_loss_is_read_back_every_log_every_steps_and_nan_stops_the_run(tmp_path,
         train_adapter(model, tok, {"transformer.h.0": bad}, data, str(tmp_path / "c"),
                       TrainConfig(log_every=3, **kw), progress=False)
     assert not os.path.exists(tmp_path / "c" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="log_every must be >= 1"):
+        TrainConfig(log_every=0).validate()
