@@ -65,7 +65,7 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
     """
     D, S = V.check_encoder(x, W_enc, b_enc, k, b_pre, threshold)
     name = resolve(backend, x.device, x.dtype)
-    if name != "triton":  # the triton kernels check it on the device, at their one host sync
+    if name != "triton":  # triton makes no host sync to look: non-finite rows come back NaN
         V.check_finite(x, "x")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, D)
@@ -112,7 +112,7 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
     V.check_tensor(W_dec, "W_dec", (S, D), like=x)
     V.check_tensor(b_dec, "b_dec", (D,), like=x)
     name = resolve(backend, x.device, x.dtype)
-    if name != "triton":  # the triton kernels check it on the device, at their one host sync
+    if name != "triton":  # triton makes no host sync to look: non-finite rows come back NaN
         V.check_finite(x, "x")
     lead = x.shape[:-1]
     if name == "triton" and not torch.compiler.is_compiling():  # the fused step, eager
@@ -226,7 +226,7 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
     if b_dec is not None:
         V.check_tensor(b_dec, "b_dec", (D,), like=x)
     name = resolve(backend, x.device, x.dtype)
-    if name != "triton":  # the triton encode checks it on the device
+    if name != "triton":  # triton: non-finite rows come back NaN (no host sync to look)
         V.check_finite(x, "x")
     x2 = x.reshape(-1, D)
     if kk == 0 or x2.shape[0] == 0:

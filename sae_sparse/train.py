@@ -275,7 +275,7 @@ def evaluate(model, data, cfg, edits, device, pad_id):
                 loss = lm_loss(model, ids, attn, loss_mask)
             n = loss_mask[:, 1:].sum()
             tot, cnt = tot + loss.detach().double() * n, cnt + n  # read back once, at the end
-    return float(tot / cnt.clamp_min(1)) if torch.is_tensor(cnt) else tot
+    return float(tot / cnt.clamp_min(1))
 
 
 def _autocast(cfg, device):

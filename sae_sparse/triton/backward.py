@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import p2, rne_bf16, sm_count, tl, triton, warps
+from ._common import interpreting, p2, rne_bf16, sm_count, tl, triton, warps
 
 # Columns per program of the per-latent sums, pairs gathered per step; dense_bwd's tokens per
 # step. Not tuned on a GPU.
@@ -274,7 +274,7 @@ def dense_bwd(dy, h_pre, dh, act, has_c):
         z = torch.zeros(R * D + H, dtype=torch.float32, device=dev)
         return z[:R * D].view(R, D), z[R * D:]
     BD = min(DENSE["block_d"], p2(D))
-    BN = 16 if triton is not None and N < 32 else DENSE["block_n"]
+    BN = 16 if N < 32 else DENSE["block_n"]
     grid_d = triton.cdiv(D, BD)
     want = sm_count(dev) * DENSE["programs_per_sm"]
     split = max(1, min(triton.cdiv(N, BN), want // grid_d))
@@ -351,12 +351,8 @@ def latent_bwd(csr, S, K, *, values=None, gp=None, dh=None, dpre=None, x=None, b
         HAS_ACTIVE=active is not None, G_GAIN=need_gain, G_WIN=need_win, G_WENC=need_wenc,
         HAS_SUB=b_pre is not None, G_BENC=need_benc, G_WDEC=need_wdec, DEC_MODE=dec_mode,
         HAS_GAIN=gain is not None, ADD_WDEC=wdec_init is not None,
-        BLOCK_E=4 if triton is not None and _interp() else SEGMENT["block_e"], BLOCK_C=BLOCK_C,
+        BLOCK_E=4 if interpreting() else SEGMENT["block_e"], BLOCK_C=BLOCK_C,
         RNE_ENC=rne_bf16(wenc_dtype), RNE_DEC=rne_bf16(out["W_dec"].dtype) if need_wdec
         else False, num_warps=warps(SEGMENT["num_warps"]))
     return out
 
-
-def _interp():
-    from ._common import interpreting
-    return interpreting()

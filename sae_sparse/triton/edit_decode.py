@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..codes import MODES
+from ..codes import ACTIVATIONS, MODES
+from ..reference import activation_fn, decode_coef
 from . import paths
 from ._common import check_dtypes, p2, rne_bf16, tl, triton, warps
 
@@ -124,11 +125,7 @@ def _edit_decode_torch(y, h_pre, x, values, indices, W_dec, b_dec, gain, W_in, b
     v = values.float()
     out = (x.to(torch.float32, copy=True) if mode == DELTA  # summed into in place: not x
            else torch.zeros(y.shape, device=y.device))
-    if gain is not None and mode != PLAIN:
-        g = gain.float()[indices]
-        coef = v * g if mode == DELTA else v * (1 + g)
-    else:
-        coef = None if mode == DELTA else v
+    coef = decode_coef(v, indices, gain.float() if gain is not None else None, MODES[mode])
     if coef is not None:
         out += bag(indices, W_dec, per_sample_weights=coef.to(W_dec.dtype), mode="sum").float()
     if mode != DELTA and b_dec is not None:
@@ -139,8 +136,7 @@ def _edit_decode_torch(y, h_pre, x, values, indices, W_dec, b_dec, gain, W_in, b
         if b_in is not None:
             h += b_in.float()
         h_pre.copy_(h)
-        a = {0: torch.relu, 1: torch.nn.functional.gelu, 2: lambda t: t}[act](h)
-        out += a @ F[:H]
+        out += activation_fn(ACTIVATIONS[act])(h) @ F[:H]
     if has_c:
         out += F[-1]
     return y.copy_(out)
