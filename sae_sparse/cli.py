@@ -1,96 +1,194 @@
-"""Command line: ``sae-sparse train | report | merge | demo | sparsify``.
+"""Command line: ``sae-sparse train | report | merge | generate | demo | sparsify``.
 
 ``sae-sparse train`` with no arguments runs the offline demo (tiny model + SAE shipped in the
 package, a planted edit, training and the report).
+
+A mistake of the user's own (a missing file, a bad record, an SAE that does not fit its hook,
+a run directory of another run) ends with one line, ``sae-sparse: error: ...``, and exit
+status 2, found before the model is loaded and before anything is written where possible;
+``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its files: reported as one line."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``--help`` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(v):
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+def _nonneg_float(v):
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v!r}")
+    return x
+
+
+def _common(p):
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line")
 
 
 def _train_parser(sub):
     p = sub.add_parser("train", help="train a sparse latent adapter (no arguments: the demo)",
+                       formatter_class=_Formatter,
                        description="Train an adapter in SAE latent space on a frozen causal LM. "
-                       "With no arguments, runs the offline demo.")
-    p.add_argument("--model", help="a locally saved Hugging Face causal LM directory")
+                       "With no arguments, runs the offline demo. Rerunning the same command "
+                       "resumes from the run directory's checkpoint.")
+    p.add_argument("--model", help="the causal LM: a save_pretrained directory, a .gguf file, "
+                   "or a Hugging Face hub id")
     p.add_argument("--sae", action="append", default=[],
                    help="SAE path (SAELens/sparsify dir, Gemma Scope .npz, dictionary_learning "
-                        "ae.pt, OpenAI .pt); repeat once per --hook")
+                        "ae.pt, OpenAI .pt); repeatable, one per hook")
     p.add_argument("--hook", action="append", default=[],
-                   help="module whose output the SAE reads and edits, e.g. model.layers.6 or "
-                        "transformer.h.6; repeatable")
+                   help="where the SAE reads and edits: a module path (model.layers.6, "
+                        "transformer.h.6) or a TransformerLens name (blocks.6.hook_resid_post); "
+                        "repeatable, one per --sae; optional when the SAE's config names its "
+                        "hook")
     p.add_argument("--data", help="JSONL of {'text'} or {'prompt','completion'} records")
-    p.add_argument("--out", default=None, help="run directory (default: sae_sparse_run)")
-    p.add_argument("--k", type=int, default=None, help="cap k_max for ReLU/JumpReLU SAEs")
+    p.add_argument("--out", default="sae_sparse_run", help="run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run of other data/model/SAEs/settings in --out")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from step 0 even if --out holds a checkpoint of this run")
+    p.add_argument("--k", type=_positive, default=None,
+                   help="active latents kept per token for ReLU/JumpReLU SAEs (the cap k_max; "
+                        "tokens above it are counted and reported). TopK SAEs use their own k")
     p.add_argument("--edit", default="gain,bias,ffn:16",
                    help="adapter kinds: gain, bias, ffn:H[:relu|gelu|identity], lowrank:R")
     p.add_argument("--latents", default=None,
                    help="restrict the edit to these latent ids: '3,17,42' or @file (ids "
                         "separated by commas/whitespace)")
-    p.add_argument("--mode", default="delta", choices=["delta", "replace"])
-    p.add_argument("--baseline", default=None, help="train a baseline instead: lora:R or dense")
-    p.add_argument("--edit-positions", default="all", choices=["all", "prompt", "completion"])
-    p.add_argument("--l1", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--eval-frac", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--log-every", type=int, default=10,
+    p.add_argument("--mode", default="delta", choices=["delta", "replace"],
+                   help="delta: y = x + (z' - z) W_dec; replace: y = z' W_dec + b_dec")
+    p.add_argument("--baseline", default=None,
+                   help="train a baseline instead: lora:R (residual LoRA) or dense (the same "
+                        "adapter on dense latents)")
+    p.add_argument("--edit-positions", default="all", choices=["all", "prompt", "completion"],
+                   help="which tokens the edit applies to")
+    p.add_argument("--l1", type=_nonneg_float, default=1e-3,
+                   help="L1 penalty on gain, bias and W_out (keeps the edit sparse)")
+    p.add_argument("--lr", type=_nonneg_float, default=1e-2, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--steps", type=_positive, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive, default=8, help="records per micro-batch")
+    p.add_argument("--grad-accum", type=_positive, default=1,
+                   help="micro-batches per optimizer step")
+    p.add_argument("--max-len", type=_positive, default=128,
+                   help="tokens kept per record (longer records are truncated, with a warning)")
+    p.add_argument("--eval-frac", type=float, default=0.1,
+                   help="fraction of the records held out for evaluation")
+    p.add_argument("--eval-every", type=_positive, default=50, help="evaluate every N steps")
+    p.add_argument("--log-every", type=_positive, default=10,
                    help="read the training loss back from the device every N steps "
                         "(a non-finite loss stops the run then)")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default=None, choices=["torch", "cpp"])
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--checkpoint-every", type=_positive, default=50,
+                   help="save a resumable checkpoint every N steps (and on Ctrl-C)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and order")
+    p.add_argument("--backend", default=None, choices=["torch", "cpp", "triton"],
+                   help="kernel backend (default: the best available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
+                   "available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA only)")
-    p.add_argument("--no-report", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-report", action="store_true", help="skip report.md")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (evaluations are still printed)")
+    _common(p)
     return p
 
 
-def cmd_train(a, parser):
-    if not (a.model or a.sae or a.hook or a.data):
-        from .demo import run_demo
+def _sae_arg(p):
+    p.add_argument("--sae", action="append", default=[], metavar="[HOOK=]PATH",
+                   help="the SAE's path if it moved since training (HOOK=PATH for a run with "
+                        "several hooks); repeatable")
 
-        rep = run_demo(a.out or "sae_sparse_demo_run", seed=a.seed, progress=not a.no_progress)
-        ok = all(h["planted"]["recovered"] for h in rep["hooks"].values())
-        return 0 if ok else 1
-    missing = [n for n in ("model", "data") if not getattr(a, n)]
-    if missing or not a.sae or not a.hook:
-        parser.error("train needs --model, --sae, --hook and --data (or no arguments for the "
-                     "demo)")
-    if len(a.sae) != len(a.hook):
-        parser.error(f"give one --sae per --hook (got {len(a.sae)} --sae, {len(a.hook)} --hook)")
+
+def _parse_sae_paths(items):
+    out = {}
+    for it in items:
+        hook, eq, path = it.partition("=")
+        key, val = (hook, path) if eq and not os.path.exists(it) else (None, it)
+        if key in out:
+            raise UsageError(f"--sae given twice for {key or 'the run'}")
+        out[key] = val
+    return out
+
+
+# --------------------------------------------------------------------------------- pre-checks
+
+
+def _parse_latents(spec):
+    if spec.startswith("@"):
+        if not os.path.isfile(spec[1:]):
+            raise UsageError(f"--latents: no file {spec[1:]!r}")
+        with open(spec[1:]) as f:
+            text = f.read()
+    else:
+        text = spec
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--latents must list integer latent ids, got {spec!r}") from None
+    if not ids or min(ids) < 0:
+        raise UsageError(f"--latents must list non-negative latent ids, got {spec!r}")
+    return ids
+
+
+def _device(spec):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: this machine has no CUDA device")
+    return dev
+
+
+def _precheck_train(a):
+    """Everything that can be checked before the model's weights load and before the run
+    directory is created. -> (records, config, {hook: SAE on the CPU}, sources, meta model)."""
+    from .hookpoints import hook_width, meta_model, resolve_hook
     from .io import content_hash, load_sae
-    from .report import write_report
-    from .train import TrainConfig, train_adapter
+    from .models import load_config
+    from .train import TrainConfig, _check_run_dir, load_jsonl, run_fingerprint
 
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(a.model).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(a.model)
-    saes, sources = {}, {}
-    for hook, path in zip(a.hook, a.sae):
-        sae = load_sae(path, k=a.k, device=device)
-        saes[hook] = sae
-        info = {k: v for k, v in sae.format_info.items() if k != "cfg"}
-        sources[hook] = {**info, "sha256": content_hash(path)}
-    latents = None
-    if a.latents:
-        text = open(a.latents[1:]).read() if a.latents.startswith("@") else a.latents
-        try:
-            latents = [int(t) for t in text.replace(",", " ").split()]
-        except ValueError:
-            parser.error(f"--latents must list integer latent ids, got {a.latents!r}")
+    missing = [f"--{n}" for n in ("model", "data", "sae") if not getattr(a, n)]
+    if missing:
+        raise UsageError(f"train needs {', '.join(missing)} (or no arguments for the demo)")
+    if a.hook and len(a.hook) != len(a.sae):
+        raise UsageError(f"give one --hook per --sae (got {len(a.sae)} --sae, {len(a.hook)} "
+                         "--hook), or no --hook to use the hooks the SAEs' configs name")
+    if len(set(a.sae)) != len(a.sae):
+        raise UsageError("the same --sae is given twice")
+    latents = _parse_latents(a.latents) if a.latents else None
     cfg = TrainConfig(edit=a.edit, mode=a.mode, baseline=a.baseline, latents=latents,
                       edit_positions=a.edit_positions, l1=a.l1, lr=a.lr,
                       weight_decay=a.weight_decay, steps=a.steps, batch_size=a.batch_size,
@@ -98,14 +196,94 @@ def cmd_train(a, parser):
                       eval_every=a.eval_every, log_every=a.log_every,
                       checkpoint_every=a.checkpoint_every, seed=a.seed,
                       backend=a.backend, bf16=a.bf16)
-    out = a.out or "sae_sparse_run"
-    m = train_adapter(model, tok, saes, a.data, out, cfg, sae_sources=sources,
-                      model_source=os.path.abspath(a.model), progress=not a.no_progress)
-    print(f"eval loss {m['base_eval_loss']:.4f} (unedited) -> {m['final_eval_loss']} (edited); "
-          f"adapter saved in {out}")
+    cfg.validate()
+    device = _device(a.device)
+    if a.backend:
+        from .backends import available_backends
+
+        if a.backend not in available_backends():
+            raise UsageError(f"--backend {a.backend} is not available here (available: "
+                             f"{', '.join(available_backends())})")
+    records = load_jsonl(a.data)
+    for path in a.sae:  # before the model: a missing SAE should not wait for a model load
+        if not os.path.exists(path):
+            raise UsageError(f"--sae {path}: no such file or directory")
+    try:
+        config = load_config(a.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from e
+    meta = meta_model(config)
+    saes, sources = {}, {}
+    for n, path in enumerate(a.sae):
+        sae = load_sae(path, k=a.k)
+        info = {k: v for k, v in sae.format_info.items() if k != "cfg"}
+        own = info.get("hook_name")
+        if not a.hook and not own:
+            raise UsageError(f"--sae {path}: its config names no hook; pass --hook (e.g. "
+                             "model.layers.6 or blocks.6.hook_resid_post)")
+        hook = a.hook[n] if a.hook else own
+        try:
+            module = resolve_hook(meta, hook)
+        except ValueError as e:
+            raise UsageError(f"--hook {hook}: {e}" if a.hook else
+                             f"the hook {hook!r} named by the SAE at {path}: {e}") from None
+        if a.hook and own:
+            try:
+                same = resolve_hook(meta, own) == module
+            except ValueError:
+                same = False
+            if not same:
+                warnings.warn(f"--hook {hook} differs from the hook {own!r} that the SAE at "
+                              f"{path} was trained on")
+        if module in saes:
+            raise UsageError(f"two SAEs edit the same module {module}")
+        width = hook_width(meta, module)
+        if width != sae.d_in:
+            raise UsageError(f"the SAE at {path} reads vectors of width {sae.d_in}, but the "
+                             f"hook {hook} ({module}) outputs width {width}")
+        if latents is not None and max(latents) >= sae.d_sae:
+            raise UsageError(f"--latents {max(latents)} is out of range for the SAE at {path} "
+                             f"(d_sae = {sae.d_sae})")
+        saes[module] = sae
+        sources[module] = {**info, "sha256": content_hash(path)}
+    fingerprint = run_fingerprint(meta, saes, a.data, sae_sources=sources,
+                                  model_source=_model_source(a.model))
+    _check_run_dir(a.out, cfg, fingerprint, resume=not a.no_resume, overwrite=a.overwrite)
+    return records, cfg, saes, sources
+
+
+def _model_source(spec):
+    return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
+def cmd_train(a):
+    if not (a.model or a.sae or a.hook or a.data):
+        from .demo import run_demo
+
+        rep = run_demo(a.out if a.out != "sae_sparse_run" else "sae_sparse_demo_run",
+                       seed=a.seed, progress=not a.no_progress)
+        ok = all(h["planted"]["recovered"] for h in rep["hooks"].values())
+        return 0 if ok else 1
+    records, cfg, saes, sources = _precheck_train(a)
+
+    from .models import load_model
+    from .report import write_report
+    from .train import train_adapter
+
+    device = _device(a.device)
+    model, tok = load_model(a.model, device=device)
+    saes = {h: s.to(device) for h, s in saes.items()}
+    m = train_adapter(model, tok, saes, a.data, a.out, cfg,
+                      sae_sources=sources, model_source=_model_source(a.model),
+                      progress=not a.no_progress, resume=not a.no_resume,
+                      overwrite=a.overwrite)
+    final = m["final_eval_loss"]
+    print(f"eval loss {m['base_eval_loss']:.4f} (unedited) -> "
+          + (f"{final:.4f} (edited)" if final is not None else "n/a (no eval split)")
+          + f"; adapter saved in {a.out}")
     if not a.no_report:
-        write_report(out, model=model, tokenizer=tok, saes=saes)
-        print(f"report: {os.path.join(out, 'report.md')}")
+        write_report(a.out, model=model, tokenizer=tok, saes=saes)
+        print(f"report: {os.path.join(a.out, 'report.md')}")
     return 0
 
 
@@ -115,8 +293,12 @@ def cmd_report(a):
     planted = None
     if a.planted:
         hook, _, ids = a.planted.partition(":")
-        planted = {hook: [int(i) for i in ids.split(",") if i]}
-    rep = write_report(a.run_dir, planted=planted, top=a.top)
+        try:
+            planted = {hook: [int(i) for i in ids.split(",") if i]}
+        except ValueError:
+            raise UsageError(f"--planted must be HOOK:i,j,k, got {a.planted!r}") from None
+    rep = write_report(a.run_dir, planted=planted, top=a.top,
+                       sae_paths=_parse_sae_paths(a.sae))
     print(f"report: {os.path.join(a.run_dir, 'report.md')}")
     if planted:
         return 0 if all(h["planted"]["recovered"] for h in rep["hooks"].values()) else 1
@@ -124,19 +306,52 @@ def cmd_report(a):
 
 
 def cmd_merge(a):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from .models import load_model
     from .train import load_adapter, merge_bias_edit
 
     _, conf = load_adapter(a.run_dir)
     base = a.model or conf.get("base_model")
     if not base:
-        raise SystemExit("the run records no base model: pass --model")
-    model = AutoModelForCausalLM.from_pretrained(base)
-    merge_bias_edit(model, a.run_dir)
+        raise UsageError("the run records no base model: pass --model")
+    if os.path.exists(a.out) and os.listdir(a.out):
+        raise UsageError(f"--out {a.out} exists and is not empty")
+    model, tok = load_model(base)
+    merge_bias_edit(model, a.run_dir, sae_paths=_parse_sae_paths(a.sae))
     model.save_pretrained(a.out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(a.out)
+    tok.save_pretrained(a.out)
     print(f"merged model written to {a.out}")
+    return 0
+
+
+def cmd_generate(a):
+    from .generate import format_side_by_side, side_by_side
+    from .models import load_model
+    from .train import attach_run, load_adapter
+
+    prompts = list(a.prompt)
+    if a.prompts:
+        if not os.path.isfile(a.prompts):
+            raise UsageError(f"--prompts: no file {a.prompts!r}")
+        with open(a.prompts, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise UsageError("generate needs --prompt TEXT (repeatable) or --prompts FILE")
+    _, conf = load_adapter(a.run_dir)
+    base = a.model or conf.get("base_model")
+    if not base:
+        raise UsageError("the run records no base model: pass --model")
+    device = _device(a.device)
+    model, tok = load_model(base, device=device)
+    edits = attach_run(model, a.run_dir, sae_paths=_parse_sae_paths(a.sae))
+    try:
+        rows = side_by_side(model, tok, edits, prompts, strengths=a.strength,
+                            max_new_tokens=a.max_new_tokens,
+                            chat={"auto": None, "on": True, "off": False}[a.chat],
+                            temperature=a.temperature, seed=a.seed,
+                            edit_positions=conf.get("edit_positions", "all"))
+    finally:
+        edits.remove()
+    print(format_side_by_side(rows))
     return 0
 
 
@@ -148,10 +363,18 @@ def cmd_sparsify(args):
     try:
         from sparsify.__main__ import run
     except ImportError as e:
-        raise SystemExit(f"sae-sparse sparsify needs EleutherAI sparsify (pip install "
-                         f"eai-sparsify): {e}")
+        print(f"sae-sparse: error: `sae-sparse sparsify` needs EleutherAI sparsify (pip "
+              f"install eai-sparsify): {e}", file=sys.stderr)
+        return 2
+    import torch
+
     from .compat import patch_sparsify
 
+    if not torch.cuda.is_available() and not any(x in ("-h", "--help") for x in args):
+        print("sae-sparse: error: `sae-sparse sparsify` runs sparsify's own command line, which "
+              "needs a CUDA GPU (it loads the model on cuda:RANK); on a CPU, call sparsify's "
+              "Trainer from Python under compat.patch_sparsify()", file=sys.stderr)
+        return 2
     saved = sys.argv
     sys.argv = ["sparsify", *args]
     try:
@@ -162,39 +385,109 @@ def cmd_sparsify(args):
     return 0
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="sae-sparse", description=__doc__.splitlines()[0])
+def _parsers():
+    ap = _Parser(prog="sae-sparse", description=__doc__.splitlines()[0],
+                 formatter_class=_Formatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    tp = _train_parser(sub)
-    rp = sub.add_parser("report", help="write report.md + plots for a run directory")
-    rp.add_argument("run_dir")
+    _train_parser(sub)
+    rp = sub.add_parser("report", help="write report.md + plots for a run directory",
+                        formatter_class=_Formatter)
+    rp.add_argument("run_dir", help="a finished run directory")
     rp.add_argument("--planted", default=None, help="HOOK:i,j,k planted latents to check")
-    rp.add_argument("--top", type=int, default=20)
-    mp = sub.add_parser("merge", help="fold a bias-only edit into the model's weights")
-    mp.add_argument("run_dir")
-    mp.add_argument("--out", required=True)
+    rp.add_argument("--top", type=_positive, default=20, help="latents per ranking")
+    _sae_arg(rp)
+    _common(rp)
+    mp = sub.add_parser("merge", help="fold a bias-only edit into the model's weights",
+                        formatter_class=_Formatter)
+    mp.add_argument("run_dir", help="a finished run directory")
+    mp.add_argument("--out", required=True, help="directory for the merged model")
     mp.add_argument("--model", default=None, help="base model (default: the run's)")
-    dp = sub.add_parser("demo", help="the offline demo (same as `train` with no arguments)")
-    dp.add_argument("--out", default="sae_sparse_demo_run")
-    dp.add_argument("--seed", type=int, default=0)
+    _sae_arg(mp)
+    _common(mp)
+    gp = sub.add_parser("generate", help="base and edited generations side by side",
+                        formatter_class=_Formatter)
+    gp.add_argument("run_dir", help="a finished run directory")
+    gp.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
+    gp.add_argument("--prompts", default=None, help="a file of prompts, one per line")
+    gp.add_argument("--strength", type=float, action="append", default=None,
+                    help="scale of the edit (1 = as trained, 0 = none); repeatable "
+                         "[default: 1]")
+    gp.add_argument("--max-new-tokens", type=_positive, default=40,
+                    help="tokens generated per prompt")
+    gp.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
+                    help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    gp.add_argument("--temperature", type=_nonneg_float, default=0.0,
+                    help="0 = greedy decoding")
+    gp.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    gp.add_argument("--model", default=None, help="base model (default: the run's)")
+    gp.add_argument("--device", default=None, help="cpu, cuda, ...")
+    _sae_arg(gp)
+    _common(gp)
+    dp = sub.add_parser("demo", help="the offline demo (same as `train` with no arguments)",
+                        formatter_class=_Formatter)
+    dp.add_argument("--out", default="sae_sparse_demo_run", help="run directory")
+    dp.add_argument("--seed", type=int, default=0, help="seed of the data and training")
+    dp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(dp)
     sub.add_parser("sparsify", add_help=False,
-                   help="EleutherAI sparsify's trainer (`python -m sparsify ARGS`) with every "
-                        "SparseCoder on this package's ops (compat.patch_sparsify); the "
-                        "backend from $SAE_SPARSE_BACKEND")
+                   help="EleutherAI sparsify's trainer (`python -m sparsify ARGS`; needs "
+                        "CUDA) with every SparseCoder on this package's ops "
+                        "(compat.patch_sparsify); the backend from $SAE_SPARSE_BACKEND")
+    return ap
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        msg = f"missing key {msg}"
+    return " ".join(msg.split())  # one line, whatever the exception held
+
+
+@contextlib.contextmanager
+def _short_warnings():
+    """Warnings (this package's and the libraries') as one line each on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda msg, *a, **k: print(f"sae-sparse: warning: {msg}",
+                                                          file=sys.stderr)
+        yield
+
+
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sparsify"]:  # everything after it is sparsify's, --help included
         return cmd_sparsify(argv[1:])
-    a = ap.parse_args(argv)
-    if a.cmd == "train":
-        return cmd_train(a, tp)
-    if a.cmd == "report":
-        return cmd_report(a)
-    if a.cmd == "merge":
-        return cmd_merge(a)
-    from .demo import run_demo
+    a = _parsers().parse_args(argv)
+    from .train import RunMismatch, TrainingInterrupted
 
-    rep = run_demo(a.out, seed=a.seed)
-    return 0 if all(h["planted"]["recovered"] for h in rep["hooks"].values()) else 1
+    try:
+        with _short_warnings():
+            if a.cmd == "train":
+                return cmd_train(a)
+            if a.cmd == "report":
+                return cmd_report(a)
+            if a.cmd == "merge":
+                return cmd_merge(a)
+            if a.cmd == "generate":
+                a.strength = a.strength or [1.0]
+                return cmd_generate(a)
+            from .demo import run_demo
+
+            rep = run_demo(a.out, seed=a.seed, progress=not a.no_progress)
+            return 0 if all(h["planted"]["recovered"] for h in rep["hooks"].values()) else 1
+    except TrainingInterrupted as e:
+        print(f"sae-sparse: interrupted after step {e.step}; checkpoint saved in "
+              f"{e.checkpoint}. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("sae-sparse: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, RunMismatch, ValueError, KeyError, OSError,
+            FloatingPointError, ImportError) as e:
+        if a.debug:
+            raise
+        print(f"sae-sparse: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

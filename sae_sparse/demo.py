@@ -43,11 +43,16 @@ def word_tokenizer():
 
 
 def bigram_chain(n_words, seed=0, fanout=4):
+    """The demo language's transition matrix: the same for the same seed, whatever the global
+    RNG's state (the Dirichlet draws come from the global RNG, so it is forked and seeded;
+    ``scripts/make_demo_assets.py`` trained the shipped model on ``bigram_chain(40, 0)``)."""
     g = torch.Generator().manual_seed(seed)
     P = torch.zeros(n_words, n_words)
-    for w in range(n_words):
-        nxt = torch.randperm(n_words, generator=g)[:fanout]
-        P[w, nxt] = torch.distributions.Dirichlet(torch.ones(fanout)).sample()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for w in range(n_words):
+            nxt = torch.randperm(n_words, generator=g)[:fanout]
+            P[w, nxt] = torch.distributions.Dirichlet(torch.ones(fanout)).sample()
     return P
 
 
@@ -133,7 +138,7 @@ def run_demo(out_dir="sae_sparse_demo_run", *, seed=0, steps=600, progress=True,
                       eval_frac=0.1, eval_every=200, checkpoint_every=200, seed=seed)
     metrics = train_adapter(model, tok, {planted["hook"]: sae}, data, out_dir, cfg,
                             sae_sources=src, model_source=os.path.join(ASSETS, "model"),
-                            progress=progress)
+                            progress=progress, overwrite=True, log=log)
     rep = write_report(out_dir, model=model, tokenizer=tok, saes={planted["hook"]: sae},
                        planted={planted["hook"]: planted["latents"]})
     verdict = rep["hooks"][planted["hook"]]["planted"]

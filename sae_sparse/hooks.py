@@ -55,24 +55,31 @@ class DenseLatentAdapterEdit(nn.Module):
 
 
 class _Edit:
-    def __init__(self, owner, path, module, fn):
-        self.owner, self.path, self.fn = owner, path, fn
+    def __init__(self, owner, path, module, fn, sae=None):
+        self.owner, self.path, self.fn, self.sae = owner, path, fn, sae
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         if not self.owner.enabled:
             return output
         h = output[0] if isinstance(output, tuple) else output
+        if self.sae is not None and h.shape[-1] != self.sae.d_in:
+            raise ValueError(f"the SAE at {self.path} reads vectors of width {self.sae.d_in}, "
+                             f"but {self.path} outputs width {h.shape[-1]}")
         mask = self.owner._mask
-        if mask is None:
-            y = self.fn(h)
-        else:
-            if mask.shape != h.shape[:-1]:
-                raise ValueError(f"token mask must have shape {list(h.shape[:-1])} (the hooked "
-                                 f"hidden states' leading dims), got {list(mask.shape)}")
-            # every token through the edit, the masked-out ones then taken as they were: no
-            # boolean indexing (a host sync and a copy per layer per step)
-            y = torch.where(mask[..., None], self.fn(h), h)
+        if mask is not None and mask.shape != h.shape[:-1]:
+            raise ValueError(f"token mask must have shape {list(h.shape[:-1])} (the hooked "
+                             f"hidden states' leading dims), got {list(mask.shape)}")
+        e = self.fn(h)
+        # every token through the edit, the masked-out ones then taken as they were: no
+        # boolean indexing (a host sync and a copy per layer per step)
+        s = self.owner.strength
+        if s != 1.0:
+            e = h + (e - h) * s
+        y = e if mask is None else torch.where(mask[..., None], e, h)
+        counted = self.owner._count
+        if counted is not None and self.sae is not None and self.sae._overflow_rows is not None:
+            self.owner._tally(self.path, self.sae._overflow_rows, counted, mask)
         return (y, *output[1:]) if isinstance(output, tuple) else y
 
 
@@ -82,7 +89,41 @@ class AttachedEdits:
     def __init__(self):
         self.edits: dict[str, _Edit] = {}
         self.enabled = True
+        self.strength = 1.0
         self._mask = None
+        self._count = None
+        # hook -> [edited tokens, tokens with more than k active latents], 0-dim device tensors
+        self.overflow: dict[str, list] = {}
+
+    @contextlib.contextmanager
+    def scaled(self, strength: float):
+        """Scale every edit: the output is ``h + strength·(edit(h) − h)`` (0 = unedited,
+        1 = as trained, 2 = twice as strong, negative = the opposite direction)."""
+        old, self.strength = self.strength, float(strength)
+        try:
+            yield self
+        finally:
+            self.strength = old
+
+    @contextlib.contextmanager
+    def counting_overflow(self, valid):
+        """Count, per hook, the edited tokens among ``valid`` [B, T] (e.g. the attention mask)
+        and those whose SAE code had more than k active latents (the cap cut them), into
+        :attr:`overflow`. The counts stay on the device: nothing is read back here."""
+        old, self._count = self._count, valid
+        try:
+            yield self
+        finally:
+            self._count = old
+
+    def _tally(self, path, rows, valid, mask):
+        sel = valid if mask is None else valid & mask
+        if rows.numel() != sel.numel():
+            return
+        sel = sel.reshape(-1)
+        acc = self.overflow.setdefault(path, [0, 0])
+        acc[0] = acc[0] + sel.sum()
+        acc[1] = acc[1] + (rows.reshape(-1) & sel).sum()
 
     @contextlib.contextmanager
     def token_mask(self, mask):
@@ -110,11 +151,11 @@ class AttachedEdits:
 
 
 def _module(model, path):
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n][:12]
-        raise ValueError(f"model has no module {path!r}; module paths look like {names} ...")
+    from .hookpoints import resolve_hook
+
+    # a module path, a sparsify hookpoint or a TransformerLens hook name; a ValueError naming
+    # close matches when none fits
+    return model.get_submodule(resolve_hook(model, path))
 
 
 def attach(model: nn.Module, edits: dict, *, mode: str = "delta", backend=None,
@@ -123,18 +164,25 @@ def attach(model: nn.Module, edits: dict, *, mode: str = "delta", backend=None,
 
     Args:
         model: any nn.Module (e.g. a transformers causal LM).
-        edits: ``{module_path: (sae, adapter)}`` for SAE edits (adapter may be None), or
-            ``{module_path: module}`` for a baseline such as :class:`ResidualLoRA` (any
+        edits: ``{hook: (sae, adapter)}`` for SAE edits (adapter may be None), or
+            ``{hook: module}`` for a baseline such as :class:`ResidualLoRA` (any
             callable mapping hidden states to edited hidden states).
         mode: "delta" or "replace" (SAE edits).
         backend: kernel backend for the SAE op.
         dense: compute SAE edits with the dense-latent baseline instead of the sparse op.
+
+    A hook is a module path (``transformer.h.6``), a sparsify hookpoint (``h.6``) or a
+    TransformerLens hook name (``blocks.6.hook_resid_post``); see :mod:`sae_sparse.hookpoints`.
     """
     out = AttachedEdits()
     for path, spec in edits.items():
         module = _module(model, path)
+        sae = None
         if isinstance(spec, tuple):
             sae, adapter = spec
+            if not isinstance(sae, SAE):
+                raise TypeError(f"edits[{path!r}]: expected (SAE, LatentAdapter or None), got "
+                                f"({type(sae).__name__}, ...)")
             if dense:
                 fn = DenseLatentAdapterEdit(sae, adapter, mode)
             else:
@@ -142,5 +190,5 @@ def attach(model: nn.Module, edits: dict, *, mode: str = "delta", backend=None,
                     return sae_edit(h, sae, adapter, mode=mode, backend=backend)
         else:
             fn = spec
-        out.edits[path] = _Edit(out, path, module, fn)
+        out.edits[path] = _Edit(out, path, module, fn, sae)
     return out

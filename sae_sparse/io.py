@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 
 import numpy as np
 import torch
@@ -41,8 +43,9 @@ def _read_json(path):
 
 def _need_k(k, what):
     if k is None:
-        raise ValueError(f"{what} has no top-k of its own: pass k=... (the cap k_max on active "
-                         f"latents per token; sae.last_overflow counts rows that exceed it)")
+        raise ValueError(f"{what} has no top-k of its own: pass k=... (--k on the command "
+                         "line), the cap k_max on active latents per token; sae.last_overflow "
+                         "counts rows that exceed it")
     return k
 
 
@@ -78,12 +81,33 @@ def load_sae(path: str, *, k: int | None = None, dtype=None, device=None) -> SAE
     Returns:
         an :class:`SAE`; ``sae.format_info`` records the source format and config.
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no SAE at {path!r}: no such file or directory")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     fmt = detect_format(path)
     sae, info = _LOADERS[fmt](path, k)
+    own_k = info.pop("own_k", None)
+    if k is not None and own_k and int(own_k) != k:
+        warnings.warn(f"k={k} replaces the k={int(own_k)} this TopK SAE was trained with "
+                      f"({path}); its reconstructions change", stacklevel=2)
+    check_finite(sae, path)
     sae.format_info = {"format": fmt, "path": os.path.abspath(path), **info}
     if dtype is not None or device is not None:
         sae = sae.to(dtype=dtype, device=device)
     return sae
+
+
+def check_finite(sae: SAE, where: str = "the SAE") -> None:
+    """Raises a ValueError naming each weight of ``sae`` that holds NaN or inf: one NaN in
+    W_enc makes backends select different latents, one in W_dec makes every loss NaN."""
+    bad = []
+    for name, t in sae.named_parameters():
+        n = int((~torch.isfinite(t.detach())).sum())
+        if n:
+            bad.append(f"{name} ({n} of {t.numel()})")
+    if bad:
+        raise ValueError(f"{where}: non-finite values (NaN/inf) in {', '.join(bad)}")
 
 
 def _load_saelens(path, k):
@@ -103,7 +127,13 @@ def _load_saelens(path, k):
     meta = cfg.get("metadata") or {}
     return sae, {"hook_name": meta.get("hook_name", cfg.get("hook_name")),
                  "neuronpedia_id": meta.get("neuronpedia_id", cfg.get("neuronpedia_id")),
-                 "architecture": arch, "cfg": cfg}
+                 "architecture": arch, "cfg": cfg, "own_k": own_k if arch == "topk" else None}
+
+
+def _sparsify_hookpoint(path):
+    # sparsify saves each SAE in a folder named by its hookpoint (``layers.6``, ``h.6.mlp``)
+    base = os.path.basename(os.path.normpath(path))
+    return base if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)+", base) else None
 
 
 def _load_sparsify(path, k):
@@ -116,7 +146,8 @@ def _load_sparsify(path, k):
     b_dec = w["b_dec"]
     sae = SAE(w["encoder.weight"], w["encoder.bias"], w["W_dec"], b_dec, int(k or cfg["k"]),
               b_pre=None if cfg.get("transcode", False) else b_dec)
-    return sae, {"hook_name": None, "neuronpedia_id": None, "architecture": "topk", "cfg": cfg}
+    return sae, {"hook_name": _sparsify_hookpoint(path), "neuronpedia_id": None,
+                 "architecture": "topk", "cfg": cfg, "own_k": cfg.get("k")}
 
 
 def _load_gemmascope(path, k):
@@ -157,7 +188,7 @@ def _load_dictionary_learning(path, k):
         b_dec = w["b_dec"]
         sae = SAE(W_enc, b_enc, W_dec.contiguous(), b_dec, _need_k(kk, "this TopK SAE"),
                   b_pre=b_dec)
-        return sae, {**info, "architecture": "topk"}
+        return sae, {**info, "architecture": "topk", "own_k": own_k}
     b_dec = w["bias"]  # AutoEncoder (ReLU): relu(encoder(x - bias)), decoder(f) + bias
     sae = SAE(W_enc, b_enc, W_dec.contiguous(), b_dec,
               _need_k(k, "a dictionary_learning ReLU SAE"), b_pre=b_dec)
@@ -173,7 +204,8 @@ def _load_openai(path, k):
     sae = SAE(w["encoder.weight"], w["latent_bias"], w["decoder.weight"].T.contiguous(),
               pre_bias, _need_k(kk, f"this OpenAI {act} SAE"), b_pre=pre_bias)
     return sae, {"hook_name": None, "neuronpedia_id": None,
-                 "architecture": "topk" if act == "TopK" else "relu", "cfg": {}}
+                 "architecture": "topk" if act == "TopK" else "relu", "cfg": {},
+                 "own_k": own_k if act == "TopK" else None}
 
 
 _LOADERS = {"saelens": _load_saelens, "sparsify": _load_sparsify,

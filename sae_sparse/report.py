@@ -28,6 +28,11 @@ def _top(scores: torch.Tensor, n: int):
     return [(int(a), float(b)) for a, b in zip(i, v)]
 
 
+# score name -> (an ASCII slug for file names, the signed value shown beside it)
+SCORES = {"|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": "delta_z",
+          "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads"}
+
+
 def latent_scores(adapter: LatentAdapter, sae) -> dict:
     dn = sae.W_dec.detach().float().norm(dim=1)
     p = adapter.edit_params()  # latent mask applied
@@ -37,6 +42,33 @@ def latent_scores(adapter: LatentAdapter, sae) -> dict:
     if "bias" in p:
         out["|bias|·‖W_dec‖"] = p["bias"].detach().float().abs() * dn
     return out
+
+
+def _md(text) -> str:
+    """A table cell: pipes escaped, no line breaks."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _loss_curve(path, history, base):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    if history.get("step"):
+        ax.plot(history["step"], history["train_loss"], lw=1, color="tab:blue", label="train")
+    if history.get("eval_step"):
+        ax.plot(history["eval_step"], history["eval_loss"], "o-", color="tab:orange",
+                label="eval (edited)")
+    if base is not None and base == base:
+        ax.axhline(base, color="gray", ls="--", lw=1, label="eval (unedited)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -49,7 +81,9 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
         h = output[0] if isinstance(output, tuple) else output
         acts.append(h.detach().reshape(-1, h.shape[-1]).float())
 
-    handle = model.get_submodule(hook).register_forward_hook(grab)
+    from .hookpoints import resolve_hook
+
+    handle = model.get_submodule(resolve_hook(model, hook)).register_forward_hook(grab)
     n = 0
     try:
         for r in records:
@@ -105,22 +139,22 @@ def _link(np_id, i):
 
 
 def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted=None,
-                 top: int = 20) -> dict:
+                 top: int = 20, sae_paths: dict | None = None) -> dict:
     """Writes ``report.md`` + PNGs into ``run_dir``; returns the rankings.
 
     ``model``/``tokenizer`` (for Δz on eval data) are loaded from the run's recorded base model
-    when not given; ``planted`` = ``{hook: [latents]}`` adds a recovery check (top-3 by the
-    bias score, else |gain|).
+    when not given; ``sae_paths`` = ``{hook: path}`` for SAEs that moved since training;
+    ``planted`` = ``{hook: [latents]}`` adds a recovery check (top-3 by the bias score, else
+    |gain|) and marks those latents in every table.
     """
     from .train import load_adapter, load_run_saes
 
     trainables, conf = load_adapter(run_dir)
-    saes = saes or load_run_saes(conf)
+    saes = saes or load_run_saes(conf, paths=sae_paths)
     if model is None and conf.get("base_model"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .models import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(conf["base_model"]).eval()
-        tokenizer = AutoTokenizer.from_pretrained(conf["base_model"])
+        model, tokenizer = load_model(conf["base_model"])
     eval_path = os.path.join(run_dir, "eval.jsonl")
     records = []
     if os.path.exists(eval_path):
@@ -131,20 +165,47 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
         with open(os.path.join(run_dir, "metrics.json")) as f:
             metrics = json.load(f)
 
+    def num(x):
+        return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
+
     lines = [f"# sae_sparse report: `{os.path.basename(os.path.abspath(run_dir))}`", ""]
     if metrics:
-        lines += [f"- eval loss: base model {metrics.get('base_eval_loss'):.4f} → edited "
-                  f"{metrics.get('final_eval_loss') or float('nan'):.4f} "
-                  f"({metrics.get('n_train')} train / {metrics.get('n_eval')} eval records)"]
+        lines += [f"- eval loss: base model {num(metrics.get('base_eval_loss'))} → edited "
+                  f"{num(metrics.get('final_eval_loss'))}; final train loss "
+                  f"{num(metrics.get('final_train_loss'))} ({metrics.get('n_train')} train / "
+                  f"{metrics.get('n_eval')} eval records)"]
     lines += [f"- mode: {conf['mode']}, edit positions: {conf['edit_positions']}, "
-              f"baseline: {conf.get('baseline')}", ""]
+              f"baseline: {conf.get('baseline')}"]
+    for h, o in (metrics.get("overflow") or {}).items():
+        if o.get("architecture") == "topk":
+            lines.append(f"- `{h}`: a TopK SAE, k = {o['k']} active latents on every token")
+        else:
+            rate = 100 * o["rate"]
+            flag = " **(above 1%: raise --k)**" if rate > 1 else ""
+            lines.append(f"- `{h}`: {o['overflow_tokens']} of {o['tokens']} edited tokens "
+                         f"({rate:.2f}%) had more than k = {o['k']} active latents; the "
+                         f"weakest were dropped{flag}")
+    lines.append("")
+    hist = metrics.get("history") or {}
+    if hist.get("step") or hist.get("eval_step"):
+        _loss_curve(os.path.join(run_dir, "loss_curve.png"), hist,
+                    metrics.get("base_eval_loss"))
+        lines += ["## Loss curve", "", "![loss curve](loss_curve.png)", ""]
     result = {"hooks": {}}
     for h, t in trainables.items():
         sae = saes[h]
         np_id = conf["hooks"][h].get("sae", {}).get("neuronpedia_id")
-        safe = h.replace(".", "_")
-        lines += [f"## `{h}` (SAE: {conf['hooks'][h]['sae'].get('path')}, S={sae.d_sae})", ""]
+        marked = set((planted or {}).get(h, []))
+        safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in h)
+
+        def name_of(i):
+            link = _link(np_id, i)
+            return f"**{link}** (planted)" if i in marked else link
+
+        lines += [f"## `{h}` (SAE: {_md(conf['hooks'][h]['sae'].get('path'))}, "
+                  f"S={sae.d_sae})", ""]
         res = {}
+        signed = {}
         if isinstance(t, ResidualLoRA):
             AB = (t.A @ t.B).detach().float()
             writes = (sae.W_enc.detach().float() @ AB.T).norm(dim=1)
@@ -152,6 +213,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             scores = {"LoRA writes ‖W_enc[i]·(AB)ᵀ‖": writes, "LoRA reads ‖W_dec[i]·A‖": reads}
         else:
             scores = latent_scores(t, sae)
+            p = t.edit_params()
+            signed = {k: p[k].detach().float() for k in ("gain", "bias") if k in p}
             if model is not None and records:
                 dz = mean_abs_delta_z(model, tokenizer, sae, t, h, records)
                 if dz is not None:
@@ -159,12 +222,15 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
         for name, sc in scores.items():
             ranked = _top(sc, top)
             res[name] = ranked
-            png = f"{safe}_{''.join(c for c in name if c.isalnum())}.png"
+            png = f"{safe}_{SCORES.get(name, 'score')}.png"
             _bar(os.path.join(run_dir, png), ranked, f"{h}: top latents by {name}")
-            lines += [f"### Top latents by {name}", "", f"![{name}]({png})", "",
-                      "| rank | latent | score |", "|---|---|---|"]
-            lines += [f"| {r + 1} | {_link(np_id, i)} | {v:.4g} |" for r, (i, v) in
-                      enumerate(ranked[:10])]
+            cols = [k for k in ("gain", "bias") if k in signed]
+            lines += [f"### Top latents by {_md(name)}", "", f"![{SCORES.get(name)}]({png})", "",
+                      "| rank | latent | score |" + "".join(f" {c} |" for c in cols),
+                      "|---|---|---|" + "---|" * len(cols)]
+            for r, (i, v) in enumerate(ranked[:10]):
+                extra = "".join(f" {float(signed[c][i]):+.4g} |" for c in cols)
+                lines.append(f"| {r + 1} | {name_of(i)} | {v:.4g} |{extra}")
             lines.append("")
         if isinstance(t, LatentAdapter) and t.W_in is not None:
             dn = sae.W_dec.detach().float().norm(dim=1)
@@ -172,8 +238,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             W_in, W_out = p["W_in"].detach().float(), p["W_out"].detach().float()
             strength = (W_out.abs() * dn).sum(1)
             lines += ["### FFNN hidden units (by write strength)", "",
-                      "| unit | write strength | reads (top |W_in|) "
-                      "| writes (top |W_out|·‖W_dec‖) |",
+                      "| unit | write strength | reads (top \\|W_in\\|) "
+                      "| writes (top \\|W_out\\|·‖W_dec‖, signed) |",
                       "|---|---|---|---|"]
             units = []
             for u in torch.argsort(strength, descending=True).tolist():
@@ -181,8 +247,9 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                 wr = _top(W_out[u].abs() * dn, 5)
                 units.append({"unit": u, "reads": rd, "writes": wr})
                 lines.append(f"| {u} | {float(strength[u]):.3g} | "
-                             + ", ".join(_link(np_id, i) for i, _ in rd) + " | "
-                             + ", ".join(_link(np_id, i) for i, _ in wr) + " |")
+                             + ", ".join(name_of(i) for i, _ in rd) + " | "
+                             + ", ".join(f"{name_of(i)} ({float(W_out[u, i]):+.3g})"
+                                         for i, _ in wr) + " |")
             res["ffn_units"] = units
             lines.append("")
         if planted and h in planted:
@@ -192,9 +259,9 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             ok = sorted(got) == want
             res["planted"] = {"latents": want, "top": got, "score": key, "recovered": ok}
             lines += [f"### Planted edit: {'RECOVERED' if ok else 'NOT recovered'}", "",
-                      f"planted latents {want}; top {len(want)} by {key}: {got}", ""]
+                      f"planted latents {want}; top {len(want)} by {_md(key)}: {got}", ""]
         result["hooks"][h] = res
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
+    with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -106,12 +106,19 @@ class TrainConfig:
 def load_jsonl(path: str) -> list[dict]:
     """Records with ``text``, or ``prompt`` + ``completion`` (loss on the completion only)."""
     out = []
-    with open(path) as f:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no data file {path!r}")
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
-            if not (isinstance(r.get("text"), str) or (isinstance(r.get("prompt"), str)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})"
+                                 ) from None
+            if not isinstance(r, dict) or not (
+                    isinstance(r.get("text"), str) or (isinstance(r.get("prompt"), str)
                                                        and isinstance(r.get("completion"), str))):
                 raise ValueError(f"{path}:{n}: each record needs 'text' or 'prompt' and "
                                  "'completion' strings")
@@ -283,32 +290,174 @@ def _autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train_adapter`: the step in flight was finished and a checkpoint
+    saved; rerunning the same call resumes from it."""
+
+    def __init__(self, step, checkpoint):
+        super().__init__(f"interrupted after step {step}; checkpoint saved in {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class RunMismatch(ValueError):
+    """The run directory holds a run of other data, model, SAEs or configuration."""
+
+
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.json", "eval.jsonl", "report.md",
+             "report.json")
+
+
+def _sha256_bytes(chunks) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def _file_sha256(path):
+    with open(path, "rb") as f:
+        return _sha256_bytes(iter(lambda: f.read(1 << 20), b""))
+
+
+def _tensor_sha256(tensors):
+    return _sha256_bytes(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                         for t in tensors)
+
+
+def run_fingerprint(model, saes, data, *, sae_sources=None, model_source=None) -> dict:
+    """What a checkpoint must have been trained on to be resumed: the data (sha256 of the
+    JSONL file, or of the records), the model (its source, type and parameter count; not a
+    hash of its weights, which would read gigabytes on every start) and each SAE (the sha256
+    of its files when they are known, else of its weights). A model built on the meta device
+    from the same config has the same fingerprint (the CLI checks a run directory before
+    loading any weight)."""
+    if isinstance(data, str):
+        d = _file_sha256(data)
+    else:
+        d = _sha256_bytes([json.dumps(list(data), sort_keys=True).encode()])
+    conf = getattr(model, "config", None)
+    m = {"source": model_source or getattr(conf, "_name_or_path", None) or None,
+         "model_type": getattr(conf, "model_type", None),
+         "n_params": sum(p.numel() for p in model.parameters())}
+    sa = {}
+    for h, sae in saes.items():
+        src = (sae_sources or {}).get(h) or {}
+        sa[h] = src.get("sha256") or _tensor_sha256(
+            [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec] + (
+                [sae.threshold] if sae.threshold is not None else []))
+    return {"data_sha256": d, "model": m, "sae_sha256": sa}
+
+
+def _fingerprint_changes(old: dict, new: dict) -> list[str]:
+    out = []
+    if old.get("data_sha256") != new["data_sha256"]:
+        out.append("the data (sha256 %s… now %s…)" % (str(old.get("data_sha256"))[:8],
+                                                      new["data_sha256"][:8]))
+    om, nm = old.get("model") or {}, new["model"]
+    if om != nm:
+        out.append(f"the model ({om.get('source')}, {om.get('model_type')}, "
+                   f"{om.get('n_params')} parameters -> {nm['source']}, {nm['model_type']}, "
+                   f"{nm['n_params']} parameters)")
+    osa, nsa = old.get("sae_sha256") or {}, new["sae_sha256"]
+    if set(osa) != set(nsa):
+        out.append(f"the hooks ({sorted(osa)} -> {sorted(nsa)})")
+    else:
+        out += [f"the SAE at {h} (sha256 {osa[h][:8]}… now {nsa[h][:8]}…)"
+                for h in sorted(nsa) if osa[h] != nsa[h]]
+    return out
+
+
+def _config_changes(old: dict, new: dict) -> list[str]:
+    a, b = _resumable(old), _resumable(new)
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def _clear_run(out_dir, everything):
+    import shutil
+
+    shutil.rmtree(os.path.join(out_dir, "checkpoint"), ignore_errors=True)
+    if everything:
+        for f in os.listdir(out_dir):
+            if f in RUN_FILES or (f.endswith(".png") and os.path.isfile(os.path.join(out_dir, f))):
+                os.remove(os.path.join(out_dir, f))
+
+
+class _SigintGuard:
+    """Ctrl-C sets a flag the loop checks after each step (a second Ctrl-C interrupts at
+    once); only in the main thread, where Python delivers signals."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.hit:
+                    raise KeyboardInterrupt
+                self.hit = True
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                   config: TrainConfig | None = None, *, sae_sources: dict | None = None,
                   model_source: str | None = None, progress: bool = True,
-                  resume: bool = True) -> dict:
+                  resume: bool = True, overwrite: bool = False, log=print) -> dict:
     """Trains one adapter per hooked module on a frozen model and SAEs.
 
     Args:
         model: a causal LM (``model(input_ids, attention_mask).logits``), e.g. from transformers.
         tokenizer: its tokenizer (a callable returning ``input_ids``; ``pad_token_id`` used).
-        saes: ``{module_path: SAE}``; the SAE reads and edits that module's output.
+        saes: ``{hook: SAE}``; the SAE reads and edits that module's output (a module path, a
+            sparsify hookpoint or a TransformerLens hook name, see :mod:`sae_sparse.hookpoints`).
         data: a JSONL path or a list of records (``text``, or ``prompt`` + ``completion``).
         out_dir: run directory (created); rerunning with the same arguments resumes from its
-            checkpoint exactly.
+            checkpoint exactly ("resuming from step N" is logged). A checkpoint made with other
+            data, another model, other SAEs or another configuration is refused
+            (:class:`RunMismatch`, naming what changed); a larger ``steps`` continues a run.
         config: a :class:`TrainConfig`.
-        sae_sources: ``{module_path: {"format", "path", "sha256", ...}}`` recorded in the config.
+        sae_sources: ``{hook: {"format", "path", "sha256", ...}}`` recorded in the config.
         model_source: the model's path, recorded in the config.
+        resume: False starts from step 0 (the directory's checkpoint is discarded).
+        overwrite: discard every file of an earlier run in ``out_dir`` first (checkpoint,
+            adapter, metrics, report), whatever it was trained on.
+        log: where progress lines go (``print``; None for silence): the resumed step, every
+            evaluation (also with ``progress=False``) and the overflow warning.
     Returns:
-        the metrics dict also written to ``metrics.json``.
+        the metrics dict also written to ``metrics.json``. Ctrl-C finishes the step in flight,
+        saves a checkpoint and raises :class:`TrainingInterrupted`.
     """
     from tqdm.auto import tqdm
 
+    say = log or (lambda *a, **k: None)
     cfg = config or TrainConfig()
     cfg.validate()
-    os.makedirs(out_dir, exist_ok=True)
     device = next(model.parameters()).device
     records = load_jsonl(data) if isinstance(data, str) else list(data)
+    fingerprint = run_fingerprint(model, saes, data, sae_sources=sae_sources,
+                                  model_source=model_source)
+    ckpt = os.path.join(out_dir, "checkpoint")
+    state = _check_run_dir(out_dir, cfg, fingerprint, resume=resume, overwrite=overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    if overwrite or not resume:
+        _clear_run(out_dir, everything=overwrite)
     rng = random.Random(cfg.seed)
     order = list(range(len(records)))
     rng.shuffle(order)
@@ -328,35 +477,45 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
     trainables = build_trainables(saes, cfg, device)
     params = [p for t in trainables.values() for p in t.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
+    history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "overflow": {}}
     start = 0
-    ckpt = os.path.join(out_dir, "checkpoint")
-    if resume and os.path.exists(os.path.join(ckpt, "state.pt")):
+    if state is not None:
         from safetensors.torch import load_file
 
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
-        if _resumable(state["config"]) != _resumable(dataclasses.asdict(cfg)):
-            raise ValueError(f"{out_dir} holds a checkpoint of a different configuration; use a "
-                             "new run directory or resume=False")
         _load_state(trainables, load_file(os.path.join(ckpt, "trainable.safetensors")))
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["step"]
+        history.setdefault("overflow", {})
+        say(f"resuming from step {start} of {cfg.steps} ({ckpt})")
 
     edits = _attach_trainables(model, saes, trainables, cfg)
+    counts = {h: history["overflow"].get(h, [0, 0]) for h in trainables}
+    history["overflow"] = counts
     try:
         with edits.disabled():
             base_eval = evaluate(model, eval_data, cfg, None, device, pad_id)
+        if eval_data and start == 0:
+            say(f"step 0/{cfg.steps}: eval loss {base_eval:.4f} (unedited model)")
         sched = _Schedule(len(train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                    desc="train", dynamic_ncols=True)
         pending = []  # (step, loss on the device) not yet read back
 
         def flush():
-            """Reads the pending losses back in one host sync; a non-finite one stops the run
-            (NaN in the data, the model or the SAE)."""
+            """Reads the pending losses and the overflow counts back in one host sync; a
+            non-finite loss stops the run (NaN in the data, the model or the SAE)."""
             if not pending:
                 return
-            vals = torch.stack([t for _, t in pending]).tolist()
+            tallies = edits.overflow  # {hook: [tokens, overflowing tokens]} on the device
+            edits.overflow = {}
+            hooks = list(tallies)
+            flat = [t.double() for _, t in pending] + [
+                torch.as_tensor(c, device=device).double() for h in hooks for c in tallies[h]]
+            vals = torch.stack(flat).tolist()  # the one host sync
+            for i, h in enumerate(hooks):
+                t, o = vals[len(pending) + 2 * i:len(pending) + 2 * i + 2]
+                counts[h] = [counts[h][0] + int(t), counts[h][1] + int(o)]
+            vals = vals[:len(pending)]
             for (s, _), v in zip(pending, vals):
                 if not math.isfinite(v):
                     raise FloatingPointError(
@@ -367,44 +526,104 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
             pending.clear()
             bar.set_postfix(loss=f"{vals[-1]:.4f}", refresh=False)
 
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = [train_data[i] for i in sched.batch(step, micro)]
-                ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, pad_id))
-                with edits.token_mask(_edit_mask(cfg, attn, prompt)), _autocast(cfg, device):
-                    loss = lm_loss(model, ids, attn, loss_mask)
-                (loss / cfg.grad_accum).backward()
-                total = total + loss.detach().float() / cfg.grad_accum  # stays on the device
-            pen = [l1_penalty(trainables[h], saes[h]) for h in trainables]
-            pen = [p for p in pen if p is not None]
-            if pen and cfg.l1 > 0:
-                (cfg.l1 * sum(pen)).backward()
-            opt.step()
-            pending.append((step + 1, total))
-            last = step + 1 == cfg.steps
-            evals = eval_data and ((step + 1) % cfg.eval_every == 0 or last)
-            saves = (step + 1) % cfg.checkpoint_every == 0 and not last
-            if (step + 1) % cfg.log_every == 0 or last or evals or saves:
-                flush()
-            if evals:
-                history["eval_step"].append(step + 1)
-                history["eval_loss"].append(evaluate(model, eval_data, cfg, edits, device, pad_id))
-            if saves:
-                _save_checkpoint(ckpt, trainables, opt, history, step + 1, cfg)
+        def note(msg):
+            if progress:
+                bar.write(msg)
+            else:
+                say(msg)
+
+        with _SigintGuard() as sigint:
+            for step in bar:
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = [train_data[i] for i in sched.batch(step, micro)]
+                    ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, pad_id))
+                    with edits.token_mask(_edit_mask(cfg, attn, prompt)), \
+                            edits.counting_overflow(attn), _autocast(cfg, device):
+                        loss = lm_loss(model, ids, attn, loss_mask)
+                    (loss / cfg.grad_accum).backward()
+                    total = total + loss.detach().float() / cfg.grad_accum  # on the device
+                pen = [l1_penalty(trainables[h], saes[h]) for h in trainables]
+                pen = [p for p in pen if p is not None]
+                if pen and cfg.l1 > 0:
+                    (cfg.l1 * sum(pen)).backward()
+                opt.step()
+                pending.append((step + 1, total))
+                last = step + 1 == cfg.steps
+                evals = eval_data and ((step + 1) % cfg.eval_every == 0 or last)
+                saves = (step + 1) % cfg.checkpoint_every == 0 and not last
+                if (step + 1) % cfg.log_every == 0 or last or evals or saves or sigint.hit:
+                    flush()
+                if evals:
+                    history["eval_step"].append(step + 1)
+                    history["eval_loss"].append(evaluate(model, eval_data, cfg, edits, device,
+                                                         pad_id))
+                    note(f"step {step + 1}/{cfg.steps}: train loss "
+                         f"{history['train_loss'][-1]:.4f}, eval loss "
+                         f"{history['eval_loss'][-1]:.4f}")
+                if saves or (sigint.hit and not last):
+                    _save_checkpoint(ckpt, trainables, opt, history, step + 1, cfg, fingerprint)
+                if sigint.hit and not last:
+                    bar.close()
+                    raise TrainingInterrupted(step + 1, ckpt)
     finally:
         edits.remove()
 
     save_adapter(out_dir, trainables, saes, cfg, sae_sources=sae_sources, model_source=model_source)
+    overflow = {}
+    for h, (t, o) in counts.items():
+        sae = saes[h] if h in saes else None
+        if sae is None or isinstance(trainables[h], ResidualLoRA):
+            continue
+        arch = _architecture(sae)
+        overflow[h] = {"tokens": t, "overflow_tokens": o, "rate": o / t if t else 0.0,
+                       "k": sae.k, "architecture": arch}
+        if arch != "topk" and t and o / t > 0.01:
+            msg = (f"{100 * o / t:.1f}% of the edited tokens at {h} had more than k={sae.k} "
+                   f"active latents (the cap dropped the rest): raise --k")
+            warnings.warn(msg, stacklevel=2)
     metrics = {"base_eval_loss": base_eval,
                "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None,
                "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
-               "n_train": len(train_data), "n_eval": len(eval_data), "history": history}
+               "n_train": len(train_data), "n_eval": len(eval_data), "overflow": overflow,
+               "history": history}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    _save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg)
+    _save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg, fingerprint)
     return metrics
+
+
+def _architecture(sae) -> str:
+    """"topk", "jumprelu" or "relu": from the file's format info, else from the SAE."""
+    arch = (getattr(sae, "format_info", None) or {}).get("architecture")
+    if arch:
+        return "relu" if arch == "standard" else arch
+    return "jumprelu" if sae.threshold is not None else "topk"
+
+
+def _check_run_dir(out_dir, cfg, fingerprint, *, resume, overwrite):
+    """-> the checkpoint state to resume from, or None; RunMismatch when ``out_dir`` holds
+    another run and neither ``overwrite`` nor ``resume=False`` allows replacing it."""
+    ckpt = os.path.join(out_dir, "checkpoint", "state.pt")
+    if overwrite:
+        return None
+    if os.path.exists(ckpt):
+        if not resume:
+            return None
+        state = torch.load(ckpt, weights_only=True)
+        changes = _config_changes(state["config"], dataclasses.asdict(cfg))
+        if state.get("fingerprint"):
+            changes = _fingerprint_changes(state["fingerprint"], fingerprint) + changes
+        if changes:
+            raise RunMismatch(f"{out_dir} holds a run trained with other settings: "
+                              f"{'; '.join(changes)}. Use a new --out, or --overwrite to "
+                              "replace that run")
+        return state
+    if resume and os.path.exists(os.path.join(out_dir, CONFIG_NAME)):
+        raise RunMismatch(f"{out_dir} holds a finished run without a checkpoint to check it "
+                          "against; use a new --out, or --overwrite to replace it")
+    return None
 
 
 def _resumable(conf: dict) -> dict:
@@ -413,14 +632,16 @@ def _resumable(conf: dict) -> dict:
             if k not in ("steps", "eval_every", "checkpoint_every", "log_every")}
 
 
-def _save_checkpoint(ckpt, trainables, opt, history, step, cfg):
+def _save_checkpoint(ckpt, trainables, opt, history, step, cfg, fingerprint):
     from safetensors.torch import save_file
 
     os.makedirs(ckpt, exist_ok=True)
-    save_file(_state_dict(trainables), os.path.join(ckpt, "trainable.safetensors"))
+    tmp = os.path.join(ckpt, "trainable.safetensors.tmp")
+    save_file(_state_dict(trainables), tmp)
+    os.replace(tmp, os.path.join(ckpt, "trainable.safetensors"))
     tmp = os.path.join(ckpt, "state.pt.tmp")
     torch.save({"optimizer": opt.state_dict(), "history": history, "step": step,
-                "config": dataclasses.asdict(cfg)}, tmp)
+                "config": dataclasses.asdict(cfg), "fingerprint": fingerprint}, tmp)
     os.replace(tmp, os.path.join(ckpt, "state.pt"))
 
 
@@ -458,6 +679,9 @@ def load_adapter(run_dir: str, device=None):
     """-> (``{hook: LatentAdapter | ResidualLoRA}``, config dict) from a run directory."""
     from safetensors.torch import load_file
 
+    if not os.path.isfile(os.path.join(run_dir, CONFIG_NAME)):
+        raise FileNotFoundError(f"{run_dir!r} is not a finished run directory (no "
+                                f"{CONFIG_NAME})")
     with open(os.path.join(run_dir, CONFIG_NAME)) as f:
         conf = json.load(f)
     tensors = load_file(os.path.join(run_dir, WEIGHTS_NAME))
@@ -474,28 +698,60 @@ def load_adapter(run_dir: str, device=None):
     return out, conf
 
 
-def load_run_saes(conf: dict, *, verify: bool = True, device=None) -> dict:
-    """Loads the SAEs a run was trained with, checking their content hash."""
+def load_run_saes(conf: dict, *, verify: bool = True, device=None,
+                  paths: dict | None = None) -> dict:
+    """Loads the SAEs a run was trained with, checking their content hash.
+
+    Args:
+        conf: the run's ``adapter_config.json``.
+        verify: check each SAE's sha256 against the one recorded at training.
+        paths: ``{hook: path}`` for SAEs that moved since training (a single path for a
+            one-hook run may be keyed ``None``); the others load from the recorded paths.
+    """
     from .io import content_hash, load_sae
 
+    paths = dict(paths or {})
+    hooks = list(conf["hooks"])
+    if None in paths:
+        if len(hooks) != 1:
+            raise ValueError(f"the run has {len(hooks)} hooks ({', '.join(hooks)}): give "
+                             "each SAE path as HOOK=PATH")
+        paths[hooks[0]] = paths.pop(None)
+    unknown = sorted(set(paths) - set(hooks))
+    if unknown:
+        raise ValueError(f"the run has no hook {unknown[0]!r} (its hooks: {', '.join(hooks)})")
     saes = {}
     for h, e in conf["hooks"].items():
         src = e["sae"]
-        if not src.get("path"):
-            raise ValueError(f"the run does not record the SAE path for {h!r}; pass saes=...")
-        if verify and src.get("sha256") and content_hash(src["path"]) != src["sha256"]:
-            raise ValueError(f"SAE at {src['path']} changed since training (sha256 mismatch)")
-        saes[h] = load_sae(src["path"], k=e["k"], device=device)
+        path = paths.get(h) or src.get("path")
+        if not path:
+            raise ValueError(f"the run does not record the SAE path for {h!r}; pass saes=... "
+                             "(or --sae PATH)")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"the SAE for {h} is missing: nothing at {path}; if it "
+                                    "moved, pass its new path (--sae HOOK=PATH, or paths=...)")
+        if verify and src.get("sha256"):
+            got = content_hash(path)
+            if got != src["sha256"]:
+                raise ValueError(f"the SAE at {path} is not the one {h} was trained with "
+                                 f"(sha256 mismatch: {got[:12]}…, trained with "
+                                 f"{src['sha256'][:12]}…)")
+        saes[h] = load_sae(path, k=e["k"], device=device)
     return saes
 
 
-def attach_run(model, run_dir: str, *, saes: dict | None = None):
-    """Loads a run's adapters (and SAEs, unless given) and attaches them to ``model``."""
+def attach_run(model, run_dir: str, *, saes: dict | None = None, sae_paths: dict | None = None,
+               strength: float = 1.0):
+    """Loads a run's adapters (and SAEs, unless given; ``sae_paths`` = ``{hook: path}`` for
+    SAEs that moved) and attaches them to ``model``; ``strength`` scales the edit (see
+    :meth:`AttachedEdits.scaled`)."""
     device = next(model.parameters()).device
     trainables, conf = load_adapter(run_dir, device=device)
-    saes = saes or load_run_saes(conf, device=device)
+    saes = saes or load_run_saes(conf, device=device, paths=sae_paths)
     spec = {h: (t if isinstance(t, ResidualLoRA) else (saes[h], t)) for h, t in trainables.items()}
-    return attach(model, spec, mode=conf["mode"], dense=conf.get("baseline") == "dense")
+    edits = attach(model, spec, mode=conf["mode"], dense=conf.get("baseline") == "dense")
+    edits.strength = float(strength)
+    return edits
 
 
 def _mlp_out_proj(block):
@@ -509,7 +765,8 @@ def _mlp_out_proj(block):
                      "mlp.down_proj, mlp.fc2, mlp.dense_4h_to_h, mlp.fc_out)")
 
 
-def merge_bias_edit(model, run_dir: str, *, saes: dict | None = None):
+def merge_bias_edit(model, run_dir: str, *, saes: dict | None = None,
+                    sae_paths: dict | None = None):
     """Folds a bias-only delta-mode edit into the model's weights (in place) and returns it.
 
     A bias-only edit adds the constant ``Δx = bias @ W_dec`` to the hooked block's output at
@@ -519,15 +776,20 @@ def merge_bias_edit(model, run_dir: str, *, saes: dict | None = None):
     """
     trainables, conf = load_adapter(run_dir)
     if conf["mode"] != "delta" or conf["edit_positions"] != "all":
-        raise ValueError("only delta-mode edits applied at all positions can be merged")
-    saes = saes or load_run_saes(conf)
+        raise ValueError("only delta-mode edits applied at all positions can be merged (this "
+                         f"run: mode {conf['mode']}, edit positions {conf['edit_positions']})")
     for h, t in trainables.items():
         if not isinstance(t, LatentAdapter) or t.bias is None:
-            raise ValueError(f"{h}: only bias edits can be merged")
+            kind = "a residual LoRA" if isinstance(t, ResidualLoRA) else "an edit without bias"
+            raise ValueError(f"{h}: only a bias-only edit is a constant that can be merged into "
+                             f"the weights; this run trained {kind}. Use attach_run (or "
+                             "`sae-sparse generate`) to apply it instead")
         if (t.gain is not None and bool(t.gain.ne(0).any())) or (
                 t.W_out is not None and bool(t.W_out.ne(0).any())):
             raise ValueError(f"{h}: the edit has non-zero gain/ffn terms; only a bias-only edit "
-                             "is a constant Δx that can be merged")
+                             "is a constant Δx that can be merged. Use attach_run (or "
+                             "`sae-sparse generate`) to apply it instead")
+    saes = saes or load_run_saes(conf, paths=sae_paths)
     if getattr(model.config, "mlp_bias", True) is False:
         for mod in model.modules():
             for name in ("gate_proj", "up_proj", "down_proj"):
@@ -540,7 +802,9 @@ def merge_bias_edit(model, run_dir: str, *, saes: dict | None = None):
     for h, t in trainables.items():
         sae = saes[h]
         delta = (t.bias.detach().to(sae.W_dec.dtype) @ sae.W_dec.detach()).float()
-        _, proj = _mlp_out_proj(model.get_submodule(h))
+        from .hookpoints import resolve_hook
+
+        _, proj = _mlp_out_proj(model.get_submodule(resolve_hook(model, h)))
         with torch.no_grad():
             proj.bias.add_(delta.to(proj.bias.dtype))
     return model

@@ -24,7 +24,10 @@ def _poison(t):
 @pytest.fixture(autouse=True)
 def poison_torch_empty(monkeypatch):
     """torch.empty / empty_like return NaN-filled (floats) or -1-filled (ints) tensors."""
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(_empty(*a, **k)))
+    # the default device is passed on: a `with torch.device("meta")` block finds its
+    # constructors by looking torch.empty up, which is this wrapper, not the original
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: _poison(
+        _empty(*a, device=device if device is not None else torch.get_default_device(), **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(_empty_like(*a, **k)))
     yield
 

@@ -97,13 +97,6 @@ def test_cli_train_on_saved_model_and_sae(tmp_path, tok):
         attach_run(model, str(run))
 
 
-def test_cli_errors(tmp_path, tok):
-    with pytest.raises(SystemExit):
-        main(["train", "--model", "x", "--data", "y"])
-    with pytest.raises(SystemExit):
-        main(["train", "--model", "x", "--data", "y", "--sae", "a", "--sae", "b", "--hook", "h"])
-
-
 def test_resume_is_exact(tmp_path, tok):
     model = tiny_gpt2(vocab=len(tok))
     sae = ss.SAE.random(32, 120, 5)
@@ -122,7 +115,8 @@ def test_resume_is_exact(tmp_path, tok):
     for (n, p), (_, q) in zip(a["transformer.h.0"].named_parameters(),
                               b["transformer.h.0"].named_parameters()):
         assert torch.equal(p, q), n
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"holds a run trained with other settings: lr \(0.05 "
+                                         r"-> 0.1\)"):
         train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "b"),
                       TrainConfig(steps=8, **{**kw, "lr": 0.1}), progress=False)
 
@@ -218,13 +212,10 @@ def test_latent_mask_restricts_training(tmp_path, tok):
     outside[[3, 7, 11]] = False
     assert p["bias"][outside].abs().sum() == 0 and p["bias"][~outside].abs().sum() > 0
     assert p["W_out"][:, outside].abs().sum() == 0
-    with pytest.raises(SystemExit):
-        main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.0",
-              "--data", str(tmp_path / "d.jsonl"), "--latents", "a,b"])
     with pytest.raises(ValueError, match="out of range"):
         main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook", "transformer.h.0",
               "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "r2"), "--latents",
-              "99", "--no-progress"])
+              "99", "--no-progress", "--debug"])
 
 
 def test_loss_is_read_back_every_log_every_steps_and_nan_stops_the_run(tmp_path, tok,
@@ -249,7 +240,8 @@ def test_loss_is_read_back_every_log_every_steps_and_nan_stops_the_run(tmp_path,
     kw = dict(edit="gain,bias", batch_size=4, eval_every=100, lr=0.05, steps=7)
     m = train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "a"),
                       TrainConfig(log_every=3, **kw), progress=False)
-    assert reads == [3, 3, 1] and m["history"]["step"] == list(range(1, 8))
+    # the losses and the hook's two overflow counters, in one read-back
+    assert reads == [3 + 2, 3 + 2, 1 + 2] and m["history"]["step"] == list(range(1, 8))
     monkeypatch.setattr(T.torch, "stack", real_stack)
     m1 = train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "b"),
                        TrainConfig(log_every=1, **kw), progress=False)
