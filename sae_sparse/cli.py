@@ -197,7 +197,7 @@ def _precheck_train(a):
                       checkpoint_every=a.checkpoint_every, seed=a.seed,
                       backend=a.backend, bf16=a.bf16)
     cfg.validate()
-    device = _device(a.device)
+    _device(a.device)  # --device cuda on a machine without CUDA fails here
     if a.backend:
         from .backends import available_backends
 
@@ -226,7 +226,8 @@ def _precheck_train(a):
             module = resolve_hook(meta, hook)
         except ValueError as e:
             raise UsageError(f"--hook {hook}: {e}" if a.hook else
-                             f"the hook {hook!r} named by the SAE at {path}: {e}") from None
+                             f"the SAE at {path} names its hook {hook!r}, which does not fit "
+                             f"this model ({e}); pass --hook") from None
         if a.hook and own:
             try:
                 same = resolve_hook(meta, own) == module

@@ -6,6 +6,7 @@ hook in another vocabulary; :func:`resolve_hook` maps each of them to a module p
 * a module path of the model itself (``transformer.h.6``, ``model.layers.6``);
 * a path relative to the base model, as EleutherAI sparsify records hookpoints (``layers.6``,
   ``h.6``);
+* dictionary_learning's ``resid_post_layer_N`` (block N's output);
 * a TransformerLens hook name, as SAELens records ``hook_name``: ``blocks.N.hook_resid_post``
   (block N's output), ``blocks.N.hook_resid_pre`` (block N-1's output; for N = 0 the embedding
   where the model adds nothing to it), ``blocks.N.hook_mlp_out`` and ``blocks.N.hook_attn_out``
@@ -98,6 +99,9 @@ def resolve_hook(model: nn.Module, name: str) -> str:
         return name
     if _TL.match(name):
         return transformer_lens_to_module(model, name)
+    m = re.fullmatch(r"resid_post_layer_(\d+)", name)  # dictionary_learning's submodule_name
+    if m:
+        return transformer_lens_to_module(model, f"blocks.{m.group(1)}.hook_resid_post")
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and f"{prefix}.{name}" in names:
         return f"{prefix}.{name}"

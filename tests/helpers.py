@@ -81,15 +81,16 @@ def assert_close(actual, expected, *, rtol, atol, name=""):
                                msg=lambda m: f"{name}: {m}")
 
 
-def full_op(t, k, mode, activation, backend):
-    """topk_encode + edit_decode on a case from :func:`make_case`; -> (values, indices, y)."""
+def full_op(t, k, mode, activation, backend, *, overflow=False):
+    """topk_encode + edit_decode on a case from :func:`make_case`; -> (values, indices, y),
+    and the number of rows with more than k active latents with ``overflow``."""
     from sae_sparse import edit_decode, topk_encode
 
-    v, i = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t.get("b_pre"),
-                       threshold=t.get("threshold"), backend=backend)
+    v, i, n = topk_encode(t["x"], t["W_enc"], t["b_enc"], k, b_pre=t.get("b_pre"),
+                          threshold=t.get("threshold"), backend=backend, return_overflow=True)
     y = edit_decode(t["x"], v, i, t["W_dec"], t["b_dec"], activation=activation, mode=mode,
                     backend=backend, **adapter_kw(t))
-    return v, i, y
+    return (v, i, y, int(n)) if overflow else (v, i, y)
 
 
 class LiveBytes(TorchDispatchMode):

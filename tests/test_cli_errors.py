@@ -218,7 +218,8 @@ def test_help_shows_every_flag_with_its_default(capsys):
     for flag, default in (("--steps", "200"), ("--lr", "0.01"), ("--batch-size", "8"),
                           ("--log-every", "10"), ("--out", "sae_sparse_run"),
                           ("--edit", "gain,bias,ffn:16")):
-        assert re.search(rf"{flag} \S+ (?:(?! --[a-z]).)*?\(default: {re.escape(default)}\)", flat), flag
+        pattern = rf"{flag} \S+ (?:(?! --[a-z]).)*?\(default: {re.escape(default)}\)"
+        assert re.search(pattern, flat), flag
     flags = set(re.findall(r"^\s+(--[a-z0-9-]+)", out, re.M))
     assert len(flags) >= 25
     for sub in ("report", "merge", "generate", "demo"):

@@ -24,9 +24,9 @@ SHAPES = [
 def test_cpp_matches_reference_fp64(N, D, S, k, variant, mode):
     t = make_case(N, D, S, k, b_pre=variant in ("bpre", "tied"), tied=variant == "tied",
                   threshold=variant == "jumprelu")
-    v1, i1, y1 = full_op(t, k, mode, "gelu", "cpp")
-    v0, i0, y0 = full_op(t, k, mode, "gelu", "torch")
-    assert torch.equal(i1, i0)
+    v1, i1, y1, n1 = full_op(t, k, mode, "gelu", "cpp", overflow=True)
+    v0, i0, y0, n0 = full_op(t, k, mode, "gelu", "torch", overflow=True)
+    assert torch.equal(i1, i0) and n1 == n0
     assert_close(v1, v0, rtol=1e-12, atol=1e-12, name="values")
     assert_close(y1, y0, rtol=1e-12, atol=1e-12, name="y")
     g1, g0 = grads_of(y1, t), grads_of(y0, t)
@@ -203,3 +203,34 @@ def test_codes_match_the_python_definition():
                for op in ("topk_encode", "edit_decode_fwd", "edit_decode_bwd", "latent_csr",
                           "segment_rows")}
     assert "int act, int mode" in schemas["edit_decode_fwd"], schemas
+
+
+def test_cpp_screen_bound_covers_fp32_summation_error():
+    """An adversarial near-tie for the screening bound of the cpp encode (float64 inputs, fp32
+    screening GEMM, exact recompute of the survivors): x·W_enc[s] for the 4 true top latents is
+    1024 small terms (0.99c each) between 16 terms +2^24 and 16 terms -2^24, so an fp32
+    accumulation loses the small ones (each is below half an ulp of 2^24) and the screen sees
+    ~0 for them, while 20 decoys with no large terms screen exactly at ~500, below every true
+    top value (≥ 590). Only the γ_D‖xs‖‖ws‖ term of the bound (fp32 summation error) keeps the
+    true top latents among the survivors; without it the encode returns decoys."""
+    D, n_big = 1056, 16
+    small = slice(n_big, D - n_big)
+    x = torch.ones(1, D, dtype=torch.float64)
+    x[0, :n_big] = x[0, -n_big:] = 2.0 ** 12
+    targets = [3, 11, 17, 22]
+    W = torch.zeros(24, D, dtype=torch.float64)
+    for j, s in enumerate(targets):
+        W[s, :n_big], W[s, -n_big:] = 2.0 ** 12, -2.0 ** 12
+        W[s, small] = 0.99 * (0.6 + 0.1 * j)  # true pre-activation 1024·0.99·c: 608..912
+    decoys = [s for s in range(24) if s not in targets]
+    for j, s in enumerate(decoys):
+        W[s, small] = (500.0 - j) / 1024  # exactly ~500 in any precision
+    b = torch.zeros(24, dtype=torch.float64)
+    pre = x @ W.T
+    assert sorted(torch.topk(pre, 4).indices[0].tolist()) == targets
+    screened = (x.float() @ W.float().T).double()  # what an fp32 GEMM makes of it
+    if screened[0, targets].max() >= screened[0, decoys].min():
+        pytest.skip("this BLAS's fp32 GEMM kept the small terms: the case is not adversarial")
+    v, i = topk_encode(x, W, b, 4, backend="cpp")
+    assert i[0].tolist() == torch.topk(pre, 4).indices[0].tolist()
+    assert_close(v, torch.topk(pre, 4).values, rtol=1e-7, atol=0, name="values")

@@ -42,19 +42,54 @@ def test_zero_adapter_keeps_logits_and_removal_is_clean(make, hook):
 
 
 def test_several_layers_and_replace_mode():
+    """replace mode with zero adapters at three blocks: each block's output is replaced by
+    the SAE's reconstruction, equal to hooks that do that by hand with the float64 reference;
+    a bias edit at block 1 then moves the output by exactly bias·W_dec at every position."""
     model = tiny_gpt2(layers=3)
-    ids = torch.randint(0, 50, (1, 7))
+    ids = torch.randint(0, 50, (2, 7))
     base = model(ids).logits
     saes = {f"transformer.h.{i}": (ss.SAE.random(32, 100, 5), ss.LatentAdapter(100, 3))
             for i in range(3)}
     edits = attach(model, saes, mode="replace")
     out = model(ids).logits
-    assert out.shape == base.shape and (out - base).abs().max() > 0  # SAE error replaces h
     edits.remove()
+
+    def by_hand(sae):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            y = sae.double()(h.double(), backend="torch").to(h.dtype)
+            sae.float()
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_hook(by_hand(s))
+               for p, (s, _) in saes.items()]
+    want = model(ids).logits
+    for h in handles:
+        h.remove()
+    assert (want - base).abs().max() > 1e-3  # reconstruction error changes the logits
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+    sae, ad = saes["transformer.h.1"]
+    with torch.no_grad():
+        ad.bias[[4, 9]] = torch.tensor([1.5, -0.5])
+    seen = []  # what block 2 receives: block 1's output, edited or not
+    grab = model.get_submodule("transformer.h.2").register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach()))
+    edits = attach(model, {"transformer.h.1": (sae, ad)}, mode="delta")
+    with edits.disabled():
+        model(ids)
+    model(ids)
+    edits.remove()
+    grab.remove()
+    delta = (ad.bias.detach().double() @ sae.W_dec.detach().double()).float()
+    assert delta.abs().max() > 0.1
+    torch.testing.assert_close(seen[1] - seen[0], delta.expand_as(seen[0]), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_bad_module_path():
-    with pytest.raises(ValueError, match="model has no module 'transformer.h.9'"):
+    with pytest.raises(ValueError, match="has no module 'transformer.h.9'"):
         attach(tiny_gpt2(), {"transformer.h.9": (ss.SAE.random(32, 50, 3), None)})
 
 

@@ -43,23 +43,45 @@ def test_tied_b_pre_is_one_parameter():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_through_the_op_updates_sae_and_adapter(backend):
+    """sae_edit's backward reaches the SAE's and the adapter's parameters with the float64
+    reference's gradients; once the SAE is frozen, a new backward gives it none and the
+    adapter the reference's."""
     torch.manual_seed(0)
     dt = dtype_for(backend)
     sae = ss.SAE.random(16, 200, 5, b_pre=True, dtype=dt)
     ad = ss.LatentAdapter(200, hidden=4, dtype=dt)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, 0.1)
     x = torch.randn(32, 16, dtype=dt)
-    y = ss.sae_edit(x, sae, ad, mode="replace", backend=backend)
-    ((y - x) ** 2).mean().backward()
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert getattr(sae, name).grad is not None and getattr(sae, name).grad.abs().sum() > 0
-    assert ad.W_out.grad.abs().sum() > 0 and ad.bias.grad.abs().sum() > 0
+    ref_sae = ss.SAE(*(t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.W_dec,
+                                                     sae.b_dec)), 5)
+    ref_sae.b_pre = ref_sae.b_dec  # tied, as in sae
+    ref_ad = ss.LatentAdapter(200, hidden=4, dtype=torch.float64)
+    ref_ad.load_state_dict({k: v.double() for k, v in ad.state_dict().items()})
+    tol = 1e-9 if dt == torch.float64 else 2e-4
+
+    def grads(s, a, xx, be, mode):
+        y = ss.sae_edit(xx, s, a, mode=mode, backend=be)
+        ((y - xx) ** 2).mean().backward()
+        return {n: p.grad for n, p in [*s.named_parameters(), *a.named_parameters()]}
+
+    got = grads(sae, ad, x, backend, "replace")
+    want = grads(ref_sae, ref_ad, x.double(), "torch", "replace")
+    for n, g in want.items():
+        assert g is not None and got[n] is not None and g.abs().sum() > 0, n
+        assert_close(got[n], g, rtol=tol, atol=tol * g.abs().max().item(), name="d" + n)
     assert sae.threshold is None
+    for m in (sae, ad, ref_sae, ref_ad):
+        m.zero_grad(set_to_none=True)
     sae.requires_grad_(False)
-    ad.zero_grad()
-    y = ss.sae_edit(x, sae, ad, backend=backend)
-    y.pow(2).sum().backward()
-    assert sae.W_enc.grad.abs().sum() > 0  # from before; no new grads needed
-    assert ad.gain.grad is not None
+    ref_sae.requires_grad_(False)
+    got = grads(sae, ad, x, backend, "delta")
+    want = grads(ref_sae, ref_ad, x.double(), "torch", "delta")
+    assert all(p.grad is None for p in sae.parameters())  # frozen: no gradient
+    for n, p in ad.named_parameters():
+        assert_close(p.grad, want[n], rtol=tol, atol=tol * want[n].abs().max().item(),
+                     name="d" + n)
 
 
 def test_latent_mask_restricts_edit():
@@ -77,10 +99,30 @@ def test_latent_mask_restricts_edit():
     assert torch.equal(p["W_in"][10:], torch.zeros(S - 10, 3))
 
 
-def test_overflow_is_recorded():
-    sae = ss.SAE.random(16, 100, 3, threshold=True)
-    sae.encode(torch.randn(8, 16))
-    assert sae.last_overflow is not None and 0 <= int(sae.last_overflow) <= 8
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflow_is_recorded(backend):
+    """last_overflow counts exactly the rows with more than k active latents (the dense
+    reference's count; the case has rows of both kinds), after encode, forward and sae_edit."""
+    from sae_sparse import reference as R
+    g = torch.Generator().manual_seed(3)
+    dt = dtype_for(backend)
+    sae = ss.SAE.random(16, 100, 3, threshold=True, generator=g, dtype=dt)
+    with torch.no_grad():
+        sae.threshold.copy_(1.8 + 0.4 * torch.rand(100, generator=g, dtype=dt))
+    assert sae.last_overflow is None
+    x = torch.randn(40, 16, generator=g, dtype=dt)
+    _, _, rows = R.dense_topk_encode(x.double(), sae.W_enc.double(), sae.b_enc.double(), 3,
+                                     threshold=sae.threshold.double())
+    want = int(rows.sum())
+    assert 0 < want < 40
+    sae.encode(x, backend=backend)
+    assert int(sae.last_overflow) == want
+    sae.encode(x[:1] * 0, backend=backend)
+    assert int(sae.last_overflow) == 0
+    sae(x, backend=backend)
+    assert int(sae.last_overflow) == want
+    ss.sae_edit(x, sae, None, backend=backend)
+    assert int(sae.last_overflow) == want
 
 
 def test_low_precision_activations_with_fp32_sae():

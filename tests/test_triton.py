@@ -45,13 +45,14 @@ def on(t, dtype):
 @pytest.mark.quick_ids("delta-plain-N7-D33-S1000-k7", "replace-jumprelu-N1-D33-S1000-k7",
                        "delta-tied-N3-D19-S61-kS", "replace-tied-N64-D24-S40-k10")
 def test_triton_matches_reference(N, D, S, k, variant, mode):
-    """fp32 triton vs fp64 reference: same indices, values/outputs/gradients within 1e-4."""
+    """fp32 triton vs fp64 reference: same indices and overflow count, values/outputs/
+    gradients within 1e-4."""
     t = make_case(N, D, S, k, b_pre=variant == "tied", tied=variant == "tied",
                   threshold=variant == "jumprelu")
     t32, t64 = on(t, torch.float32), on(t, torch.float64)
-    v1, i1, y1 = full_op(t32, k, mode, "gelu", "triton")
-    v0, i0, y0 = full_op(t64, k, mode, "gelu", "torch")
-    assert torch.equal(i1.cpu(), i0.cpu())
+    v1, i1, y1, n1 = full_op(t32, k, mode, "gelu", "triton", overflow=True)
+    v0, i0, y0, n0 = full_op(t64, k, mode, "gelu", "torch", overflow=True)
+    assert torch.equal(i1.cpu(), i0.cpu()) and n1 == n0
     assert_close(v1.cpu(), v0.cpu(), rtol=1e-4, atol=1e-5, name="values")
     assert_close(y1.cpu(), y0.cpu(), rtol=1e-4, atol=1e-4, name="y")
     g1, g0 = grads_of(y1, t32), grads_of(y0, t64)
