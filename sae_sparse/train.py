@@ -109,7 +109,8 @@ def load_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file {path!r}")
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        lines = _read_lines(f, path)
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -126,6 +127,13 @@ def load_jsonl(path: str) -> list[dict]:
     if not out:
         raise ValueError(f"{path}: no records")
     return out
+
+
+def _read_lines(f, path):
+    try:
+        return f.read().split("\n")  # not splitlines: U+2028 may sit inside a JSON string
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def tokenize(records, tokenizer, max_len):
