@@ -257,6 +257,25 @@ def _model_source(spec):
     return os.path.abspath(spec) if os.path.exists(spec) else spec
 
 
+def _init_distributed(device_spec):
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL on CUDA, else gloo) and
+    puts each rank on its own GPU. -> (rank, device)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        return 0, _device(device_spec)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _device(device_spec)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dev
+
+
 def cmd_train(a):
     if not (a.model or a.sae or a.hook or a.data):
         from .demo import run_demo
@@ -271,13 +290,15 @@ def cmd_train(a):
     from .report import write_report
     from .train import train_adapter
 
-    device = _device(a.device)
+    rank, device = _init_distributed(a.device)
     model, tok = load_model(a.model, device=device)
     saes = {h: s.to(device) for h, s in saes.items()}
     m = train_adapter(model, tok, saes, a.data, a.out, cfg,
                       sae_sources=sources, model_source=_model_source(a.model),
                       progress=not a.no_progress, resume=not a.no_resume,
                       overwrite=a.overwrite)
+    if rank != 0:
+        return 0
     final = m["final_eval_loss"]
     print(f"eval loss {m['base_eval_loss']:.4f} (unedited) -> "
           + (f"{final:.4f} (edited)" if final is not None else "n/a (no eval split)")

@@ -181,12 +181,49 @@ def collate(examples, pad_id):
     return ids, attn, loss, prompt
 
 
-def lm_loss(model, ids, attn, loss_mask):
+def lm_loss(model, ids, attn, loss_mask, denom=None):
+    """Mean next-token cross-entropy over the loss tokens; with ``denom``, their sum divided
+    by it (a data-parallel rank's share of a global batch's mean)."""
     logits = model(input_ids=ids, attention_mask=attn.long()).logits.float()
     tgt = loss_mask[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                          reduction="none").view_as(tgt)
+    if denom is not None:
+        return (ce * tgt).sum() / denom
     return (ce * tgt).sum() / tgt.sum().clamp_min(1)
+
+
+# ------------------------------------------------------------------------------ data parallel
+
+
+def _world():
+    """(rank, world size, process group or None): torch.distributed when initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    return 0, 1, None
+
+
+def _share(items, rank, world):
+    """This rank's contiguous share of a global batch (sizes differ by at most one)."""
+    n = len(items)
+    return items[rank * n // world:(rank + 1) * n // world]
+
+
+def _barrier(group):
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group)
+
+
+def _all_reduce(t, group):
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=group)
+    return t
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -275,13 +312,18 @@ def _load_state(trainables, tensors):
                 p.copy_(tensors[f"{h}.{n}"])
 
 
-def evaluate(model, data, cfg, edits, device, pad_id):
+def evaluate(model, data, cfg, edits, device, pad_id, group=None):
+    """Mean loss over ``data``; under torch.distributed (``group``) each rank evaluates its
+    share of the batches and the sums are all-reduced."""
     if not data:
         return float("nan")
-    tot, cnt = 0.0, 0
+    rank, world = (0, 1) if group is None else (_world()[0], _world()[1])
+    tot = torch.zeros((), dtype=torch.float64, device=device)
+    cnt = torch.zeros((), dtype=torch.float64, device=device)
     model_dtype_ctx = _autocast(cfg, device)
     with torch.no_grad(), cached_folds():  # the adapters' M, c folded once per evaluation
-        for i in range(0, len(data), cfg.batch_size):
+        starts = list(range(0, len(data), cfg.batch_size))
+        for i in starts[rank::world]:
             ids, attn, loss_mask, prompt = (t.to(device) for t in
                                             collate(data[i:i + cfg.batch_size], pad_id))
             ctx = (edits.token_mask(_edit_mask(cfg, attn, prompt)) if edits is not None
@@ -290,7 +332,8 @@ def evaluate(model, data, cfg, edits, device, pad_id):
                 loss = lm_loss(model, ids, attn, loss_mask)
             n = loss_mask[:, 1:].sum()
             tot, cnt = tot + loss.detach().double() * n, cnt + n  # read back once, at the end
-    return float(tot / cnt.clamp_min(1))
+    both = _all_reduce(torch.cat([tot.view(1), cnt.view(1)]), group)
+    return float(both[0] / both[1].clamp_min(1))
 
 
 def _autocast(cfg, device):
@@ -462,19 +505,27 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
     fingerprint = run_fingerprint(model, saes, data, sae_sources=sae_sources,
                                   model_source=model_source)
     ckpt = os.path.join(out_dir, "checkpoint")
+    rank, world, group = _world()
+    if world > 1 and cfg.batch_size < world:
+        raise ValueError(f"batch_size ({cfg.batch_size}, the global batch) must be at least "
+                         f"the number of processes ({world})")
+    lead = rank == 0  # writes the run directory; every rank reads it
     state = _check_run_dir(out_dir, cfg, fingerprint, resume=resume, overwrite=overwrite)
-    os.makedirs(out_dir, exist_ok=True)
-    if overwrite or not resume:
-        _clear_run(out_dir, everything=overwrite)
+    _barrier(group)  # every rank has read the checkpoint before rank 0 may clear it
+    if lead:
+        os.makedirs(out_dir, exist_ok=True)
+        if overwrite or not resume:
+            _clear_run(out_dir, everything=overwrite)
     rng = random.Random(cfg.seed)
     order = list(range(len(records)))
     rng.shuffle(order)
     n_eval = int(round(cfg.eval_frac * len(records))) if len(records) > 1 else 0
     eval_recs = [records[i] for i in order[:n_eval]]
     train_recs = [records[i] for i in order[n_eval:]]
-    with open(os.path.join(out_dir, "eval.jsonl"), "w") as f:
-        for r in eval_recs:
-            f.write(json.dumps(r) + "\n")
+    if lead:
+        with open(os.path.join(out_dir, "eval.jsonl"), "w") as f:
+            for r in eval_recs:
+                f.write(json.dumps(r) + "\n")
     train_data = tokenize(train_recs, tokenizer, cfg.max_len)
     eval_data = tokenize(eval_recs, tokenizer, cfg.max_len) if eval_recs else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -494,20 +545,25 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["step"]
         history.setdefault("overflow", {})
-        say(f"resuming from step {start} of {cfg.steps} ({ckpt})")
+        if lead:
+            say(f"resuming from step {start} of {cfg.steps} ({ckpt})")
+    if not lead:
+        say, progress = (lambda *a, **k: None), False
 
     edits = _attach_trainables(model, saes, trainables, cfg)
     counts = {h: history["overflow"].get(h, [0, 0]) for h in trainables}
     history["overflow"] = counts
     try:
         with edits.disabled():
-            base_eval = evaluate(model, eval_data, cfg, None, device, pad_id)
+            base_eval = evaluate(model, eval_data, cfg, None, device, pad_id, group)
         if eval_data and start == 0:
             say(f"step 0/{cfg.steps}: eval loss {base_eval:.4f} (unedited model)")
         sched = _Schedule(len(train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                    desc="train", dynamic_ncols=True)
         pending = []  # (step, loss on the device) not yet read back
+        agreed_stop = [False]  # several processes: a Ctrl-C on any rank, as last read back
+        stop_dev = None
 
         def flush():
             """Reads the pending losses and the overflow counts back in one host sync; a
@@ -519,7 +575,12 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
             hooks = list(tallies)
             flat = [t.double() for _, t in pending] + [
                 torch.as_tensor(c, device=device).double() for h in hooks for c in tallies[h]]
-            vals = torch.stack(flat).tolist()  # the one host sync
+            if world > 1:
+                flat.append(stop_dev.double())
+            # the one host sync (and, under torch.distributed, the ranks' shares summed)
+            vals = _all_reduce(torch.stack(flat), group).tolist()
+            if world > 1:
+                agreed_stop[0] = vals.pop() > 0
             for i, h in enumerate(hooks):
                 t, o = vals[len(pending) + 2 * i:len(pending) + 2 * i + 2]
                 counts[h] = [counts[h][0] + int(t), counts[h][1] + int(o)]
@@ -546,12 +607,18 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                 total = 0.0
                 for micro in range(cfg.grad_accum):
                     batch = [train_data[i] for i in sched.batch(step, micro)]
+                    denom = None
+                    if world > 1:  # this rank's share; the mean over the global batch
+                        denom = float(max(1, sum(int(e[1][1:].sum()) for e in batch)))
+                        batch = _share(batch, rank, world)
                     ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, pad_id))
                     with edits.token_mask(_edit_mask(cfg, attn, prompt)), \
                             edits.counting_overflow(attn), _autocast(cfg, device):
-                        loss = lm_loss(model, ids, attn, loss_mask)
+                        loss = lm_loss(model, ids, attn, loss_mask, denom)
                     (loss / cfg.grad_accum).backward()
                     total = total + loss.detach().float() / cfg.grad_accum  # on the device
+                if world > 1:  # the ranks' Ctrl-C flags travel with the gradients
+                    stop_dev = _sync_grads(params, sigint.hit, group, device)
                 pen = [l1_penalty(trainables[h], saes[h]) for h in trainables]
                 pen = [p for p in pen if p is not None]
                 if pen and cfg.l1 > 0:
@@ -561,24 +628,28 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                 last = step + 1 == cfg.steps
                 evals = eval_data and ((step + 1) % cfg.eval_every == 0 or last)
                 saves = (step + 1) % cfg.checkpoint_every == 0 and not last
-                if (step + 1) % cfg.log_every == 0 or last or evals or saves or sigint.hit:
+                # one process stops after the step Ctrl-C came in; several agree on it when the
+                # losses are read back (every log_every steps), then stop together
+                local_stop = world == 1 and sigint.hit
+                if (step + 1) % cfg.log_every == 0 or last or evals or saves or local_stop:
                     flush()
+                stop = local_stop or (world > 1 and agreed_stop[0])
                 if evals:
                     history["eval_step"].append(step + 1)
                     history["eval_loss"].append(evaluate(model, eval_data, cfg, edits, device,
-                                                         pad_id))
+                                                         pad_id, group))
                     note(f"step {step + 1}/{cfg.steps}: train loss "
                          f"{history['train_loss'][-1]:.4f}, eval loss "
                          f"{history['eval_loss'][-1]:.4f}")
-                if saves or (sigint.hit and not last):
+                if lead and (saves or (stop and not last)):
                     _save_checkpoint(ckpt, trainables, opt, history, step + 1, cfg, fingerprint)
-                if sigint.hit and not last:
+                if stop and not last:
+                    _barrier(group)  # the checkpoint is written before any rank exits
                     bar.close()
                     raise TrainingInterrupted(step + 1, ckpt)
     finally:
         edits.remove()
 
-    save_adapter(out_dir, trainables, saes, cfg, sae_sources=sae_sources, model_source=model_source)
     overflow = {}
     for h, (t, o) in counts.items():
         sae = saes[h] if h in saes else None
@@ -587,7 +658,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
         arch = _architecture(sae)
         overflow[h] = {"tokens": t, "overflow_tokens": o, "rate": o / t if t else 0.0,
                        "k": sae.k, "architecture": arch}
-        if arch != "topk" and t and o / t > 0.01:
+        if lead and arch != "topk" and t and o / t > 0.01:
             msg = (f"{100 * o / t:.1f}% of the edited tokens at {h} had more than k={sae.k} "
                    f"active latents (the cap dropped the rest): raise --k")
             warnings.warn(msg, stacklevel=2)
@@ -595,11 +666,31 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None,
                "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
                "n_train": len(train_data), "n_eval": len(eval_data), "overflow": overflow,
-               "history": history}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    _save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg, fingerprint)
+               "world_size": world, "history": history}
+    if lead:
+        save_adapter(out_dir, trainables, saes, cfg, sae_sources=sae_sources,
+                     model_source=model_source)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        _save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg, fingerprint)
+    _barrier(group)  # the run directory is complete when any rank returns
     return metrics
+
+
+def _sync_grads(params, stop: bool, group, device) -> bool:
+    """Sums the ranks' gradients (each rank's loss is its share of the global batch's mean,
+    so the sum is the 1-process gradient) in one all-reduce, with each rank's Ctrl-C flag;
+    no host sync."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] +
+                     [torch.tensor([float(stop)], device=device)])
+    _all_reduce(flat, group)
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off:off + n].view_as(g).to(g.dtype)
+        off += n
+    return flat[-1]  # > 0 when any rank was interrupted (read back later, with the loss)
 
 
 def _architecture(sae) -> str:

@@ -1,0 +1,166 @@
+"""Functions run in each process of the gloo tests (tests/test_distributed.py): importable by
+name, as torch.multiprocessing's spawn needs."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _init(rank, world, init_file):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+
+
+def _close(a, b, tol, name):
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def make_sae(variant, D=13, S=101, k=7, seed=0):
+    import sae_sparse as ss
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(S, D, generator=g, dtype=torch.float64) / 3
+    W_dec = torch.randn(S, D, generator=g, dtype=torch.float64) / 3
+    b_enc = 0.2 * torch.randn(S, generator=g, dtype=torch.float64)
+    b_dec = 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    W_enc[57] = W_enc[3]  # equal latents on different shards: ties go to the smaller index
+    b_enc[57] = b_enc[3]
+    thr = (0.3 * torch.rand(S, generator=g, dtype=torch.float64) if variant == "jumprelu"
+           else None)
+    b_pre = b_dec if variant in ("tied", "jumprelu") else (
+        0.1 * torch.randn(D, generator=g, dtype=torch.float64) if variant == "bpre" else None)
+    return ss.SAE(W_enc, b_enc, W_dec, b_dec, k, b_pre=b_pre, threshold=thr)
+
+
+def sae_forward_matches(rank, world, init_file, variant, N):
+    """ShardedSAE.forward (y, values, indices, overflow) and every gradient against the
+    one-process sae_forward (torch backend, float64) on the whole SAE."""
+    import sae_sparse as ss
+    from sae_sparse.distributed import ShardedSAE, shard_range
+    _init(rank, world, init_file)
+    try:
+        sae = make_sae(variant)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(N, sae.d_in, generator=g, dtype=torch.float64)
+        x[0] = 0.0 if N > 2 else x[0]  # a row of ties at b_enc-only pre-activations
+        w_y = torch.randn(N, sae.d_in, generator=g, dtype=torch.float64)
+        w_v = torch.randn(sae.d_sae, generator=g, dtype=torch.float64)
+
+        def loss(y, v, i):
+            return (y * w_y).sum() + (v * w_v[i]).sum()
+
+        xr = x.clone().requires_grad_()
+        y0, v0, i0, n0 = ss.sae_forward(xr, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.k,
+                                        b_pre=sae.b_pre, threshold=sae.threshold,
+                                        backend="torch", return_overflow=True)
+        loss(y0, v0, i0).backward()
+        shard = ShardedSAE.from_sae(sae)
+        xs = x.clone().requires_grad_()
+        y, v, i = shard(xs, return_code=True)
+        assert torch.equal(i, i0), (i, i0)
+        assert int(shard.last_overflow_rows.sum()) == int(n0)
+        _close(y, y0, 1e-10, "y")
+        _close(v, v0, 1e-10, "values")
+        loss(y, v, i).backward()
+        _close(xs.grad, xr.grad, 1e-10, "dx")
+        s0, s1 = shard_range(sae.d_sae, rank, world)
+        assert shard.owned == (s0, s1)
+        for n in ("W_enc", "b_enc", "W_dec"):
+            _close(getattr(shard, n).grad, getattr(sae, n).grad[s0:s1], 1e-10, "d" + n)
+        _close(shard.b_dec.grad, sae.b_dec.grad, 1e-10, "db_dec")
+        if sae.b_pre is not None and not sae.tied_b_pre:
+            _close(shard.b_pre.grad, sae.b_pre.grad, 1e-10, "db_pre")
+        whole = shard.gather()
+        assert torch.equal(whole.W_enc, sae.W_enc.detach())
+    finally:
+        dist.destroy_process_group()
+
+
+def sae_edit_matches(rank, world, init_file, mode, masked):
+    """sharded_sae_edit with a sharded gain + bias + FFN adapter (and a latent mask) against
+    sae_edit on the whole SAE and adapter: y and the gradients of x, every adapter parameter
+    (each rank's slice; b_in replicated) and the SAE's weights."""
+    import sae_sparse as ss
+    from sae_sparse.distributed import ShardedSAE, shard_adapter, shard_range, sharded_sae_edit
+    _init(rank, world, init_file)
+    try:
+        sae = make_sae("tied")
+        g = torch.Generator().manual_seed(2)
+        mask = (torch.rand(sae.d_sae, generator=g) < 0.6) if masked else None
+        ad = ss.LatentAdapter(sae.d_sae, 3, activation="gelu", latent_mask=mask,
+                              dtype=torch.float64)
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        x = torch.randn(2, 5, sae.d_in, generator=g, dtype=torch.float64)
+        w = torch.randn(2, 5, sae.d_in, generator=g, dtype=torch.float64)
+        xr = x.clone().requires_grad_()
+        y0 = ss.sae_edit(xr, sae, ad, mode=mode, backend="torch")
+        (y0 * w).sum().backward()
+        shard = ShardedSAE.from_sae(sae)
+        sad = shard_adapter(ad, shard)
+        xs = x.clone().requires_grad_()
+        y = sharded_sae_edit(xs, shard, sad, mode=mode)
+        _close(y, y0, 1e-10, "y")
+        (y * w).sum().backward()
+        _close(xs.grad, xr.grad, 1e-10, "dx")
+        s0, s1 = shard_range(sae.d_sae, rank, world)
+        for n in ("gain", "bias", "W_in", "W_out", "b_in"):
+            full = getattr(ad, n).grad
+            want = full[:, s0:s1] if n == "W_out" else full if n == "b_in" else full[s0:s1]
+            _close(getattr(sad, n).grad, want, 1e-10, "d" + n)
+        for n in ("W_enc", "b_enc", "W_dec"):
+            _close(getattr(shard, n).grad, getattr(sae, n).grad[s0:s1], 1e-10, "d" + n)
+        _close(shard.b_dec.grad, sae.b_dec.grad, 1e-10, "db_dec")
+    finally:
+        dist.destroy_process_group()
+
+
+def auxk_matches(rank, world, init_file):
+    """sharded_auxk_encode + sharded_decode against auxk_encode + sparse_decode."""
+    import sae_sparse as ss
+    from sae_sparse.distributed import (ShardedSAE, shard_range, sharded_auxk_encode,
+                                        sharded_decode)
+    _init(rank, world, init_file)
+    try:
+        sae = make_sae("tied")
+        g = torch.Generator().manual_seed(3)
+        dead = torch.rand(sae.d_sae, generator=g) < 0.3
+        x = torch.randn(6, sae.d_in, generator=g, dtype=torch.float64)
+        w = torch.randn(6, sae.d_in, generator=g, dtype=torch.float64)
+        for k_aux in (4, 500):  # fewer than the dead latents; more (clamped to n_dead)
+            for p in sae.parameters():
+                p.grad = None
+            v0, i0 = ss.auxk_encode(x, sae.W_enc, sae.b_enc, dead, k_aux, b_pre=sae.b_pre,
+                                    backend="torch")
+            (ss.sparse_decode(v0, i0, sae.W_dec, backend="torch") * w).sum().backward()
+            shard = ShardedSAE.from_sae(sae)
+            v, i = sharded_auxk_encode(x, shard, dead, k_aux)
+            assert v.shape == v0.shape
+            pos = v0 > 0  # zero-valued entries may name other dead latents (no gradient)
+            assert torch.equal(i[pos], i0[pos])
+            _close(v, v0, 1e-10, "values")
+            (sharded_decode(v, i, shard, b_dec=False) * w).sum().backward()
+            s0, s1 = shard_range(sae.d_sae, rank, world)
+            for n in ("W_enc", "b_enc", "W_dec"):
+                _close(getattr(shard, n).grad, getattr(sae, n).grad[s0:s1], 1e-10, "d" + n)
+    finally:
+        dist.destroy_process_group()
+
+
+def load_reads_only_its_rows(rank, world, init_file, path):
+    from sae_sparse.distributed import ShardedSAE, shard_range
+    from sae_sparse.io import load_sae
+    _init(rank, world, init_file)
+    try:
+        whole = load_sae(path)
+        shard = ShardedSAE.load(path)
+        s0, s1 = shard_range(whole.d_sae, rank, world)
+        assert torch.equal(shard.W_enc.detach(), whole.W_enc.detach()[s0:s1])
+        assert torch.equal(shard.W_dec.detach(), whole.W_dec.detach()[s0:s1])
+        assert shard.tied_b_pre if hasattr(shard, "tied_b_pre") else shard.b_pre is shard.b_dec
+        assert shard.k == whole.k and shard.d_sae == whole.d_sae
+    finally:
+        dist.destroy_process_group()

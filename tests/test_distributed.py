@@ -1,0 +1,121 @@
+"""torch.distributed on CPU with gloo: latent-sharded SAEs and adapters against the
+one-process ops (2 and 3 processes, S not divisible by P, N = 1), and data-parallel adapter
+training under torchrun against a one-process run with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dist_workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def spawn(fn, world, tmp_path, *args):
+    init = tmp_path / f"init_{fn.__name__}_{world}_{abs(hash(args))}"
+    mp.start_processes(fn, args=(world, str(init), *args), nprocs=world, join=True,
+                       start_method="spawn")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("variant,N", [("plain", 9), ("bpre", 1), ("tied", 4),
+                                       ("jumprelu", 9)])
+@pytest.mark.quick_ids("2-plain-9", "3-jumprelu-9", "3-bpre-1")
+def test_sharded_sae_forward(tmp_path, world, variant, N):
+    spawn(W.sae_forward_matches, world, tmp_path, variant, N)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("mode,masked", [("delta", False), ("replace", True)])
+@pytest.mark.quick_ids("3-delta-False", "2-replace-True")
+def test_sharded_sae_edit(tmp_path, world, mode, masked):
+    spawn(W.sae_edit_matches, world, tmp_path, mode, masked)
+
+
+def test_sharded_auxk(tmp_path):
+    spawn(W.auxk_matches, 3, tmp_path)
+
+
+def test_sharded_load_reads_slices(tmp_path):
+    import sae_sparse as ss
+    path = tmp_path / "sae"
+    ss.save_saelens(W.make_sae("tied"), str(path))
+    spawn(W.load_reads_only_its_rows, 3, tmp_path, str(path))
+
+
+# ---------------------------------------------------------------- data parallel, torchrun
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from sae_sparse.demo import WORDS, word_tokenizer
+
+    from tiny_models import tiny_gpt2
+    root = tmp_path_factory.mktemp("ddp")
+    tok = word_tokenizer()
+    model = tiny_gpt2(vocab=len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    import sae_sparse as ss
+    ss.save_saelens(ss.SAE.random(32, 48, 4, generator=torch.Generator().manual_seed(0)),
+                    str(root / "sae"), hook_name="blocks.1.hook_resid_post")
+    g = torch.Generator().manual_seed(0)
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(40):
+            w = [WORDS[j] for j in torch.randint(0, 40, (3 + i % 6,), generator=g).tolist()]
+            f.write(json.dumps({"prompt": " ".join(w[:2]),
+                                "completion": " " + " ".join(w[2:])}) + "\n")
+    return root
+
+
+def cli(root, out, steps, nproc=None):
+    args = ["--model", str(root / "model"), "--sae", str(root / "sae"), "--data",
+            str(root / "data.jsonl"), "--steps", str(steps), "--batch-size", "6",
+            "--grad-accum", "2", "--edit", "gain,bias,ffn:2", "--lr", "0.05",
+            "--eval-every", "3", "--checkpoint-every", "4", "--no-progress", "--no-report",
+            "--out", str(out)]
+    head = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={nproc}"] if nproc else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([*head, "-m", "sae_sparse.cli", "train", *args], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_torchrun_data_parallel_matches_one_process_and_resumes(run_files, tmp_path):
+    """2 processes (gloo), --batch-size 6 as the global batch: the adapter, the losses and the
+    overflow counts equal a 1-process run's to fp32 rounding; rank 0 alone prints and writes;
+    metrics.json records world_size; a 2-process run stopped at step 4 and rerun to 6 resumes
+    and ends where the uninterrupted one does."""
+    from safetensors.torch import load_file
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    cli(run_files, one, 6)
+    out = cli(run_files, two, 6, nproc=2)
+    assert out.count("adapter saved in") == 1 and out.count("step 3/6") == 1
+    cli(run_files, resumed, 4, nproc=2)
+    out = cli(run_files, resumed, 6, nproc=2)
+    assert out.count("resuming from step 4 of 6") == 1
+    a = load_file(one / "adapter_model.safetensors")
+    for run in (two, resumed):
+        b = load_file(run / "adapter_model.safetensors")
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)
+        m1 = json.loads((one / "metrics.json").read_text())
+        m2 = json.loads((run / "metrics.json").read_text())
+        assert m2["world_size"] == 2 and m1["world_size"] == 1
+        torch.testing.assert_close(torch.tensor(m2["history"]["train_loss"]),
+                                   torch.tensor(m1["history"]["train_loss"]), rtol=1e-5,
+                                   atol=1e-6)
+        evals = dict(zip(m2["history"]["eval_step"], m2["history"]["eval_loss"]))
+        for s_, v in zip(m1["history"]["eval_step"], m1["history"]["eval_loss"]):
+            assert abs(evals[s_] - v) <= 1e-5 * abs(v), (s_, evals[s_], v)
+        assert m2["overflow"] == m1["overflow"]
