@@ -454,3 +454,39 @@ def sharded_sae_edit(x, shard: ShardedSAE, adapter: LatentAdapter | None = None,
     y = _reduce(y, shard.group)
     y = x2.to(ct) + y if mode == "delta" else y + shard.b_dec.to(ct)
     return y.to(x.dtype).view(shape)
+
+
+def memory_model(S: int, D: int, P: int, *, k: int = 32, N: int = 8192, hidden: int = 16,
+                 weight_bytes: int = 2, train_sae: bool = False, adapter: str = "gain,bias,ffn",
+                 chunk: int = _CHUNK) -> dict:
+    """Bytes per rank of a latent-sharded step (the largest shard: ceil(S / P) latents) and
+    the bytes each rank sends per step; a model of this module's allocations, not a
+    measurement.
+
+    * weights: W_enc, W_dec (``weight_bytes`` each: 2 for bf16), b_enc; b_dec and b_pre
+      replicated;
+    * SAE training (``train_sae``): fp32 gradients and AdamW's two fp32 moments of every SAE
+      weight (the weights in ``weight_bytes``);
+    * adapter: its fp32 parameters, gradients and two AdamW moments (gain and bias: 1 float
+      per latent each; ffn: 2·hidden per latent);
+    * activations: the local selection's GEMM chunk [N, chunk] fp32 and its sort, the
+      gathered candidates [N, P·(2k+1)] fp64, the [N, D] partial outputs and x;
+    * communication (forward + backward, ring collectives): the candidates' all_gather, the
+      values' [N, k] and the output's [N, D] all_reduce forward, dx's [N, D] backward, and
+      the FFN's [N, hidden] each way.
+    """
+    s = -(-S // P)
+    f32 = 4
+    w = s * D * 2 * weight_bytes + s * weight_bytes + 2 * D * f32
+    opt = (s * D * 2 + s) * f32 * 3 if train_sae else 0
+    per_latent = (("gain" in adapter) + ("bias" in adapter)
+                  + (2 * hidden if "ffn" in adapter else 0))
+    ad = s * per_latent * f32 * 4 if not train_sae else 0
+    act = (N * min(chunk, s) * f32 * 2 + N * P * (2 * k + 1) * 8 + 3 * N * D * f32
+           + N * k * 24)
+    ring = 2 * (P - 1) / P
+    comm = (N * (P - 1) * (2 * k + 1) * 8 + ring * f32 * (N * k + 2 * N * D)
+            + (ring * f32 * 2 * N * hidden if "ffn" in adapter and not train_sae else 0))
+    total = w + opt + ad + act
+    return {"latents_per_rank": s, "weights": w, "sae_optimizer": opt, "adapter": ad,
+            "activations": act, "total": total, "comm_per_step": int(comm)}

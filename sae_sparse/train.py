@@ -230,11 +230,13 @@ def _all_reduce(t, group):
 
 
 def build_trainables(saes: dict, cfg: TrainConfig, device):
-    """hook -> LatentAdapter (SAE edit, sparse or dense) or ResidualLoRA (baseline)."""
+    """hook -> LatentAdapter (SAE edit, sparse or dense) or ResidualLoRA (baseline);
+    ``device``: one device, or ``{hook: device}``."""
     out = {}
     torch.manual_seed(cfg.seed)
+    devices = device if isinstance(device, dict) else {h: device for h in saes}
     for hook in sorted(saes):
-        sae = saes[hook]
+        sae, device = saes[hook], devices[hook]
         if cfg.baseline and cfg.baseline.startswith("lora:"):
             out[hook] = ResidualLoRA(sae.d_in, int(cfg.baseline[5:]), device=device)
         else:
@@ -500,7 +502,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
     say = log or (lambda *a, **k: None)
     cfg = config or TrainConfig()
     cfg.validate()
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where the token ids go
     records = load_jsonl(data) if isinstance(data, str) else list(data)
     fingerprint = run_fingerprint(model, saes, data, sae_sources=sae_sources,
                                   model_source=model_source)
@@ -533,7 +535,11 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
     model.requires_grad_(False).eval()
     for sae in saes.values():
         sae.requires_grad_(False)
-    trainables = build_trainables(saes, cfg, device)
+    # a model spread over devices (a device map): each SAE and adapter where its hook runs
+    hook_dev = {h: _hook_device(model, h, device) for h in saes}
+    for h, sae in saes.items():
+        sae.to(hook_dev[h])
+    trainables = build_trainables(saes, cfg, hook_dev)
     params = [p for t in trainables.values() for p in t.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "overflow": {}}
@@ -574,7 +580,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
             edits.overflow = {}
             hooks = list(tallies)
             flat = [t.double() for _, t in pending] + [
-                torch.as_tensor(c, device=device).double() for h in hooks for c in tallies[h]]
+                torch.as_tensor(c).to(device).double() for h in hooks for c in tallies[h]]
             if world > 1:
                 flat.append(stop_dev.double())
             # the one host sync (and, under torch.distributed, the ranks' shares summed)
@@ -682,15 +688,23 @@ def _sync_grads(params, stop: bool, group, device) -> bool:
     so the sum is the 1-process gradient) in one all-reduce, with each rank's Ctrl-C flag;
     no host sync."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] +
+    flat = torch.cat([g.reshape(-1).float().to(device) for g in grads] +
                      [torch.tensor([float(stop)], device=device)])
     _all_reduce(flat, group)
     off = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[off:off + n].view_as(g).to(g.dtype)
+        p.grad = flat[off:off + n].view_as(g).to(g.device, g.dtype)
         off += n
     return flat[-1]  # > 0 when any rank was interrupted (read back later, with the loss)
+
+
+def _hook_device(model, hook, default):
+    from .hookpoints import resolve_hook
+
+    mod = model.get_submodule(resolve_hook(model, hook))
+    p = next(mod.parameters(), None)
+    return p.device if p is not None else default
 
 
 def _architecture(sae) -> str:

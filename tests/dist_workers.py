@@ -164,3 +164,59 @@ def load_reads_only_its_rows(rank, world, init_file, path):
         assert shard.k == whole.k and shard.d_sae == whole.d_sae
     finally:
         dist.destroy_process_group()
+
+
+def sparsify_distribute_modules(rank, world, init_file, save_dir):
+    """sparsify's Trainer with distribute_modules (each rank trains its own layers; the
+    activations are all-gathered) under patch_sparsify: the same SAE weights as without the
+    patch, and the patched forward ran."""
+    import datasets
+    from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sae_sparse.compat import patch_sparsify
+    _init(rank, world, init_file)
+    try:
+        def train(patched):
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97,
+                                               n_positions=32))
+            ids = torch.randint(0, 97, (64, 16), generator=torch.Generator().manual_seed(1))
+            ds = datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+            cfg = TrainConfig(SparseCoderConfig(num_latents=200, k=6), batch_size=8,
+                              layers=[0, 1], log_to_wandb=False, save_every=10 ** 9,
+                              distribute_modules=True, optimizer="adam", lr=1e-3,
+                              lr_warmup_steps=0,
+                              save_dir=os.path.join(save_dir, f"{patched}"))
+            trainer = Trainer(cfg, ds, model)
+            if patched:
+                with patch_sparsify(backend="torch"):
+                    trainer.fit()
+            else:
+                trainer.fit()
+            return {n: {k: v.detach().clone() for k, v in sae.state_dict().items()}
+                    for n, sae in trainer.saes.items()}
+
+        import sae_sparse.compat as compat
+        original, real = SparseCoder.forward, compat.sparsify_forward
+        calls = []
+
+        def spy(*a, **k):  # the patched forward looks compat.sparsify_forward up per call
+            calls.append(1)
+            return real(*a, **k)
+        compat.sparsify_forward = spy
+        try:
+            ref = train(False)
+            assert not calls
+            ours = train(True)
+        finally:
+            compat.sparsify_forward = real
+        assert calls and SparseCoder.forward is original
+        assert ref and set(ours) == set(ref)
+        for n in ref:
+            for k in ref[n]:
+                torch.testing.assert_close(ours[n][k], ref[n][k], rtol=1e-5,
+                                           atol=1e-5 * ref[n][k].abs().max().item(),
+                                           msg=lambda m: f"rank {rank} {n} {k}: {m}")
+    finally:
+        dist.destroy_process_group()

@@ -119,3 +119,30 @@ def test_torchrun_data_parallel_matches_one_process_and_resumes(run_files, tmp_p
         for s_, v in zip(m1["history"]["eval_step"], m1["history"]["eval_loss"]):
             assert abs(evals[s_] - v) <= 1e-5 * abs(v), (s_, evals[s_], v)
         assert m2["overflow"] == m1["overflow"]
+
+
+@pytest.mark.exhaustive
+def test_sparsify_distribute_modules_under_the_patch(tmp_path):
+    """sparsify's multi-process training with gloo: distribute_modules (each rank trains its
+    layers) under patch_sparsify trains to sparsify's own weights. (Its DDP mode passes
+    device_ids=[rank] to DistributedDataParallel, which torch refuses for CPU modules: on
+    CPUs sparsify itself supports distribute_modules only.)"""
+    pytest.importorskip("sparsify")
+    pytest.importorskip("datasets")
+    spawn(W.sparsify_distribute_modules, 2, tmp_path, str(tmp_path / "out"))
+
+
+def test_memory_model_matches_the_shards():
+    """The memory model's weights per rank are the bytes a rank's ShardedSAE parameters hold
+    (the largest shard), within the replicated D-sized biases."""
+    from sae_sparse.distributed import memory_model, shard_range
+    S, D, P = 1001, 48, 3
+    m = memory_model(S, D, P, weight_bytes=2)
+    sizes = [b - a for a, b in (shard_range(S, r, P) for r in range(P))]
+    assert sum(sizes) == S and max(sizes) - min(sizes) <= 1
+    assert m["latents_per_rank"] == max(sizes)
+    held = max(sizes) * (2 * D + 1) * 2  # W_enc, W_dec, b_enc in bf16
+    assert held <= m["weights"] <= held + 2 * D * 4
+    assert memory_model(S, D, 1)["comm_per_step"] == 0
+    t = memory_model(S, D, P, train_sae=True)
+    assert t["sae_optimizer"] == (max(sizes) * (2 * D + 1)) * 4 * 3 and t["adapter"] == 0
