@@ -35,7 +35,7 @@ def _add_mm(acc, a, b):
         acc += a @ b
 
 
-def select(x, W_enc, b_enc, b_pre, k):
+def select(x, W_enc, b_enc, b_pre, k, relu=True):
     """Per row the k largest of ``relu((x - b_pre) W_enc^T + b_enc)`` (W_enc, b_enc: the
     compact dead rows), computed in fp32 (fp64 for fp64) a row chunk at a time with GEMMs
     and ``torch.topk``: values [N, k] in x's dtype, indices [N, k] int64 into W_enc's rows,
@@ -53,7 +53,7 @@ def select(x, W_enc, b_enc, b_pre, k):
         if bp is not None:
             xc = xc - bp
         v, i = torch.addmm(b, xc, W.T).topk(k, dim=1, sorted=False)
-        values[s:e] = v.clamp_min_(0)
+        values[s:e] = v.clamp_min_(0) if relu else v
         idx[s:e] = i
     return values, idx
 
@@ -68,7 +68,7 @@ class AuxKDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_pre, W_dec, values, idx):
+    def forward(ctx, x, W_enc, b_enc, b_pre, W_dec, values, idx, relu=True):
         N, n = x.shape[0], W_enc.shape[0]
         rows = _chunk_rows(n, x.element_size())
         out = torch.empty(N, W_dec.shape[1], dtype=W_dec.dtype, device=x.device)
@@ -78,6 +78,7 @@ class AuxKDecode(torch.autograd.Function):
             z = code[:e - s].zero_().scatter_(1, idx[s:e], values[s:e])
             torch.mm(z, W_dec, out=out[s:e])
         ctx.save_for_backward(x, W_enc, b_pre, W_dec, values, idx)
+        ctx.relu = relu
         return out
 
     @staticmethod
@@ -108,7 +109,9 @@ class AuxKDecode(torch.autograd.Function):
             if not need_enc:
                 continue
             dz = torch.mm(g, W_dec.T, out=dcode[:e - s])
-            dv = dz.gather(1, i).mul_(v > 0)  # relu: no gradient where the value is 0
+            dv = dz.gather(1, i)
+            if ctx.relu:
+                dv.mul_(v > 0)  # no gradient where relu made the value 0
             dpre = z.zero_().scatter_(1, i, dv)  # the code's buffer, done with for this chunk
             if need_x:
                 torch.mm(dpre, W_enc, out=dx[s:e])
@@ -120,4 +123,4 @@ class AuxKDecode(torch.autograd.Function):
         db_enc = db.to(dt) if need_b else None
         db_pre = -(db @ W_enc.to(acc)).to(dt) if need_bp else None
         return (dx, None if dW_enc is None else dW_enc.to(dt), db_enc, db_pre,
-                None if dW_dec is None else dW_dec.to(dt), None, None)
+                None if dW_dec is None else dW_dec.to(dt), None, None, None)

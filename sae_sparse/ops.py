@@ -13,6 +13,7 @@ import weakref
 import torch
 
 from . import _validate as V
+from ._gather import gather_dot
 from ._auxk import AuxKDecode
 from ._auxk import select as auxk_select
 from .backends import decode_fn, encode_fn, fold_fn, resolve, sae_fn
@@ -145,7 +146,8 @@ def _dead_latents(x, W_enc, b_enc, dead_mask, k_aux, b_pre):
     return D, S, dead, min(k_aux, dead.numel())
 
 
-def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
+def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None,
+                relu: bool = True):
     """AuxK encode (OpenAI's top-k SAE paper, App. B.1; sparsify): per row the ``k_aux`` largest
     pre-activations among the *dead* latents only, as :func:`topk_encode` computes them.
 
@@ -162,6 +164,8 @@ def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
         x: [..., D]. W_enc: [S, D]. b_enc: [S]. dead_mask: [S] bool, True for dead latents
         (e.g. not fired in the last 10M tokens). k_aux: int >= 1 (sparsify uses D // 2).
         b_pre: optional [D] subtracted from x first. backend: as in :func:`topk_encode`.
+        relu: False returns the raw pre-activations of the selected latents (negative ones
+        too, all with gradients), as SAELens's TopK AuxK takes them.
 
     Returns:
         values [..., min(k_aux, n_dead)] in x's dtype, indices [..., min(k_aux, n_dead)] int64
@@ -177,13 +181,22 @@ def auxk_encode(x, W_enc, b_enc, dead_mask, k_aux, *, b_pre=None, backend=None):
     if kk == 0:
         return x.new_empty(*x.shape[:-1], 0), torch.empty(*x.shape[:-1], 0, dtype=torch.long,
                                                          device=x.device)
-    values, idx = topk_encode(x, W_enc.index_select(0, dead), b_enc.index_select(0, dead), kk,
-                              b_pre=b_pre, backend=backend)
-    return values, dead[idx]
+    We, be = W_enc.index_select(0, dead), b_enc.index_select(0, dead)
+    if relu:
+        values, idx = topk_encode(x, We, be, kk, b_pre=b_pre, backend=backend)
+        return values, dead[idx]
+    # SAELens: the raw pre-activations of the selected dead latents, negative ones included
+    with torch.no_grad():
+        _, idx = topk_encode(x, We, be, kk, b_pre=b_pre, backend=backend)
+    x2 = x.reshape(-1, D)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x2.to(ct) - b_pre.to(ct) if b_pre is not None else x2.to(ct)
+    pre = gather_dot(xc, We.to(ct), be.to(ct), idx.reshape(-1, kk))
+    return pre.to(x.dtype).reshape(idx.shape), dead[idx]
 
 
 def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=None,
-                backend=None):
+                backend=None, relu: bool = True):
     """The AuxK reconstruction ``e_hat``: :func:`auxk_encode` followed by its decode, with
     the decode and the whole backward as dense GEMMs over the dead latents.
 
@@ -208,6 +221,9 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
         b_pre: optional [D] subtracted from x before encoding. b_dec: optional [D] added to
         e_hat (sparsify's ``self.decode`` adds it). backend: as in :func:`topk_encode`; only
         "triton" changes how the latents are selected.
+        relu: False decodes the selected pre-activations as they are, negative ones
+            included, and trains the encoder through all of them (SAELens's TopK AuxK);
+            True (sparsify, the paper) takes relu of them.
 
     Returns:
         e_hat [..., D] in x's dtype (just ``b_dec``, or zeros, when no latent is dead);
@@ -235,11 +251,11 @@ def auxk_decode(x, W_enc, b_enc, W_dec, dead_mask, k_aux, *, b_pre=None, b_dec=N
     We, be = W_enc.index_select(0, dead), b_enc.index_select(0, dead)
     Wd = W_dec.index_select(0, dead)
     with torch.no_grad():
-        if name == "triton":  # bf16/fp16 tensor-core products summed in fp32
+        if name == "triton" and relu:  # bf16/fp16 tensor-core products summed in fp32
             values, idx = topk_encode(x2, We, be, kk, b_pre=b_pre, backend="triton")
         else:
-            values, idx = auxk_select(x2, We, be, b_pre, kk)
-    e_hat = AuxKDecode.apply(x2, We, be, b_pre, Wd, values, idx)
+            values, idx = auxk_select(x2, We, be, b_pre, kk, relu=relu)
+    e_hat = AuxKDecode.apply(x2, We, be, b_pre, Wd, values, idx, relu)
     if b_dec is not None:
         e_hat = e_hat + b_dec
     return e_hat.reshape(x.shape)

@@ -276,3 +276,41 @@ def test_auxk_decode_sums_bf16_weight_gradients_over_row_chunks_in_fp32(monkeypa
     for name, a, e in zip(("W_enc", "b_enc", "W_dec"), (W, b, Wd), ref):
         assert e.grad[dead].min() > 500, name  # the test's premise
         torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-2, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auxk_without_relu_takes_raw_pre_activations(backend):
+    """relu=False (SAELens's TopK AuxK): the selected dead latents' pre-activations as they
+    are, negative ones included, with gradients through all of them; auxk_encode and
+    auxk_decode both against the dense definition."""
+    g = torch.Generator().manual_seed(5)
+    N, D, S, k_aux = 9, 14, 120, 12
+    dt = torch.float64 if backend != "triton" else torch.float32
+    dev = DEVICE if backend == "triton" else "cpu"
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(S, D, generator=g, dtype=torch.float64) / D ** 0.5
+    Wd = torch.randn(S, D, generator=g, dtype=torch.float64) / D ** 0.5
+    b = 0.5 * torch.randn(S, generator=g, dtype=torch.float64) - 1.0  # many negatives
+    b_pre = 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    dead = torch.rand(S, generator=g) < 0.4
+    w_v = torch.randn(N, k_aux, generator=g, dtype=torch.float64)
+    w_y = torch.randn(N, D, generator=g, dtype=torch.float64)
+    tol = dict(rtol=1e-4, atol=1e-5) if dt == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+
+    ref = [t.clone().requires_grad_() for t in (x, W, b, b_pre, Wd)]
+    pre, i0 = dense_auxk(*ref[:3], dead, k_aux, ref[3])
+    assert (pre < 0).any()  # the case has negative picks
+    z = torch.zeros(N, S, dtype=torch.float64).scatter(1, i0, pre)
+    ((pre * w_v).sum() + ((z @ ref[4]) * w_y).sum()).backward()
+
+    ts = [t.detach().to(dev, dt).requires_grad_() for t in (x, W, b, b_pre, Wd)]
+    v, i = ss.auxk_encode(*ts[:3], dead.to(dev), k_aux, b_pre=ts[3], backend=backend,
+                          relu=False)
+    e_hat = ss.auxk_decode(*ts[:3], ts[4], dead.to(dev), k_aux, b_pre=ts[3], backend=backend,
+                           relu=False)
+    assert torch.equal(i.cpu(), i0)
+    torch.testing.assert_close(v.cpu().double(), pre.detach(), **tol)
+    torch.testing.assert_close(e_hat.cpu().double(), (z @ Wd).detach(), **tol)
+    ((v * w_v.to(dev, dt)).sum() + (e_hat * w_y.to(dev, dt)).sum()).backward()
+    for n, a, e in zip(("x", "W_enc", "b_enc", "b_pre", "W_dec"), ts, ref):
+        torch.testing.assert_close(a.grad.cpu().double(), e.grad, **tol, msg=n)
