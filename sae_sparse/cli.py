@@ -176,7 +176,7 @@ def _precheck_train(a):
     """Everything that can be checked before the model's weights load and before the run
     directory is created. -> (records, config, {hook: SAE on the CPU}, sources, meta model)."""
     from .hookpoints import hook_width, meta_model, resolve_hook
-    from .io import content_hash, load_sae
+    from .io import content_hash, load_sae, resolve_sae_path
     from .models import load_config
     from .train import TrainConfig, _check_run_dir, load_jsonl, run_fingerprint
 
@@ -205,9 +205,12 @@ def _precheck_train(a):
             raise UsageError(f"--backend {a.backend} is not available here (available: "
                              f"{', '.join(available_backends())})")
     records = load_jsonl(a.data)
+    local = {}
     for path in a.sae:  # before the model: a missing SAE should not wait for a model load
-        if not os.path.exists(path):
-            raise UsageError(f"--sae {path}: no such file or directory")
+        try:
+            local[path] = resolve_sae_path(path)  # a hub folder is fetched (or found cached)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--sae: {e}") from None
     try:
         config = load_config(a.model)
     except (OSError, ValueError) as e:
@@ -215,7 +218,7 @@ def _precheck_train(a):
     meta = meta_model(config)
     saes, sources = {}, {}
     for n, path in enumerate(a.sae):
-        sae = load_sae(path, k=a.k)
+        sae = load_sae(local[path], k=a.k)
         info = {k: v for k, v in sae.format_info.items() if k != "cfg"}
         own = info.get("hook_name")
         if not a.hook and not own:
@@ -246,7 +249,7 @@ def _precheck_train(a):
             raise UsageError(f"--latents {max(latents)} is out of range for the SAE at {path} "
                              f"(d_sae = {sae.d_sae})")
         saes[module] = sae
-        sources[module] = {**info, "sha256": content_hash(path)}
+        sources[module] = {**info, "sha256": content_hash(local[path])}
     fingerprint = run_fingerprint(meta, saes, a.data, sae_sources=sources,
                                   model_source=_model_source(a.model))
     _check_run_dir(a.out, cfg, fingerprint, resume=not a.no_resume, overwrite=a.overwrite)

@@ -17,6 +17,10 @@ Top-k comes back sorted in descending order (sparsify's is unsorted; the set is 
 coder, or the class, so that sparsify's own ``Trainer`` trains on these ops) with
 :func:`sparsify_forward`, which returns sparsify's ``ForwardOutput`` with the same losses
 and gradients (tested against the installed sparsify).
+
+For SAELens: :func:`patch_saelens` (its ``TopKTrainingSAE`` training step, so its
+``SAETrainer``, on these ops) and :func:`from_saelens` / :func:`to_saelens` (its SAE objects
+in memory); see :mod:`sae_sparse._saelens`.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._saelens import (SAELensPatch, from_saelens, patch_saelens,  # noqa: F401
+                       saelens_training_forward_pass, to_saelens)
 from .ops import auxk_decode, auxk_encode, sae_forward, sparse_decode, topk_encode
 
 

@@ -1,6 +1,7 @@
 """Loading and saving SAEs in other projects' file formats (no pickle is ever executed).
 
-Supported so far (the rest of the formats in the training issue come next):
+Supported (a path may also be a Hugging Face repo folder or a SAELens release, see
+:func:`resolve_sae_path`):
 
 * SAELens: ``cfg.json`` + ``sae_weights.safetensors``; ``W_enc`` stored [D, S];
   ``apply_b_dec_to_input`` ties ``b_pre`` to ``b_dec``; ``architecture`` "standard" / "jumprelu"
@@ -14,6 +15,8 @@ Supported so far (the rest of the formats in the training issue come next):
   ``decoder.weight`` [D, S], ``bias`` subtracted before encoding), ``AutoEncoderTopK``
   (``b_dec`` subtracted, ``k`` buffer) and ``JumpReluAutoEncoder`` (``W_enc`` [D, S], ``W_dec``,
   ``threshold``).
+* e2e_sae (PyPI ``e2e-sae``, end-to-end SAEs): ``final_config.yaml`` + ``samples_N.pt``, one
+  ReLU SAE per hook position (``hook=`` picks one), decoder columns normalised as it uses them.
 * OpenAI sparse_autoencoder state dicts (a ``.pt`` file): ``pre_bias``, ``encoder.weight``
   [S, D], ``latent_bias``, ``decoder.weight`` [D, S], ``activation`` / ``activation_state_dict``
   (TopK ``k``).
@@ -49,12 +52,22 @@ def _need_k(k, what):
     return k
 
 
+def _is_e2e_state(path) -> bool:
+    try:
+        keys = _load_pt(path).keys()
+    except ValueError:
+        return False
+    return any(k.endswith(".encoder.0.weight") for k in keys)
+
+
 def detect_format(path: str) -> str:
     """Names the on-disk format of the SAE at `path` (a directory or a params.npz file)."""
     if os.path.isfile(path) and path.endswith(".npz"):
         return "gemmascope"
     if os.path.isfile(path) and path.endswith((".pt", ".pth")):
-        return "dictionary_learning" if os.path.basename(path) == "ae.pt" else "openai"
+        if os.path.basename(path) == "ae.pt":
+            return "dictionary_learning"
+        return "e2e" if _is_e2e_state(path) else "openai"
     if os.path.isdir(path):
         files = set(os.listdir(path))
         if "sae_weights.safetensors" in files:
@@ -65,28 +78,92 @@ def detect_format(path: str) -> str:
             return "gemmascope"
         if "ae.pt" in files:
             return "dictionary_learning"
+        if "final_config.yaml" in files and any(f.endswith(".pt") for f in files):
+            return "e2e"
     raise ValueError(f"no SAE format recognised at {path!r}: expected a SAELens directory "
                      "(cfg.json + sae_weights.safetensors), a sparsify directory (cfg.json + "
-                     "sae.safetensors), a Gemma Scope params.npz, a dictionary_learning ae.pt "
-                     "or an OpenAI sparse_autoencoder .pt state dict")
+                     "sae.safetensors), a Gemma Scope params.npz, a dictionary_learning ae.pt, "
+                     "an e2e_sae checkpoint (final_config.yaml + samples_N.pt) or an OpenAI "
+                     "sparse_autoencoder .pt state dict")
 
 
-def load_sae(path: str, *, k: int | None = None, dtype=None, device=None) -> SAE:
-    """Loads an SAE saved by SAELens, sparsify or Gemma Scope into the canonical :class:`SAE`.
+def resolve_sae_path(spec: str, *, cache_dir=None) -> str:
+    """A local path for an SAE spec:
+
+    * a path that exists here is returned as it is;
+    * ``saelens://RELEASE/SAE_ID``: a SAELens pretrained release and SAE id (needs sae-lens
+      installed), looked up in its directory and fetched as below;
+    * ``hf://ORG/REPO[/SUBFOLDER...]``, or ``ORG/REPO/SUBFOLDER...`` when no such local path
+      exists: a Hugging Face repo and the SAE's folder in it, fetched with
+      ``huggingface_hub.snapshot_download`` (only that folder) into its cache; offline
+      (``HF_HUB_OFFLINE=1``) it is served from the cache or reported missing.
+    """
+    if os.path.exists(spec):
+        return spec
+    if spec.startswith("saelens://"):
+        release, _, sae_id = spec[len("saelens://"):].partition("/")
+        try:
+            from sae_lens.loading.pretrained_saes_directory import (
+                get_pretrained_saes_directory)
+        except ImportError:
+            raise ValueError(f"{spec}: SAELens releases need sae-lens installed "
+                             "(pip install sae-lens)") from None
+        info = get_pretrained_saes_directory().get(release)
+        if info is None:
+            raise ValueError(f"{spec}: no SAELens release {release!r}")
+        if sae_id not in info.saes_map:
+            some = ", ".join(list(info.saes_map)[:3])
+            raise ValueError(f"{spec}: release {release!r} has no SAE {sae_id!r} (it has "
+                             f"{some}, ...)")
+        return _hub_folder(info.repo_id, info.saes_map[sae_id], spec, cache_dir)
+    hub = spec[len("hf://"):] if spec.startswith("hf://") else spec
+    parts = [p for p in hub.split("/") if p]
+    looks_local = spec.startswith((".", "/", "~")) or (parts and os.path.isdir(parts[0]))
+    if spec.startswith("hf://") or (len(parts) >= 2 and not looks_local):
+        return _hub_folder("/".join(parts[:2]), "/".join(parts[2:]), spec, cache_dir)
+    raise FileNotFoundError(f"no SAE at {spec}: no such file or directory")
+
+
+def _hub_folder(repo_id, folder, spec, cache_dir):
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        root = snapshot_download(repo_id, allow_patterns=[f"{folder}/*"] if folder else None,
+                                 cache_dir=cache_dir)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(f"no SAE at {spec!r} locally, and the Hugging Face repo "
+                                f"{repo_id} could not be read ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    path = os.path.join(root, folder) if folder else root
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{spec}: the repo {repo_id} has no folder {folder!r}")
+    return path
+
+
+def load_sae(path: str, *, k: int | None = None, dtype=None, device=None,
+             hook: str | None = None) -> SAE:
+    """Loads an SAE saved by SAELens, sparsify, Gemma Scope, dictionary_learning, e2e_sae or
+    OpenAI into the canonical :class:`SAE`.
 
     Args:
-        path: the SAE's directory (or a Gemma Scope ``params.npz``).
+        path: the SAE's directory or file, a Hugging Face repo and folder
+            (``org/repo/folder``, ``hf://org/repo/folder``) or a SAELens release
+            (``saelens://release/sae_id``); see :func:`resolve_sae_path`.
         k: latents per token; required for ReLU/JumpReLU SAEs, overrides a TopK SAE's own k.
         dtype, device: optional conversion of the loaded tensors.
+        hook: which SAE of a file holding several (e2e_sae: one per hook position).
     Returns:
         an :class:`SAE`; ``sae.format_info`` records the source format and config.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no SAE at {path!r}: no such file or directory")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    path = resolve_sae_path(path)
     fmt = detect_format(path)
-    sae, info = _LOADERS[fmt](path, k)
+    if fmt == "e2e":
+        sae, info = _load_e2e(path, k, hook)
+    else:
+        sae, info = _LOADERS[fmt](path, k)
     own_k = info.pop("own_k", None)
     if k is not None and own_k and int(own_k) != k:
         warnings.warn(f"k={k} replaces the k={int(own_k)} this TopK SAE was trained with "
@@ -206,6 +283,48 @@ def _load_openai(path, k):
     return sae, {"hook_name": None, "neuronpedia_id": None,
                  "architecture": "topk" if act == "TopK" else "relu", "cfg": {},
                  "own_k": own_k if act == "TopK" else None}
+
+
+def _load_e2e(path, k, hook):
+    """e2e_sae (PyPI ``e2e-sae``): ``final_config.yaml`` + ``samples_N.pt``, the state dict of
+    its ``saes`` ModuleDict, one SAE per hook position (``blocks-6-hook_resid_pre``):
+    ``encoder.0`` (Linear + ReLU, no input bias) and ``decoder`` (weight [D, S], used column-
+    normalised, and bias)."""
+    if os.path.isdir(path):
+        pts = [f for f in os.listdir(path) if f.endswith(".pt")]
+
+        def n_samples(f):
+            tail = f[:-3].split("_")[-1]
+            return int(tail) if tail.isdigit() else -1
+        f = os.path.join(path, max(pts, key=n_samples))
+    else:
+        f = path
+    w = _load_pt(f)
+    positions = sorted({key.split(".encoder.0.weight")[0] for key in w
+                        if key.endswith(".encoder.0.weight")})
+    names = {p.replace("-", "."): p for p in positions}
+    if hook is None:
+        if len(positions) != 1:
+            raise ValueError(f"{path} holds SAEs at {', '.join(names)}: pass hook=... (--sae "
+                             "with one of them)")
+        pos = positions[0]
+    else:
+        if hook not in names:
+            raise ValueError(f"{path} has no SAE at {hook!r} (it has {', '.join(names)})")
+        pos = names[hook]
+    W_dec = w[f"{pos}.decoder.weight"]
+    W_dec = (W_dec / W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)).T.contiguous()
+    sae = SAE(w[f"{pos}.encoder.0.weight"], w[f"{pos}.encoder.0.bias"], W_dec,
+              w[f"{pos}.decoder.bias"], _need_k(k, "an e2e_sae ReLU SAE"))
+    cfg = {}
+    cfg_path = os.path.join(os.path.dirname(f), "final_config.yaml")
+    if os.path.exists(cfg_path):
+        import yaml
+
+        with open(cfg_path) as fh:
+            cfg = yaml.safe_load(fh) or {}
+    return sae, {"hook_name": pos.replace("-", "."), "neuronpedia_id": None,
+                 "architecture": "relu", "cfg": cfg}
 
 
 _LOADERS = {"saelens": _load_saelens, "sparsify": _load_sparsify,

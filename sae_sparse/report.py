@@ -82,6 +82,7 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
         acts.append(h.detach().reshape(-1, h.shape[-1]).float())
 
     from .hookpoints import resolve_hook
+    from .train import input_device, model_logits
 
     handle = model.get_submodule(resolve_hook(model, hook)).register_forward_hook(grab)
     n = 0
@@ -89,7 +90,7 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
         for r in records:
             text = r["text"] if "text" in r else r["prompt"] + r["completion"]
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            model(input_ids=ids.to(next(model.parameters()).device))
+            model_logits(model, ids.to(input_device(model)))
             n += ids.numel()
             if n >= max_tokens:
                 break

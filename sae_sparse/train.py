@@ -181,10 +181,28 @@ def collate(examples, pad_id):
     return ids, attn, loss, prompt
 
 
+def model_logits(model, ids, attn=None):
+    """Logits [B, T, V] of a transformers causal LM or a TransformerLens HookedTransformer."""
+    if hasattr(model, "run_with_hooks"):  # TransformerLens: forward(input, ...) -> logits
+        return model(ids, attention_mask=attn.long() if attn is not None else None)
+    kw = {"attention_mask": attn.long()} if attn is not None else {}
+    return model(input_ids=ids, **kw).logits
+
+
+def input_device(model):
+    """Where the token ids go: the input embedding's device (a model spread over devices
+    takes them there)."""
+    emb = getattr(model, "get_input_embeddings", None)
+    try:
+        return emb().weight.device
+    except (TypeError, AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
 def lm_loss(model, ids, attn, loss_mask, denom=None):
     """Mean next-token cross-entropy over the loss tokens; with ``denom``, their sum divided
     by it (a data-parallel rank's share of a global batch's mean)."""
-    logits = model(input_ids=ids, attention_mask=attn.long()).logits.float()
+    logits = model_logits(model, ids, attn).float()
     tgt = loss_mask[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                          reduction="none").view_as(tgt)
@@ -502,7 +520,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
     say = log or (lambda *a, **k: None)
     cfg = config or TrainConfig()
     cfg.validate()
-    device = model.get_input_embeddings().weight.device  # where the token ids go
+    device = input_device(model)
     records = load_jsonl(data) if isinstance(data, str) else list(data)
     fingerprint = run_fingerprint(model, saes, data, sae_sources=sae_sources,
                                   model_source=model_source)

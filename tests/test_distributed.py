@@ -26,14 +26,14 @@ def spawn(fn, world, tmp_path, *args):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("variant,N", [("plain", 9), ("bpre", 1), ("tied", 4),
                                        ("jumprelu", 9)])
-@pytest.mark.quick_ids("2-plain-9", "3-jumprelu-9", "3-bpre-1")
+@pytest.mark.quick_ids("plain-9-2", "jumprelu-9-3", "bpre-1-3")
 def test_sharded_sae_forward(tmp_path, world, variant, N):
     spawn(W.sae_forward_matches, world, tmp_path, variant, N)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("mode,masked", [("delta", False), ("replace", True)])
-@pytest.mark.quick_ids("3-delta-False", "2-replace-True")
+@pytest.mark.quick_ids("delta-False-3", "replace-True-2")
 def test_sharded_sae_edit(tmp_path, world, mode, masked):
     spawn(W.sae_edit_matches, world, tmp_path, mode, masked)
 
