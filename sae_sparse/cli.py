@@ -1,4 +1,4 @@
-"""Command line: ``sae-sparse train | report | merge | generate | demo | sparsify``.
+"""Command line: ``sae-sparse train | train-sae | report | merge | generate | demo | sparsify``.
 
 ``sae-sparse train`` with no arguments runs the offline demo (tiny model + SAE shipped in the
 package, a planted edit, training and the report).
@@ -312,6 +312,39 @@ def cmd_train(a):
     return 0
 
 
+def cmd_train_sae(a):
+    from .hookpoints import meta_model, resolve_hook
+    from .models import load_config, load_model
+    from .train import load_jsonl
+    from .train_sae import SAETrainConfig, train_sae
+
+    if not a.data and not a.python_docs:
+        raise UsageError("train-sae needs --data JSONL or --python-docs")
+    cfg = SAETrainConfig(d_sae=a.d_sae, k=a.k, tokens=a.tokens, batch_tokens=a.batch_tokens,
+                         lr=a.lr, auxk_alpha=a.auxk_alpha, dead_tokens=a.dead_tokens,
+                         buffer_tokens=a.buffer_tokens, max_len=a.max_len,
+                         model_batch=a.model_batch, eval_frac=a.eval_frac, seed=a.seed)
+    cfg.validate()
+    records = load_jsonl(a.data) if a.data else []
+    if a.python_docs:
+        from .corpora import python_docs
+
+        records += python_docs()
+    try:
+        config = load_config(a.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from e
+    try:
+        resolve_hook(meta_model(config), a.hook)
+    except ValueError as e:
+        raise UsageError(f"--hook {a.hook}: {e}") from None
+    device = _device(a.device)
+    model, tok = load_model(a.model, device=device)
+    train_sae(model, tok, a.hook, records, a.out, cfg, progress=not a.no_progress,
+              model_name=_model_source(a.model))
+    return 0
+
+
 def cmd_report(a):
     from .report import write_report
 
@@ -448,6 +481,38 @@ def _parsers():
     gp.add_argument("--device", default=None, help="cpu, cuda, ...")
     _sae_arg(gp)
     _common(gp)
+    sp = sub.add_parser("train-sae", formatter_class=_Formatter,
+                        help="train a TopK SAE on a model's activations at a hook (this "
+                             "package's fused op, AuxK, unit-norm decoder); SAELens format",
+                        description="Train a TopK SAE on a model's activations at one hook "
+                        "and save it in SAELens format with the hook recorded. Rerunning "
+                        "resumes from --out's checkpoint.")
+    sp.add_argument("--model", required=True, help="a save_pretrained directory, a .gguf "
+                    "file or a hub id")
+    sp.add_argument("--hook", required=True, help="module path or TransformerLens name, e.g. "
+                    "model.layers.15 or blocks.15.hook_resid_post")
+    sp.add_argument("--data", default=None, help="JSONL of {'text'} records")
+    sp.add_argument("--python-docs", action="store_true",
+                    help="add Python's own reference docs (pydoc_data) as text")
+    sp.add_argument("--out", required=True, help="directory for the SAE")
+    sp.add_argument("--d-sae", type=_positive, default=4096, help="latents")
+    sp.add_argument("--k", type=_positive, default=32, help="active latents per token")
+    sp.add_argument("--tokens", type=_positive, default=1_000_000, help="training tokens")
+    sp.add_argument("--batch-tokens", type=_positive, default=4096, help="tokens per step")
+    sp.add_argument("--lr", type=float, default=None,
+                    help="Adam learning rate [default: 2e-4 / sqrt(d_sae / 2^14)]")
+    sp.add_argument("--auxk-alpha", type=_nonneg_float, default=1 / 32, help="AuxK weight")
+    sp.add_argument("--dead-tokens", type=_positive, default=200_000,
+                    help="a latent is dead after this many tokens without firing")
+    sp.add_argument("--buffer-tokens", type=_positive, default=65536,
+                    help="activations held and shuffled at a time")
+    sp.add_argument("--max-len", type=_positive, default=128, help="tokens per window")
+    sp.add_argument("--model-batch", type=_positive, default=16, help="windows per forward")
+    sp.add_argument("--eval-frac", type=float, default=0.05, help="records held out")
+    sp.add_argument("--seed", type=int, default=0, help="seed")
+    sp.add_argument("--device", default=None, help="cpu, cuda, ...")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(sp)
     dp = sub.add_parser("demo", help="the offline demo (same as `train` with no arguments)",
                         formatter_class=_Formatter)
     dp.add_argument("--out", default="sae_sparse_demo_run", help="run directory")
@@ -493,6 +558,8 @@ def main(argv=None):
                 return cmd_report(a)
             if a.cmd == "merge":
                 return cmd_merge(a)
+            if a.cmd == "train-sae":
+                return cmd_train_sae(a)
             if a.cmd == "generate":
                 a.strength = a.strength or [1.0]
                 return cmd_generate(a)

@@ -1,0 +1,324 @@
+"""Training a TopK SAE on a model's activations at a hook, on this package's own ops
+(``sae-sparse train-sae``).
+
+    sae, metrics = train_sae(model, tokenizer, "model.layers.15", records, "saes/l15",
+                             SAETrainConfig(d_sae=4608, k=32, tokens=2_000_000))
+
+* The step is :meth:`SAE.forward` (one fused op: top-k encode, decode, a backward that groups
+  the (token, slot) pairs by latent) with loss ``FVU + auxk_alpha · AuxK``, AuxK (OpenAI's
+  top-k paper, App. B.1; sparsify's defaults: the dead latents' top ``k_aux = D // 2``
+  reconstruct the residual) as dense GEMMs over the dead latents (:func:`auxk_decode`).
+* Decoder rows are kept at unit norm as sparsify and OpenAI do: the gradient component
+  parallel to each row is removed before the Adam step and the rows are renormalised after.
+  ``b_pre`` is tied to ``b_dec`` (the encoder reads ``x − b_dec``), initialised to the mean of
+  the first batch; ``W_enc`` starts as ``W_dec``.
+* Activations are streamed: records are tokenised into ``max_len`` windows, the model runs up
+  to the hooked module only (the forward is stopped there), and the activations fill a
+  shuffled buffer of ``buffer_tokens`` rows from which batches are drawn, so memory stays
+  bounded whatever the number of training tokens.
+* A latent is dead after ``dead_tokens`` tokens without firing. Held-out records give the
+  FVU, L0 and dead fraction; tqdm shows progress; a checkpoint at each buffer refill makes a
+  rerun resume exactly; the result is saved in SAELens format with the hook recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+
+import torch
+
+from .hookpoints import resolve_hook
+from .io import save_saelens
+from .modules import SAE
+from .ops import auxk_decode
+
+CKPT = "checkpoint.pt"
+
+
+@dataclasses.dataclass
+class SAETrainConfig:
+    d_sae: int = 4096
+    k: int = 32
+    tokens: int = 1_000_000  # training tokens
+    batch_tokens: int = 4096
+    lr: float | None = None  # None: sparsify's 2e-4 / sqrt(d_sae / 2^14)
+    auxk_alpha: float = 1 / 32
+    dead_tokens: int = 200_000  # a latent is dead after this many tokens without firing
+    buffer_tokens: int = 65536
+    max_len: int = 128
+    model_batch: int = 16  # windows per model forward
+    eval_frac: float = 0.05
+    seed: int = 0
+    log_every: int = 20
+
+    def validate(self):
+        for n in ("d_sae", "k", "tokens", "batch_tokens", "dead_tokens", "buffer_tokens",
+                  "max_len", "model_batch", "log_every"):
+            if getattr(self, n) < 1:
+                raise ValueError(f"{n} must be >= 1, got {getattr(self, n)}")
+        if self.k > self.d_sae:
+            raise ValueError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
+        if self.buffer_tokens < self.batch_tokens:
+            raise ValueError("buffer_tokens must be at least batch_tokens")
+        if not 0 <= self.eval_frac < 1:
+            raise ValueError("eval_frac must be in [0, 1)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2 ** 14)
+
+
+class _Stop(Exception):
+    pass
+
+
+class ActivationStream:
+    """Activations of ``module`` for ``records`` (``{"text"}`` or prompt + completion), in
+    ``max_len``-token windows, the model run only up to the hook; ``chunks()`` yields
+    [tokens, D] fp32 tensors, one model batch at a time, starting at record ``start``."""
+
+    def __init__(self, model, tokenizer, hook, records, *, max_len, model_batch, device=None):
+        self.model, self.tok, self.records = model, tokenizer, records
+        self.path = resolve_hook(model, hook)
+        self.max_len, self.model_batch = max_len, model_batch
+        self.device = device or next(model.parameters()).device
+
+    def _windows(self, n):
+        r = self.records[n]
+        text = r["text"] if "text" in r else r["prompt"] + r["completion"]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return [ids[s:s + self.max_len] for s in range(0, len(ids), self.max_len)
+                if len(ids[s:s + self.max_len]) >= 2]
+
+    @torch.no_grad()
+    def chunks(self, start=0):
+        """-> (records used so far, activations [tokens, D]), a model batch (of at least
+        ``model_batch`` windows, whole records) at a time, from record ``start`` on."""
+        mod = self.model.get_submodule(self.path)
+        grabbed = []
+
+        def grab(module, args, output):
+            grabbed.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        handle = mod.register_forward_hook(grab)
+        try:
+            batch = []
+            for n in range(start, len(self.records)):
+                batch += self._windows(n)
+                if len(batch) >= self.model_batch:
+                    yield n + 1, self._run(batch, grabbed)
+                    batch = []
+            if batch:
+                yield len(self.records), self._run(batch, grabbed)
+        finally:
+            handle.remove()
+
+    def _run(self, batch, grabbed):
+        T = max(len(w) for w in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.bool)
+        for b, w in enumerate(batch):
+            ids[b, :len(w)] = torch.tensor(w)
+            mask[b, :len(w)] = True
+        grabbed.clear()
+        try:
+            self.model(input_ids=ids.to(self.device), attention_mask=mask.long().to(self.device))
+        except _Stop:
+            pass
+        h = grabbed[0]
+        return h[mask.to(h.device)].float()
+
+
+def _init_sae(D, cfg, first, device):
+    g = torch.Generator().manual_seed(cfg.seed)
+    W = torch.randn(cfg.d_sae, D, generator=g)
+    W = W / W.norm(dim=1, keepdim=True)
+    b_dec = first.mean(0).cpu()
+    sae = SAE(W.clone(), torch.zeros(cfg.d_sae), W, b_dec, cfg.k, b_pre=b_dec)
+    return sae.to(device)
+
+
+@torch.no_grad()
+def _unit_decoder(sae):
+    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def _remove_parallel_grad(sae):
+    W, g = sae.W_dec, sae.W_dec.grad
+    if g is not None:
+        g.sub_((g * W).sum(1, keepdim=True) * W)
+
+
+@torch.no_grad()
+def evaluate_sae(sae, stream, *, max_tokens=65536):
+    """Held-out FVU (1 − explained variance, over all tokens), L0 (mean active latents per
+    token) and the fraction of latents that never fired on these tokens."""
+    err = var = l0 = 0.0
+    n = 0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    acts = []
+    gen = stream.chunks()
+    try:
+        for _, a in gen:
+            acts.append(a)
+            n += a.shape[0]
+            if n >= max_tokens:
+                break
+    finally:
+        gen.close()  # removes its hook
+    if not acts:
+        return {"fvu": float("nan"), "l0": float("nan"), "dead_frac": float("nan"), "tokens": 0}
+    x = torch.cat(acts)[:max_tokens].to(sae.W_dec.device)
+    mean = x.mean(0)
+    for s in range(0, x.shape[0], 4096):
+        xb = x[s:s + 4096]
+        y, v, i = sae(xb, return_code=True)
+        err += float((y - xb).pow(2).sum())
+        var += float((xb - mean).pow(2).sum())
+        l0 += float((v > 0).sum())
+        fired[i[v > 0]] = True
+    return {"fvu": err / var, "l0": l0 / x.shape[0],
+            "dead_frac": 1 - float(fired.float().mean()), "tokens": int(x.shape[0])}
+
+
+def train_sae(model, tokenizer, hook: str, records, out_dir: str,
+              config: SAETrainConfig | None = None, *, progress=True, log=print,
+              model_name: str | None = None, backend=None):
+    """Trains a TopK SAE on ``model``'s activations at ``hook`` (see the module docstring);
+    saves it in SAELens format to ``out_dir`` and returns ``(sae, metrics)``. Rerunning with
+    the same arguments resumes from ``out_dir/checkpoint.pt``."""
+    from tqdm.auto import tqdm
+
+    cfg = config or SAETrainConfig()
+    cfg.validate()
+    say = log or (lambda *a, **k: None)
+    records = list(records)
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = int(round(cfg.eval_frac * len(records)))
+    eval_recs = [records[i] for i in order[:n_eval]]
+    train_recs = [records[i] for i in order[n_eval:]]
+    model.requires_grad_(False).eval()
+    device = next(model.parameters()).device
+    stream = ActivationStream(model, tokenizer, hook, train_recs, max_len=cfg.max_len,
+                              model_batch=cfg.model_batch)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, CKPT)
+    state = torch.load(ckpt, weights_only=True) if os.path.exists(ckpt) else None
+    if state is not None and state["config"] != dataclasses.asdict(cfg) | {
+            "tokens": state["config"]["tokens"]}:
+        raise ValueError(f"{out_dir} holds an SAE run with other settings; use another "
+                         "directory")
+    sae, opt = None, None
+    seen, steps, rec_pos, refill = 0, 0, 0, 0
+    since_fired = None
+    history = {"step": [], "fvu": [], "dead_frac": []}
+    if state is not None:
+        t = state["sae"]
+        sae = SAE(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg.k,
+                  b_pre=t["b_dec"]).to(device)
+        seen, steps, rec_pos, refill = (state[n] for n in ("seen", "steps", "rec_pos",
+                                                           "refill"))
+        since_fired, history = state["since_fired"].to(device), state["history"]
+        say(f"resuming SAE training at {seen} of {cfg.tokens} tokens ({ckpt})")
+
+    bar = tqdm(total=cfg.tokens, initial=seen, disable=not progress, desc="train-sae",
+               unit="tok", unit_scale=True, dynamic_ncols=True)
+    buf, buf_pos = [], 0  # the activations gathered for the next buffer
+    chunks = stream.chunks(rec_pos)
+    epoch = 0
+    while seen < cfg.tokens:
+        # fill a buffer of buffer_tokens activations (records from rec_pos on, wrapping)
+        got = sum(a.shape[0] for a in buf)
+        while got < cfg.buffer_tokens:
+            nxt = next(chunks, None)
+            if nxt is None:
+                epoch += 1
+                if got == 0 and epoch > 1:
+                    raise ValueError("the records hold no tokens")
+                rec_pos = 0
+                chunks.close()
+                chunks = stream.chunks(0)
+                continue
+            rec_pos, a = nxt
+            buf.append(a)
+            got += a.shape[0]
+        acts = torch.cat(buf)
+        buf = []
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + refill)
+        acts = acts[torch.randperm(acts.shape[0], generator=g)].to(device)
+        if sae is None:
+            sae = _init_sae(acts.shape[1], cfg, acts[:cfg.batch_tokens], device)
+            since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+        if opt is None:
+            opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate)
+            if state is not None:
+                opt.load_state_dict(state["optimizer"])
+        for s in range(0, acts.shape[0] - cfg.batch_tokens + 1, cfg.batch_tokens):
+            if seen >= cfg.tokens:
+                break
+            x = acts[s:s + cfg.batch_tokens]
+            y, v, i = sae(x, return_code=True, backend=backend)
+            total_var = (x - x.mean(0)).pow(2).sum()
+            fvu = (y - x).pow(2).sum() / total_var
+            dead = since_fired > cfg.dead_tokens
+            loss = fvu
+            n_dead = int(dead.sum())
+            if n_dead and cfg.auxk_alpha > 0:
+                k_aux = x.shape[1] // 2
+                e_hat = auxk_decode(x, sae.W_enc, sae.b_enc, sae.W_dec, dead, k_aux,
+                                    b_pre=sae.b_pre, backend=backend)
+                scale = min(n_dead / k_aux, 1.0)
+                aux = scale * (e_hat - (x - y).detach()).pow(2).sum() / total_var
+                loss = loss + cfg.auxk_alpha * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _remove_parallel_grad(sae)
+            opt.step()
+            _unit_decoder(sae)
+            with torch.no_grad():
+                fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)
+                fired[i[v > 0]] = True
+                since_fired += x.shape[0]
+                since_fired[fired] = 0
+            seen += x.shape[0]
+            steps += 1
+            bar.update(x.shape[0])
+            if steps % cfg.log_every == 0:
+                f, d = float(fvu.detach()), float(dead.float().mean())
+                history["step"].append(steps)
+                history["fvu"].append(f)
+                history["dead_frac"].append(d)
+                bar.set_postfix(fvu=f"{f:.3f}", dead=f"{d:.1%}", refresh=False)
+        refill += 1
+        _save_ckpt(ckpt, sae, opt, cfg, seen, steps, rec_pos, refill, since_fired, history)
+    bar.close()
+    chunks.close()  # removes the stream's hook from the model
+    ev = evaluate_sae(sae, ActivationStream(model, tokenizer, hook, eval_recs,
+                                            max_len=cfg.max_len, model_batch=cfg.model_batch))
+    metrics = {"held_out": ev, "train_tokens": seen, "steps": steps, "hook": hook,
+               "module": stream.path, "config": dataclasses.asdict(cfg), "history": history,
+               "n_train_records": len(train_recs), "n_eval_records": len(eval_recs)}
+    save_saelens(sae, out_dir, hook_name=hook, model_name=model_name,
+                 training_tokens=seen, held_out_fvu=ev["fvu"], held_out_l0=ev["l0"])
+    with open(os.path.join(out_dir, "training_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    say(f"SAE at {hook}: held-out FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, "
+        f"{ev['dead_frac']:.1%} of latents never fired on {ev['tokens']} held-out tokens; "
+        f"saved in {out_dir}")
+    return sae, metrics
+
+
+def _save_ckpt(path, sae, opt, cfg, seen, steps, rec_pos, refill, since_fired, history):
+    tmp = path + ".tmp"
+    torch.save({"sae": {n: getattr(sae, n).detach().cpu() for n in
+                        ("W_enc", "b_enc", "W_dec", "b_dec")},
+                "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
+                "seen": seen, "steps": steps, "rec_pos": rec_pos, "refill": refill,
+                "since_fired": since_fired.cpu(), "history": history}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,101 @@
+"""sae-sparse train-sae: a TopK SAE trained on a model's activations through this package's op
+(AuxK, unit-norm decoder, streamed activations), resumed exactly, saved in SAELens format."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import sae_sparse as ss  # noqa: E402
+from sae_sparse.cli import main  # noqa: E402
+from sae_sparse.corpora import python_docs  # noqa: E402
+from sae_sparse.train_sae import ActivationStream, SAETrainConfig, train_sae  # noqa: E402
+
+from tiny_models import tiny_gpt2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from sae_sparse.demo import WORDS, word_tokenizer
+    tok = word_tokenizer()
+    model = tiny_gpt2(vocab=len(tok))
+    g = torch.Generator().manual_seed(0)
+    recs = [{"text": " ".join(WORDS[j] for j in torch.randint(0, 40, (20,), generator=g))}
+            for _ in range(120)]
+    return model, tok, recs
+
+
+def cfg(**kw):
+    base = dict(d_sae=96, k=4, tokens=3000, batch_tokens=200, buffer_tokens=1000,
+                dead_tokens=400, max_len=16, model_batch=8, eval_frac=0.1, lr=3e-3,
+                log_every=2)
+    return SAETrainConfig(**{**base, **kw})
+
+
+def test_train_sae_learns_and_saves_saelens(setup, tmp_path):
+    model, tok, recs = setup
+    sae, m = train_sae(model, tok, "blocks.1.hook_resid_post", recs, str(tmp_path / "s"),
+                       cfg(), progress=False, log=None)
+    ev = m["held_out"]
+    assert m["train_tokens"] == 3000 and m["module"] == "transformer.h.1"
+    assert ev["fvu"] < 0.7 and ev["l0"] <= 4 and ev["tokens"] > 0
+    assert m["history"]["fvu"][-1] < m["history"]["fvu"][0]
+    norms = sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=1e-5)
+    loaded = ss.load_sae(str(tmp_path / "s"))
+    assert loaded.format_info["hook_name"] == "blocks.1.hook_resid_post"
+    assert loaded.k == 4 and loaded.tied_b_pre
+    assert torch.equal(loaded.W_dec, sae.W_dec.detach())
+    cfgj = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert cfgj["training_tokens"] == 3000 and abs(cfgj["held_out_fvu"] - ev["fvu"]) < 1e-12
+
+
+def test_train_sae_resumes_exactly(setup, tmp_path):
+    model, tok, recs = setup
+    a, _ = train_sae(model, tok, "transformer.h.1", recs, str(tmp_path / "a"), cfg(),
+                     progress=False, log=None)
+    train_sae(model, tok, "transformer.h.1", recs, str(tmp_path / "b"), cfg(tokens=2000),
+              progress=False, log=None)
+    lines = []
+    b, _ = train_sae(model, tok, "transformer.h.1", recs, str(tmp_path / "b"), cfg(),
+                     progress=False, log=lines.append)
+    assert any("resuming SAE training at 2000 of 3000 tokens" in x for x in lines)
+    for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(a, n), getattr(b, n)), n
+
+
+def test_activation_stream_stops_at_the_hook_and_matches_a_full_forward(setup):
+    model, tok, recs = setup
+    s = ActivationStream(model, tok, "transformer.h.0", recs[:3], max_len=16, model_batch=2)
+    got = torch.cat([a for _, a in s.chunks()])
+    want = []
+    h = model.transformer.h[0].register_forward_hook(
+        lambda m, a, o: want.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        for r in recs[:3]:
+            ids = tok(r["text"], add_special_tokens=False)["input_ids"]
+            for s0 in range(0, len(ids), 16):
+                model(torch.tensor([ids[s0:s0 + 16]]))
+    h.remove()
+    torch.testing.assert_close(got, torch.cat([w[0] for w in want]), rtol=1e-5, atol=1e-5)
+
+
+def test_python_docs_corpus_and_cli(setup, tmp_path):
+    recs = python_docs()
+    assert len(recs) > 300 and all(200 <= len(r["text"]) <= 1200 for r in recs)
+    model, tok, _ = setup
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:
+        for r in setup[2]:
+            f.write(json.dumps(r) + "\n")
+    assert main(["train-sae", "--model", str(tmp_path / "model"), "--hook",
+                 "transformer.h.1", "--data", str(data), "--out", str(tmp_path / "sae"),
+                 "--d-sae", "64", "--k", "4", "--tokens", "1000", "--batch-tokens", "100",
+                 "--buffer-tokens", "500", "--max-len", "16", "--no-progress"]) == 0
+    assert ss.load_sae(str(tmp_path / "sae")).d_sae == 64
+    assert main(["train-sae", "--model", str(tmp_path / "model"), "--hook", "transformer.h.9",
+                 "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
