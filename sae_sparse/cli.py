@@ -355,8 +355,15 @@ def cmd_report(a):
             planted = {hook: [int(i) for i in ids.split(",") if i]}
         except ValueError:
             raise UsageError(f"--planted must be HOOK:i,j,k, got {a.planted!r}") from None
+    from .train import load_jsonl
+
+    lift = None
+    if a.lift:
+        lift = (load_jsonl(a.lift[0]), load_jsonl(a.lift[1]))
+    ctx = load_jsonl(a.contexts) if a.contexts else None
     rep = write_report(a.run_dir, planted=planted, top=a.top,
-                       sae_paths=_parse_sae_paths(a.sae))
+                       sae_paths=_parse_sae_paths(a.sae), lift_records=lift,
+                       context_records=ctx)
     print(f"report: {os.path.join(a.run_dir, 'report.md')}")
     if planted:
         return 0 if all(h["planted"]["recovered"] for h in rep["hooks"].values()) else 1
@@ -453,6 +460,11 @@ def _parsers():
     rp.add_argument("run_dir", help="a finished run directory")
     rp.add_argument("--planted", default=None, help="HOOK:i,j,k planted latents to check")
     rp.add_argument("--top", type=_positive, default=20, help="latents per ranking")
+    rp.add_argument("--lift", nargs=2, metavar=("A.jsonl", "B.jsonl"), default=None,
+                    help="activation lift of the top latents: their mean activation on A's "
+                         "completions (e.g. the teacher's) over B's (e.g. the base model's)")
+    rp.add_argument("--contexts", metavar="C.jsonl", default=None,
+                    help="records in which to find the top latents' top-activating contexts")
     _sae_arg(rp)
     _common(rp)
     mp = sub.add_parser("merge", help="fold a bias-only edit into the model's weights",

