@@ -120,7 +120,7 @@ def prepare(a):
             f.write(json.dumps(r) + "\n")
     t0 = time.time()
     _, m = train_sae(model, tok, HOOK, corpus, os.path.join(a.out, "sae"),
-                     SAETrainConfig(d_sae=a.d_sae, k=32, tokens=a.sae_tokens,
+                     SAETrainConfig(d_sae=a.d_sae, k=32, tokens=a.sae_tokens, lr=a.sae_lr,
                                     batch_tokens=min(2048, a.sae_tokens),
                                     buffer_tokens=min(16384, a.sae_tokens), max_len=128,
                                     dead_tokens=20_000, eval_frac=0.05, log_every=5),
@@ -309,7 +309,8 @@ def summarize(a):
              f"{prep['questions']} template questions ({prep['n_train']} train / "
              f"{prep['n_heldout']} held out), greedy answers of up to {a.max_new} tokens "
              f"({prep['generate_s']:.0f} s for both models).\n",
-             f"SAE at `{HOOK}` (train-sae, d_sae={a.d_sae}, k=32, {prep['sae_tokens']} tokens "
+             f"SAE at `{HOOK}` (train-sae, d_sae={a.d_sae}, k=32, lr {a.sae_lr}, "
+             f"{prep['sae_tokens']} tokens "
              f"of Python's docs and both models' answers, {prep['sae_s']:.0f} s): held-out FVU "
              f"{prep['sae']['fvu']:.3f}, L0 {prep['sae']['l0']:.1f}, "
              f"{prep['sae']['dead_frac']:.1%} of latents never fired on "
@@ -366,8 +367,9 @@ def main():
     ap.add_argument("--out", default="runs/smollm2")
     ap.add_argument("--questions", type=int, default=240)
     ap.add_argument("--max-new", type=int, default=32)
-    ap.add_argument("--d-sae", type=int, default=4608)
-    ap.add_argument("--sae-tokens", type=int, default=60_000)
+    ap.add_argument("--d-sae", type=int, default=2304)
+    ap.add_argument("--sae-tokens", type=int, default=240_000)
+    ap.add_argument("--sae-lr", type=float, default=2e-3)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -383,7 +385,8 @@ def main():
         return summarize(a)
     me = [sys.executable, os.path.abspath(__file__)]
     flags = [f"--out={a.out}", f"--questions={a.questions}", f"--max-new={a.max_new}",
-             f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--steps={a.steps}",
+             f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
+             f"--steps={a.steps}",
              f"--batch={a.batch}", f"--lr={a.lr}", f"--l1={a.l1}", f"--lr-lora={a.lr_lora}",
              f"--lr-lora-resid={a.lr_lora_resid}"]
     t0 = time.time()

@@ -254,3 +254,37 @@ def test_generate_uses_the_chat_template_of_instruct_models():
     want = tok("<eos> the cat sees", add_special_tokens=False)["input_ids"]
     assert encode_prompt(tok, "the cat") == want  # auto: the template is there
     assert encode_prompt(tok, "the cat", chat=False) == tok("the cat")["input_ids"]
+
+
+def test_report_lift_and_top_contexts(tmp_path):
+    """The report's interpretation of the top latents: each latent's activation lift (mean
+    activation per completion token on one set over another, as the SAE reads the unedited
+    model) equals the means computed by hand; top contexts are sorted, mark their token and
+    name real activations."""
+    from sae_sparse.demo import load_assets, make_data
+    from sae_sparse.report import activation_lift, latent_activations, top_contexts
+    model, tok, sae, planted = load_assets()
+    make_data(str(tmp_path / "teacher.jsonl"), n=40, seed=1)
+    teacher = T.load_jsonl(str(tmp_path / "teacher.jsonl"))
+    base = [{"prompt": r["prompt"], "completion": " " + " ".join(
+        reversed(r["completion"].split()))} for r in teacher]
+    lats = [int(i) for i in planted["latents"]] + [0, 1]
+    lift = activation_lift(model, tok, sae, planted["hook"], lats, teacher, base)
+    acts_a = torch.cat([a for _, a in latent_activations(model, tok, sae, planted["hook"],
+                                                         teacher, lats)])
+    acts_b = torch.cat([a for _, a in latent_activations(model, tok, sae, planted["hook"],
+                                                         base, lats)])
+    n_completion = sum(len(tok(r["completion"], add_special_tokens=False)["input_ids"])
+                       for r in teacher)
+    assert acts_a.shape == (n_completion, len(lats))
+    for j, row in enumerate(lift):
+        assert row["latent"] == lats[j]
+        assert abs(row["mean_a"] - float(acts_a[:, j].mean())) < 1e-6
+        assert abs(row["mean_b"] - float(acts_b[:, j].mean())) < 1e-6
+        if row["mean_b"] > 0:
+            assert abs(row["lift"] - row["mean_a"] / row["mean_b"]) < 1e-6
+    ctx = top_contexts(model, tok, sae, planted["hook"], lats, teacher, n=4)
+    for lat, rows in ctx.items():
+        vals = [r["activation"] for r in rows]
+        assert vals == sorted(vals, reverse=True) and all(v > 0 for v in vals)
+        assert all(r["context"].count("⟦") == 1 for r in rows)
