@@ -99,9 +99,16 @@ def prepare(a):
     import random
     random.Random(0).shuffle(qs)
     t0 = time.time()
-    teacher = generate(model, tok, qs, SYSTEM, a.max_new)
-    base = generate(model, tok, qs, None, a.max_new)
-    gen_s = time.time() - t0
+    cached = os.path.join(a.out, "answers.json")  # a rerun reuses the generations
+    if os.path.exists(cached):
+        c = json.load(open(cached))
+        teacher, base, gen_s = c["teacher"], c["base"], c["generate_s"]
+    else:
+        teacher = generate(model, tok, qs, SYSTEM, a.max_new)
+        base = generate(model, tok, qs, None, a.max_new)
+        gen_s = time.time() - t0
+        with open(cached, "w") as f:
+            json.dump({"teacher": teacher, "base": base, "generate_s": gen_s}, f)
     eos = tok.eos_token or ""
 
     def rec(q, ans):  # the student's prompt: the chat template without the system prompt

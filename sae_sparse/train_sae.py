@@ -13,7 +13,9 @@
   ``b_pre`` is tied to ``b_dec`` (the encoder reads ``x − b_dec``), initialised to the mean of
   the first batch; ``W_enc`` starts as ``W_dec``.
 * Activations are streamed: records are tokenised into ``max_len`` windows, the model runs up
-  to the hooked module only (the forward is stopped there), and the activations fill a
+  to the hooked module only (the forward is stopped there), the first ``skip_first``
+  positions of each window (the attention sink, whose norm is ~100x the others') are
+  dropped, and the activations fill a
   shuffled buffer of ``buffer_tokens`` rows from which batches are drawn, so memory stays
   bounded whatever the number of training tokens.
 * A latent is dead after ``dead_tokens`` tokens without firing. Held-out records give the
@@ -50,11 +52,17 @@ class SAETrainConfig:
     buffer_tokens: int = 65536
     max_len: int = 128
     model_batch: int = 16  # windows per model forward
+    # positions dropped at the start of each window: a causal LM's first position is an
+    # attention sink whose residual norm is ~100x the others' (SmolLM2: ~22000 vs ~180); it
+    # would dominate the variance (FVU) and the SAE's capacity (sparsify excludes BOS too)
+    skip_first: int = 1
     eval_frac: float = 0.05
     seed: int = 0
     log_every: int = 20
 
     def validate(self):
+        if self.skip_first < 0:
+            raise ValueError("skip_first must be >= 0")
         for n in ("d_sae", "k", "tokens", "batch_tokens", "dead_tokens", "buffer_tokens",
                   "max_len", "model_batch", "log_every"):
             if getattr(self, n) < 1:
@@ -80,8 +88,10 @@ class ActivationStream:
     ``max_len``-token windows, the model run only up to the hook; ``chunks()`` yields
     [tokens, D] fp32 tensors, one model batch at a time, starting at record ``start``."""
 
-    def __init__(self, model, tokenizer, hook, records, *, max_len, model_batch, device=None):
+    def __init__(self, model, tokenizer, hook, records, *, max_len, model_batch, device=None,
+                 skip_first: int = 0):
         self.model, self.tok, self.records = model, tokenizer, records
+        self.skip_first = skip_first
         self.path = resolve_hook(model, hook)
         self.max_len, self.model_batch = max_len, model_batch
         self.device = device or next(model.parameters()).device
@@ -91,46 +101,45 @@ class ActivationStream:
         text = r["text"] if "text" in r else r["prompt"] + r["completion"]
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         return [ids[s:s + self.max_len] for s in range(0, len(ids), self.max_len)
-                if len(ids[s:s + self.max_len]) >= 2]
+                if len(ids[s:s + self.max_len]) >= 2 + self.skip_first]
 
     @torch.no_grad()
     def chunks(self, start=0):
         """-> (records used so far, activations [tokens, D]), a model batch (of at least
         ``model_batch`` windows, whole records) at a time, from record ``start`` on."""
-        mod = self.model.get_submodule(self.path)
-        grabbed = []
+        batch = []
+        for n in range(start, len(self.records)):
+            batch += self._windows(n)
+            if len(batch) >= self.model_batch:
+                yield n + 1, self._run(batch)
+                batch = []
+        if batch:
+            yield len(self.records), self._run(batch)
 
-        def grab(module, args, output):
-            grabbed.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
-
-        handle = mod.register_forward_hook(grab)
-        try:
-            batch = []
-            for n in range(start, len(self.records)):
-                batch += self._windows(n)
-                if len(batch) >= self.model_batch:
-                    yield n + 1, self._run(batch, grabbed)
-                    batch = []
-            if batch:
-                yield len(self.records), self._run(batch, grabbed)
-        finally:
-            handle.remove()
-
-    def _run(self, batch, grabbed):
+    def _run(self, batch):
         T = max(len(w) for w in batch)
         ids = torch.zeros(len(batch), T, dtype=torch.long)
         mask = torch.zeros(len(batch), T, dtype=torch.bool)
         for b, w in enumerate(batch):
             ids[b, :len(w)] = torch.tensor(w)
             mask[b, :len(w)] = True
-        grabbed.clear()
+        keep = mask.clone()
+        keep[:, :self.skip_first] = False
+        grabbed = []
+
+        def grab(module, args, output):  # the activations, then stop the forward there
+            grabbed.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        handle = self.model.get_submodule(self.path).register_forward_hook(grab)
         try:
             self.model(input_ids=ids.to(self.device), attention_mask=mask.long().to(self.device))
         except _Stop:
             pass
+        finally:
+            handle.remove()
         h = grabbed[0]
-        return h[mask.to(h.device)].float()
+        return h[keep.to(h.device)].float()
 
 
 def _init_sae(D, cfg, first, device):
@@ -162,15 +171,11 @@ def evaluate_sae(sae, stream, *, max_tokens=65536):
     n = 0
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
     acts = []
-    gen = stream.chunks()
-    try:
-        for _, a in gen:
-            acts.append(a)
-            n += a.shape[0]
-            if n >= max_tokens:
-                break
-    finally:
-        gen.close()  # removes its hook
+    for _, a in stream.chunks():
+        acts.append(a)
+        n += a.shape[0]
+        if n >= max_tokens:
+            break
     if not acts:
         return {"fvu": float("nan"), "l0": float("nan"), "dead_frac": float("nan"), "tokens": 0}
     x = torch.cat(acts)[:max_tokens].to(sae.W_dec.device)
@@ -206,7 +211,7 @@ def train_sae(model, tokenizer, hook: str, records, out_dir: str,
     model.requires_grad_(False).eval()
     device = next(model.parameters()).device
     stream = ActivationStream(model, tokenizer, hook, train_recs, max_len=cfg.max_len,
-                              model_batch=cfg.model_batch)
+                              model_batch=cfg.model_batch, skip_first=cfg.skip_first)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, CKPT)
     state = torch.load(ckpt, weights_only=True) if os.path.exists(ckpt) else None
@@ -242,7 +247,6 @@ def train_sae(model, tokenizer, hook: str, records, out_dir: str,
                 if got == 0 and epoch > 1:
                     raise ValueError("the records hold no tokens")
                 rec_pos = 0
-                chunks.close()
                 chunks = stream.chunks(0)
                 continue
             rec_pos, a = nxt
@@ -298,9 +302,9 @@ def train_sae(model, tokenizer, hook: str, records, out_dir: str,
         refill += 1
         _save_ckpt(ckpt, sae, opt, cfg, seen, steps, rec_pos, refill, since_fired, history)
     bar.close()
-    chunks.close()  # removes the stream's hook from the model
     ev = evaluate_sae(sae, ActivationStream(model, tokenizer, hook, eval_recs,
-                                            max_len=cfg.max_len, model_batch=cfg.model_batch))
+                                            max_len=cfg.max_len, model_batch=cfg.model_batch,
+                                            skip_first=cfg.skip_first))
     metrics = {"held_out": ev, "train_tokens": seen, "steps": steps, "hook": hook,
                "module": stream.path, "config": dataclasses.asdict(cfg), "history": history,
                "n_train_records": len(train_recs), "n_eval_records": len(eval_recs)}

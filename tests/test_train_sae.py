@@ -99,3 +99,15 @@ def test_python_docs_corpus_and_cli(setup, tmp_path):
     assert main(["train-sae", "--model", str(tmp_path / "model"), "--hook", "transformer.h.9",
                  "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_activation_stream_skips_the_attention_sink(setup):
+    model, tok, recs = setup
+    full = ActivationStream(model, tok, "transformer.h.0", recs[:2], max_len=16, model_batch=1)
+    skip = ActivationStream(model, tok, "transformer.h.0", recs[:2], max_len=16, model_batch=1,
+                            skip_first=1)
+    for (_, a), (_, b) in zip(full.chunks(), skip.chunks()):
+        # each chunk is one record's windows of 16 tokens: every 16th row dropped
+        keep = torch.ones(a.shape[0], dtype=torch.bool)
+        keep[::16] = False
+        torch.testing.assert_close(b, a[keep])
