@@ -234,7 +234,7 @@ def train_sae(model, tokenizer, hook: str, records, out_dir: str,
 
     bar = tqdm(total=cfg.tokens, initial=seen, disable=not progress, desc="train-sae",
                unit="tok", unit_scale=True, dynamic_ncols=True)
-    buf, buf_pos = [], 0  # the activations gathered for the next buffer
+    buf = []  # the activations gathered for the next buffer
     chunks = stream.chunks(rec_pos)
     epoch = 0
     while seen < cfg.tokens:
