@@ -230,9 +230,10 @@ def lay_out_hub_cache(root):
     blocks.0.hook_resid_pre lives."""
     h = "0123456789abcdef0123456789abcdef01234567"
     out = {}
-    for repo, folder, hook in (("someorg/tiny-saes", "layer_1/width_48", "blocks.1.hook_resid_post"),
-                               ("jbloom/GPT2-Small-SAEs-Reformatted", "blocks.0.hook_resid_pre",
-                                "blocks.0.hook_resid_pre")):
+    for repo, folder, hook in (
+            ("someorg/tiny-saes", "layer_1/width_48", "blocks.1.hook_resid_post"),
+            ("jbloom/GPT2-Small-SAEs-Reformatted", "blocks.0.hook_resid_pre",
+             "blocks.0.hook_resid_pre")):
         d = root / f"models--{repo.replace('/', '--')}"
         (d / "refs").mkdir(parents=True)
         (d / "refs" / "main").write_text(h)
