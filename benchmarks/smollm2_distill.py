@@ -251,6 +251,8 @@ def run_method(a, name):
     res["base_kl"], res["base_ce"] = base_kl, base_ce
     samples = []
     from sae_sparse.generate import side_by_side
+    if edits is not None:
+        edits.enabled = True  # (off while the teacher's log-probs were computed)
     for r in held[:3]:
         if edits is not None:
             rows = side_by_side(model, tok, edits, [r["question"]], strengths=(1.0,),
@@ -263,9 +265,38 @@ def run_method(a, name):
         samples.append({"question": r["question"], "student": text.strip(),
                         "teacher": r["completion"].replace(tok.eos_token or "\0", "").strip()})
     res["samples"] = samples
+    _write_method(a, name, res)
+    print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
+
+
+def _write_method(a, name, res):
     with open(os.path.join(a.out, f"method_{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
+
+
+def resample(a):
+    """Regenerates the SAE-edit methods' samples from their saved runs (edits enabled)."""
+    from sae_sparse.generate import side_by_side
+    from sae_sparse.io import load_sae
+    from sae_sparse.train import attach_run, load_jsonl
+    model, tok = load()
+    held = load_jsonl(os.path.join(a.out, "teacher_heldout.jsonl"))[:3]
+    sae = load_sae(os.path.join(a.out, "sae"))
+    for name in METHODS[:4]:
+        path = os.path.join(a.out, f"method_{name}.json")
+        if not os.path.exists(path):
+            continue
+        res = json.load(open(path))
+        edits = attach_run(model, os.path.join(a.out, f"run_{name}"), saes={HOOK: sae})
+        try:
+            rows = side_by_side(model, tok, edits, [r["question"] for r in held],
+                                strengths=(1.0,), max_new_tokens=a.max_new)
+        finally:
+            edits.remove()
+        for smp, row in zip(res["samples"], rows):
+            smp["student"] = row["edited"][1.0].strip()
+            smp["unedited"] = row["base"].strip()
+        _write_method(a, name, res)
 
 
 def _rss_kib(field):
@@ -338,6 +369,8 @@ def summarize(a):
     for j in range(min(3, len(rows[0]["samples"]))):
         q = rows[0]["samples"][j]
         lines += [f"**{q['question']}**", "", f"- teacher: {q['teacher'][:300]!r}"]
+        if "unedited" in q:
+            lines.append(f"- unedited student: {q['unedited'][:300]!r}")
         for r in rows:
             lines.append(f"- {r['method']}: {r['samples'][j]['student'][:300]!r}")
         lines.append("")
@@ -369,7 +402,7 @@ def summarize(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", nargs="?", default="all",
-                    choices=["all", "prepare", "method", "report", "summary"])
+                    choices=["all", "prepare", "method", "report", "summary", "resample"])
     ap.add_argument("--method", choices=METHODS)
     ap.add_argument("--out", default="runs/smollm2")
     ap.add_argument("--questions", type=int, default=240)
@@ -389,6 +422,9 @@ def main():
     if a.stage == "method":
         return run_method(a, a.method)
     if a.stage == "summary":
+        return summarize(a)
+    if a.stage == "resample":
+        resample(a)
         return summarize(a)
     me = [sys.executable, os.path.abspath(__file__)]
     flags = [f"--out={a.out}", f"--questions={a.questions}", f"--max-new={a.max_new}",

@@ -151,7 +151,7 @@ def latent_activations(model, tokenizer, sae, hook, records, latents, *, complet
             v, i = sae.encode(h)
             dense = torch.zeros(h.shape[0], sae.d_sae, dtype=v.dtype, device=v.device)
             dense.scatter_(1, i, v)
-            out.append((tokenizer.convert_ids_to_tokens(ids)[start:],
+            out.append(([tokenizer.decode([t]) for t in ids[start:]],
                         dense[start:, lat.to(dense.device)].float().cpu()))
     finally:
         handle.remove()
@@ -190,8 +190,8 @@ def top_contexts(model, tokenizer, sae, hook, latents, records, *, n=5, window=8
 
 
 def _context(toks, t, window):
-    def clean(ts):
-        return "".join(ts).replace("Ġ", " ").replace("Ċ", "\\n").replace("▁", " ")
+    def clean(ts):  # decoded token strings; line breaks shown as ⏎
+        return "".join(ts).replace("\n", "⏎")
     return (clean(toks[max(0, t - window):t]) + "⟦" + clean([toks[t]]) + "⟧"
             + clean(toks[t + 1:t + 1 + window]))
 
