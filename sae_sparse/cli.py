@@ -241,7 +241,12 @@ def _precheck_train(a):
                               f"{path} was trained on")
         if module in saes:
             raise UsageError(f"two SAEs edit the same module {module}")
-        width = hook_width(meta, module)
+        try:
+            width = hook_width(meta, module)
+        except Exception as e:  # a model whose forward does not run on the meta device
+            warnings.warn(f"could not find {module}'s output width before loading the model "
+                          f"({type(e).__name__}); it is checked at the first forward instead")
+            width = sae.d_in
         if width != sae.d_in:
             raise UsageError(f"the SAE at {path} reads vectors of width {sae.d_in}, but the "
                              f"hook {hook} ({module}) outputs width {width}")

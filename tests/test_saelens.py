@@ -243,6 +243,7 @@ def lay_out_hub_cache(root):
     return out
 
 
+@pytest.mark.exhaustive
 def test_hub_saes_offline_from_the_cache(tmp_path):
     """load_sae and the CLI take a hub repo folder (org/repo/folder, hf://...) and a SAELens
     release (saelens://release/sae_id), served offline from huggingface_hub's cache; a folder
