@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from ._patch import MethodPatch
 from .modules import SAE
 from .ops import auxk_decode, sae_forward
 
@@ -95,27 +96,11 @@ def saelens_training_forward_pass(sae, step_input, *, backend=None):
                            losses={"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux})
 
 
-class SAELensPatch:
+class SAELensPatch(MethodPatch):
     """Returned by :func:`patch_saelens`: ``remove()`` (or leaving a ``with`` block) puts
     SAELens's own ``training_forward_pass`` back."""
 
-    def __init__(self, owner, previous):
-        self._owner, self._previous = owner, previous
-
-    def remove(self):
-        if self._owner is None:
-            return
-        if self._previous is None:
-            del self._owner.training_forward_pass
-        else:
-            self._owner.training_forward_pass = self._previous
-        self._owner = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
+    name = "training_forward_pass"
 
 
 def patch_saelens(sae=None, *, backend=None) -> SAELensPatch:

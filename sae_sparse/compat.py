@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._patch import MethodPatch
 from ._saelens import (SAELensPatch, from_saelens, patch_saelens,  # noqa: F401
                        saelens_training_forward_pass, to_saelens)
 from .ops import auxk_decode, auxk_encode, sae_forward, sparse_decode, topk_encode
@@ -174,27 +175,11 @@ def sparsify_forward(sae, x, y=None, *, dead_mask=None, total_variance=None, bac
     return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
 
-class SparsifyPatch:
+class SparsifyPatch(MethodPatch):
     """Returned by :func:`patch_sparsify`: ``remove()`` (or leaving a ``with`` block) puts
     sparsify's own forward back."""
 
-    def __init__(self, owner, previous):
-        self._owner, self._previous = owner, previous
-
-    def remove(self):
-        if self._owner is None:
-            return
-        if self._previous is None:  # an instance that had no forward of its own
-            del self._owner.forward
-        else:
-            self._owner.forward = self._previous
-        self._owner = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
+    name = "forward"
 
 
 def patch_sparsify(coder=None, *, backend=None) -> SparsifyPatch:
