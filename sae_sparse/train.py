@@ -337,7 +337,7 @@ def evaluate(model, data, cfg, edits, device, pad_id, group=None):
     share of the batches and the sums are all-reduced."""
     if not data:
         return float("nan")
-    rank, world = (0, 1) if group is None else (_world()[0], _world()[1])
+    rank, world = (0, 1) if group is None else _world()[:2]
     tot = torch.zeros((), dtype=torch.float64, device=device)
     cnt = torch.zeros((), dtype=torch.float64, device=device)
     model_dtype_ctx = _autocast(cfg, device)

@@ -13,10 +13,9 @@ pytest.importorskip("transformers")
 
 import sae_sparse as ss  # noqa: E402
 from sae_sparse.cli import main  # noqa: E402
-from sae_sparse.demo import word_tokenizer  # noqa: E402
 from sae_sparse.io import save_saelens, save_sparsify  # noqa: E402
 
-from tiny_models import tiny_gpt2  # noqa: E402
+from tiny_models import saved_tiny_gpt2  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +23,7 @@ def files(tmp_path_factory):
     """A saved GPT-2 (d = 32, 2 blocks), SAEs saved by this package in SAELens and sparsify
     format, and a small data file."""
     root = tmp_path_factory.mktemp("cli_errors")
-    tok = word_tokenizer()
-    model = tiny_gpt2(vocab=len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    saved_tiny_gpt2(root / "model")
     g = torch.Generator().manual_seed(0)
     save_saelens(ss.SAE.random(32, 40, 4, generator=g), str(root / "sae"),
                  hook_name="blocks.1.hook_resid_post")

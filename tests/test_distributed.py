@@ -56,14 +56,11 @@ def test_sharded_load_reads_slices(tmp_path):
 @pytest.fixture(scope="module")
 def run_files(tmp_path_factory):
     pytest.importorskip("transformers")
-    from sae_sparse.demo import WORDS, word_tokenizer
+    from sae_sparse.demo import WORDS
 
-    from tiny_models import tiny_gpt2
+    from tiny_models import saved_tiny_gpt2
     root = tmp_path_factory.mktemp("ddp")
-    tok = word_tokenizer()
-    model = tiny_gpt2(vocab=len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    saved_tiny_gpt2(root / "model")
     import sae_sparse as ss
     ss.save_saelens(ss.SAE.random(32, 48, 4, generator=torch.Generator().manual_seed(0)),
                     str(root / "sae"), hook_name="blocks.1.hook_resid_post")

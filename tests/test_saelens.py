@@ -251,11 +251,8 @@ def test_hub_saes_offline_from_the_cache(tmp_path):
     from safetensors.torch import load_file
     cache = tmp_path / "hub"
     saes = lay_out_hub_cache(cache)
-    from sae_sparse.demo import word_tokenizer
-    from tiny_models import tiny_gpt2
-    tok = word_tokenizer()
-    tiny_gpt2(vocab=len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    from tiny_models import saved_tiny_gpt2
+    saved_tiny_gpt2(tmp_path / "model")
     with open(tmp_path / "d.jsonl", "w") as f:
         for i in range(12):
             f.write(json.dumps({"text": "the cat sees a dog and the bird"}) + "\n")

@@ -15,7 +15,7 @@ from sae_sparse.cli import main  # noqa: E402
 from sae_sparse.demo import word_tokenizer  # noqa: E402
 from sae_sparse.io import save_saelens  # noqa: E402
 
-from tiny_models import tiny_gpt2  # noqa: E402
+from tiny_models import saved_tiny_gpt2, tiny_gpt2  # noqa: E402
 
 WORDS = "the a cat dog bird fish tree house red blue runs sees".split()
 
@@ -23,10 +23,7 @@ WORDS = "the a cat dog bird fish tree house red blue runs sees".split()
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    tok = word_tokenizer()
-    model = tiny_gpt2(vocab=len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    saved_tiny_gpt2(root / "model")
     g = torch.Generator().manual_seed(1)
     save_saelens(ss.SAE.random(32, 48, 4, generator=g), str(root / "sae"),
                  hook_name="blocks.1.hook_resid_post")

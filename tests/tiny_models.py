@@ -21,3 +21,15 @@ def tiny_llama(vocab=50, d=32, layers=2, seed=0):
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
+
+
+def saved_tiny_gpt2(path, **kw):
+    """A tiny GPT-2 over the demo's word tokenizer, both saved in ``path`` (a model directory
+    the CLI takes); -> (model, tokenizer)."""
+    from sae_sparse.demo import word_tokenizer
+
+    tok = word_tokenizer()
+    model = tiny_gpt2(vocab=len(tok), **kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
