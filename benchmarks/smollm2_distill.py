@@ -111,9 +111,10 @@ def prepare(a):
             json.dump({"teacher": teacher, "base": base, "generate_s": gen_s}, f)
     eos = tok.eos_token or ""
 
-    def rec(q, ans):  # the student's prompt: the chat template without the system prompt
+    def rec(q, ans):  # the student's prompt: the chat template without the system prompt;
+        # the teacher's (loss="kl"): with it
         return {"prompt": tok.decode(chat_ids(tok, q)), "completion": ans + eos,
-                "question": q}
+                "teacher_prompt": tok.decode(chat_ids(tok, q, SYSTEM)), "question": q}
     n_eval = a.questions // 6
     for name, answers in (("teacher", teacher), ("base", base)):
         recs = [rec(q, x) for q, x in zip(qs, answers)]
@@ -121,7 +122,8 @@ def prepare(a):
             with open(os.path.join(a.out, f"{name}_{split}.jsonl"), "w") as f:
                 for r in part:
                     f.write(json.dumps(r) + "\n")
-    corpus = python_docs() + [{"text": x} for x in teacher + base]
+    # the answers weigh more than once (a few hundred short texts among ~240k tokens of docs)
+    corpus = python_docs() + [{"text": x} for x in teacher + base] * a.answer_repeats
     with open(os.path.join(a.out, "contexts.jsonl"), "w") as f:  # where the report looks
         for r in python_docs()[::4] + [{"text": x} for x in teacher[:n_eval] + base[:n_eval]]:
             f.write(json.dumps(r) + "\n")
@@ -183,18 +185,25 @@ def run_method(a, name):
     if name == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
-        from sae_sparse.train import _Schedule, collate, lm_loss, tokenize
+        from sae_sparse.train import (_Schedule, collate, kl_loss, lm_loss, teacher_logprobs,
+                                      tokenize)
         pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                               target_modules=["q_proj", "v_proj"]))
-        data = tokenize(train, tok, 160)
+        data = tokenize(train, tok, 160, teacher=a.loss == "kl")
         sched = _Schedule(len(data), a.batch, 1, 0)
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=a.lr_lora)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         for step in range(a.steps):
             t0 = time.perf_counter()
-            ids, attn, lm, _ = collate([data[i] for i in sched.batch(step, 0)], pad)
-            loss = lm_loss(pm, ids, attn, lm)
+            batch = [data[i] for i in sched.batch(step, 0)]
+            ids, attn, lm, _ = collate(batch, pad)
+            if a.loss == "kl":  # the teacher: the same model, LoRA off, with the system prompt
+                with pm.disable_adapter():
+                    t = teacher_logprobs(pm, batch, pad)
+                loss = kl_loss(pm, ids, attn, lm, t)
+            else:
+                loss = lm_loss(pm, ids, attn, lm)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -208,7 +217,7 @@ def run_method(a, name):
                 "resid_lora": "bias"}[name]
         cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
                           lr=a.lr_lora_resid if name == "resid_lora" else a.lr, l1=a.l1,
-                          **common)
+                          loss=a.loss, **common)
         from sae_sparse.io import content_hash
         src = {k: v for k, v in sae.format_info.items() if k != "cfg"}
         t_start = time.perf_counter()  # the step time: the run's wall time over its steps
@@ -322,6 +331,10 @@ def _reset_peak_rss():
 
 
 METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
+REPORTED = ["bias", "gain_bias_ffn"]  # the runs `sae-sparse report` reads
+LOSS_TEXT = {"kl": "KL(teacher ‖ student) on the teacher's answer tokens, the teacher being "
+                   "the same model with the system prompt and no edit (distillation)",
+             "ce": "CE on the teacher's greedy answer tokens"}
 
 
 def summarize(a):
@@ -354,9 +367,10 @@ def summarize(a):
              f"{prep['sae']['dead_frac']:.1%} of latents never fired on "
              f"{prep['sae']['tokens']} held-out tokens.\n",
              f"Every method: {a.steps} steps, batch {a.batch}, the same data in the same order, "
-             f"loss = CE on the teacher's answer tokens; held-out KL(teacher ‖ student) and CE "
+             f"loss = {LOSS_TEXT[a.loss]}; held-out KL(teacher ‖ student) and CE "
              f"per answer token. Unedited student: KL {rows[0]['base_kl']:.3f}, CE "
-             f"{rows[0]['base_ce']:.3f}.\n",
+             f"{rows[0]['base_ce']:.3f}. Learning rates: sparse edits {a.lr} (L1 {a.l1}), "
+             f"residual LoRA {a.lr_lora_resid}, PEFT LoRA {a.lr_lora}.\n",
              "| method | held-out KL | vs PEFT LoRA | held-out CE | trainable params | "
              "params active / token | step s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -374,15 +388,19 @@ def summarize(a):
         for r in rows:
             lines.append(f"- {r['method']}: {r['samples'][j]['student'][:300]!r}")
         lines.append("")
-    rep = os.path.join(a.out, "run_gain_bias_ffn", "report.json")
-    if os.path.exists(rep):
-        rj = json.load(open(rep))
-        h = rj["hooks"].get(HOOK, {})
+    for m in REPORTED:
+        rep = os.path.join(a.out, f"run_{m}", "report.json")
+        if not os.path.exists(rep):
+            continue
+        h = json.load(open(rep))["hooks"].get(HOOK, {})
         if "mean_lift" in h:
-            lines += [f"Top-10 latents of the gain + bias + ffn edit (by |bias|·‖W_dec‖): mean "
-                      f"activation lift on the teacher's answers over the base model's "
-                      f"{h['mean_lift']:.2f}× (report: "
-                      f"`{os.path.join(a.out, 'run_gain_bias_ffn', 'report.md')}`).", ""]
+            lines += [f"Top-10 latents of the {m} edit by |bias|·‖W_dec‖, activation lift on the "
+                      f"teacher's held-out answers (a) over the base model's (b): mean a/b "
+                      f"{h['mean_lift']:.2f}×; in the edit's direction (a/b where the edit "
+                      f"raises the latent, b/a where it lowers it) "
+                      f"{h.get('mean_lift_edit_dir', float('nan')):.2f}×; over the latents it "
+                      f"raises {h.get('mean_lift_raised', float('nan')):.2f}× (report: "
+                      f"`{os.path.join(a.out, f'run_{m}', 'report.md')}`).", ""]
     text = "\n".join(lines)
     name = f"smollm2-{datetime.date.today()}"
     with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
@@ -416,6 +434,9 @@ def main():
     ap.add_argument("--l1", type=float, default=1e-4)
     ap.add_argument("--lr-lora", type=float, default=2e-3)
     ap.add_argument("--lr-lora-resid", type=float, default=5e-3)
+    ap.add_argument("--loss", choices=["kl", "ce"], default="kl")
+    ap.add_argument("--answer-repeats", type=int, default=4,
+                    help="times the answers appear in the SAE's training text")
     a = ap.parse_args()
     if a.stage == "prepare":
         return prepare(a)
@@ -431,7 +452,8 @@ def main():
              f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
              f"--steps={a.steps}",
              f"--batch={a.batch}", f"--lr={a.lr}", f"--l1={a.l1}", f"--lr-lora={a.lr_lora}",
-             f"--lr-lora-resid={a.lr_lora_resid}"]
+             f"--lr-lora-resid={a.lr_lora_resid}", f"--loss={a.loss}",
+             f"--answer-repeats={a.answer_repeats}"]
     t0 = time.time()
     if a.stage in ("all",) and not os.path.exists(os.path.join(a.out, "prepare.json")):
         subprocess.run(me + ["prepare"] + flags, check=True)
@@ -442,9 +464,11 @@ def main():
     if a.stage in ("all", "report"):
         from sae_sparse.cli import main as cli
         o = a.out
-        cli(["report", os.path.join(o, "run_gain_bias_ffn"), "--lift",
-             os.path.join(o, "teacher_heldout.jsonl"), os.path.join(o, "base_heldout.jsonl"),
-             "--contexts", os.path.join(o, "contexts.jsonl")])
+        for m in REPORTED:
+            cli(["report", os.path.join(o, f"run_{m}"), "--lift",
+                 os.path.join(o, "teacher_heldout.jsonl"),
+                 os.path.join(o, "base_heldout.jsonl"),
+                 "--contexts", os.path.join(o, "contexts.jsonl")])
     summarize(a)
     print(f"total {time.time() - t0:.0f} s")
 

@@ -94,6 +94,11 @@ def _train_parser(sub):
                         "adapter on dense latents)")
     p.add_argument("--edit-positions", default="all", choices=["all", "prompt", "completion"],
                    help="which tokens the edit applies to")
+    p.add_argument("--loss", default="ce", choices=["ce", "kl"],
+                   help="ce: cross-entropy on the completions; kl: distil a teacher, the model "
+                        "itself with the edits off reading each record's 'teacher_prompt' "
+                        "(e.g. with a system prompt): KL(teacher || student) per completion "
+                        "token")
     p.add_argument("--l1", type=_nonneg_float, default=1e-3,
                    help="L1 penalty on gain, bias and W_out (keeps the edit sparse)")
     p.add_argument("--lr", type=_nonneg_float, default=1e-2, help="AdamW learning rate")
@@ -190,7 +195,7 @@ def _precheck_train(a):
         raise UsageError("the same --sae is given twice")
     latents = _parse_latents(a.latents) if a.latents else None
     cfg = TrainConfig(edit=a.edit, mode=a.mode, baseline=a.baseline, latents=latents,
-                      edit_positions=a.edit_positions, l1=a.l1, lr=a.lr,
+                      edit_positions=a.edit_positions, loss=a.loss, l1=a.l1, lr=a.lr,
                       weight_decay=a.weight_decay, steps=a.steps, batch_size=a.batch_size,
                       grad_accum=a.grad_accum, max_len=a.max_len, eval_frac=a.eval_frac,
                       eval_every=a.eval_every, log_every=a.log_every,
@@ -205,6 +210,12 @@ def _precheck_train(a):
             raise UsageError(f"--backend {a.backend} is not available here (available: "
                              f"{', '.join(available_backends())})")
     records = load_jsonl(a.data)
+    if a.loss == "kl":
+        lacking = [n for n, r in enumerate(records, 1) if "teacher_prompt" not in r]
+        if lacking:
+            raise UsageError(f"--loss kl: {len(lacking)} of {len(records)} records in {a.data} "
+                             f"have no 'teacher_prompt' (the first: record {lacking[0]}); the "
+                             "teacher is the model with the edits off reading it")
     local = {}
     for path in a.sae:  # before the model: a missing SAE should not wait for a model load
         try:

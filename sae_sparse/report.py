@@ -170,6 +170,21 @@ def activation_lift(model, tokenizer, sae, hook, latents, records_a, records_b):
             for i, x, y in zip(latents, a, b)]
 
 
+def directional_lift(x: dict) -> float:
+    """A latent's lift in the direction its edit (``x["edit"]``, signed) pushes: a/b when the
+    edit raises it, b/a when it lowers it (a latent the edit suppresses should be one the
+    teacher uses less)."""
+    if x.get("edit") is None or x["edit"] >= 0:
+        return x["lift"]
+    a, b = x["mean_a"], x["mean_b"]
+    return b / a if a > 0 else float("inf") if b > 0 else 1.0
+
+
+def _finite_mean(xs):
+    xs = [v for v in xs if v != float("inf")]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def top_contexts(model, tokenizer, sae, hook, latents, records, *, n=5, window=8):
     """Per latent: its ``n`` top-activating tokens in ``records`` with ``window`` tokens of
     context on each side (the token in ⟦ ⟧), as SAE dashboards show them."""
@@ -252,7 +267,9 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
 
     lines = [f"# sae_sparse report: `{os.path.basename(os.path.abspath(run_dir))}`", ""]
     if metrics:
-        lines += [f"- eval loss: base model {num(metrics.get('base_eval_loss'))} → edited "
+        what = {"kl": " (KL to the teacher per completion token)",
+                "ce": " (cross-entropy per loss token)"}.get(metrics.get("loss"), "")
+        lines += [f"- eval loss{what}: base model {num(metrics.get('base_eval_loss'))} → edited "
                   f"{num(metrics.get('final_eval_loss'))}; final train loss "
                   f"{num(metrics.get('final_train_loss'))} ({metrics.get('n_train')} train / "
                   f"{metrics.get('n_eval')} eval records)"]
@@ -342,16 +359,28 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             lines += [f"### What the top {len(lats)} latents by {_md(first)} are", ""]
             if lift_records:
                 lift = activation_lift(model, tokenizer, sae, h, lats, *lift_records)
+                sign_key = {"|bias|·‖W_dec‖": "bias", "|gain|": "gain"}.get(first)
+                for x in lift:
+                    x["edit"] = float(signed[sign_key][x["latent"]]) if sign_key else None
+                    x["lift_edit_dir"] = directional_lift(x)
                 res["lift"] = lift
-                finite = [x["lift"] for x in lift if x["lift"] != float("inf")]
-                mean_lift = sum(finite) / len(finite) if finite else float("nan")
-                res["mean_lift"] = mean_lift
-                lines += [f"Activation lift (mean activation per token on the first set's "
-                          f"completions over the second's): mean {mean_lift:.2f}×", "",
-                          "| latent | mean act. (a) | mean act. (b) | lift |",
-                          "|---|---|---|---|"]
-                lines += [f"| {name_of(x['latent'])} | {x['mean_a']:.4g} | {x['mean_b']:.4g} "
-                          f"| {x['lift']:.2f}× |" for x in lift]
+                res["mean_lift"] = _finite_mean([x["lift"] for x in lift])
+                res["mean_lift_edit_dir"] = _finite_mean([x["lift_edit_dir"] for x in lift])
+                up = [x["lift"] for x in lift if (x["edit"] or 0) > 0]
+                res["mean_lift_raised"] = _finite_mean(up)
+                lines += [f"Activation lift = mean activation per token on the first set's "
+                          f"completions (a, e.g. the teacher's) over the second's (b): mean "
+                          f"{res['mean_lift']:.2f}×. In the edit's direction (a/b for a latent "
+                          f"the edit raises, b/a for one it lowers): mean "
+                          f"{res['mean_lift_edit_dir']:.2f}×; over the {len(up)} it raises: "
+                          f"mean {res['mean_lift_raised']:.2f}× (∞ left out of the means).", "",
+                          "| latent | edit | mean act. (a) | mean act. (b) | lift a/b "
+                          "| lift in the edit's direction |",
+                          "|---|---|---|---|---|---|"]
+                lines += [f"| {name_of(x['latent'])} | "
+                          + (f"{x['edit']:+.3g}" if x["edit"] is not None else "")
+                          + f" | {x['mean_a']:.4g} | {x['mean_b']:.4g} | {x['lift']:.2f}× | "
+                          f"{x['lift_edit_dir']:.2f}× |" for x in lift]
                 lines.append("")
             if context_records:
                 ctx = top_contexts(model, tokenizer, sae, h, lats, context_records)

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from .reference import ACTIVATIONS, MODES
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 POSITIONS = ("all", "prompt", "completion")
+LOSSES = ("ce", "kl")
 
 
 def parse_edit(spec: str) -> dict:
@@ -64,6 +66,11 @@ class TrainConfig:
     baseline: str | None = None  # None (sparse SAE adapter), "dense", or "lora:R"
     latents: list | None = None  # restrict the edit to these latent ids (masked-sparse variant)
     edit_positions: str = "all"  # "all" | "prompt" | "completion"
+    # "ce": next-token cross-entropy on the completion tokens. "kl": distillation,
+    # KL(teacher ‖ student) per completion token, the teacher being the frozen model with its
+    # edits off reading each record's ``teacher_prompt`` (e.g. the prompt with a system
+    # prompt) + the same completion, or a separate ``teacher`` model (train_adapter)
+    loss: str = "ce"
     l1: float = 1e-3  # L1 on gain, bias and W_out (scaled by decoder norms): keeps edits sparse
     lr: float = 1e-2
     weight_decay: float = 0.0
@@ -86,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.edit_positions not in POSITIONS:
             raise ValueError(f"edit_positions must be one of {POSITIONS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.baseline is not None and self.baseline != "dense" and not (
                 self.baseline.startswith("lora:") and self.baseline[5:].isdigit()):
             raise ValueError(f"baseline must be None, 'dense' or 'lora:R', got {self.baseline!r}")
@@ -104,7 +113,9 @@ class TrainConfig:
 
 
 def load_jsonl(path: str) -> list[dict]:
-    """Records with ``text``, or ``prompt`` + ``completion`` (loss on the completion only)."""
+    """Records with ``text``, or ``prompt`` + ``completion`` (loss on the completion only),
+    optionally with ``teacher_prompt`` (what the teacher reads before the completion when
+    ``loss="kl"``)."""
     out = []
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file {path!r}")
@@ -123,6 +134,8 @@ def load_jsonl(path: str) -> list[dict]:
                                                        and isinstance(r.get("completion"), str))):
                 raise ValueError(f"{path}:{n}: each record needs 'text' or 'prompt' and "
                                  "'completion' strings")
+            if "teacher_prompt" in r and not isinstance(r["teacher_prompt"], str):
+                raise ValueError(f"{path}:{n}: 'teacher_prompt' must be a string")
             out.append(r)
     if not out:
         raise ValueError(f"{path}: no records")
@@ -136,49 +149,88 @@ def _read_lines(f, path):
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def tokenize(records, tokenizer, max_len):
-    """-> list of (ids [T], loss_mask [T], prompt_mask [T]).
+class Example(NamedTuple):
+    """One tokenized record: ``ids`` [T]; ``loss_mask`` [T] (the tokens the loss predicts);
+    ``prompt_mask`` [T]; ``teacher_ids`` [T'] (the teacher's input, ending with the same
+    completion tokens) or None."""
+    ids: torch.Tensor
+    loss_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    teacher_ids: torch.Tensor | None = None
+
+
+def tokenize(records, tokenizer, max_len, *, teacher=False):
+    """-> list of :class:`Example`.
 
     Records longer than ``max_len`` tokens are truncated and records with fewer than 2 tokens
-    are skipped; both are counted in a warning, never silently."""
+    are skipped; both are counted in a warning, never silently. With ``teacher`` each example
+    also holds the teacher's input: ``teacher_prompt`` (default: the prompt) + the completion
+    (``text`` records: the text itself); the completion is then cut so that both inputs fit in
+    ``max_len``, and the two end with the same completion tokens."""
     out = []
     truncated = skipped = 0
     for r in records:
+        tp = None
         if "text" in r:
             ids = tokenizer(r["text"], add_special_tokens=False)["input_ids"]
-            prompt = [True] + [False] * (len(ids) - 1)
+            p, c = ids[:1], ids[1:]
+            if teacher:
+                tp = p
         else:
             p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
             c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-            ids, prompt = p + c, [True] * len(p) + [False] * len(c)
-        if len(ids) > max_len:
-            ids, prompt = ids[:max_len], prompt[:max_len]
+            if teacher:
+                tp = tokenizer(r.get("teacher_prompt", r["prompt"]),
+                               add_special_tokens=False)["input_ids"]
+        room = max_len - max(len(p), len(tp) if tp is not None else 0)
+        if len(c) > room:
             truncated += 1
-        if len(ids) < 2:
+            if tp is not None:  # both inputs keep the same completion tokens
+                c = c[:max(room, 0)]
+            else:
+                p, c = p[:max_len], c[:max(room, 0)]
+        if len(p) + len(c) < 2 or (tp is not None and (not c or len(tp) < 1)):
             skipped += 1
             continue
-        ids = torch.tensor(ids)
-        pm = torch.tensor(prompt)
-        out.append((ids, ~pm, pm))
+        ids = torch.tensor(p + c)
+        pm = torch.tensor([True] * len(p) + [False] * len(c))
+        out.append(Example(ids, ~pm, pm,
+                           torch.tensor(tp + c) if tp is not None else None))
     if truncated or skipped:
         warnings.warn(f"{truncated} record(s) truncated to max_len={max_len} tokens, "
-                      f"{skipped} record(s) with fewer than 2 tokens skipped", stacklevel=2)
+                      f"{skipped} record(s) with fewer than 2 tokens (or, for a teacher, no "
+                      "completion token left) skipped", stacklevel=2)
     if not out:
         raise ValueError("no record has 2 or more tokens")
     return out
 
 
 def collate(examples, pad_id):
+    """-> (ids, attention mask, loss mask, prompt mask), each [B, T], right-padded."""
     T = max(len(e[0]) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     attn = torch.zeros(B, T, dtype=torch.bool)
     loss = torch.zeros(B, T, dtype=torch.bool)
     prompt = torch.zeros(B, T, dtype=torch.bool)
-    for b, (i, lm, pm) in enumerate(examples):
-        n = len(i)
-        ids[b, :n], attn[b, :n], loss[b, :n], prompt[b, :n] = i, True, lm, pm
+    for b, e in enumerate(examples):
+        n = len(e[0])
+        ids[b, :n], attn[b, :n], loss[b, :n], prompt[b, :n] = e[0], True, e[1], e[2]
     return ids, attn, loss, prompt
+
+
+def collate_teacher(examples, pad_id):
+    """-> the teacher's (ids, attention mask, loss mask), each [B, T']: the loss mask marks
+    the same completion tokens as the student's, in the same order."""
+    T = max(len(e.teacher_ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    loss = torch.zeros(B, T, dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n, c = len(e.teacher_ids), int(e.loss_mask.sum())
+        ids[b, :n], attn[b, :n], loss[b, n - c:n] = e.teacher_ids, True, True
+    return ids, attn, loss
 
 
 def model_logits(model, ids, attn=None):
@@ -209,6 +261,47 @@ def lm_loss(model, ids, attn, loss_mask, denom=None):
     if denom is not None:
         return (ce * tgt).sum() / denom
     return (ce * tgt).sum() / tgt.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, examples, pad_id):
+    """The teacher's next-token log-probabilities [n, V] (float32) at the positions that
+    predict the examples' completion tokens, in order (``teacher``: a model; edits attached
+    to it should be off, see :func:`train_adapter`)."""
+    ids, attn, mask = collate_teacher(examples, pad_id)
+    dev = input_device(teacher)
+    logits = model_logits(teacher, ids.to(dev), attn.to(dev))
+    return logits[:, :-1][mask[:, 1:].to(logits.device)].float().log_softmax(-1)
+
+
+def kl_loss(model, ids, attn, loss_mask, teacher_logp, denom=None):
+    """Mean KL(teacher ‖ student) per loss token: ``teacher_logp`` [n, V] from
+    :func:`teacher_logprobs` for the same examples; with ``denom``, the sum divided by it."""
+    logits = model_logits(model, ids, attn)
+    s = logits[:, :-1][loss_mask[:, 1:]].float().log_softmax(-1)
+    if s.shape != teacher_logp.shape:
+        raise ValueError(f"the teacher's log-probs have shape {tuple(teacher_logp.shape)}, the "
+                         f"student's {tuple(s.shape)} (loss tokens x vocabulary): the teacher "
+                         "needs the same tokenizer and vocabulary as the student")
+    kl = F.kl_div(s, teacher_logp.to(s.device), reduction="sum", log_target=True)
+    return kl / (denom if denom is not None else max(s.shape[0], 1))
+
+
+def _teacher_targets(cfg, model, teacher, edits, examples, pad_id, device):
+    """``loss="kl"``: the teacher's log-probs for a batch (the model's own edits off when it
+    is its own teacher); ``"ce"``: None."""
+    if cfg.loss == "ce":
+        return None
+    off = edits.disabled() if teacher is None and edits is not None else (
+        contextlib.nullcontext())
+    with off, _autocast(cfg, device):
+        return teacher_logprobs(teacher if teacher is not None else model, examples, pad_id)
+
+
+def _batch_loss(model, ids, attn, loss_mask, teacher_logp, denom=None):
+    if teacher_logp is None:
+        return lm_loss(model, ids, attn, loss_mask, denom)
+    return kl_loss(model, ids, attn, loss_mask, teacher_logp, denom)
 
 
 # ------------------------------------------------------------------------------ data parallel
@@ -332,9 +425,9 @@ def _load_state(trainables, tensors):
                 p.copy_(tensors[f"{h}.{n}"])
 
 
-def evaluate(model, data, cfg, edits, device, pad_id, group=None):
-    """Mean loss over ``data``; under torch.distributed (``group``) each rank evaluates its
-    share of the batches and the sums are all-reduced."""
+def evaluate(model, data, cfg, edits, device, pad_id, group=None, teacher=None):
+    """Mean loss (``cfg.loss``) per loss token over ``data``; under torch.distributed
+    (``group``) each rank evaluates its share of the batches and the sums are all-reduced."""
     if not data:
         return float("nan")
     rank, world = (0, 1) if group is None else _world()[:2]
@@ -344,12 +437,13 @@ def evaluate(model, data, cfg, edits, device, pad_id, group=None):
     with torch.no_grad(), cached_folds():  # the adapters' M, c folded once per evaluation
         starts = list(range(0, len(data), cfg.batch_size))
         for i in starts[rank::world]:
-            ids, attn, loss_mask, prompt = (t.to(device) for t in
-                                            collate(data[i:i + cfg.batch_size], pad_id))
+            batch = data[i:i + cfg.batch_size]
+            ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, pad_id))
+            t_logp = _teacher_targets(cfg, model, teacher, edits, batch, pad_id, device)
             ctx = (edits.token_mask(_edit_mask(cfg, attn, prompt)) if edits is not None
                    else contextlib.nullcontext())
             with ctx, model_dtype_ctx:
-                loss = lm_loss(model, ids, attn, loss_mask)
+                loss = _batch_loss(model, ids, attn, loss_mask, t_logp)
             n = loss_mask[:, 1:].sum()
             tot, cnt = tot + loss.detach().double() * n, cnt + n  # read back once, at the end
     both = _all_reduce(torch.cat([tot.view(1), cnt.view(1)]), group)
@@ -408,10 +502,7 @@ def run_fingerprint(model, saes, data, *, sae_sources=None, model_source=None) -
         d = _file_sha256(data)
     else:
         d = _sha256_bytes([json.dumps(list(data), sort_keys=True).encode()])
-    conf = getattr(model, "config", None)
-    m = {"source": model_source or getattr(conf, "_name_or_path", None) or None,
-         "model_type": getattr(conf, "model_type", None),
-         "n_params": sum(p.numel() for p in model.parameters())}
+    m = _model_summary(model, model_source)
     sa = {}
     for h, sae in saes.items():
         src = (sae_sources or {}).get(h) or {}
@@ -419,6 +510,13 @@ def run_fingerprint(model, saes, data, *, sae_sources=None, model_source=None) -
             [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec] + (
                 [sae.threshold] if sae.threshold is not None else []))
     return {"data_sha256": d, "model": m, "sae_sha256": sa}
+
+
+def _model_summary(model, source):
+    conf = getattr(model, "config", None)
+    return {"source": source or getattr(conf, "_name_or_path", None) or None,
+            "model_type": getattr(conf, "model_type", None),
+            "n_params": sum(p.numel() for p in model.parameters())}
 
 
 def _fingerprint_changes(old: dict, new: dict) -> list[str]:
@@ -431,6 +529,8 @@ def _fingerprint_changes(old: dict, new: dict) -> list[str]:
         out.append(f"the model ({om.get('source')}, {om.get('model_type')}, "
                    f"{om.get('n_params')} parameters -> {nm['source']}, {nm['model_type']}, "
                    f"{nm['n_params']} parameters)")
+    if old.get("teacher") != new.get("teacher"):
+        out.append(f"the teacher model ({old.get('teacher')} -> {new.get('teacher')})")
     osa, nsa = old.get("sae_sha256") or {}, new["sae_sha256"]
     if set(osa) != set(nsa):
         out.append(f"the hooks ({sorted(osa)} -> {sorted(nsa)})")
@@ -441,7 +541,7 @@ def _fingerprint_changes(old: dict, new: dict) -> list[str]:
 
 
 def _config_changes(old: dict, new: dict) -> list[str]:
-    a, b = _resumable(old), _resumable(new)
+    a, b = {"loss": "ce", **_resumable(old)}, {"loss": "ce", **_resumable(new)}
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
 
@@ -490,7 +590,8 @@ class _SigintGuard:
 def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                   config: TrainConfig | None = None, *, sae_sources: dict | None = None,
                   model_source: str | None = None, progress: bool = True,
-                  resume: bool = True, overwrite: bool = False, log=print) -> dict:
+                  resume: bool = True, overwrite: bool = False, log=print,
+                  teacher=None) -> dict:
     """Trains one adapter per hooked module on a frozen model and SAEs.
 
     Args:
@@ -511,6 +612,10 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
             adapter, metrics, report), whatever it was trained on.
         log: where progress lines go (``print``; None for silence): the resumed step, every
             evaluation (also with ``progress=False``) and the overflow warning.
+        teacher: for ``loss="kl"``, a separate frozen teacher model with the same tokenizer
+            (it reads each record's ``teacher_prompt``, else its prompt, + the completion).
+            None: the model itself with its edits off is the teacher, and every record needs
+            a ``teacher_prompt`` (system-prompt distillation).
     Returns:
         the metrics dict also written to ``metrics.json``. Ctrl-C finishes the step in flight,
         saves a checkpoint and raises :class:`TrainingInterrupted`.
@@ -522,8 +627,19 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
     cfg.validate()
     device = input_device(model)
     records = load_jsonl(data) if isinstance(data, str) else list(data)
+    if cfg.loss == "kl" and teacher is None:
+        lacking = sum(1 for r in records if not isinstance(r.get("teacher_prompt"), str))
+        if lacking:
+            raise ValueError(
+                f"loss='kl' with the model as its own teacher needs a 'teacher_prompt' string "
+                f"in every record ({lacking} of {len(records)} have none): without one the "
+                "teacher reads what the student reads; or pass a separate teacher model")
+    if teacher is not None and cfg.loss != "kl":
+        raise ValueError("a teacher model is only used with loss='kl'")
     fingerprint = run_fingerprint(model, saes, data, sae_sources=sae_sources,
                                   model_source=model_source)
+    if teacher is not None:
+        fingerprint["teacher"] = _model_summary(teacher, None)
     ckpt = os.path.join(out_dir, "checkpoint")
     rank, world, group = _world()
     if world > 1 and cfg.batch_size < world:
@@ -546,11 +662,14 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
         with open(os.path.join(out_dir, "eval.jsonl"), "w") as f:
             for r in eval_recs:
                 f.write(json.dumps(r) + "\n")
-    train_data = tokenize(train_recs, tokenizer, cfg.max_len)
-    eval_data = tokenize(eval_recs, tokenizer, cfg.max_len) if eval_recs else []
+    kl = cfg.loss == "kl"
+    train_data = tokenize(train_recs, tokenizer, cfg.max_len, teacher=kl)
+    eval_data = tokenize(eval_recs, tokenizer, cfg.max_len, teacher=kl) if eval_recs else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     model.requires_grad_(False).eval()
+    if teacher is not None:
+        teacher.requires_grad_(False).eval()
     for sae in saes.values():
         sae.requires_grad_(False)
     # a model spread over devices (a device map): each SAE and adapter where its hook runs
@@ -579,7 +698,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
     history["overflow"] = counts
     try:
         with edits.disabled():
-            base_eval = evaluate(model, eval_data, cfg, None, device, pad_id, group)
+            base_eval = evaluate(model, eval_data, cfg, None, device, pad_id, group, teacher)
         if eval_data and start == 0:
             say(f"step 0/{cfg.steps}: eval loss {base_eval:.4f} (unedited model)")
         sched = _Schedule(len(train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
@@ -636,9 +755,10 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                         denom = float(max(1, sum(int(e[1][1:].sum()) for e in batch)))
                         batch = _share(batch, rank, world)
                     ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, pad_id))
+                    t_logp = _teacher_targets(cfg, model, teacher, edits, batch, pad_id, device)
                     with edits.token_mask(_edit_mask(cfg, attn, prompt)), \
                             edits.counting_overflow(attn), _autocast(cfg, device):
-                        loss = lm_loss(model, ids, attn, loss_mask, denom)
+                        loss = _batch_loss(model, ids, attn, loss_mask, t_logp, denom)
                     (loss / cfg.grad_accum).backward()
                     total = total + loss.detach().float() / cfg.grad_accum  # on the device
                 if world > 1:  # the ranks' Ctrl-C flags travel with the gradients
@@ -661,7 +781,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                 if evals:
                     history["eval_step"].append(step + 1)
                     history["eval_loss"].append(evaluate(model, eval_data, cfg, edits, device,
-                                                         pad_id, group))
+                                                         pad_id, group, teacher))
                     note(f"step {step + 1}/{cfg.steps}: train loss "
                          f"{history['train_loss'][-1]:.4f}, eval loss "
                          f"{history['eval_loss'][-1]:.4f}")
@@ -686,7 +806,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
             msg = (f"{100 * o / t:.1f}% of the edited tokens at {h} had more than k={sae.k} "
                    f"active latents (the cap dropped the rest): raise --k")
             warnings.warn(msg, stacklevel=2)
-    metrics = {"base_eval_loss": base_eval,
+    metrics = {"loss": cfg.loss, "base_eval_loss": base_eval,
                "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None,
                "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
                "n_train": len(train_data), "n_eval": len(eval_data), "overflow": overflow,

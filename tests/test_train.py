@@ -57,7 +57,8 @@ def test_parse_edit():
 
 def test_tokenize_masks_loss_to_completion(tok):
     recs = [{"prompt": "the cat", "completion": " runs fast"}, {"text": "a dog sees"}]
-    (ids, loss, prompt), (ids2, loss2, prompt2) = tokenize(recs, tok, 64)
+    (ids, loss, prompt, t), (ids2, loss2, prompt2, t2) = tokenize(recs, tok, 64)
+    assert t is None and t2 is None
     assert prompt.tolist() == [True, True, False, False] and loss.tolist() == [False, False,
                                                                                True, True]
     assert loss2.tolist() == [False, True, True]

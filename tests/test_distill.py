@@ -1,0 +1,162 @@
+"""loss="kl": distilling a teacher (the model with a system prompt and its edits off, or a
+separate model) into an adapter; the KL against a float64 reference, alignment of the
+teacher's and the student's completion tokens, and the errors."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import sae_sparse as ss  # noqa: E402
+from sae_sparse.cli import main  # noqa: E402
+from sae_sparse.demo import WORDS, word_tokenizer  # noqa: E402
+from sae_sparse.train import (TrainConfig, collate, collate_teacher, kl_loss,  # noqa: E402
+                              teacher_logprobs, tokenize, train_adapter)
+
+from tiny_models import saved_tiny_gpt2, tiny_gpt2  # noqa: E402
+
+HOOK = "transformer.h.0"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+def records(n, seed=0, system="red red blue"):
+    """Prompt + completion records whose teacher reads a 'system prompt' first."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w = [WORDS[j] for j in torch.randint(0, len(WORDS), (2 + int(torch.randint(0, 3, (1,),
+                                             generator=g)) + 4,), generator=g).tolist()]
+        p, c = " ".join(w[:-4]), " " + " ".join(w[-4:])
+        out.append({"prompt": p, "completion": c, "teacher_prompt": system + " " + p})
+    return out
+
+
+def test_teacher_examples_end_with_the_same_completion(tok):
+    recs = records(6) + [{"text": "the cat sees a dog"}]
+    ex = tokenize(recs, tok, 64, teacher=True)
+    for e, r in zip(ex, recs):
+        n = int(e.loss_mask.sum())
+        assert n >= 1 and torch.equal(e.ids[-n:], e.teacher_ids[-n:])
+        if "teacher_prompt" in r:
+            p = tok(r["teacher_prompt"], add_special_tokens=False)["input_ids"]
+            assert e.teacher_ids[:len(p)].tolist() == p
+    # truncation cuts the completion so that both inputs fit, never the prompts
+    r = {"prompt": "the cat", "completion": " runs fast and sees a dog",
+         "teacher_prompt": "red blue red blue the cat"}
+    with pytest.warns(UserWarning, match="1 record\\(s\\) truncated"):
+        (e,) = tokenize([r], tok, 8, teacher=True)
+    assert len(e.teacher_ids) == 8 and int(e.loss_mask.sum()) == 2
+    assert torch.equal(e.ids[-2:], e.teacher_ids[-2:])
+    ids, attn, mask = collate_teacher([e, ex[0]], 0)
+    assert mask.sum() == e.loss_mask.sum() + ex[0].loss_mask.sum()
+
+
+def test_kl_loss_matches_float64_reference(tok):
+    torch.manual_seed(1)
+    student, teacher = tiny_gpt2(vocab=len(tok), seed=1), tiny_gpt2(vocab=len(tok), seed=2)
+    ex = tokenize(records(5, seed=3), tok, 64, teacher=True)
+    ids, attn, lm, _ = collate(ex, 0)
+    t = teacher_logprobs(teacher, ex, 0)
+    got = kl_loss(student, ids, attn, lm, t)
+    ref, n = 0.0, 0
+    student64, teacher64 = student.double(), teacher.double()
+    for e in ex:  # one example at a time, no padding
+        c = int(e.loss_mask.sum())
+        ls = student64(e.ids[None]).logits[0, -c - 1:-1].log_softmax(-1)
+        lt = teacher64(e.teacher_ids[None]).logits[0, -c - 1:-1].log_softmax(-1)
+        ref += float((lt.exp() * (lt - ls)).sum().detach())
+        n += c
+    student.float(), teacher.float()
+    torch.testing.assert_close(got.double(), torch.tensor(ref / n, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="same tokenizer and vocabulary"):
+        kl_loss(student, ids, attn, lm, t[:, :-1])
+
+
+def sharp_gpt2(tok, seed=0):
+    """A tiny GPT-2 whose next-token distribution depends on its context enough for a system
+    prompt to matter (larger embeddings and attention weights than the default init)."""
+    model = tiny_gpt2(vocab=len(tok), seed=seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "wte" in n or "wpe" in n or "attn" in n:
+                p.mul_(3)
+    return model
+
+
+def test_self_distillation_learns_the_system_prompt(tmp_path, tok):
+    model = sharp_gpt2(tok)
+    sae = ss.SAE.random(32, 90, 6)
+    recs = records(48)
+    cfg = TrainConfig(edit="gain,bias,ffn:4", loss="kl", steps=30, batch_size=8, lr=0.01,
+                      eval_every=30, eval_frac=0.25, l1=0.0)
+    ref = {n: p.clone() for n, p in model.state_dict().items()}
+    m = train_adapter(model, tok, {HOOK: sae}, recs, str(tmp_path / "run"), cfg,
+                      progress=False, log=None)
+    assert m["loss"] == "kl" and m["base_eval_loss"] > 0
+    # held-out KL to the teacher falls well below the unedited student's
+    assert m["final_eval_loss"] < 0.8 * m["base_eval_loss"], m
+    for n, p in model.state_dict().items():  # the model itself stayed frozen
+        assert torch.equal(p, ref[n]), n
+    # when the teacher reads what the student reads, the unedited student has zero KL
+    same = [{**r, "teacher_prompt": r["prompt"]} for r in recs]
+    m0 = train_adapter(model, tok, {HOOK: sae}, same, str(tmp_path / "same"),
+                       TrainConfig(edit="bias", loss="kl", steps=1, eval_frac=0.25),
+                       progress=False, log=None)
+    assert abs(m0["base_eval_loss"]) < 1e-6
+
+
+def test_separate_teacher_model(tmp_path, tok):
+    student, teacher = sharp_gpt2(tok, seed=0), sharp_gpt2(tok, seed=5)
+    recs = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records(40)]
+    cfg = TrainConfig(edit="gain,bias,ffn:4", loss="kl", steps=25, batch_size=8, lr=0.01,
+                      eval_every=25, eval_frac=0.25, l1=0.0)
+    m = train_adapter(student, tok, {HOOK: ss.SAE.random(32, 90, 6)}, recs,
+                      str(tmp_path / "run"), cfg, progress=False, log=None, teacher=teacher)
+    assert m["final_eval_loss"] < m["base_eval_loss"]
+    # another teacher is another run
+    with pytest.raises(ValueError, match="teacher model"):
+        train_adapter(student, tok, {HOOK: ss.SAE.random(32, 90, 6)}, recs,
+                      str(tmp_path / "run"), TrainConfig(**{**cfg.__dict__, "steps": 30}),
+                      progress=False, log=None, teacher=tiny_gpt2(vocab=len(tok), layers=1))
+
+
+def test_kl_errors(tmp_path, tok):
+    sae = ss.SAE.random(32, 90, 6)
+    recs = records(8)
+    recs[3] = {k: v for k, v in recs[3].items() if k != "teacher_prompt"}
+    with pytest.raises(ValueError, match="needs a 'teacher_prompt' string in every record "
+                                         "\\(1 of 8 have none\\)"):
+        train_adapter(tiny_gpt2(vocab=len(tok)), tok, {HOOK: sae}, recs, str(tmp_path / "a"),
+                      TrainConfig(loss="kl"), progress=False, log=None)
+    with pytest.raises(ValueError, match="only used with loss='kl'"):
+        train_adapter(tiny_gpt2(vocab=len(tok)), tok, {HOOK: sae}, recs, str(tmp_path / "b"),
+                      TrainConfig(), progress=False, log=None, teacher=tiny_gpt2(vocab=len(tok)))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="mse").validate()
+
+
+def test_cli_kl(tmp_path, tok, capsys):
+    saved_tiny_gpt2(tmp_path / "model")
+    ss.io.save_sparsify(ss.SAE.random(32, 90, 6), str(tmp_path / "sae"))
+    data = tmp_path / "d.jsonl"
+    recs = records(16)
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ["train", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"),
+            "--hook", HOOK, "--data", str(data), "--loss", "kl", "--steps", "2",
+            "--batch-size", "4", "--edit", "bias", "--no-progress", "--eval-frac", "0.25"]
+    assert main(args + ["--out", str(tmp_path / "run")]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["loss"] == "kl" and m["base_eval_loss"] > 0
+    assert "KL to the teacher" in (tmp_path / "run" / "report.md").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "teacher_prompt"})
+                           + "\n" for r in recs))
+    capsys.readouterr()
+    assert main(args[:8] + [str(bad)] + args[9:] + ["--out", str(tmp_path / "bad")]) == 2
+    assert "16 of 16 records" in capsys.readouterr().err
