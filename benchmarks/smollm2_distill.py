@@ -394,8 +394,9 @@ def summarize(a):
             continue
         h = json.load(open(rep))["hooks"].get(HOOK, {})
         if "mean_lift" in h:
-            lines += [f"Top-10 latents of the {m} edit by |bias|·‖W_dec‖, activation lift on the "
-                      f"teacher's held-out answers (a) over the base model's (b): mean a/b "
+            lines += [f"Top-10 latents of the {m} edit by the report's ranking (|mean Δ SAE "
+                      f"code| of the edited output on the teacher's held-out answers), "
+                      f"activation lift on those answers (a) over the base model's (b): mean a/b "
                       f"{h['mean_lift']:.2f}×; in the edit's direction (a/b where the edit "
                       f"raises the latent, b/a where it lowers it) "
                       f"{h.get('mean_lift_edit_dir', float('nan')):.2f}×; over the latents it "

@@ -28,9 +28,11 @@ def _top(scores: torch.Tensor, n: int):
     return [(int(a), float(b)) for a, b in zip(i, v)]
 
 
+READOUT = "|mean Δ SAE code| of the edited output"
 # score name -> (an ASCII slug for file names, the signed value shown beside it)
 SCORES = {"|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": "delta_z",
-          "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads"}
+          "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads",
+          READOUT: "readout"}
 
 
 def latent_scores(adapter: LatentAdapter, sae) -> dict:
@@ -117,6 +119,55 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
             dz += act(h) @ p["W_out"]
         total += dz.abs().sum(0).double()
     return (total / x.shape[0]).float()
+
+
+@torch.no_grad()
+def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
+                 max_tokens=4096, max_len=256):
+    """The edit as the SAE itself reads it: per latent, the mean over ``records``' tokens
+    (completion tokens of prompt/completion records) of ``enc(edited output) − enc(output)``
+    at ``hook``, signed. Unlike the adapter's own weights, which an overcomplete dictionary
+    does not determine (a bias over S latents writes one d-dimensional vector, and Adam moves
+    every coordinate it touches by about the same step), this reads which latents the edited
+    residual turns on or off. None when the records hold no token."""
+    from .hookpoints import resolve_hook
+    from .hooks import attach
+    from .train import input_device, model_logits
+
+    mod = model.get_submodule(resolve_hook(model, hook))
+    edits = attach(model, {hook: (sae, adapter)}, mode=mode)
+    grabbed = []
+    handle = mod.register_forward_hook(lambda m, a, o: grabbed.append(
+        (o[0] if isinstance(o, tuple) else o).detach()))  # after the edit's own hook
+    total = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
+    n = 0
+    try:
+        for r in records:
+            if "text" in r:
+                ids, start = tokenizer(r["text"], add_special_tokens=False)["input_ids"], 0
+            else:
+                p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+                c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+                ids, start = p + c, len(p)
+            ids = ids[:max_len]
+            if len(ids) <= start:
+                continue
+            x = torch.tensor([ids], device=input_device(model))
+            grabbed.clear()
+            with edits.disabled():
+                model_logits(model, x)
+            model_logits(model, x)
+            off, on = (g[0, start:].to(sae.W_dec.dtype) for g in grabbed)
+            for h, sign in ((on, 1.0), (off, -1.0)):
+                v, i = sae.encode(h)
+                total.index_add_(0, i.reshape(-1), sign * v.reshape(-1).double())
+            n += off.shape[0]
+            if n >= max_tokens:
+                break
+    finally:
+        handle.remove()
+        edits.remove()
+    return (total / n).float() if n else None
 
 
 @torch.no_grad()
@@ -351,7 +402,29 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                                          for i, _ in wr) + " |")
             res["ffn_units"] = units
             lines.append("")
-        first = next((k for k in ("|bias|·‖W_dec‖", "|gain|", "mean |Δz| (eval)")
+        readout = None
+        if model is not None and isinstance(t, LatentAdapter) and (records or lift_records):
+            readout = edit_readout(model, tokenizer, sae, t, h,
+                                   records or lift_records[0], mode=conf["mode"])
+        if readout is not None:
+            name = READOUT
+            ranked = _top(readout.abs(), top)
+            res[name] = ranked
+            res["readout"] = [(i, float(readout[i])) for i, _ in ranked]
+            png = f"{safe}_readout.png"
+            _bar(os.path.join(run_dir, png), [(i, float(readout[i])) for i, _ in ranked],
+                 f"{h}: top latents by {name}")
+            lines += [f"### Top latents by {_md(name)}", "",
+                      "The edit as the SAE reads it: re-encoding the hooked module's edited "
+                      "output and subtracting the code of its unedited output, per latent, "
+                      f"averaged over the {'eval split' if records else 'first lift set'}'s "
+                      "completion tokens (signed: + the edit turns the latent on).", "",
+                      f"![readout]({png})", "", "| rank | latent | mean Δ code |",
+                      "|---|---|---|"]
+            lines += [f"| {r + 1} | {name_of(i)} | {float(readout[i]):+.4g} |"
+                      for r, (i, _) in enumerate(ranked[:10])]
+            lines.append("")
+        first = next((k for k in (READOUT, "|bias|·‖W_dec‖", "|gain|", "mean |Δz| (eval)")
                       if k in res), None)
         if model is not None and first and isinstance(t, LatentAdapter) and (
                 lift_records or context_records):
@@ -359,9 +432,10 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             lines += [f"### What the top {len(lats)} latents by {_md(first)} are", ""]
             if lift_records:
                 lift = activation_lift(model, tokenizer, sae, h, lats, *lift_records)
-                sign_key = {"|bias|·‖W_dec‖": "bias", "|gain|": "gain"}.get(first)
+                sign = {READOUT: readout, "|bias|·‖W_dec‖": signed.get("bias"),
+                        "|gain|": signed.get("gain")}.get(first)
                 for x in lift:
-                    x["edit"] = float(signed[sign_key][x["latent"]]) if sign_key else None
+                    x["edit"] = float(sign[x["latent"]]) if sign is not None else None
                     x["lift_edit_dir"] = directional_lift(x)
                 res["lift"] = lift
                 res["mean_lift"] = _finite_mean([x["lift"] for x in lift])

@@ -160,3 +160,86 @@ def test_cli_kl(tmp_path, tok, capsys):
     capsys.readouterr()
     assert main(args[:8] + [str(bad)] + args[9:] + ["--out", str(tmp_path / "bad")]) == 2
     assert "16 of 16 records" in capsys.readouterr().err
+
+
+def test_edit_readout_finds_a_planted_bias(tok):
+    """A bias on one latent of an SAE with orthonormal decoder rows (W_enc = W_decᵀ) moves
+    that latent's pre-activation by exactly the bias and no other's: the readout (edited
+    output re-encoded minus the unedited code) ranks it first, with the bias's sign, and
+    leaves latents outside the top-k untouched."""
+    from sae_sparse.report import edit_readout
+
+    model = tiny_gpt2(vocab=len(tok))
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))
+    W_dec = q[:27].contiguous()  # 27 orthonormal rows in R^32
+    sae = ss.SAE(W_dec.clone(), torch.zeros(27), W_dec, torch.zeros(32), 27)  # W_enc = W_dec
+    ad = ss.LatentAdapter(27, gain=False, bias=True, ffn=False)
+    with torch.no_grad():
+        ad.bias.zero_()
+        ad.bias[11] = 5.0
+    recs = [{"prompt": "the cat", "completion": " sees a red dog"}, {"text": "a bird runs"}]
+    r = edit_readout(model, tok, sae, ad, HOOK, recs)
+    assert int(r.abs().argmax()) == 11 and r[11] > 0
+    # with k = S a ReLU code moves only where the bias is: exactly the bias, once active
+    assert torch.all(r[torch.arange(27) != 11].abs() < 1e-4), r
+    assert 0 < float(r[11]) <= 5.0 + 1e-4
+    ad.bias.data[11] = -5.0
+    assert edit_readout(model, tok, sae, ad, HOOK, recs)[11] < 0
+
+
+def test_report_reads_a_distilled_edit(tmp_path, tok):
+    """`sae-sparse report --lift A B --contexts C` on a KL-trained run: the readout ranking,
+    each top latent's lift recomputed here in float64 from the hooked activations, the lift in
+    the edit's direction, and top contexts."""
+    from sae_sparse.report import READOUT
+
+    model, _ = saved_tiny_gpt2(tmp_path / "model")
+    sae = ss.SAE.random(32, 90, 6)
+    ss.io.save_sparsify(sae, str(tmp_path / "sae"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(24)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"),
+                 "--hook", HOOK, "--data", str(data), "--loss", "kl", "--steps", "3",
+                 "--edit", "gain,bias", "--lr", "0.05", "--no-progress", "--no-report",
+                 "--out", str(run)]) == 0
+    a, b, c = (tmp_path / f"{n}.jsonl" for n in "abc")
+    ra, rb = records(6, seed=7, system=""), records(6, seed=8, system="")
+    for path, recs in ((a, ra), (b, rb), (c, [{"text": "the cat sees a red dog"}])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(run), "--lift", str(a), str(b), "--contexts", str(c),
+                 "--top", "5"]) == 0
+    rep = json.loads((run / "report.json").read_text())["hooks"][HOOK]
+    assert len(rep[READOUT]) == 5 and len(rep["lift"]) == 5
+    assert [x["latent"] for x in rep["lift"]] == [i for i, _ in rep[READOUT]]
+    sae = ss.io.load_sae(str(tmp_path / "sae"))
+    grabbed = []
+    h = model.get_submodule(HOOK).register_forward_hook(lambda m, i, o: grabbed.append(
+        o[0] if isinstance(o, tuple) else o))
+
+    def mean_act(recs):  # the unedited model's SAE code on the completion tokens, float64
+        tot, n = torch.zeros(sae.d_sae, dtype=torch.float64), 0
+        for r in recs:
+            p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            comp = tok(r["completion"], add_special_tokens=False)["input_ids"]
+            grabbed.clear()
+            with torch.no_grad():
+                model(torch.tensor([p + comp]))
+                v, i = sae.encode(grabbed[0][0, len(p):])
+            tot.index_add_(0, i.reshape(-1), v.reshape(-1).double())
+            n += len(comp)
+        return tot / n
+    try:
+        ma, mb = mean_act(ra), mean_act(rb)
+    finally:
+        h.remove()
+    for x in rep["lift"]:
+        i = x["latent"]
+        assert x["mean_a"] == pytest.approx(float(ma[i]), rel=1e-4, abs=1e-6)
+        assert x["mean_b"] == pytest.approx(float(mb[i]), rel=1e-4, abs=1e-6)
+        if x["mean_b"] > 0 and x["mean_a"] > 0:
+            want = x["lift"] if x["edit"] >= 0 else x["mean_b"] / x["mean_a"]
+            assert x["lift_edit_dir"] == pytest.approx(want)
+    assert set(rep["contexts"]) == {str(i) for i, _ in rep[READOUT]}  # JSON keys
+    md = (run / "report.md").read_text()
+    assert "as the SAE reads it" in md and "in the edit's direction" in md
