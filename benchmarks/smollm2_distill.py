@@ -214,36 +214,42 @@ def run_method(a, name):
         edits = None
     else:
         edit = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
-                "resid_lora": "bias"}[name]
+                "resid_lora": "bias", "multi_gain_bias_ffn": "gain,bias,ffn:16"}[name]
         cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
                           lr=a.lr_lora_resid if name == "resid_lora" else a.lr, l1=a.l1,
                           loss=a.loss, **common)
         from sae_sparse.io import content_hash
-        src = {k: v for k, v in sae.format_info.items() if k != "cfg"}
+        saes = {HOOK: (sae, os.path.join(a.out, "sae"))}
+        if name.startswith("multi_"):  # the extra layers' SAEs (stage extra-saes)
+            for h in EXTRA_HOOKS:
+                d = os.path.join(a.out, _sae_dir(h))
+                saes[h] = (load_sae(d), d)
+        srcs = {h: {**{k: v for k, v in s.format_info.items() if k != "cfg"},
+                    "sha256": content_hash(d)} for h, (s, d) in saes.items()}
         t_start = time.perf_counter()  # the step time: the run's wall time over its steps
-        train_adapter(model, tok, {HOOK: sae}, train, run_dir, cfg, progress=False,
-                      log=None, overwrite=True,
-                      sae_sources={HOOK: {**src, "sha256": content_hash(
-                          os.path.join(a.out, "sae"))}},
+        train_adapter(model, tok, {h: s for h, (s, _) in saes.items()}, train, run_dir, cfg,
+                      progress=False, log=None, overwrite=True, sae_sources=srcs,
                       model_source=gguf_path())
         times = [(time.perf_counter() - t_start) / a.steps]
         from sae_sparse.train import load_adapter
-        ad = load_adapter(run_dir)[0][HOOK]
-        res["trainable"] = sum(p.numel() for p in ad.parameters())
-        S, k = sae.d_sae, sae.k
+        ads = load_adapter(run_dir)[0]
+        res["hooks"] = list(ads)
+        res["trainable"] = sum(p.numel() for ad in ads.values() for p in ad.parameters())
         if name == "resid_lora":
             res["active_per_token"] = res["trainable"]
         else:
             active = 0
-            if ad.gain is not None:
-                active += k
-            if ad.bias is not None:
-                active += S
-            if ad.W_in is not None:
-                active += k * ad.hidden + ad.hidden + ad.hidden * S
+            for h, ad in ads.items():
+                S, k = saes[h][0].d_sae, saes[h][0].k
+                if ad.gain is not None:
+                    active += k
+                if ad.bias is not None:
+                    active += S
+                if ad.W_in is not None:
+                    active += k * ad.hidden + ad.hidden + ad.hidden * S
             res["active_per_token"] = active
         from sae_sparse.train import attach_run
-        edits = attach_run(model, run_dir, saes={HOOK: sae})
+        edits = attach_run(model, run_dir, saes={h: s for h, (s, _) in saes.items()})
         edits.enabled = False
 
         @contextlib.contextmanager
@@ -331,6 +337,35 @@ def _reset_peak_rss():
 
 
 METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
+# opt-in (--extra): the gain + bias + ffn edit at three layers, SAEs at the two extra ones
+# trained by the stage extra-saes
+EXTRA_HOOKS = ["model.layers.7", "model.layers.23"]
+OPTIONAL = ["multi_gain_bias_ffn"]
+
+
+def _sae_dir(hook):
+    return "sae_l" + hook.rsplit(".", 1)[-1]
+
+
+def extra_saes(a):
+    """SAEs at EXTRA_HOOKS, as the main one but on --extra-sae-tokens tokens."""
+    from sae_sparse.corpora import python_docs
+    from sae_sparse.train_sae import SAETrainConfig, train_sae
+    model, tok = load()
+    c = json.load(open(os.path.join(a.out, "answers.json")))
+    corpus = python_docs() + [{"text": x} for x in c["teacher"] + c["base"]] * a.answer_repeats
+    out = {}
+    for h in EXTRA_HOOKS:
+        t0 = time.time()
+        _, m = train_sae(model, tok, h, corpus, os.path.join(a.out, _sae_dir(h)),
+                         SAETrainConfig(d_sae=a.d_sae, k=32, tokens=a.extra_sae_tokens,
+                                        lr=a.sae_lr, batch_tokens=2048, buffer_tokens=16384,
+                                        max_len=128, dead_tokens=20_000, eval_frac=0.05,
+                                        log_every=5),
+                         model_name="SmolLM2-135M-Instruct.Q4_1.gguf")
+        out[h] = {**m["held_out"], "train_tokens": m["train_tokens"], "s": time.time() - t0}
+    with open(os.path.join(a.out, "extra_saes.json"), "w") as f:
+        json.dump(out, f, indent=1)
 REPORTED = ["bias", "gain_bias_ffn"]  # the runs `sae-sparse report` reads
 LOSS_TEXT = {"kl": "KL(teacher ‖ student) on the teacher's answer tokens, the teacher being "
                    "the same model with the system prompt and no edit (distillation)",
@@ -342,7 +377,7 @@ def summarize(a):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     prep = json.load(open(os.path.join(a.out, "prepare.json")))
-    rows = [json.load(open(os.path.join(a.out, f"method_{m}.json"))) for m in METHODS
+    rows = [json.load(open(os.path.join(a.out, f"method_{m}.json"))) for m in METHODS + OPTIONAL
             if os.path.exists(os.path.join(a.out, f"method_{m}.json"))]
     lora = next((r for r in rows if r["method"] == "peft_lora"), None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
@@ -366,6 +401,12 @@ def summarize(a):
              f"{prep['sae']['fvu']:.3f}, L0 {prep['sae']['l0']:.1f}, "
              f"{prep['sae']['dead_frac']:.1%} of latents never fired on "
              f"{prep['sae']['tokens']} held-out tokens.\n",
+             *([f"Extra SAEs for multi_gain_bias_ffn (the edit at "
+                f"{', '.join(EXTRA_HOOKS + [HOOK])}): " + "; ".join(
+                    f"`{h}` {e['train_tokens']} tokens, {e['s']:.0f} s, held-out FVU "
+                    f"{e['fvu']:.3f}, L0 {e['l0']:.1f}" for h, e in json.load(open(
+                        os.path.join(a.out, "extra_saes.json"))).items()) + ".\n"]
+               if os.path.exists(os.path.join(a.out, "extra_saes.json")) else []),
              f"Every method: {a.steps} steps, batch {a.batch}, the same data in the same order, "
              f"loss = {LOSS_TEXT[a.loss]}; held-out KL(teacher ‖ student) and CE "
              f"per answer token. Unedited student: KL {rows[0]['base_kl']:.3f}, CE "
@@ -421,8 +462,13 @@ def summarize(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", nargs="?", default="all",
-                    choices=["all", "prepare", "method", "report", "summary", "resample"])
-    ap.add_argument("--method", choices=METHODS)
+                    choices=["all", "prepare", "extra-saes", "method", "report", "summary",
+                             "resample"])
+    ap.add_argument("--method", choices=METHODS + OPTIONAL)
+    ap.add_argument("--extra", action="store_true",
+                    help=f"also the gain + bias + ffn edit at {', '.join(EXTRA_HOOKS)} and "
+                         f"{HOOK} (trains two more SAEs)")
+    ap.add_argument("--extra-sae-tokens", type=int, default=80_000)
     ap.add_argument("--out", default="runs/smollm2")
     ap.add_argument("--questions", type=int, default=240)
     ap.add_argument("--max-new", type=int, default=32)
@@ -443,6 +489,8 @@ def main():
         return prepare(a)
     if a.stage == "method":
         return run_method(a, a.method)
+    if a.stage == "extra-saes":
+        return extra_saes(a)
     if a.stage == "summary":
         return summarize(a)
     if a.stage == "resample":
@@ -454,12 +502,15 @@ def main():
              f"--steps={a.steps}",
              f"--batch={a.batch}", f"--lr={a.lr}", f"--l1={a.l1}", f"--lr-lora={a.lr_lora}",
              f"--lr-lora-resid={a.lr_lora_resid}", f"--loss={a.loss}",
-             f"--answer-repeats={a.answer_repeats}"]
+             f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}"]
     t0 = time.time()
     if a.stage in ("all",) and not os.path.exists(os.path.join(a.out, "prepare.json")):
         subprocess.run(me + ["prepare"] + flags, check=True)
+    if a.stage == "all" and a.extra and not os.path.exists(
+            os.path.join(a.out, "extra_saes.json")):
+        subprocess.run(me + ["extra-saes"] + flags, check=True)
     if a.stage == "all":
-        for m in METHODS:
+        for m in METHODS + (OPTIONAL if a.extra else []):
             if not os.path.exists(os.path.join(a.out, f"method_{m}.json")):
                 subprocess.run(me + ["method", f"--method={m}"] + flags, check=True)
     if a.stage in ("all", "report"):

@@ -59,3 +59,20 @@ def test_smollm2_gguf_zero_edit_is_exact_and_an_edit_steers():
     edits.remove()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
+    # distillation targets on the real model: the teacher (system prompt, edits off) and the
+    # student read the same answer tokens; with the same prompt the unedited KL is 0
+    from sae_sparse.train import collate, kl_loss, teacher_logprobs, tokenize
+
+    def chat(system):
+        m = ([{"role": "system", "content": system}] if system else []) + msgs
+        return tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+    rec = {"prompt": chat(None), "completion": "The capital of France is Paris.",
+           "teacher_prompt": chat("You are a pirate. Talk like one.")}
+    ex = tokenize([rec, {**rec, "teacher_prompt": rec["prompt"]}], tok, 256, teacher=True)
+    ids2, attn, lm, _ = collate(ex, 0)
+    with torch.no_grad():
+        t = teacher_logprobs(model, ex, 0)
+        per = [float(kl_loss(model, ids2[i:i + 1], attn[i:i + 1], lm[i:i + 1],
+                             t[:int(lm[0].sum())] if i == 0 else t[int(lm[0].sum()):]))
+               for i in range(2)]
+    assert per[0] > 0.01 and abs(per[1]) < 1e-4, per
