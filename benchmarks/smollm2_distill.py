@@ -181,6 +181,7 @@ def run_method(a, name):
     res = {"method": name}
     run_dir = os.path.join(a.out, f"run_{name}")
     common = dict(steps=a.steps, batch_size=a.batch, max_len=160, eval_frac=0.0,
+                  warmup_steps=a.warmup,
                   checkpoint_every=10 ** 6, log_every=10 ** 6, seed=0)
     if name == "peft_lora":
         from peft import LoraConfig, get_peft_model
@@ -193,6 +194,7 @@ def run_method(a, name):
         sched = _Schedule(len(data), a.batch, 1, 0)
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=a.lr_lora)
+        from sae_sparse.train import warmup_lr
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         for step in range(a.steps):
             t0 = time.perf_counter()
@@ -206,6 +208,8 @@ def run_method(a, name):
                 loss = lm_loss(pm, ids, attn, lm)
             opt.zero_grad()
             loss.backward()
+            for g in opt.param_groups:  # the same warmup as train_adapter's
+                g["lr"] = warmup_lr(a.lr_lora, a.warmup, step)
             opt.step()
             times.append(time.perf_counter() - t0)
         res["trainable"] = sum(p.numel() for p in params)
@@ -411,7 +415,8 @@ def summarize(a):
              f"loss = {LOSS_TEXT[a.loss]}; held-out KL(teacher ‖ student) and CE "
              f"per answer token. Unedited student: KL {rows[0]['base_kl']:.3f}, CE "
              f"{rows[0]['base_ce']:.3f}. Learning rates: sparse edits {a.lr} (L1 {a.l1}), "
-             f"residual LoRA {a.lr_lora_resid}, PEFT LoRA {a.lr_lora}.\n",
+             f"residual LoRA {a.lr_lora_resid}, PEFT LoRA {a.lr_lora}; linear warmup over the "
+             f"first {a.warmup} steps.\n",
              "| method | held-out KL | vs PEFT LoRA | held-out CE | trainable params | "
              "params active / token | step s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -482,6 +487,8 @@ def main():
     ap.add_argument("--lr-lora", type=float, default=2e-3)
     ap.add_argument("--lr-lora-resid", type=float, default=5e-3)
     ap.add_argument("--loss", choices=["kl", "ce"], default="kl")
+    ap.add_argument("--warmup", type=int, default=10, help="linear lr warmup steps (every "
+                    "method)")
     ap.add_argument("--answer-repeats", type=int, default=4,
                     help="times the answers appear in the SAE's training text")
     a = ap.parse_args()
@@ -502,7 +509,8 @@ def main():
              f"--steps={a.steps}",
              f"--batch={a.batch}", f"--lr={a.lr}", f"--l1={a.l1}", f"--lr-lora={a.lr_lora}",
              f"--lr-lora-resid={a.lr_lora_resid}", f"--loss={a.loss}",
-             f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}"]
+             f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}",
+             f"--warmup={a.warmup}"]
     t0 = time.time()
     if a.stage in ("all",) and not os.path.exists(os.path.join(a.out, "prepare.json")):
         subprocess.run(me + ["prepare"] + flags, check=True)

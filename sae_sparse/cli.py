@@ -42,6 +42,16 @@ def _positive(v):
     return n
 
 
+def _nonneg_int(v):
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
+    return n
+
+
 def _nonneg_float(v):
     try:
         x = float(v)
@@ -103,6 +113,9 @@ def _train_parser(sub):
                    help="L1 penalty on gain, bias and W_out (keeps the edit sparse)")
     p.add_argument("--lr", type=_nonneg_float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=_nonneg_int, default=0,
+                   help="linear learning-rate warmup over the first N steps (an FFN's first "
+                        "Adam steps are otherwise a large dense edit)")
     p.add_argument("--steps", type=_positive, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive, default=8, help="records per micro-batch")
     p.add_argument("--grad-accum", type=_positive, default=1,
@@ -196,7 +209,8 @@ def _precheck_train(a):
     latents = _parse_latents(a.latents) if a.latents else None
     cfg = TrainConfig(edit=a.edit, mode=a.mode, baseline=a.baseline, latents=latents,
                       edit_positions=a.edit_positions, loss=a.loss, l1=a.l1, lr=a.lr,
-                      weight_decay=a.weight_decay, steps=a.steps, batch_size=a.batch_size,
+                      weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+                      steps=a.steps, batch_size=a.batch_size,
                       grad_accum=a.grad_accum, max_len=a.max_len, eval_frac=a.eval_frac,
                       eval_every=a.eval_every, log_every=a.log_every,
                       checkpoint_every=a.checkpoint_every, seed=a.seed,

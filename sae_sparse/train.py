@@ -73,6 +73,11 @@ class TrainConfig:
     loss: str = "ce"
     l1: float = 1e-3  # L1 on gain, bias and W_out (scaled by decoder norms): keeps edits sparse
     lr: float = 1e-2
+    # the learning rate rises linearly from lr/warmup_steps to lr over the first warmup_steps
+    # steps (a function of the step alone: a resumed run follows the same schedule). Adam's
+    # first steps move every weight with a gradient by about lr, which for an FFN's dense
+    # W_out [H, S] is a large edit at once
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     steps: int = 200
     batch_size: int = 8
@@ -101,6 +106,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.latents is not None and (not self.latents or any(
                 not isinstance(i, int) or i < 0 for i in self.latents)):
             raise ValueError("latents must be a non-empty list of non-negative latent ids")
@@ -767,6 +774,8 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
                 pen = [p for p in pen if p is not None]
                 if pen and cfg.l1 > 0:
                     (cfg.l1 * sum(pen)).backward()
+                for g in opt.param_groups:
+                    g["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, step)
                 opt.step()
                 pending.append((step + 1, total))
                 last = step + 1 == cfg.steps
@@ -819,6 +828,13 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
         _save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg, fingerprint)
     _barrier(group)  # the run directory is complete when any rank returns
     return metrics
+
+
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup, then ``lr``."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return lr
+    return lr * (step + 1) / warmup_steps
 
 
 def _sync_grads(params, stop: bool, group, device) -> bool:

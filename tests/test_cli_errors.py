@@ -108,6 +108,7 @@ BAD_TRAIN = [  # (id, extra args / overrides, expected words in the one line)
     ("no-cuda", (["--device", "cuda"], {}), "this machine has no CUDA device"),
     ("eval-frac", (["--eval-frac", "1.5"], {}), "eval_frac must be in [0, 1)"),
     ("negative-lr", (["--lr", "-1"], {}), "--lr: expected a finite number >= 0"),
+    ("negative-warmup", (["--warmup-steps", "-1"], {}), "--warmup-steps: expected an integer >= 0"),
     ("same-sae-twice", (["--sae", "{sae}"], {}), "the same --sae is given twice"),
 ]
 

@@ -122,6 +122,35 @@ def test_resume_is_exact(tmp_path, tok):
                       TrainConfig(steps=8, **{**kw, "lr": 0.1}), progress=False)
 
 
+def test_warmup_schedule_and_resume(tmp_path, tok):
+    from sae_sparse.train import warmup_lr
+
+    assert [warmup_lr(0.1, 4, s) for s in range(6)] == pytest.approx(
+        [0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    assert warmup_lr(0.1, 0, 0) == 0.1
+    model = tiny_gpt2(vocab=len(tok))
+    sae = ss.SAE.random(32, 120, 5)
+    data = write_data(tmp_path / "d.jsonl")
+    kw = dict(edit="gain,bias,ffn:3", batch_size=4, checkpoint_every=2, lr=0.05,
+              warmup_steps=4, l1=0.0)
+    for run, steps in (("a", [5]), ("b", [2, 5])):  # b stops inside the warmup and resumes
+        for n in steps:
+            train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / run),
+                          TrainConfig(steps=n, **kw), progress=False, log=None)
+    a, _ = load_adapter(str(tmp_path / "a"))
+    b, _ = load_adapter(str(tmp_path / "b"))
+    for (n, p), (_, q) in zip(a["transformer.h.0"].named_parameters(),
+                              b["transformer.h.0"].named_parameters()):
+        assert torch.equal(p, q), n
+    # the first step moves the bias by about lr / warmup_steps (Adam's first step ~ lr)
+    train_adapter(model, tok, {"transformer.h.0": sae}, data, str(tmp_path / "c"),
+                  TrainConfig(steps=1, **kw), progress=False, log=None)
+    c, _ = load_adapter(str(tmp_path / "c"))
+    assert float(c["transformer.h.0"].bias.abs().max()) == pytest.approx(0.05 / 4, rel=1e-3)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-1).validate()
+
+
 def test_dense_baseline_matches_sparse_op(tmp_path, tok):
     """The dense-latent baseline computes the same function: same training trajectory."""
     model = tiny_gpt2(vocab=len(tok))
