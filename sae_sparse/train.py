@@ -548,7 +548,9 @@ def _fingerprint_changes(old: dict, new: dict) -> list[str]:
 
 
 def _config_changes(old: dict, new: dict) -> list[str]:
-    a, b = {"loss": "ce", **_resumable(old)}, {"loss": "ce", **_resumable(new)}
+    # settings added since a checkpoint was written count as their defaults
+    added = {"loss": "ce", "warmup_steps": 0}
+    a, b = {**added, **_resumable(old)}, {**added, **_resumable(new)}
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
 
