@@ -121,6 +121,18 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
     return (total / x.shape[0]).float()
 
 
+def _record_ids(tokenizer, r, max_len, completion_only=True):
+    """-> (the record's first ``max_len`` token ids, the index of its first completion token:
+    0 for ``text`` records, or when not ``completion_only``)."""
+    if "text" in r:
+        ids, start = tokenizer(r["text"], add_special_tokens=False)["input_ids"], 0
+    else:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        ids, start = p + c, (len(p) if completion_only else 0)
+    return ids[:max_len], start
+
+
 @torch.no_grad()
 def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
                  max_tokens=4096, max_len=256):
@@ -143,13 +155,7 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
     n = 0
     try:
         for r in records:
-            if "text" in r:
-                ids, start = tokenizer(r["text"], add_special_tokens=False)["input_ids"], 0
-            else:
-                p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-                c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-                ids, start = p + c, len(p)
-            ids = ids[:max_len]
+            ids, start = _record_ids(tokenizer, r, max_len)
             if len(ids) <= start:
                 continue
             x = torch.tensor([ids], device=input_device(model))
@@ -187,13 +193,7 @@ def latent_activations(model, tokenizer, sae, hook, records, latents, *, complet
     out = []
     try:
         for r in records:
-            if "text" in r:
-                ids, start = tokenizer(r["text"], add_special_tokens=False)["input_ids"], 0
-            else:
-                p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-                c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-                ids, start = p + c, (len(p) if completion_only else 0)
-            ids = ids[:max_len]
+            ids, start = _record_ids(tokenizer, r, max_len, completion_only)
             if len(ids) <= start:
                 continue
             grabbed.clear()
