@@ -46,9 +46,11 @@ git rev-parse --short HEAD >>"$OUT/card.txt" 2>&1
 
 # no network on the device: build the extension against the torch that is there
 part install 240 pip install -e . --no-build-isolation --no-deps -q
-part tests 330 python -m pytest -q tests/test_triton_gpu.py tests/test_triton.py \
+# the GPU image has no pytest-xdist: replace pyproject's addopts (-n auto) by their other half
+NOXDIST=(-o "addopts=-ra -m 'not exhaustive'")
+part tests 330 python -m pytest -q "${NOXDIST[@]}" tests/test_triton_gpu.py tests/test_triton.py \
     tests/test_custom_ops.py tests/test_auxk.py tests/test_fold_cache.py tests/test_modules.py
-part gputests 200 python -m pytest -q tests/test_triton_gpu.py \
+part gputests 200 python -m pytest -q "${NOXDIST[@]}" tests/test_triton_gpu.py \
     "tests/test_custom_ops.py::test_torch_compile_traces_the_op" \
     "tests/test_custom_ops.py::test_torch_compile_traces_the_public_api"
 part bench 330 python -u benchmarks/bench_gpu.py --save

@@ -10,6 +10,9 @@ if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not os.path.exists("/de
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core already (-n auto)
+    torch.set_num_threads(1)
+
 _empty, _empty_like = torch.empty, torch.empty_like
 
 

@@ -72,10 +72,10 @@ def count(step):
     return launches, ops, syncs
 
 
-def _edit_step():
-    """A frozen bf16 SAE, an fp32 gain + bias + ffn:16 adapter, x trains (N=64 D=48 S=640
-    k=8: the issue's shape)."""
-    N, D, S, k = 64, 48, 640, 8
+def _edit_step(N):
+    """A frozen bf16 SAE, an fp32 gain + bias + ffn:16 adapter, x trains (D=48 S=640 k=8;
+    N=64 is the issue's shape)."""
+    D, S, k = 48, 640, 8
     sae = ss.SAE.random(D, S, k, dtype=torch.bfloat16).requires_grad_(False)
     ad = ss.LatentAdapter(S, 16)
     x = torch.randn(N, D).bfloat16().requires_grad_(True)
@@ -86,9 +86,9 @@ def _edit_step():
     return step, (x, ad)
 
 
-def _sae_step():
+def _sae_step(N):
     """A TopK SAE training step, fp32 (SAE.forward, MSE)."""
-    N, D, S, k = 64, 48, 640, 8
+    D, S, k = 48, 640, 8
     sae = ss.SAE.random(D, S, k)
     x = torch.randn(N, D)
 
@@ -98,15 +98,17 @@ def _sae_step():
     return step, (sae,)
 
 
+@pytest.mark.parametrize("N", [16, 64])
 @pytest.mark.parametrize("which,max_triton,max_other", [
     ("edit", 10, 16),
     ("sae", 9, 14),
 ])
-def test_training_step_launch_budget(monkeypatch, which, max_triton, max_other):
+@pytest.mark.quick_ids("edit-10-16-16", "sae-9-14-16")  # the counts do not depend on N
+def test_training_step_launch_budget(monkeypatch, which, max_triton, max_other, N):
     import conftest  # count the op's own fills, not the test suite's poisoning of torch.empty
     monkeypatch.setattr(torch, "empty", conftest._empty)
     monkeypatch.setattr(torch, "empty_like", conftest._empty_like)
-    step, params = _edit_step() if which == "edit" else _sae_step()
+    step, params = _edit_step(N) if which == "edit" else _sae_step(N)
     step()  # first call: compiles in the interpreter, fills caches
     for p in params:
         for t in (p.parameters() if isinstance(p, torch.nn.Module) else [p]):
