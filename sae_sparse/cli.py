@@ -328,10 +328,9 @@ def cmd_train(a):
                       overwrite=a.overwrite)
     if rank != 0:
         return 0
-    final = m["final_eval_loss"]
-    print(f"eval loss {m['base_eval_loss']:.4f} (unedited) -> "
-          + (f"{final:.4f} (edited)" if final is not None else "n/a (no eval split)")
-          + f"; adapter saved in {a.out}")
+    base, final = m["base_eval_loss"], m["final_eval_loss"]
+    print((f"eval loss {base:.4f} (unedited) -> {final:.4f} (edited)" if final is not None
+           else "no eval split") + f"; adapter saved in {a.out}")
     if not a.no_report:
         write_report(a.out, model=model, tokenizer=tok, saes=saes)
         print(f"report: {os.path.join(a.out, 'report.md')}")

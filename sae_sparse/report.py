@@ -320,10 +320,11 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
     if metrics:
         what = {"kl": " (KL to the teacher per completion token)",
                 "ce": " (cross-entropy per loss token)"}.get(metrics.get("loss"), "")
-        lines += [f"- eval loss{what}: base model {num(metrics.get('base_eval_loss'))} → edited "
-                  f"{num(metrics.get('final_eval_loss'))}; final train loss "
-                  f"{num(metrics.get('final_train_loss'))} ({metrics.get('n_train')} train / "
-                  f"{metrics.get('n_eval')} eval records)"]
+        ev = (f"eval loss{what}: base model {num(metrics.get('base_eval_loss'))} → edited "
+              f"{num(metrics.get('final_eval_loss'))}" if metrics.get("n_eval")
+              else f"no eval split{what.replace(' (', ' (loss: ')}")
+        lines += [f"- {ev}; final train loss {num(metrics.get('final_train_loss'))} "
+                  f"({metrics.get('n_train')} train / {metrics.get('n_eval')} eval records)"]
     lines += [f"- mode: {conf['mode']}, edit positions: {conf['edit_positions']}, "
               f"baseline: {conf.get('baseline')}"]
     for h, o in (metrics.get("overflow") or {}).items():

@@ -817,7 +817,7 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
             msg = (f"{100 * o / t:.1f}% of the edited tokens at {h} had more than k={sae.k} "
                    f"active latents (the cap dropped the rest): raise --k")
             warnings.warn(msg, stacklevel=2)
-    metrics = {"loss": cfg.loss, "base_eval_loss": base_eval,
+    metrics = {"loss": cfg.loss, "base_eval_loss": base_eval if eval_data else None,
                "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None,
                "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
                "n_train": len(train_data), "n_eval": len(eval_data), "overflow": overflow,

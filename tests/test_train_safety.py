@@ -191,6 +191,22 @@ def test_report_is_valid_markdown_with_signed_values_curve_and_ascii_names(files
     assert f" {float(bias[top]):+.4g} |" in md  # the signed bias is shown
 
 
+def test_a_run_without_an_eval_split_says_so(files, tmp_path, capsys):
+    """--eval-frac 0: no eval loss is made up (metrics hold None, not NaN; the CLI and the
+    report say there is no eval split)."""
+    out = tmp_path / "run"
+    argv = args(files, out, "--eval-frac", "0", steps=2)
+    argv.remove("--no-report")
+    assert main(argv) == 0
+    assert "no eval split; adapter saved in" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text(),  # strict JSON: no NaN
+                   parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
+    assert m["base_eval_loss"] is None and m["final_eval_loss"] is None and m["n_eval"] == 0
+    md = (out / "report.md").read_text()
+    assert "- no eval split (loss: cross-entropy per loss token); final train loss" in md
+    assert "nan" not in md.lower().split("## ")[0]
+
+
 def test_demo_chain_does_not_depend_on_the_global_rng():
     from sae_sparse.demo import bigram_chain
     torch.manual_seed(123)
