@@ -471,14 +471,16 @@ def summarize(a):
         if not os.path.exists(rep):
             continue
         h = json.load(open(rep))["hooks"].get(HOOK, {})
-        if "mean_lift" in h:
-            lines += [f"Top-10 latents of the {m} edit by the report's ranking (|mean Δ SAE "
-                      f"code| of the edited output on the teacher's held-out answers), "
-                      f"activation lift on those answers (a) over the base model's (b): mean a/b "
-                      f"{h['mean_lift']:.2f}×; in the edit's direction (a/b where the edit "
+        for slug, x in (h.get("interpret") or {}).items():
+            if "mean_lift" not in x:
+                continue
+            lines += [f"Top-10 latents of the {m} edit by the report's ranking "
+                      f"{x['ranking']!r} (on the teacher's held-out answers): activation lift "
+                      f"on those answers (a) over the base model's (b) mean a/b "
+                      f"{x['mean_lift']:.2f}×; in the edit's direction (a/b where the edit "
                       f"raises the latent, b/a where it lowers it) "
-                      f"{h.get('mean_lift_edit_dir', float('nan')):.2f}×; over the latents it "
-                      f"raises {h.get('mean_lift_raised', float('nan')):.2f}× (report: "
+                      f"{x['mean_lift_edit_dir']:.2f}×; over the latents it raises "
+                      f"{x['mean_lift_raised']:.2f}× (report: "
                       f"`{os.path.join(run, 'report.md')}`).", ""]
     text = "\n".join(lines)
     name = a.name or f"smollm2-{datetime.date.today()}"

@@ -29,10 +29,11 @@ def _top(scores: torch.Tensor, n: int):
 
 
 READOUT = "|mean Δ SAE code| of the edited output"
+SWITCHED = "|mean Δ SAE code| where the edit switches the latent on or off"
 # score name -> (an ASCII slug for file names, the signed value shown beside it)
 SCORES = {"|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": "delta_z",
           "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads",
-          READOUT: "readout"}
+          READOUT: "readout", SWITCHED: "switched"}
 
 
 def latent_scores(adapter: LatentAdapter, sae) -> dict:
@@ -135,13 +136,19 @@ def _record_ids(tokenizer, r, max_len, completion_only=True):
 
 @torch.no_grad()
 def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
-                 max_tokens=4096, max_len=256):
+                 max_tokens=4096, max_len=256, switched=False):
     """The edit as the SAE itself reads it: per latent, the mean over ``records``' tokens
     (completion tokens of prompt/completion records) of ``enc(edited output) − enc(output)``
     at ``hook``, signed. Unlike the adapter's own weights, which an overcomplete dictionary
     does not determine (a bias over S latents writes one d-dimensional vector, and Adam moves
     every coordinate it touches by about the same step), this reads which latents the edited
-    residual turns on or off. None when the records hold no token."""
+    residual turns on or off. None when the records hold no token.
+
+    ``switched=True`` returns ``(readout, switched)``, the second counting on each token only
+    the latents the edit switches: active in the edited code and not in the unedited one
+    (+ their edited value) or the reverse (− their unedited value). A latent that is already
+    active and only grows or shrinks (a frequent one, such as a comma's) is left out, so this
+    part names what the edit adds to or removes from the residual's description."""
     from .hookpoints import resolve_hook
     from .hooks import attach
     from .train import input_device, model_logits
@@ -152,6 +159,7 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
     handle = mod.register_forward_hook(lambda m, a, o: grabbed.append(
         (o[0] if isinstance(o, tuple) else o).detach()))  # after the edit's own hook
     total = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
+    flips = torch.zeros_like(total)
     n = 0
     try:
         for r in records:
@@ -164,16 +172,27 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
                 model_logits(model, x)
             model_logits(model, x)
             off, on = (g[0, start:].to(sae.W_dec.dtype) for g in grabbed)
+            codes = []
             for h, sign in ((on, 1.0), (off, -1.0)):
                 v, i = sae.encode(h)
                 total.index_add_(0, i.reshape(-1), sign * v.reshape(-1).double())
+                active = v > 0  # a TopK code may hold zeros; they are not active
+                row = torch.arange(v.shape[0], device=v.device)[:, None].expand_as(i)
+                codes.append((sign, v[active].double(), i[active], (row * sae.d_sae + i)[active]))
+            (s1, v1, i1, k1), (s0, v0, i0, k0) = codes
+            new = ~torch.isin(k1, k0)  # (token, latent) pairs in one code and not the other
+            gone = ~torch.isin(k0, k1)
+            flips.index_add_(0, i1[new], s1 * v1[new])
+            flips.index_add_(0, i0[gone], s0 * v0[gone])
             n += off.shape[0]
             if n >= max_tokens:
                 break
     finally:
         handle.remove()
         edits.remove()
-    return (total / n).float() if n else None
+    if not n:
+        return (None, None) if switched else None
+    return ((total / n).float(), (flips / n).float()) if switched else (total / n).float()
 
 
 @torch.no_grad()
@@ -403,52 +422,60 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                                          for i, _ in wr) + " |")
             res["ffn_units"] = units
             lines.append("")
-        readout = None
+        readouts = {}
         if model is not None and isinstance(t, LatentAdapter) and (records or lift_records):
-            readout = edit_readout(model, tokenizer, sae, t, h,
-                                   records or lift_records[0], mode=conf["mode"])
-        if readout is not None:
-            name = READOUT
+            full, flips = edit_readout(model, tokenizer, sae, t, h, records or lift_records[0],
+                                       mode=conf["mode"], switched=True)
+            if full is not None:
+                readouts = {READOUT: full, SWITCHED: flips}
+        where = f"the {'eval split' if records else 'first lift set'}'s completion tokens"
+        about = {READOUT: "The edit as the SAE reads it: re-encoding the hooked module's edited "
+                          "output and subtracting the code of its unedited output, per latent, "
+                          f"averaged over {where} (signed: + the edit turns the latent on).",
+                 SWITCHED: "The same difference counted only on the tokens where the edit "
+                           "switches the latent: active in one of the two codes and not the "
+                           "other (latents that are already active and only grow or shrink, "
+                           "such as frequent ones, are left out)."}
+        for name, readout in readouts.items():
             ranked = _top(readout.abs(), top)
             res[name] = ranked
-            res["readout"] = [(i, float(readout[i])) for i, _ in ranked]
-            png = f"{safe}_readout.png"
+            res[SCORES[name]] = [(i, float(readout[i])) for i, _ in ranked]
+            png = f"{safe}_{SCORES[name]}.png"
             _bar(os.path.join(run_dir, png), [(i, float(readout[i])) for i, _ in ranked],
                  f"{h}: top latents by {name}")
-            lines += [f"### Top latents by {_md(name)}", "",
-                      "The edit as the SAE reads it: re-encoding the hooked module's edited "
-                      "output and subtracting the code of its unedited output, per latent, "
-                      f"averaged over the {'eval split' if records else 'first lift set'}'s "
-                      "completion tokens (signed: + the edit turns the latent on).", "",
-                      f"![readout]({png})", "", "| rank | latent | mean Δ code |",
+            lines += [f"### Top latents by {_md(name)}", "", about[name], "",
+                      f"![{SCORES[name]}]({png})", "", "| rank | latent | mean Δ code |",
                       "|---|---|---|"]
             lines += [f"| {r + 1} | {name_of(i)} | {float(readout[i]):+.4g} |"
                       for r, (i, _) in enumerate(ranked[:10])]
             lines.append("")
         first = next((k for k in (READOUT, "|bias|·‖W_dec‖", "|gain|", "mean |Δz| (eval)")
                       if k in res), None)
-        if model is not None and first and isinstance(t, LatentAdapter) and (
+        interpreted = list(readouts) if readouts else [first] if first else []
+        if model is not None and interpreted and isinstance(t, LatentAdapter) and (
                 lift_records or context_records):
-            lats = [i for i, _ in res[first][:n_interpret]]
-            lines += [f"### What the top {len(lats)} latents by {_md(first)} are", ""]
+            res["interpret"] = {}
+        for name in (interpreted if "interpret" in res else []):
+            lats = [i for i, _ in res[name][:n_interpret]]
+            out = res["interpret"][SCORES[name]] = {"ranking": name, "latents": lats}
+            lines += [f"### What the top {len(lats)} latents by {_md(name)} are", ""]
             if lift_records:
                 lift = activation_lift(model, tokenizer, sae, h, lats, *lift_records)
-                sign = {READOUT: readout, "|bias|·‖W_dec‖": signed.get("bias"),
-                        "|gain|": signed.get("gain")}.get(first)
+                sign = {**readouts, "|bias|·‖W_dec‖": signed.get("bias"),
+                        "|gain|": signed.get("gain")}.get(name)
                 for x in lift:
                     x["edit"] = float(sign[x["latent"]]) if sign is not None else None
                     x["lift_edit_dir"] = directional_lift(x)
-                res["lift"] = lift
-                res["mean_lift"] = _finite_mean([x["lift"] for x in lift])
-                res["mean_lift_edit_dir"] = _finite_mean([x["lift_edit_dir"] for x in lift])
                 up = [x["lift"] for x in lift if (x["edit"] or 0) > 0]
-                res["mean_lift_raised"] = _finite_mean(up)
+                out.update(lift=lift, mean_lift=_finite_mean([x["lift"] for x in lift]),
+                           mean_lift_edit_dir=_finite_mean([x["lift_edit_dir"] for x in lift]),
+                           mean_lift_raised=_finite_mean(up))
                 lines += [f"Activation lift = mean activation per token on the first set's "
                           f"completions (a, e.g. the teacher's) over the second's (b): mean "
-                          f"{res['mean_lift']:.2f}×. In the edit's direction (a/b for a latent "
+                          f"{out['mean_lift']:.2f}×. In the edit's direction (a/b for a latent "
                           f"the edit raises, b/a for one it lowers): mean "
-                          f"{res['mean_lift_edit_dir']:.2f}×; over the {len(up)} it raises: "
-                          f"mean {res['mean_lift_raised']:.2f}× (∞ left out of the means).", "",
+                          f"{out['mean_lift_edit_dir']:.2f}×; over the {len(up)} it raises: "
+                          f"mean {out['mean_lift_raised']:.2f}× (∞ left out of the means).", "",
                           "| latent | edit | mean act. (a) | mean act. (b) | lift a/b "
                           "| lift in the edit's direction |",
                           "|---|---|---|---|---|---|"]
@@ -459,7 +486,7 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                 lines.append("")
             if context_records:
                 ctx = top_contexts(model, tokenizer, sae, h, lats, context_records)
-                res["contexts"] = ctx
+                out["contexts"] = ctx
                 lines += ["Top-activating contexts (the token in ⟦ ⟧):", "",
                           "| latent | activation | context |", "|---|---|---|"]
                 for lat, rows in ctx.items():
@@ -467,6 +494,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                         lines.append(f"| {name_of(lat)} | {r['activation']:.3g} | "
                                      f"{_md(r['context'])} |")
                 lines.append("")
+            if name == interpreted[0]:  # the first ranking's, at the top level too
+                res.update({k: v for k, v in out.items() if k not in ("ranking", "latents")})
         if planted and h in planted:
             key = next((k for k in ("|bias|·‖W_dec‖", "|gain|") if k in res), None)
             want = sorted(planted[h])

@@ -187,11 +187,63 @@ def test_edit_readout_finds_a_planted_bias(tok):
     assert edit_readout(model, tok, sae, ad, HOOK, recs)[11] < 0
 
 
+def test_switched_readout_counts_only_latents_switched_on_or_off(tok):
+    """The switched part of the readout against a dense float64 count: on each token, a latent
+    active in the edited code and not the unedited one adds its edited value, one active only
+    in the unedited code subtracts its unedited value, and latents active in both (which only
+    grow or shrink) add nothing; the full readout is the plain mean difference."""
+    from sae_sparse.report import edit_readout
+
+    model = tiny_gpt2(vocab=len(tok))
+    sae = ss.SAE.random(32, 90, 6)
+    ad = ss.LatentAdapter(90, 4)
+    with torch.no_grad():
+        ad.bias.normal_(0, 2.0)
+        ad.gain.normal_(0, 0.5)
+    recs = [{"prompt": "the cat", "completion": " sees a red dog"}, {"text": "a bird runs"},
+            {"prompt": "a", "completion": " fish tree house"}]
+    full, flips = edit_readout(model, tok, sae, ad, HOOK, recs, switched=True)
+    from sae_sparse.hooks import attach
+    edits = attach(model, {HOOK: (sae, ad)})
+    grabbed = []  # registered after the edit's hook: it sees the edited output
+    handle = model.get_submodule(HOOK).register_forward_hook(
+        lambda m, i, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+    want_full = torch.zeros(90, dtype=torch.float64)
+    want_flips = torch.zeros(90, dtype=torch.float64)
+    n = 0
+    try:
+        for r in recs:
+            p = tok(r.get("prompt", ""), add_special_tokens=False)["input_ids"]
+            c = tok(r.get("completion", r.get("text")), add_special_tokens=False)["input_ids"]
+            ids, start = (p + c, len(p)) if "prompt" in r else (c, 0)
+            grabbed.clear()
+            with torch.no_grad():
+                with edits.disabled():
+                    model(torch.tensor([ids]))
+                model(torch.tensor([ids]))
+            dense = []
+            for g in grabbed:  # the codes as dense [T, S] float64 tensors
+                v, i = sae.encode(g[0, start:])
+                dense.append(torch.zeros(v.shape[0], 90, dtype=torch.float64).scatter(
+                    1, i, v.double()))
+            z0, z1 = dense
+            want_full += (z1 - z0).sum(0)
+            want_flips += (torch.where((z1 > 0) & (z0 <= 0), z1, 0.0)
+                           - torch.where((z0 > 0) & (z1 <= 0), z0, 0.0)).sum(0)
+            n += z0.shape[0]
+    finally:
+        handle.remove()
+        edits.remove()
+    torch.testing.assert_close(full.double(), want_full / n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flips.double(), want_flips / n, rtol=1e-5, atol=1e-6)
+    assert (flips != 0).any() and not torch.equal(flips, full)  # the case tests something
+
+
 def test_report_reads_a_distilled_edit(tmp_path, tok):
     """`sae-sparse report --lift A B --contexts C` on a KL-trained run: the readout ranking,
     each top latent's lift recomputed here in float64 from the hooked activations, the lift in
     the edit's direction, and top contexts."""
-    from sae_sparse.report import READOUT
+    from sae_sparse.report import READOUT, SWITCHED
 
     model, _ = saved_tiny_gpt2(tmp_path / "model")
     sae = ss.SAE.random(32, 90, 6)
@@ -212,6 +264,12 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
     rep = json.loads((run / "report.json").read_text())["hooks"][HOOK]
     assert len(rep[READOUT]) == 5 and len(rep["lift"]) == 5
     assert [x["latent"] for x in rep["lift"]] == [i for i, _ in rep[READOUT]]
+    # the switched ranking is interpreted too, each with its own lift and contexts
+    assert set(rep["interpret"]) == {"readout", "switched"}
+    sw = rep["interpret"]["switched"]
+    assert sw["latents"] == [i for i, _ in rep[SWITCHED]] and len(sw["lift"]) == 5
+    assert set(sw["contexts"]) == {str(i) for i in sw["latents"]}
+    assert rep["interpret"]["readout"]["mean_lift"] == rep["mean_lift"]
     sae = ss.io.load_sae(str(tmp_path / "sae"))
     grabbed = []
     h = model.get_submodule(HOOK).register_forward_hook(lambda m, i, o: grabbed.append(
@@ -233,7 +291,7 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
         ma, mb = mean_act(ra), mean_act(rb)
     finally:
         h.remove()
-    for x in rep["lift"]:
+    for x in rep["lift"] + sw["lift"]:
         i = x["latent"]
         assert x["mean_a"] == pytest.approx(float(ma[i]), rel=1e-4, abs=1e-6)
         assert x["mean_b"] == pytest.approx(float(mb[i]), rel=1e-4, abs=1e-6)
