@@ -255,19 +255,23 @@ def _finite_mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def top_contexts(model, tokenizer, sae, hook, latents, records, *, n=5, window=8):
+def top_contexts(model, tokenizer, sae, hook, latents, records, *, n=5, window=8,
+                 skip_first=1):
     """Per latent: its ``n`` top-activating tokens in ``records`` with ``window`` tokens of
-    context on each side (the token in ⟦ ⟧), as SAE dashboards show them."""
+    context on each side (the token in ⟦ ⟧), as SAE dashboards show them. A record's first
+    ``skip_first`` positions are context only: the first is an attention sink in most
+    models (a residual norm ~100x the others; ``train_sae`` leaves it out the same way), where
+    an SAE's code is meaningless and huge."""
     acts = latent_activations(model, tokenizer, sae, hook, records, latents,
                               completion_only=False)
     out = {}
     for j, lat in enumerate(latents):
         best = []
         for toks, a in acts:
-            col = a[:, j]
+            col = a[skip_first:, j]
             for t in torch.topk(col, min(n, col.numel())).indices.tolist():
                 if col[t] > 0:
-                    best.append((float(col[t]), toks, t))
+                    best.append((float(col[t]), toks, t + skip_first))
         best.sort(key=lambda b: -b[0])
         out[int(lat)] = [{"activation": v, "context": _context(toks, t, window)}
                          for v, toks, t in best[:n]]

@@ -306,3 +306,15 @@ def test_report_lift_and_top_contexts(tmp_path):
         vals = [r["activation"] for r in rows]
         assert vals == sorted(vals, reverse=True) and all(v > 0 for v in vals)
         assert all(r["context"].count("⟦") == 1 for r in rows)
+    # a record's first position (an attention sink in real models) is never a top context,
+    # and with skip_first=0 the top contexts are the activations' own top values
+    full = latent_activations(model, tok, sae, planted["hook"], teacher, lats,
+                              completion_only=False)
+    for skip in (0, 1):
+        ctx = top_contexts(model, tok, sae, planted["hook"], lats, teacher, n=3,
+                           skip_first=skip)
+        for j, lat in enumerate(lats):
+            want = sorted((float(v) for _, a in full for v in a[skip:, j] if v > 0),
+                          reverse=True)[:3]
+            got = [r["activation"] for r in ctx[int(lat)]]
+            assert got == pytest.approx(want[:len(got)]) and len(got) == min(3, len(want))
