@@ -459,12 +459,18 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
         if model is not None and interpreted and isinstance(t, LatentAdapter) and (
                 lift_records or context_records):
             res["interpret"] = {}
+            # one pass over each record set for the union of the rankings' top latents
+            union = sorted({i for name in interpreted for i, _ in res[name][:n_interpret]})
+            lift_of = ({x["latent"]: x for x in activation_lift(
+                model, tokenizer, sae, h, union, *lift_records)} if lift_records else {})
+            ctx_of = (top_contexts(model, tokenizer, sae, h, union, context_records)
+                      if context_records else {})
         for name in (interpreted if "interpret" in res else []):
             lats = [i for i, _ in res[name][:n_interpret]]
             out = res["interpret"][SCORES[name]] = {"ranking": name, "latents": lats}
             lines += [f"### What the top {len(lats)} latents by {_md(name)} are", ""]
             if lift_records:
-                lift = activation_lift(model, tokenizer, sae, h, lats, *lift_records)
+                lift = [dict(lift_of[i]) for i in lats]
                 sign = {**readouts, "|bias|·‖W_dec‖": signed.get("bias"),
                         "|gain|": signed.get("gain")}.get(name)
                 for x in lift:
@@ -489,7 +495,7 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                           f"{x['lift_edit_dir']:.2f}× |" for x in lift]
                 lines.append("")
             if context_records:
-                ctx = top_contexts(model, tokenizer, sae, h, lats, context_records)
+                ctx = {i: ctx_of[i] for i in lats}
                 out["contexts"] = ctx
                 lines += ["Top-activating contexts (the token in ⟦ ⟧):", "",
                           "| latent | activation | context |", "|---|---|---|"]
