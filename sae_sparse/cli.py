@@ -314,12 +314,26 @@ def cmd_train(a):
         ok = all(h["planted"]["recovered"] for h in rep["hooks"].values())
         return 0 if ok else 1
     records, cfg, saes, sources = _precheck_train(a)
+    import torch.distributed as dist
 
+    joined = not (dist.is_available() and dist.is_initialized())
+    rank, device = _init_distributed(a.device)
+    joined = joined and dist.is_available() and dist.is_initialized()
+    try:
+        return _train_and_report(a, records, cfg, saes, sources, rank, device)
+    finally:
+        if joined:
+            # leave the group we joined before the interpreter exits: a gloo group still
+            # alive at exit tears its threads down unjoined, and the process aborts
+            # ("terminate called without an active exception") after a successful run
+            dist.destroy_process_group()
+
+
+def _train_and_report(a, records, cfg, saes, sources, rank, device):
     from .models import load_model
     from .report import write_report
     from .train import train_adapter
 
-    rank, device = _init_distributed(a.device)
     model, tok = load_model(a.model, device=device)
     saes = {h: s.to(device) for h, s in saes.items()}
     m = train_adapter(model, tok, saes, a.data, a.out, cfg,
