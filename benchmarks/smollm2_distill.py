@@ -60,10 +60,38 @@ def gguf_path():
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def load():
+def load(out=None):
+    """The model and tokenizer. Loading the GGUF dequantizes it (~20 s); with ``out``, the
+    first load saves the fp32 result to ``<out>/model`` (safetensors, ~0.5 GB) and later
+    stages load that in under a second: the same weights, the same logits."""
     from sae_sparse.models import load_model
     torch.manual_seed(0)
-    return load_model(gguf_path())
+    cache = model_cache(out) if out else None
+    if cache and os.path.exists(os.path.join(cache, "config.json")):
+        return load_model(cache)
+    model, tok = load_model(gguf_path())
+    if cache:
+        import shutil
+        model.hf_quantizer = None  # the weights are plain fp32 tensors once dequantized
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = cache + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    return model, tok
+
+
+def load_dir(a):
+    """The model the report loads: the fp32 cache (written by the first stage that loads)."""
+    if not os.path.exists(os.path.join(model_cache(a.out), "config.json")):
+        load(a.out)
+    return model_cache(a.out)
+
+
+def model_cache(out):
+    return os.path.join(out, "model")
 
 
 def chat_ids(tok, question, system=None):
@@ -97,7 +125,7 @@ def prepare(a):
     from sae_sparse.corpora import python_docs
     from sae_sparse.train_sae import SAETrainConfig, train_sae
     os.makedirs(a.out, exist_ok=True)
-    model, tok = load()
+    model, tok = load(a.out)
     qs = [t.format(t=topic.strip()) for topic in TOPICS for t in TEMPLATES][:a.questions]
     import random
     random.Random(0).shuffle(qs)
@@ -158,16 +186,25 @@ def heldout_metrics(model, tok, heldout, student_ctx, teacher_cache):
         s_prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
         if j not in teacher_cache:
             t_prompt = chat_ids(tok, r["question"], SYSTEM)
-            lt = model_logits(model, torch.tensor([t_prompt + ans])).float()
-            teacher_cache[j] = torch.log_softmax(lt[0, len(t_prompt) - 1:-1], -1)
+            lt = model_logits(model, torch.tensor([t_prompt + ans]),
+                              positions=_predicting(len(t_prompt), len(ans))).float()
+            teacher_cache[j] = torch.log_softmax(lt, -1)
         with student_ctx():
-            ls = model_logits(model, torch.tensor([s_prompt + ans])).float()
-        ls = torch.log_softmax(ls[0, len(s_prompt) - 1:-1], -1)
+            ls = model_logits(model, torch.tensor([s_prompt + ans]),
+                              positions=_predicting(len(s_prompt), len(ans))).float()
+        ls = torch.log_softmax(ls, -1)
         lt = teacher_cache[j]
         kl += float((lt.exp() * (lt - ls)).sum())
         ce += float(-ls.gather(1, torch.tensor(ans)[:, None]).sum())
         n += len(ans)
     return kl / n, ce / n
+
+
+def _predicting(n_prompt, n_answer):
+    """[1, n_prompt + n_answer] bool: the positions whose logits predict the answer tokens."""
+    m = torch.zeros(1, n_prompt + n_answer, dtype=torch.bool)
+    m[0, n_prompt - 1:-1] = True
+    return m
 
 
 def _lr_tag(lr):
@@ -190,7 +227,7 @@ def run_method(a, name, lr):
 
     from sae_sparse.io import load_sae
     from sae_sparse.train import TrainConfig, load_jsonl, train_adapter
-    model, tok = load()
+    model, tok = load(a.out)
     prep = json.load(open(os.path.join(a.out, "prepare.json")))
     everything = load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))
     val, train = everything[:prep["n_val"]], everything[prep["n_val"]:]
@@ -353,7 +390,7 @@ def extra_saes(a):
     """SAEs at EXTRA_HOOKS, as the main one but on --extra-sae-tokens tokens."""
     from sae_sparse.corpora import python_docs
     from sae_sparse.train_sae import SAETrainConfig, train_sae
-    model, tok = load()
+    model, tok = load(a.out)
     c = json.load(open(os.path.join(a.out, "answers.json")))
     n = json.load(open(os.path.join(a.out, "prepare.json")))["n_heldout"]
     corpus = python_docs() + [{"text": x} for x in c["teacher"][n:] + c["base"][n:]
@@ -579,7 +616,8 @@ def main():
         runs = results(a)
         for m in REPORTED:
             if m in runs:
-                cli(["report", _run_dir(a, m, chosen(runs[m])["lr"]), "--lift",
+                cli(["report", _run_dir(a, m, chosen(runs[m])["lr"]), "--model", load_dir(a),
+                     "--lift",
                      os.path.join(o, "teacher_heldout.jsonl"),
                      os.path.join(o, "base_heldout.jsonl"),
                      "--contexts", os.path.join(o, "contexts.jsonl")])

@@ -400,7 +400,15 @@ def cmd_report(a):
     if a.lift:
         lift = (load_jsonl(a.lift[0]), load_jsonl(a.lift[1]))
     ctx = load_jsonl(a.contexts) if a.contexts else None
-    rep = write_report(a.run_dir, planted=planted, top=a.top,
+    model = tok = None
+    if a.model:
+        from .models import load_model
+
+        try:
+            model, tok = load_model(a.model)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from e
+    rep = write_report(a.run_dir, model=model, tokenizer=tok, planted=planted, top=a.top,
                        sae_paths=_parse_sae_paths(a.sae), lift_records=lift,
                        context_records=ctx)
     print(f"report: {os.path.join(a.run_dir, 'report.md')}")
@@ -499,6 +507,9 @@ def _parsers():
     rp.add_argument("run_dir", help="a finished run directory")
     rp.add_argument("--planted", default=None, help="HOOK:i,j,k planted latents to check")
     rp.add_argument("--top", type=_positive, default=20, help="latents per ranking")
+    rp.add_argument("--model", default=None,
+                    help="base model for the Δz statistics, lift and contexts (default: the "
+                         "run's recorded one); a directory, hub id or .gguf file")
     rp.add_argument("--lift", nargs=2, metavar=("A.jsonl", "B.jsonl"), default=None,
                     help="activation lift of the top latents: their mean activation on A's "
                          "completions (e.g. the teacher's) over B's (e.g. the base model's)")

@@ -149,3 +149,29 @@ def hook_width(model: nn.Module, path: str) -> int:
 
 class _Stop(Exception):
     pass
+
+
+def forward_to(model: nn.Module, path: str, ids, attention_mask=None):
+    """The output of the module at ``path`` (the first element of a tuple output) for a
+    forward of ``ids``, the forward stopped there: the layers after it and the LM head never
+    run. Hooks registered on the module before this call (an attached edit's) have run, so
+    the output is the edited one when an edit is on. ``model``: a transformers model (or a
+    TransformerLens ``HookedTransformer``)."""
+    from .train import model_logits
+
+    seen = []
+
+    def grab(module, args, output):
+        seen.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    handle = model.get_submodule(path).register_forward_hook(grab)
+    try:
+        model_logits(model, ids, attention_mask)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"the module {path!r} is not run by the model's forward")
+    return seen[0]

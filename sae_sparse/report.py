@@ -78,27 +78,20 @@ def _loss_curve(path, history, base):
 def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_tokens=4096,
                      chunk_elems=1 << 22):
     """Mean |z'_i − z_i| per latent over the hooked activations of ``records``."""
+    from .hookpoints import forward_to, resolve_hook
+    from .train import input_device
+
+    path = resolve_hook(model, hook)
     acts = []
-
-    def grab(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        acts.append(h.detach().reshape(-1, h.shape[-1]).float())
-
-    from .hookpoints import resolve_hook
-    from .train import input_device, model_logits
-
-    handle = model.get_submodule(resolve_hook(model, hook)).register_forward_hook(grab)
     n = 0
-    try:
-        for r in records:
-            text = r["text"] if "text" in r else r["prompt"] + r["completion"]
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            model_logits(model, ids.to(input_device(model)))
-            n += ids.numel()
-            if n >= max_tokens:
-                break
-    finally:
-        handle.remove()
+    for r in records:
+        text = r["text"] if "text" in r else r["prompt"] + r["completion"]
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        h = forward_to(model, path, ids.to(input_device(model)))
+        acts.append(h.detach().reshape(-1, h.shape[-1]).float())
+        n += ids.numel()
+        if n >= max_tokens:
+            break
     if not acts:
         return None
     x = torch.cat(acts)[:max_tokens].to(sae.W_dec.dtype)
@@ -149,15 +142,12 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
     (+ their edited value) or the reverse (− their unedited value). A latent that is already
     active and only grows or shrinks (a frequent one, such as a comma's) is left out, so this
     part names what the edit adds to or removes from the residual's description."""
-    from .hookpoints import resolve_hook
+    from .hookpoints import forward_to, resolve_hook
     from .hooks import attach
-    from .train import input_device, model_logits
+    from .train import input_device
 
-    mod = model.get_submodule(resolve_hook(model, hook))
-    edits = attach(model, {hook: (sae, adapter)}, mode=mode)
-    grabbed = []
-    handle = mod.register_forward_hook(lambda m, a, o: grabbed.append(
-        (o[0] if isinstance(o, tuple) else o).detach()))  # after the edit's own hook
+    path = resolve_hook(model, hook)
+    edits = attach(model, {hook: (sae, adapter)}, mode=mode)  # forward_to reads after it
     total = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
     flips = torch.zeros_like(total)
     n = 0
@@ -167,11 +157,9 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
             if len(ids) <= start:
                 continue
             x = torch.tensor([ids], device=input_device(model))
-            grabbed.clear()
             with edits.disabled():
-                model_logits(model, x)
-            model_logits(model, x)
-            off, on = (g[0, start:].to(sae.W_dec.dtype) for g in grabbed)
+                off = forward_to(model, path, x)[0, start:].to(sae.W_dec.dtype)
+            on = forward_to(model, path, x)[0, start:].to(sae.W_dec.dtype)
             codes = []
             for h, sign in ((on, 1.0), (off, -1.0)):
                 v, i = sae.encode(h)
@@ -188,7 +176,6 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
             if n >= max_tokens:
                 break
     finally:
-        handle.remove()
         edits.remove()
     if not n:
         return (None, None) if switched else None
@@ -201,30 +188,23 @@ def latent_activations(model, tokenizer, sae, hook, records, latents, *, complet
     """Per record: (token strings, activations [T, len(latents)]) of the chosen latents at the
     hooked module of the unedited model (completion tokens only for prompt/completion
     records when ``completion_only``)."""
-    from .hookpoints import resolve_hook
-    from .train import input_device, model_logits
+    from .hookpoints import forward_to, resolve_hook
+    from .train import input_device
 
-    mod = model.get_submodule(resolve_hook(model, hook))
-    grabbed = []
-    handle = mod.register_forward_hook(lambda m, a, o: grabbed.append(
-        (o[0] if isinstance(o, tuple) else o).detach()))
+    path = resolve_hook(model, hook)
     lat = torch.as_tensor(latents, dtype=torch.long)
     out = []
-    try:
-        for r in records:
-            ids, start = _record_ids(tokenizer, r, max_len, completion_only)
-            if len(ids) <= start:
-                continue
-            grabbed.clear()
-            model_logits(model, torch.tensor([ids], device=input_device(model)))
-            h = grabbed[0][0].to(sae.W_dec.dtype)
-            v, i = sae.encode(h)
-            dense = torch.zeros(h.shape[0], sae.d_sae, dtype=v.dtype, device=v.device)
-            dense.scatter_(1, i, v)
-            out.append(([tokenizer.decode([t]) for t in ids[start:]],
-                        dense[start:, lat.to(dense.device)].float().cpu()))
-    finally:
-        handle.remove()
+    for r in records:
+        ids, start = _record_ids(tokenizer, r, max_len, completion_only)
+        if len(ids) <= start:
+            continue
+        h = forward_to(model, path, torch.tensor([ids], device=input_device(model)))
+        h = h[0].to(sae.W_dec.dtype)
+        v, i = sae.encode(h)
+        dense = torch.zeros(h.shape[0], sae.d_sae, dtype=v.dtype, device=v.device)
+        dense.scatter_(1, i, v)
+        out.append(([tokenizer.decode([t]) for t in ids[start:]],
+                    dense[start:, lat.to(dense.device)].float().cpu()))
     return out
 
 

@@ -240,12 +240,36 @@ def collate_teacher(examples, pad_id):
     return ids, attn, loss
 
 
-def model_logits(model, ids, attn=None):
-    """Logits [B, T, V] of a transformers causal LM or a TransformerLens HookedTransformer."""
+def model_logits(model, ids, attn=None, positions=None):
+    """Logits [B, T, V] of a transformers causal LM or a TransformerLens HookedTransformer.
+
+    With ``positions`` (bool [B, T]) only the logits there, [n, V] in row-major order (as
+    ``logits[positions]``): a transformers model that takes ``logits_to_keep`` runs its LM head
+    on the columns some row needs and no others (a prompt's positions cost no V-wide
+    projection, forward or backward)."""
     if hasattr(model, "run_with_hooks"):  # TransformerLens: forward(input, ...) -> logits
-        return model(ids, attention_mask=attn.long() if attn is not None else None)
+        out = model(ids, attention_mask=attn.long() if attn is not None else None)
+        return out if positions is None else out[positions.to(out.device)]
     kw = {"attention_mask": attn.long()} if attn is not None else {}
-    return model(input_ids=ids, **kw).logits
+    if positions is None:
+        return model(input_ids=ids, **kw).logits
+    positions = positions.to(ids.device)
+    if not _takes_logits_to_keep(model):
+        return model(input_ids=ids, **kw).logits[positions]
+    cols = positions.any(0).nonzero().squeeze(1)
+    logits = model(input_ids=ids, logits_to_keep=cols, **kw).logits  # [B, len(cols), V]
+    return logits[positions[:, cols].to(logits.device)]
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward has transformers' ``logits_to_keep``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def input_device(model):
@@ -261,13 +285,12 @@ def input_device(model):
 def lm_loss(model, ids, attn, loss_mask, denom=None):
     """Mean next-token cross-entropy over the loss tokens; with ``denom``, their sum divided
     by it (a data-parallel rank's share of a global batch's mean)."""
-    logits = model_logits(model, ids, attn).float()
     tgt = loss_mask[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                         reduction="none").view_as(tgt)
-    if denom is not None:
-        return (ce * tgt).sum() / denom
-    return (ce * tgt).sum() / tgt.sum().clamp_min(1)
+    pred = F.pad(tgt, (0, 1))  # the positions that predict a loss token
+    logits = model_logits(model, ids, attn, pred).float()
+    ce = F.cross_entropy(logits, ids[:, 1:][tgt.to(ids.device)].to(logits.device),
+                         reduction="sum")
+    return ce / (denom if denom is not None else tgt.sum().clamp_min(1))
 
 
 @torch.no_grad()
@@ -277,15 +300,15 @@ def teacher_logprobs(teacher, examples, pad_id):
     to it should be off, see :func:`train_adapter`)."""
     ids, attn, mask = collate_teacher(examples, pad_id)
     dev = input_device(teacher)
-    logits = model_logits(teacher, ids.to(dev), attn.to(dev))
-    return logits[:, :-1][mask[:, 1:].to(logits.device)].float().log_softmax(-1)
+    pred = F.pad(mask[:, 1:], (0, 1))  # the positions that predict a completion token
+    return model_logits(teacher, ids.to(dev), attn.to(dev), pred).float().log_softmax(-1)
 
 
 def kl_loss(model, ids, attn, loss_mask, teacher_logp, denom=None):
     """Mean KL(teacher ‖ student) per loss token: ``teacher_logp`` [n, V] from
     :func:`teacher_logprobs` for the same examples; with ``denom``, the sum divided by it."""
-    logits = model_logits(model, ids, attn)
-    s = logits[:, :-1][loss_mask[:, 1:]].float().log_softmax(-1)
+    pred = F.pad(loss_mask[:, 1:], (0, 1))  # the positions that predict a loss token
+    s = model_logits(model, ids, attn, pred).float().log_softmax(-1)
     if s.shape != teacher_logp.shape:
         raise ValueError(f"the teacher's log-probs have shape {tuple(teacher_logp.shape)}, the "
                          f"student's {tuple(s.shape)} (loss tokens x vocabulary): the teacher "

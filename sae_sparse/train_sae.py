@@ -32,7 +32,7 @@ import random
 
 import torch
 
-from .hookpoints import resolve_hook
+from .hookpoints import forward_to, resolve_hook
 from .io import save_saelens
 from .modules import SAE
 from .ops import auxk_decode
@@ -79,10 +79,6 @@ class SAETrainConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2 ** 14)
 
 
-class _Stop(Exception):
-    pass
-
-
 class ActivationStream:
     """Activations of ``module`` for ``records`` (``{"text"}`` or prompt + completion), in
     ``max_len``-token windows, the model run only up to the hook; ``chunks()`` yields
@@ -125,20 +121,7 @@ class ActivationStream:
             mask[b, :len(w)] = True
         keep = mask.clone()
         keep[:, :self.skip_first] = False
-        grabbed = []
-
-        def grab(module, args, output):  # the activations, then stop the forward there
-            grabbed.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
-
-        handle = self.model.get_submodule(self.path).register_forward_hook(grab)
-        try:
-            self.model(input_ids=ids.to(self.device), attention_mask=mask.long().to(self.device))
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        h = grabbed[0]
+        h = forward_to(self.model, self.path, ids.to(self.device), mask.to(self.device))
         return h[keep.to(h.device)].float()
 
 

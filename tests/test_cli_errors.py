@@ -168,6 +168,26 @@ def test_k_against_a_topk_sae_warns(files, tmp_path, capsys):
     assert conf["hooks"]["transformer.h.1"]["k"] == 2
 
 
+def test_report_model_override(files, tmp_path, capsys):
+    """report --model: a run whose base model moved is reported from the model's new place,
+    word for word as from the old one; a --model that is not a model is named in one line."""
+    import shutil
+    model = tmp_path / "model_copy"
+    shutil.copytree(files / "model", model)
+    out = tmp_path / "run"
+    assert main(train_args(files, out, "--lr", "0.1", "--edit", "gain,bias",
+                           model=os.path.relpath(model, files))) == 0
+    before = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    moved = tmp_path / "moved_model"
+    os.rename(model, moved)
+    capsys.readouterr()
+    assert main(["report", str(out), "--model", str(moved)]) == 0
+    assert (out / "report.md").read_text() == before
+    rc, line = run(capsys, ["report", str(out), "--model", str(files / "notamodel")])
+    assert f"--model {files / 'notamodel'}:" in line
+
+
 def test_run_commands_on_bad_run_dirs(files, tmp_path, capsys):
     """report / merge / generate on a directory that is not a run; a run whose SAE moved
     is reported as missing and found again with --sae; merge of a non-bias edit."""

@@ -78,6 +78,66 @@ def test_kl_loss_matches_float64_reference(tok):
         kl_loss(student, ids, attn, lm, t[:, :-1])
 
 
+def test_lm_loss_matches_float64_reference(tok):
+    from sae_sparse.train import lm_loss
+    model = tiny_gpt2(vocab=len(tok), seed=4)
+    ex = tokenize(records(5, seed=5), tok, 64)
+    ids, attn, lm, _ = collate(ex, 0)
+    got = lm_loss(model, ids, attn, lm)
+    m64, ref, n = model.double(), 0.0, 0
+    for e in ex:
+        c = int(e.loss_mask.sum())
+        lp = m64(e.ids[None]).logits[0, -c - 1:-1].log_softmax(-1)
+        ref -= float(lp.gather(1, e.ids[-c:, None]).sum().detach())
+        n += c
+    model.float()
+    torch.testing.assert_close(got.double(), torch.tensor(ref / n, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lm_loss(model, ids, attn, lm, denom=7.0).double(),
+                               torch.tensor(ref / 7.0, dtype=torch.float64), rtol=1e-4,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "peft", "no_logits_to_keep"])
+def test_model_logits_at_positions(kind):
+    """model_logits(..., positions) equals the full logits at those positions; the LM head
+    projects only the columns some row needs (a model without logits_to_keep: all)."""
+    from sae_sparse.train import model_logits
+
+    from tiny_models import tiny_llama
+    model = tiny_llama(seed=6) if kind == "llama" else tiny_gpt2(seed=6)
+    if kind == "peft":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 50, (3, 9), generator=g)
+    attn = torch.ones(3, 9, dtype=torch.bool)
+    attn[2, 6:] = False
+    pos = torch.zeros(3, 9, dtype=torch.bool)
+    pos[0, 4:8], pos[1, 5:7], pos[2, 3:5] = True, True, True
+    if kind == "no_logits_to_keep":
+        inner = model
+
+        class Plain(torch.nn.Module):  # forward(input_ids, attention_mask) only
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask=None):
+                return inner(input_ids=input_ids, attention_mask=attention_mask)
+        model = Plain()
+    rows = []
+    head = (inner if kind == "no_logits_to_keep" else model).get_output_embeddings()
+    h = head.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[:-1].numel()))
+    with torch.no_grad():
+        full = model_logits(model, ids, attn)
+        got = model_logits(model, ids, attn, pos)
+    h.remove()
+    torch.testing.assert_close(got, full[pos], rtol=1e-5, atol=1e-6)
+    assert rows[0] == 27
+    assert rows[1] == (27 if kind == "no_logits_to_keep" else 3 * 5)  # columns 3..7
+
+
 def sharp_gpt2(tok, seed=0):
     """A tiny GPT-2 whose next-token distribution depends on its context enough for a system
     prompt to matter (larger embeddings and attention weights than the default init)."""

@@ -104,3 +104,44 @@ def test_attach_and_train_at_a_transformer_lens_name(tmp_path):
     edits.remove()
     assert torch.equal(by_name, by_path) and (by_name - base).abs().max() > 1e-3
     torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_forward_to_stops_at_the_hook_and_reads_after_the_edit(make):
+    """forward_to returns the module's output of a full forward (with an attached edit: the
+    edited output) and runs nothing after the module: no later block, no LM head."""
+    from sae_sparse.hookpoints import forward_to
+
+    from tiny_models import tiny_llama
+    model = (tiny_gpt2 if make == "gpt2" else tiny_llama)(layers=3, seed=1)
+    path = "transformer.h.1" if make == "gpt2" else "model.layers.1"
+    later = "transformer.h.2" if make == "gpt2" else "model.layers.2"
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones(2, 7, dtype=torch.bool)
+    attn[1, 5:] = False
+    sae = ss.SAE.random(32, 40, 4, generator=torch.Generator().manual_seed(2))
+    ad = ss.LatentAdapter(40, gain=False, ffn=False)
+    with torch.no_grad():
+        ad.bias.normal_(generator=torch.Generator().manual_seed(3))
+    edits = ss.attach(model, {path: (sae, ad)})
+    outputs = []
+    for on in (False, True):
+        full, calls = [], []
+        h1 = model.get_submodule(path).register_forward_hook(
+            lambda m, a, o: full.append(o[0] if isinstance(o, tuple) else o))
+        h2 = model.get_submodule(later).register_forward_hook(lambda *a: calls.append(1))
+        h3 = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(2))
+        with torch.no_grad(), (edits.disabled() if not on else torch.enable_grad()):
+            model(input_ids=ids, attention_mask=attn.long())
+            assert calls == [1, 2]
+            calls.clear()
+            got = forward_to(model, path, ids, attn)
+        assert calls == [], "forward_to ran the model past the hook"
+        for h in (h1, h2, h3):
+            h.remove()
+        torch.testing.assert_close(got, full[0], rtol=0, atol=0)
+        outputs.append(got)
+    assert not torch.equal(*outputs), "the edit did not change the hooked output"
+    model.add_module("unused", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'unused' is not run by the model's forward"):
+        forward_to(model, "unused", ids)
