@@ -23,6 +23,7 @@ into sparse latent edits, against PEFT's LoRA, on a 2-core CPU.
 Results: ``benchmarks/results/smollm2-<date>.md`` (+ .json) and the plot.
 """
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -519,25 +520,43 @@ def summarize(a):
                       f"{x['mean_lift_edit_dir']:.2f}×; over the latents it raises "
                       f"{x['mean_lift_raised']:.2f}× (report: "
                       f"`{os.path.join(run, 'report.md')}`).", ""]
+    tpath = os.path.join(a.out, "timing.json")
+    if os.path.exists(tpath):
+        t = json.load(open(tpath))
+        meth = [v for k, v in t.items() if k.startswith("method ")]
+        rep = [v for k, v in t.items() if k.startswith("report ")]
+        parts = ([f"prepare {t['prepare'] / 60:.1f} min (generation "
+                  f"{prep['generate_s'] / 60:.1f}, SAE {prep['sae_s'] / 60:.1f})"]
+                 if "prepare" in t else [])
+        parts += ([f"extra SAEs {t['extra-saes'] / 60:.1f} min"] if "extra-saes" in t else [])
+        parts += ([f"{len(meth)} method processes {sum(meth) / 60:.1f} min (each "
+                   f"{min(meth) / 60:.1f}–{max(meth) / 60:.1f})"] if meth else [])
+        parts += [f"{len(rep)} reports {sum(rep) / 60:.1f} min"] if rep else []
+        lines += [f"Wall time of the stages (`{tpath}`): " + "; ".join(parts)
+                  + f"; **{sum(t.values()) / 60:.1f} min** in all.", ""]
     text = "\n".join(lines)
+    os.makedirs(a.results, exist_ok=True)
     name = a.name or f"smollm2-{datetime.date.today()}"
-    with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
+    with open(os.path.join(a.results, name + ".md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
-        json.dump({"prepare": prep, "methods": rows, "runs": runs}, f, indent=1)
+    with open(os.path.join(a.results, name + ".json"), "w") as f:
+        json.dump({"prepare": prep, "methods": rows, "runs": runs,
+                   "timing": json.load(open(tpath)) if os.path.exists(tpath) else None}, f,
+                  indent=1)
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar([r["method"] for r in rows], [r["kl"] for r in rows], color="tab:blue")
     ax.axhline(rows[0]["base_kl"], color="gray", ls="--", lw=1, label="unedited")
     ax.set_ylabel("held-out KL to teacher")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", name + ".png"), dpi=110)
+    fig.savefig(os.path.join(a.results, name + ".png"), dpi=110)
     print(text)
 
 
-# learning rates: the default run's, and the centre of each method's sweep (--sweep)
-LR = {"bias": 1e-2, "gain_bias": 1e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3,
-      "peft_lora": 2e-3, "multi_gain_bias_ffn": 1e-2}
+# each method's learning rate: the one with the lowest validation KL in the sweep of
+# 2026-12-02 (--sweep 1,3 from bias, gain_bias 0.01 and peft_lora 0.002; README)
+LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3,
+      "peft_lora": 6e-3, "multi_gain_bias_ffn": 1e-2}
 
 
 def _method_lr(text):
@@ -563,6 +582,8 @@ def main():
                          "validation KL")
     ap.add_argument("--extra-sae-tokens", type=int, default=80_000)
     ap.add_argument("--out", default="runs/smollm2")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"),
+                    help="where the summary (.md, .json, .png) goes")
     ap.add_argument("--name", default=None,
                     help="results file name in benchmarks/results (default smollm2-<date>)")
     ap.add_argument("--questions", type=int, default=240)
@@ -598,31 +619,57 @@ def main():
              f"--warmup={a.warmup}"]
     factors = [float(f) for f in a.sweep.split(",")] if a.sweep else [1.0]
     t0 = time.time()
+    timing = _Timing(a.out)
     if a.stage in ("all",) and not os.path.exists(os.path.join(a.out, "prepare.json")):
-        subprocess.run(me + ["prepare"] + flags, check=True)
+        with timing("prepare"):
+            subprocess.run(me + ["prepare"] + flags, check=True)
     if a.stage == "all" and a.extra and not os.path.exists(
             os.path.join(a.out, "extra_saes.json")):
-        subprocess.run(me + ["extra-saes"] + flags, check=True)
+        with timing("extra-saes"):
+            subprocess.run(me + ["extra-saes"] + flags, check=True)
     if a.stage == "all":  # each run in its own process (its own peak memory)
         for m in METHODS + (OPTIONAL if a.extra else []):
             for f in factors:
                 lr = float(f"{lrs[m] * f:.3g}")
                 if not os.path.exists(_result_path(a, m, lr)):
-                    subprocess.run(me + ["method", f"--method={m}", f"--lr={m}={lr}"] + flags,
-                                   check=True)
+                    with timing(f"method {m} lr {_lr_tag(lr)}"):
+                        subprocess.run(me + ["method", f"--method={m}", f"--lr={m}={lr}"]
+                                       + flags, check=True)
     if a.stage in ("all", "report"):
         from sae_sparse.cli import main as cli
         o = a.out
         runs = results(a)
         for m in REPORTED:
             if m in runs:
-                cli(["report", _run_dir(a, m, chosen(runs[m])["lr"]), "--model", load_dir(a),
-                     "--lift",
-                     os.path.join(o, "teacher_heldout.jsonl"),
-                     os.path.join(o, "base_heldout.jsonl"),
-                     "--contexts", os.path.join(o, "contexts.jsonl")])
+                with timing(f"report {m}"):
+                    cli(["report", _run_dir(a, m, chosen(runs[m])["lr"]), "--model",
+                         load_dir(a), "--lift", os.path.join(o, "teacher_heldout.jsonl"),
+                         os.path.join(o, "base_heldout.jsonl"),
+                         "--contexts", os.path.join(o, "contexts.jsonl")])
+    timing.save()
     summarize(a)
     print(f"total {time.time() - t0:.0f} s")
+
+
+class _Timing:
+    """Wall seconds of each stage this command ran, added to ``<out>/timing.json`` (a stage
+    cached from an earlier command keeps that command's time)."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, "timing.json")
+        self.stages = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        t0 = time.time()
+        yield
+        self.stages[stage] = time.time() - t0
+        self.save()
+
+    def save(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump(self.stages, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,39 @@ def test_smollm2_gguf_zero_edit_is_exact_and_an_edit_steers():
                              t[:int(lm[0].sum())] if i == 0 else t[int(lm[0].sum()):]))
                for i in range(2)]
     assert per[0] > 0.01 and abs(per[1]) < 1e-4, per
+
+
+@pytest.mark.exhaustive
+def test_distill_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/smollm2_distill.py as a user runs it, shrunk (12 questions, a 64-latent SAE
+    on 4k tokens, 2 steps): every stage runs, the summary has a row per method, the reported
+    runs have their report with lifts, the stages are timed, the fp32 model is cached."""
+    import json
+    import subprocess
+    import sys
+    gguf_file()
+    pytest.importorskip("peft")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out, res = tmp_path / "run", tmp_path / "results"
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "smollm2_distill.py"),
+                        "--out", str(out), "--results", str(res), "--name", "smoke",
+                        "--questions", "12", "--max-new", "6", "--d-sae", "64",
+                        "--sae-tokens", "4096", "--steps", "2", "--batch", "2",
+                        "--warmup", "1"], capture_output=True, text=True, timeout=1500,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((res / "smoke.json").read_text())
+    assert [m["method"] for m in summary["methods"]] == [
+        "bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
+    for m in summary["methods"]:
+        assert 0 <= m["kl"] < 50 and m["base_kl"] > 0 and m["trainable"] > 0, m
+    assert set(summary["timing"]) == {"prepare", "report bias", "report gain_bias_ffn"} | {
+        f"method {m['method']} lr {m['lr']:g}" for m in summary["methods"]}
+    reports = sorted((out / "methods").glob("run_*/report.json"))
+    assert [p.parent.name.rsplit("_lr", 1)[0] for p in reports] == ["run_bias",
+                                                                   "run_gain_bias_ffn"]
+    for p in reports:
+        interpret = json.loads(p.read_text())["hooks"]["model.layers.15"]["interpret"]
+        assert all("mean_lift" in x for x in interpret.values()), interpret
+    assert (out / "model" / "config.json").exists()
+    assert "Wall time of the stages" in (res / "smoke.md").read_text()
