@@ -125,26 +125,9 @@ def hook_width(model: nn.Module, path: str) -> int:
     """The last dimension of ``path``'s output (the first element of a tuple output), found by
     one forward of a 2-token input, stopped at that module (on a :func:`meta_model`: no
     computation and no memory)."""
-    mod = model.get_submodule(path)
-    seen = []
-
-    def grab(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        seen.append(int(h.shape[-1]))
-        raise _Stop
-
-    handle = mod.register_forward_hook(grab)
-    try:
-        device = next(model.parameters(), torch.empty(0, device="meta")).device
-        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-        model(input_ids=ids)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError(f"the module {path!r} is not run by the model's forward")
-    return seen[0]
+    device = next(model.parameters(), torch.empty(0, device="meta")).device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    return int(forward_to(model, path, ids).shape[-1])
 
 
 class _Stop(Exception):
