@@ -245,13 +245,14 @@ def run_method(a, name, lr):
     common = dict(steps=a.steps, batch_size=a.batch, max_len=160, eval_frac=0.0,
                   warmup_steps=a.warmup,
                   checkpoint_every=10 ** 6, log_every=10 ** 6, seed=0)
-    if name == "peft_lora":
+    if name.startswith("peft_lora"):
         from peft import LoraConfig, get_peft_model
 
         from sae_sparse.train import (_Schedule, collate, kl_loss, lm_loss, teacher_logprobs,
                                       tokenize)
         pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                              target_modules=["q_proj", "v_proj"]))
+                                              target_modules=["q_proj", "v_proj"],
+                                              layers_to_transform=PEFT_LAYERS[name]))
         data = tokenize(train, tok, 160, teacher=a.loss == "kl")
         sched = _Schedule(len(data), a.batch, 1, 0)
         params = [p for p in pm.parameters() if p.requires_grad]
@@ -280,7 +281,8 @@ def run_method(a, name, lr):
         edits = None
     else:
         edit = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
-                "resid_lora": "bias", "multi_gain_bias_ffn": "gain,bias,ffn:16"}[name]
+                "resid_lora": "bias", "multi_gain_bias_ffn": "gain,bias,ffn:16",
+                "gain_bias_ffn64": "gain,bias,ffn:64"}[name]
         cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
                           lr=lr, l1=a.l1, loss=a.loss, **common)
         from sae_sparse.io import content_hash
@@ -326,7 +328,7 @@ def run_method(a, name, lr):
                 edits.enabled = False
     res["step_s"] = statistics.median(times)
     res["peak_rss_mib"] = (_rss_kib("VmHWM") - rss0) / 1024  # the training's peak above
-    m = model if name != "peft_lora" else pm
+    m = pm if name.startswith("peft_lora") else model
     res["val_kl"], res["val_ce"] = heldout_metrics(m, tok, val, ctx, val_cache)
     res["kl"], res["ce"] = heldout_metrics(m, tok, held, ctx, cache)
     res["base_kl"], res["base_ce"] = base_kl, base_ce
@@ -379,10 +381,26 @@ def _reset_peak_rss():
 
 
 METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
-# opt-in (--extra): the gain + bias + ffn edit at three layers, SAEs at the two extra ones
-# trained by the stage extra-saes
+# opt-in (--also METHOD, or --extra for all three): the gain + bias + ffn edit at three layers
+# (SAEs at the two extra ones trained by the stage extra-saes); PEFT's LoRA at the edit's layer
+# only; the edit with a 64-wide FFNN
 EXTRA_HOOKS = ["model.layers.7", "model.layers.23"]
-OPTIONAL = ["multi_gain_bias_ffn"]
+OPTIONAL = ["multi_gain_bias_ffn", "peft_lora_l15", "gain_bias_ffn64"]
+# PEFT LoraConfig.layers_to_transform (None: every layer)
+PEFT_LAYERS = {"peft_lora": None, "peft_lora_l15": [int(HOOK.rsplit(".", 1)[-1])]}
+DESCRIBE = {
+    "bias": f"a learned bias on the SAE code at `{HOOK}` (steering)",
+    "gain_bias": "a per-latent gain on the k active latents + the bias",
+    "gain_bias_ffn": "gain + bias + an FFNN z + W_out·σ(W_in·z) of 16 hidden units over the "
+                     "active latents",
+    "resid_lora": f"a rank-8 LoRA on the residual stream at `{HOOK}` (no SAE)",
+    "peft_lora": "PEFT's LoRA, r = 8 (alpha 16) on q_proj and v_proj of all 30 layers",
+    "multi_gain_bias_ffn": "gain + bias + ffn:16 at "
+                           f"{', '.join(f'`{h}`' for h in EXTRA_HOOKS + [HOOK])}",
+    "peft_lora_l15": f"PEFT's LoRA, r = 8 on q_proj and v_proj of the edit's layer only "
+                     f"(`{HOOK}`)",
+    "gain_bias_ffn64": "gain + bias + an FFNN of 64 hidden units",
+}
 
 
 def _sae_dir(hook):
@@ -478,6 +496,8 @@ def summarize(a):
              + ("Each method's learning rate is the one of its sweep (below) with the lowest "
                 "validation KL; the held-out questions played no part in choosing it.\n"
                 if swept else "Learning rates as in the table (no sweep in this run).\n"),
+             "Methods: " + "; ".join(f"**{r['method']}** {DESCRIBE[r['method']]}"
+                                     for r in rows) + ".\n",
              "| method | lr | held-out KL | vs PEFT LoRA | held-out CE | trainable params | "
              "params active / token | step s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -558,15 +578,22 @@ def summarize(a):
 # each method's learning rate: the one with the lowest validation KL in the sweep of
 # 2026-12-02 (--sweep 1,3 from bias, gain_bias 0.01 and peft_lora 0.002; README)
 LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3,
-      "peft_lora": 6e-3, "multi_gain_bias_ffn": 1e-2}
+      "peft_lora": 6e-3, "multi_gain_bias_ffn": 1e-2,
+      # not swept yet: the 16-wide edit's and PEFT LoRA's rates
+      "peft_lora_l15": 6e-3, "gain_bias_ffn64": 1e-2}
 
 
 def _method_lr(text):
+    """METHOD=LR[,LR...] -> (METHOD, [LR, ...])."""
     name, _, lr = text.partition("=")
-    if name not in LR or not lr:
-        raise argparse.ArgumentTypeError(f"--lr takes METHOD=LR with METHOD one of {list(LR)}, "
-                                         f"got {text!r}")
-    return name, float(lr)
+    try:
+        rates = [float(x) for x in lr.split(",")]
+    except ValueError:
+        rates = []
+    if name not in LR or not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"--lr takes METHOD=LR[,LR...] with METHOD one of "
+                                         f"{list(LR)} and positive rates, got {text!r}")
+    return name, rates
 
 
 def main():
@@ -575,9 +602,11 @@ def main():
     ap.add_argument("stage", nargs="?", default="all",
                     choices=["all", "prepare", "extra-saes", "method", "report", "summary"])
     ap.add_argument("--method", choices=METHODS + OPTIONAL)
-    ap.add_argument("--extra", action="store_true",
-                    help=f"also the gain + bias + ffn edit at {', '.join(EXTRA_HOOKS)} and "
-                         f"{HOOK} (trains two more SAEs)")
+    ap.add_argument("--also", action="append", default=[], choices=OPTIONAL, metavar="METHOD",
+                    help="the stage all also runs this optional method: "
+                         + "; ".join(f"{m}: {DESCRIBE[m]}" for m in OPTIONAL)
+                         + " (multi_gain_bias_ffn trains two more SAEs first)")
+    ap.add_argument("--extra", action="store_true", help="--also every optional method")
     ap.add_argument("--sweep", default=None, metavar="FACTORS",
                     help="run every method at these multiples of its learning rate (e.g. "
                          "0.3,1,3); the table takes each method's run with the lowest "
@@ -596,7 +625,9 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=_method_lr, action="append", default=[], metavar="METHOD=LR",
-                    help=f"a method's learning rate (default {LR})")
+                    help=f"a method's learning rate, or several (the stage all runs each; "
+                         f"the table takes the one with the lowest validation KL) (default "
+                         f"{LR})")
     ap.add_argument("--l1", type=float, default=1e-4)
     ap.add_argument("--loss", choices=["kl", "ce"], default="kl")
     ap.add_argument("--warmup", type=int, default=10, help="linear lr warmup steps (every "
@@ -604,11 +635,13 @@ def main():
     ap.add_argument("--answer-repeats", type=int, default=4,
                     help="times the answers appear in the SAE's training text")
     a = ap.parse_args()
-    lrs = {**LR, **dict(a.lr)}
+    lrs = {**{m: [lr] for m, lr in LR.items()}, **dict(a.lr)}
     if a.stage == "prepare":
         return prepare(a)
     if a.stage == "method":
-        return run_method(a, a.method, lrs[a.method])
+        if a.method is None or len(lrs[a.method]) != 1:
+            ap.error("the stage method runs one --method at one learning rate")
+        return run_method(a, a.method, lrs[a.method][0])
     if a.stage == "extra-saes":
         return extra_saes(a)
     if a.stage == "summary":
@@ -625,14 +658,14 @@ def main():
     if a.stage in ("all",) and not os.path.exists(os.path.join(a.out, "prepare.json")):
         with timing("prepare"):
             subprocess.run(me + ["prepare"] + flags, check=True)
-    if a.stage == "all" and a.extra and not os.path.exists(
+    also = OPTIONAL if a.extra else [m for m in OPTIONAL if m in a.also]
+    if a.stage == "all" and "multi_gain_bias_ffn" in also and not os.path.exists(
             os.path.join(a.out, "extra_saes.json")):
         with timing("extra-saes"):
             subprocess.run(me + ["extra-saes"] + flags, check=True)
     if a.stage == "all":  # each run in its own process (its own peak memory)
-        for m in METHODS + (OPTIONAL if a.extra else []):
-            for f in factors:
-                lr = float(f"{lrs[m] * f:.3g}")
+        for m in METHODS + also:
+            for lr in sorted({float(f"{base * f:.3g}") for base in lrs[m] for f in factors}):
                 if not os.path.exists(_result_path(a, m, lr)):
                     with timing(f"method {m} lr {_lr_tag(lr)}"):
                         subprocess.run(me + ["method", f"--method={m}", f"--lr={m}={lr}"]

@@ -81,8 +81,10 @@ def test_smollm2_gguf_zero_edit_is_exact_and_an_edit_steers():
 @pytest.mark.exhaustive
 def test_distill_benchmark_runs_end_to_end(tmp_path):
     """benchmarks/smollm2_distill.py as a user runs it, shrunk (12 questions, a 64-latent SAE
-    on 4k tokens, 2 steps): every stage runs, the summary has a row per method, the reported
-    runs have their report with lifts, the stages are timed, the fp32 model is cached."""
+    on 4k tokens, 2 steps, one optional method at two rates): every stage runs, the summary
+    has a row per method, PEFT's LoRA at one layer has a 30th of the parameters of all 30,
+    the reported runs have their report with lifts, the stages are timed, the fp32 model is
+    cached."""
     import json
     import subprocess
     import sys
@@ -94,16 +96,25 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
                         "--out", str(out), "--results", str(res), "--name", "smoke",
                         "--questions", "12", "--max-new", "6", "--d-sae", "64",
                         "--sae-tokens", "4096", "--steps", "2", "--batch", "2",
-                        "--warmup", "1"], capture_output=True, text=True, timeout=1500,
+                        "--warmup", "1", "--also", "peft_lora_l15",
+                        "--lr", "peft_lora_l15=0.02,0.006"],
+                       capture_output=True, text=True, timeout=1500,
                        env=dict(os.environ, PYTHONPATH=root))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((res / "smoke.json").read_text())
     assert [m["method"] for m in summary["methods"]] == [
-        "bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
+        "bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora", "peft_lora_l15"]
+    lora = {m["method"]: m["trainable"] for m in summary["methods"]}
+    # r = 8 on q_proj (576 -> 576) and v_proj (576 -> 192): every one of 30 layers, or one
+    assert lora["peft_lora"] == 30 * lora["peft_lora_l15"] == 30 * 8 * (576 * 3 + 192)
+    runs = summary["runs"]["peft_lora_l15"]  # two rates; the row: the lower validation KL
+    assert [r["lr"] for r in runs] == [0.006, 0.02]
+    assert next(m for m in summary["methods"] if m["method"] == "peft_lora_l15") == min(
+        runs, key=lambda r: r["val_kl"])
     for m in summary["methods"]:
         assert 0 <= m["kl"] < 50 and m["base_kl"] > 0 and m["trainable"] > 0, m
     assert set(summary["timing"]) == {"prepare", "report bias", "report gain_bias_ffn"} | {
-        f"method {m['method']} lr {m['lr']:g}" for m in summary["methods"]}
+        f"method {m['method']} lr {m['lr']:g}" for rs in summary["runs"].values() for m in rs}
     reports = sorted((out / "methods").glob("run_*/report.json"))
     assert [p.parent.name.rsplit("_lr", 1)[0] for p in reports] == ["run_bias",
                                                                    "run_gain_bias_ffn"]
