@@ -84,7 +84,7 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
     on 4k tokens, 2 steps, one optional method at two rates): every stage runs, the summary
     has a row per method, PEFT's LoRA at one layer has a 30th of the parameters of all 30,
     the reported runs have their report with lifts, the stages are timed, the fp32 model is
-    cached."""
+    cached; smollm2_lift_rankings.py reads the run."""
     import json
     import subprocess
     import sys
@@ -123,3 +123,11 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
         assert all("mean_lift" in x for x in interpret.values()), interpret
     assert (out / "model" / "config.json").exists()
     assert "Wall time of the stages" in (res / "smoke.md").read_text()
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks",
+                                                     "smollm2_lift_rankings.py"),
+                        "--out", str(out), "--run", "run_gain_bias_ffn_lr0.01"],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (out / "methods" / "run_gain_bias_ffn_lr0.01" / "lift_rankings.md").read_text()
+    assert table.count("× |") == 5 * 2, table  # five rankings, two splits each

@@ -1,0 +1,86 @@
+"""How much the top-10 activation lift of a SmolLM2 distillation run depends on the ranking
+and on the 40-question split: the edit's readout (``report.edit_readout``) and every latent's
+lift (``report.activation_lift``, teacher answers over base answers) over all S latents, on
+the validation and the held-out questions, then the mean lift of the top 10 of several
+rankings on each.
+
+    python benchmarks/smollm2_lift_rankings.py --out runs/smollm2 \\
+        --run run_gain_bias_ffn_lr0.01          # after benchmarks/smollm2_distill.py
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+RANKINGS = {  # name: score per latent from (readout Δ, switched Δ, unedited mean activation)
+    "|mean Δ code| (the report's readout)": lambda d, f, a: d.abs(),
+    "|switched Δ| (the report's second)": lambda d, f, a: f.abs(),
+    "Δ > 0 only (latents the edit raises)": lambda d, f, a: d.clamp(min=0),
+    "|Δ| / (unedited mean + 0.2)": lambda d, f, a: d.abs() / (a + 0.2),
+    "|Δ| / sqrt(unedited mean + 0.05)": lambda d, f, a: d.abs() / (a + 0.05).sqrt(),
+}
+
+
+def top_lift(delta, a, b, score, n=10):
+    """Mean lift a/b and mean lift in the edit's direction of the top n latents by score
+    (infinite lifts left out, as the report does)."""
+    lifts, directional = [], []
+    for i in torch.topk(score, n).indices.tolist():
+        x, y = float(a[i]), float(b[i])
+        lift = x / y if y > 0 else math.inf
+        d = lift if delta[i] >= 0 else (y / x if x > 0 else math.inf)
+        lifts += [lift] if lift != math.inf else []
+        directional += [d] if d != math.inf else []
+    return (sum(lifts) / max(len(lifts), 1), sum(directional) / max(len(directional), 1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="smollm2_distill.py's --out")
+    ap.add_argument("--run", default="run_gain_bias_ffn_lr0.01",
+                    help="a run directory under <out>/methods")
+    a = ap.parse_args()
+    from smollm2_distill import HOOK, load
+
+    from sae_sparse.io import load_sae
+    from sae_sparse.report import activation_lift, edit_readout
+    from sae_sparse.train import load_adapter, load_jsonl
+    torch.set_grad_enabled(False)
+    model, tok = load(a.out)
+    sae = load_sae(os.path.join(a.out, "sae"))
+    adapter = load_adapter(os.path.join(a.out, "methods", a.run))[0][HOOK]
+    n_val = json.load(open(os.path.join(a.out, "prepare.json")))["n_val"]
+
+    def recs(name, split):
+        return load_jsonl(os.path.join(a.out, f"{name}_{split}.jsonl"))
+    splits = {"validation": (recs("teacher", "train")[:n_val], recs("base", "train")[:n_val]),
+              "held-out": (recs("teacher", "heldout"), recs("base", "heldout"))}
+    rows = {}
+    for split, (teacher, base) in splits.items():
+        delta, flips = edit_readout(model, tok, sae, adapter, HOOK, teacher, switched=True)
+        lift = activation_lift(model, tok, sae, HOOK, list(range(sae.d_sae)), teacher, base)
+        ma = torch.tensor([x["mean_a"] for x in lift])
+        mb = torch.tensor([x["mean_b"] for x in lift])
+        for name, score in RANKINGS.items():
+            rows.setdefault(name, {})[split] = top_lift(delta, ma, mb, score(delta, flips, ma))
+    lines = [f"Top-10 mean activation lift (teacher answers over base answers; a/b, and in "
+             f"the edit's direction) of `{a.run}` by ranking, on {n_val} questions each:", "",
+             "| ranking | validation | held-out |", "|---|---|---|"]
+    for name, r in rows.items():
+        cell = name.replace("|", "\\|")
+        lines.append(f"| {cell} | " + " | ".join(
+            f"{r[s][0]:.2f}× / {r[s][1]:.2f}×" for s in splits) + " |")
+    text = "\n".join(lines)
+    with open(os.path.join(a.out, "methods", a.run, "lift_rankings.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
