@@ -288,7 +288,7 @@ def run_method(a, name, lr):
                 "resid_lora": "bias", "multi_gain_bias_ffn": "gain,bias,ffn:16",
                 "gain_bias_ffn64": "gain,bias,ffn:64"}[name]
         cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
-                          lr=lr, l1=a.l1, loss=a.loss, **common)
+                          lr=lr, l1=a.l1, loss=a.loss, skip_first=a.skip_first, **common)
         from sae_sparse.io import content_hash
         saes = {HOOK: (sae, os.path.join(a.out, "sae"))}
         if name.startswith("multi_"):  # the extra layers' SAEs (stage extra-saes)
@@ -494,7 +494,11 @@ def summarize(a):
                if os.path.exists(os.path.join(a.out, "extra_saes.json")) else []),
              f"Every method: {a.steps} steps, batch {a.batch}, the same data in the same order, "
              f"loss = {LOSS_TEXT[a.loss]}; KL(teacher ‖ student) and CE per answer token on the "
-             f"validation and held-out questions. Unedited student: held-out KL "
+             f"validation and held-out questions. "
+             + (f"The edits through hooks leave each sequence's first {a.skip_first} "
+                f"position(s) unedited (the attention sink). " if a.skip_first else
+                "The edits through hooks edit every position, the attention sink included. ")
+             + f"Unedited student: held-out KL "
              f"{rows[0]['base_kl']:.3f}, CE {rows[0]['base_ce']:.3f}. L1 {a.l1} on the sparse "
              f"edits; linear warmup over the first {a.warmup} steps. "
              + ("Each method's learning rate is the one of its sweep (below) with the lowest "
@@ -634,6 +638,9 @@ def main():
                          f"{LR})")
     ap.add_argument("--l1", type=float, default=1e-4)
     ap.add_argument("--loss", choices=["kl", "ce"], default="kl")
+    ap.add_argument("--skip-first", type=int, default=1,
+                    help="positions each hooked edit leaves alone at the start of a sequence "
+                         "(1: the attention sink; PEFT's LoRA edits every position)")
     ap.add_argument("--warmup", type=int, default=10, help="linear lr warmup steps (every "
                     "method)")
     ap.add_argument("--answer-repeats", type=int, default=4,
@@ -655,7 +662,7 @@ def main():
              f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
              f"--steps={a.steps}", f"--batch={a.batch}", f"--l1={a.l1}", f"--loss={a.loss}",
              f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}",
-             f"--warmup={a.warmup}"]
+             f"--warmup={a.warmup}", f"--skip-first={a.skip_first}"]
     factors = [float(f) for f in a.sweep.split(",")] if a.sweep else [1.0]
     t0 = time.time()
     timing = _Timing(a.out)

@@ -100,6 +100,9 @@ def _train_parser(sub):
                         "adapter on dense latents)")
     p.add_argument("--edit-positions", default="all", choices=["all", "prompt", "completion"],
                    help="which tokens the edit applies to")
+    p.add_argument("--skip-first", type=int, default=0, metavar="N",
+                   help="leave each sequence's first N positions unedited (1 for the attention "
+                        "sink of most pretrained LMs, whose SAE code is meaningless)")
     p.add_argument("--loss", default="ce", choices=["ce", "kl"],
                    help="ce: cross-entropy on the completions; kl: distil a teacher, the model "
                         "itself with the edits off reading each record's 'teacher_prompt' "
@@ -204,7 +207,8 @@ def _precheck_train(a):
         raise UsageError("the same --sae is given twice")
     latents = _parse_latents(a.latents) if a.latents else None
     cfg = TrainConfig(edit=a.edit, mode=a.mode, baseline=a.baseline, latents=latents,
-                      edit_positions=a.edit_positions, loss=a.loss, l1=a.l1, lr=a.lr,
+                      edit_positions=a.edit_positions, skip_first=a.skip_first,
+                      loss=a.loss, l1=a.l1, lr=a.lr,
                       weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
                       steps=a.steps, batch_size=a.batch_size,
                       grad_accum=a.grad_accum, max_len=a.max_len, eval_frac=a.eval_frac,

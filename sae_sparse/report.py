@@ -76,8 +76,9 @@ def _loss_curve(path, history, base):
 
 @torch.no_grad()
 def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_tokens=4096,
-                     chunk_elems=1 << 22):
-    """Mean |z'_i − z_i| per latent over the hooked activations of ``records``."""
+                     chunk_elems=1 << 22, skip_first=0):
+    """Mean |z'_i − z_i| per latent over the hooked activations of ``records`` (less each
+    record's first ``skip_first`` positions, which the edit leaves alone)."""
     from .hookpoints import forward_to, resolve_hook
     from .train import input_device
 
@@ -87,9 +88,9 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
     for r in records:
         text = r["text"] if "text" in r else r["prompt"] + r["completion"]
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        h = forward_to(model, path, ids.to(input_device(model)))
+        h = forward_to(model, path, ids.to(input_device(model)))[:, skip_first:]
         acts.append(h.detach().reshape(-1, h.shape[-1]).float())
-        n += ids.numel()
+        n += h.shape[0] * h.shape[1]
         if n >= max_tokens:
             break
     if not acts:
@@ -129,7 +130,7 @@ def _record_ids(tokenizer, r, max_len, completion_only=True):
 
 @torch.no_grad()
 def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
-                 max_tokens=4096, max_len=256, switched=False):
+                 max_tokens=4096, max_len=256, switched=False, skip_first=0):
     """The edit as the SAE itself reads it: per latent, the mean over ``records``' tokens
     (completion tokens of prompt/completion records) of ``enc(edited output) − enc(output)``
     at ``hook``, signed. Unlike the adapter's own weights, which an overcomplete dictionary
@@ -147,7 +148,8 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
     from .train import input_device
 
     path = resolve_hook(model, hook)
-    edits = attach(model, {hook: (sae, adapter)}, mode=mode)  # forward_to reads after it
+    edits = attach(model, {hook: (sae, adapter)}, mode=mode,  # forward_to reads after it
+                   skip_first=skip_first)
     total = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
     flips = torch.zeros_like(total)
     n = 0
@@ -328,8 +330,9 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
               else f"no eval split{what.replace(' (', ' (loss: ')}")
         lines += [f"- {ev}; final train loss {num(metrics.get('final_train_loss'))} "
                   f"({metrics.get('n_train')} train / {metrics.get('n_eval')} eval records)"]
-    lines += [f"- mode: {conf['mode']}, edit positions: {conf['edit_positions']}, "
-              f"baseline: {conf.get('baseline')}"]
+    lines += [f"- mode: {conf['mode']}, edit positions: {conf['edit_positions']}"
+              + (f" less each sequence's first {conf['skip_first']}" if conf.get("skip_first")
+                 else "") + f", baseline: {conf.get('baseline')}"]
     for h, o in (metrics.get("overflow") or {}).items():
         if o.get("architecture") == "topk":
             lines.append(f"- `{h}`: a TopK SAE, k = {o['k']} active latents on every token")
@@ -370,7 +373,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             p = t.edit_params()
             signed = {k: p[k].detach().float() for k in ("gain", "bias") if k in p}
             if model is not None and records:
-                dz = mean_abs_delta_z(model, tokenizer, sae, t, h, records)
+                dz = mean_abs_delta_z(model, tokenizer, sae, t, h, records,
+                                      skip_first=conf.get("skip_first", 0))
                 if dz is not None:
                     scores["mean |Δz| (eval)"] = dz
         for name, sc in scores.items():
@@ -409,7 +413,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
         readouts = {}
         if model is not None and isinstance(t, LatentAdapter) and (records or lift_records):
             full, flips = edit_readout(model, tokenizer, sae, t, h, records or lift_records[0],
-                                       mode=conf["mode"], switched=True)
+                                       mode=conf["mode"], switched=True,
+                                       skip_first=conf.get("skip_first", 0))
             if full is not None:
                 readouts = {READOUT: full, SWITCHED: flips}
         where = f"the {'eval split' if records else 'first lift set'}'s completion tokens"

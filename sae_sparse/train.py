@@ -66,6 +66,9 @@ class TrainConfig:
     baseline: str | None = None  # None (sparse SAE adapter), "dense", or "lora:R"
     latents: list | None = None  # restrict the edit to these latent ids (masked-sparse variant)
     edit_positions: str = "all"  # "all" | "prompt" | "completion"
+    # leave each sequence's first positions unedited: 1 for the attention sink of most
+    # pretrained LMs (a residual ~100x the others', where the SAE's code is meaningless)
+    skip_first: int = 0
     # "ce": next-token cross-entropy on the completion tokens. "kl": distillation,
     # KL(teacher ‖ student) per completion token, the teacher being the frozen model with its
     # edits off reading each record's ``teacher_prompt`` (e.g. the prompt with a system
@@ -98,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.edit_positions not in POSITIONS:
             raise ValueError(f"edit_positions must be one of {POSITIONS}")
+        if not isinstance(self.skip_first, int) or self.skip_first < 0:
+            raise ValueError(f"skip_first must be an int >= 0, got {self.skip_first!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.baseline is not None and self.baseline != "dense" and not (
@@ -415,7 +420,8 @@ def l1_penalty(adapter, sae):
 
 def _attach_trainables(model, saes, trainables, cfg):
     spec = {h: (t if isinstance(t, ResidualLoRA) else (saes[h], t)) for h, t in trainables.items()}
-    return attach(model, spec, mode=cfg.mode, backend=cfg.backend, dense=cfg.baseline == "dense")
+    return attach(model, spec, mode=cfg.mode, backend=cfg.backend, dense=cfg.baseline == "dense",
+                  skip_first=cfg.skip_first)
 
 
 def _edit_mask(cfg, attn, prompt):
@@ -961,7 +967,8 @@ def save_adapter(out_dir, trainables, saes, cfg: TrainConfig, *, sae_sources=Non
                                   if t.latent_mask is not None else None))
         hooks[h] = entry
     conf = {"sae_sparse_version": __version__, "base_model": model_source, "mode": cfg.mode,
-            "edit_positions": cfg.edit_positions, "baseline": cfg.baseline,
+            "edit_positions": cfg.edit_positions, "skip_first": cfg.skip_first,
+            "baseline": cfg.baseline,
             "train_config": dataclasses.asdict(cfg), "hooks": hooks}
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         json.dump(conf, f, indent=2)
@@ -1041,7 +1048,8 @@ def attach_run(model, run_dir: str, *, saes: dict | None = None, sae_paths: dict
     trainables, conf = load_adapter(run_dir, device=device)
     saes = saes or load_run_saes(conf, device=device, paths=sae_paths)
     spec = {h: (t if isinstance(t, ResidualLoRA) else (saes[h], t)) for h, t in trainables.items()}
-    edits = attach(model, spec, mode=conf["mode"], dense=conf.get("baseline") == "dense")
+    edits = attach(model, spec, mode=conf["mode"], dense=conf.get("baseline") == "dense",
+                   skip_first=conf.get("skip_first", 0))
     edits.strength = float(strength)
     return edits
 
@@ -1067,9 +1075,10 @@ def merge_bias_edit(model, run_dir: str, *, saes: dict | None = None,
     merged model saves and reloads with ``from_pretrained``.
     """
     trainables, conf = load_adapter(run_dir)
-    if conf["mode"] != "delta" or conf["edit_positions"] != "all":
+    if conf["mode"] != "delta" or conf["edit_positions"] != "all" or conf.get("skip_first"):
         raise ValueError("only delta-mode edits applied at all positions can be merged (this "
-                         f"run: mode {conf['mode']}, edit positions {conf['edit_positions']})")
+                         f"run: mode {conf['mode']}, edit positions {conf['edit_positions']}, "
+                         f"skip_first {conf.get('skip_first', 0)})")
     for h, t in trainables.items():
         if not isinstance(t, LatentAdapter) or t.bias is None:
             kind = "a residual LoRA" if isinstance(t, ResidualLoRA) else "an edit without bias"

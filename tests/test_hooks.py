@@ -100,3 +100,76 @@ def test_lora_baseline_starts_at_identity():
     edits = attach(model, {"transformer.h.0": ResidualLoRA(32, 4)})
     torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
     edits.remove()
+
+
+@pytest.mark.parametrize("make,hook", MODELS)
+def test_skip_first_leaves_the_sink_unedited(make, hook):
+    """skip_first=1: the first position's logits are the unedited model's (causal: position 0
+    sees only itself) and the hooked output there is the module's own; every other position
+    is edited exactly as without it, and the edit at those positions is the same as with a
+    token mask that excludes position 0."""
+    model = make()
+    ids = torch.randint(0, 50, (3, 11))
+    base = model(ids).logits
+    sae = ss.SAE.random(32, 150, 5, b_pre=True)
+    ad = ss.LatentAdapter(150, 4)
+    with torch.no_grad():
+        ad.bias.normal_()
+        ad.gain.normal_()
+    seen = {}
+    module = model.get_submodule(hook)
+    h = module.register_forward_hook(lambda m, a, o: seen.__setitem__(
+        "out", (o[0] if isinstance(o, tuple) else o).detach()))
+    model(ids)
+    raw = seen["out"]
+    edits = attach(model, {hook: (sae, ad)}, skip_first=1)
+    h.remove()  # registered before the edit: re-register after it to see the edited output
+    h = module.register_forward_hook(lambda m, a, o: seen.__setitem__(
+        "out", (o[0] if isinstance(o, tuple) else o).detach()))
+    out = model(ids).logits
+    torch.testing.assert_close(seen["out"][:, 0], raw[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 0], base[:, 0], rtol=0, atol=0)
+    assert (out[:, 1:] - base[:, 1:]).abs().max() > 1e-3
+    edits.skip_first = 0
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[:, 0] = False
+    with edits.token_mask(mask):
+        torch.testing.assert_close(model(ids).logits, out, rtol=0, atol=0)
+    assert (model(ids).logits[:, 0] - base[:, 0]).abs().max() > 1e-3  # 0: position 0 edited
+    h.remove()
+    edits.remove()
+    with pytest.raises(ValueError, match="skip_first"):
+        attach(model, {hook: (sae, ad)}, skip_first=-1)
+
+
+def test_skip_first_follows_position_ids_left_padding_and_the_kv_cache():
+    """With left padding and position ids (as generate passes them), the first real token is
+    the one left unedited: a left-padded row's logits equal the unpadded row's; decoding
+    with a KV cache (one token per forward) edits the new tokens, as the full forward does."""
+    model = tiny_llama()
+    sae = ss.SAE.random(32, 150, 5, b_pre=True)
+    ad = ss.LatentAdapter(150, 4)
+    with torch.no_grad():
+        ad.bias.normal_()
+    edits = attach(model, {"model.layers.0": (sae, ad)}, skip_first=1)
+    ids = torch.randint(1, 50, (1, 7))
+    alone = model(ids).logits
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    attn = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)],
+                     1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(padded, attention_mask=attn, position_ids=pos).logits
+    torch.testing.assert_close(out[:, 3:], alone, rtol=1e-4, atol=1e-4)
+    with edits.disabled():
+        unedited = model(padded, attention_mask=attn, position_ids=pos).logits
+    torch.testing.assert_close(out[:, 3], unedited[:, 3], rtol=0, atol=0)
+    # the KV cache: the prompt's forward, then one token at a time
+    step = model(ids[:, :4], use_cache=True)
+    logits = [step.logits]
+    cache = step.past_key_values
+    for t in range(4, 7):
+        step = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        logits.append(step.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), alone, rtol=1e-4, atol=1e-4)
+    edits.remove()

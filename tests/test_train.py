@@ -285,3 +285,32 @@ def test_loss_is_read_back_every_log_every_steps_and_nan_stops_the_run(tmp_path,
     assert not os.path.exists(tmp_path / "c" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="log_every must be >= 1"):
         TrainConfig(log_every=0).validate()
+
+
+def test_skip_first_is_trained_saved_and_applied(tmp_path, tok):
+    """train --skip-first 1: the run records it, attach_run applies it (the first position's
+    logits are the unedited model's, the others edited), merge refuses the run (a merged
+    bias would edit the first position too), and a negative value is refused."""
+    model_dir, model = make_model_dir(tmp_path, tok, tiny_llama)
+    sae_dir = tmp_path / "sae"
+    ss.save_saelens(ss.SAE.random(32, 80, 4), str(sae_dir))
+    run = tmp_path / "run"
+    assert main(["train", "--model", model_dir, "--sae", str(sae_dir), "--hook",
+                 "model.layers.0", "--data", write_data(tmp_path / "d.jsonl"), "--out",
+                 str(run), "--steps", "3", "--edit", "bias", "--lr", "0.1", "--skip-first", "1",
+                 "--no-progress"]) == 0
+    conf = json.loads((run / "adapter_config.json").read_text())
+    assert conf["skip_first"] == 1 and conf["train_config"]["skip_first"] == 1
+    assert "less each sequence's first 1" in (run / "report.md").read_text()
+    ids = torch.randint(3, len(tok), (2, 6))
+    base = model(ids).logits
+    edits = attach_run(model, str(run))
+    assert edits.skip_first == 1
+    out = model(ids).logits
+    edits.remove()
+    torch.testing.assert_close(out[:, 0], base[:, 0], rtol=0, atol=0)
+    assert (out[:, 1:] - base[:, 1:]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="skip_first 1"):
+        merge_bias_edit(model, str(run))
+    with pytest.raises(ValueError, match="skip_first"):
+        TrainConfig(skip_first=-1).validate()
