@@ -9,7 +9,6 @@ rankings on each.
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -27,17 +26,13 @@ RANKINGS = {  # name: score per latent from (readout Δ, switched Δ, unedited m
 }
 
 
-def top_lift(delta, a, b, score, n=10):
-    """Mean lift a/b and mean lift in the edit's direction of the top n latents by score
-    (infinite lifts left out, as the report does)."""
-    lifts, directional = [], []
-    for i in torch.topk(score, n).indices.tolist():
-        x, y = float(a[i]), float(b[i])
-        lift = x / y if y > 0 else math.inf
-        d = lift if delta[i] >= 0 else (y / x if x > 0 else math.inf)
-        lifts += [lift] if lift != math.inf else []
-        directional += [d] if d != math.inf else []
-    return (sum(lifts) / max(len(lifts), 1), sum(directional) / max(len(directional), 1))
+def top_lift(delta, lift, score, n=10):
+    """Mean lift a/b and mean lift in the edit's direction of the top n latents by score,
+    as the report computes them (``lift``: ``report.activation_lift``'s rows)."""
+    from sae_sparse.report import _finite_mean, directional_lift
+    top = [dict(lift[i], edit=float(delta[i])) for i in torch.topk(score, n).indices.tolist()]
+    return (_finite_mean([x["lift"] for x in top]),
+            _finite_mean([directional_lift(x) for x in top]))
 
 
 def main():
@@ -66,9 +61,8 @@ def main():
         delta, flips = edit_readout(model, tok, sae, adapter, HOOK, teacher, switched=True)
         lift = activation_lift(model, tok, sae, HOOK, list(range(sae.d_sae)), teacher, base)
         ma = torch.tensor([x["mean_a"] for x in lift])
-        mb = torch.tensor([x["mean_b"] for x in lift])
         for name, score in RANKINGS.items():
-            rows.setdefault(name, {})[split] = top_lift(delta, ma, mb, score(delta, flips, ma))
+            rows.setdefault(name, {})[split] = top_lift(delta, lift, score(delta, flips, ma))
     lines = [f"Top-10 mean activation lift (teacher answers over base answers; a/b, and in "
              f"the edit's direction) of `{a.run}` by ranking, on {n_val} questions each:", "",
              "| ranking | validation | held-out |", "|---|---|---|"]
