@@ -160,10 +160,7 @@ def prepare(a):
             with open(os.path.join(a.out, f"{name}_{split}.jsonl"), "w") as f:
                 for r in part:
                     f.write(json.dumps(r) + "\n")
-    # the answers weigh more than once (a few hundred short texts among ~160k tokens of
-    # docs); the held-out questions' answers stay out of the SAE's training text
-    corpus = python_docs() + [{"text": x} for x in teacher[n_eval:] + base[n_eval:]
-                              ] * a.answer_repeats
+    corpus = sae_corpus(a)
     with open(os.path.join(a.out, "contexts.jsonl"), "w") as f:  # where the report looks
         for r in python_docs()[::4] + [{"text": x} for x in teacher[:n_eval] + base[:n_eval]]:
             f.write(json.dumps(r) + "\n")
@@ -286,15 +283,15 @@ def run_method(a, name, lr):
     else:
         edit = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
                 "resid_lora": "bias", "multi_gain_bias_ffn": "gain,bias,ffn:16",
+                "multi5_gain_bias_ffn": "gain,bias,ffn:16",
                 "gain_bias_ffn64": "gain,bias,ffn:64"}[name]
         cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
                           lr=lr, l1=a.l1, loss=a.loss, skip_first=a.skip_first, **common)
         from sae_sparse.io import content_hash
         saes = {HOOK: (sae, os.path.join(a.out, "sae"))}
-        if name.startswith("multi_"):  # the extra layers' SAEs (stage extra-saes)
-            for h in EXTRA_HOOKS:
-                d = os.path.join(a.out, _sae_dir(h))
-                saes[h] = (load_sae(d), d)
+        for h in EXTRA_HOOKS.get(name, []):  # the extra layers' SAEs (stage extra-saes)
+            d = os.path.join(a.out, _sae_dir(h))
+            saes[h] = (load_sae(d), d)
         srcs = {h: {**{k: v for k, v in s.format_info.items() if k != "cfg"},
                     "sha256": content_hash(d)} for h, (s, d) in saes.items()}
         t_start = time.perf_counter()  # the step time: the run's wall time over its steps
@@ -385,11 +382,13 @@ def _reset_peak_rss():
 
 
 METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
-# opt-in (--also METHOD, or --extra for all three): the gain + bias + ffn edit at three layers
-# (SAEs at the two extra ones trained by the stage extra-saes); PEFT's LoRA at the edit's layer
-# only; the edit with a 64-wide FFNN
-EXTRA_HOOKS = ["model.layers.7", "model.layers.23"]
-OPTIONAL = ["multi_gain_bias_ffn", "peft_lora_l15", "gain_bias_ffn64"]
+# opt-in (--also METHOD, or --extra for all): the gain + bias + ffn edit at three layers; PEFT's
+# LoRA at the edit's layer only; the edit with a 64-wide FFNN; the edit at five layers.
+# The layers a multi-layer edit adds to HOOK (an SAE at each, trained by the stage extra-saes)
+EXTRA_HOOKS = {"multi_gain_bias_ffn": ["model.layers.7", "model.layers.23"],
+               "multi5_gain_bias_ffn": ["model.layers.7", "model.layers.11", "model.layers.19",
+                                        "model.layers.23"]}
+OPTIONAL = ["multi_gain_bias_ffn", "peft_lora_l15", "gain_bias_ffn64", "multi5_gain_bias_ffn"]
 # PEFT LoraConfig.layers_to_transform (None: every layer)
 PEFT_LAYERS = {"peft_lora": None, "peft_lora_l15": [int(HOOK.rsplit(".", 1)[-1])]}
 DESCRIBE = {
@@ -399,8 +398,8 @@ DESCRIBE = {
                      "active latents",
     "resid_lora": f"a rank-8 LoRA on the residual stream at `{HOOK}` (no SAE)",
     "peft_lora": "PEFT's LoRA, r = 8 (alpha 16) on q_proj and v_proj of all 30 layers",
-    "multi_gain_bias_ffn": "gain + bias + ffn:16 at "
-                           f"{', '.join(f'`{h}`' for h in EXTRA_HOOKS + [HOOK])}",
+    **{m: "gain + bias + ffn:16 at " + ", ".join(f"`{h}`" for h in sorted(
+        hs + [HOOK], key=lambda h: int(h.rsplit(".", 1)[-1]))) for m, hs in EXTRA_HOOKS.items()},
     "peft_lora_l15": f"PEFT's LoRA, r = 8 on q_proj and v_proj of the edit's layer only "
                      f"(`{HOOK}`)",
     "gain_bias_ffn64": "gain + bias + an FFNN of 64 hidden units",
@@ -411,17 +410,45 @@ def _sae_dir(hook):
     return "sae_l" + hook.rsplit(".", 1)[-1]
 
 
-def extra_saes(a):
-    """SAEs at EXTRA_HOOKS, as the main one but on --extra-sae-tokens tokens."""
+def sae_corpus(a):
+    """The SAEs' training text: Python's docs and the answers to the train and validation
+    questions (never the held-out ones'), which weigh ``--answer-repeats`` times (a few hundred
+    short texts among ~160k tokens of docs). ``--sae-text chat`` gives each answer with its chat
+    prompt, the teacher's with the system prompt, so the SAE also sees the activations of the
+    conversations the edit works in; ``plain`` gives the answers alone."""
     from sae_sparse.corpora import python_docs
+    from sae_sparse.train import load_jsonl
+    if a.sae_text == "chat":
+        answers = [{"text": r["teacher_prompt"] + r["completion"]}
+                   for r in load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))]
+        answers += [{"text": r["prompt"] + r["completion"]}
+                    for r in load_jsonl(os.path.join(a.out, "base_train.jsonl"))]
+    else:
+        c = json.load(open(os.path.join(a.out, "answers.json")))
+        n = len(load_jsonl(os.path.join(a.out, "teacher_heldout.jsonl")))
+        answers = [{"text": x} for x in c["teacher"][n:] + c["base"][n:]]
+    return python_docs() + answers * a.answer_repeats
+
+
+def _extra_hooks(a):
+    """The extra layers the multi-layer methods of this command (--also, --extra; the
+    three-layer one when none is named) need, in order."""
+    ms = [m for m in EXTRA_HOOKS if a.extra or m in a.also] or ["multi_gain_bias_ffn"]
+    return sorted({h for m in ms for h in EXTRA_HOOKS[m]}, key=lambda h: int(h.rsplit(".")[-1]))
+
+
+def extra_saes(a):
+    """SAEs at the extra layers (as the main one but on --extra-sae-tokens tokens) that
+    <out>/extra_saes.json does not list yet."""
     from sae_sparse.train_sae import SAETrainConfig, train_sae
+    path = os.path.join(a.out, "extra_saes.json")
+    out = json.load(open(path)) if os.path.exists(path) else {}
+    todo = [h for h in _extra_hooks(a) if h not in out]
+    if not todo:
+        return
     model, tok = load(a.out)
-    c = json.load(open(os.path.join(a.out, "answers.json")))
-    n = json.load(open(os.path.join(a.out, "prepare.json")))["n_heldout"]
-    corpus = python_docs() + [{"text": x} for x in c["teacher"][n:] + c["base"][n:]
-                              ] * a.answer_repeats
-    out = {}
-    for h in EXTRA_HOOKS:
+    corpus = sae_corpus(a)
+    for h in todo:
         t0 = time.time()
         _, m = train_sae(model, tok, h, corpus, os.path.join(a.out, _sae_dir(h)),
                          SAETrainConfig(d_sae=a.d_sae, k=32, tokens=a.extra_sae_tokens,
@@ -430,8 +457,8 @@ def extra_saes(a):
                                         log_every=5),
                          model_name="SmolLM2-135M-Instruct.Q4_1.gguf")
         out[h] = {**m["held_out"], "train_tokens": m["train_tokens"], "s": time.time() - t0}
-    with open(os.path.join(a.out, "extra_saes.json"), "w") as f:
-        json.dump(out, f, indent=1)
+        with open(path, "w") as f:  # after each: a stopped run keeps the SAEs it trained
+            json.dump(out, f, indent=1)
 REPORTED = ["bias", "gain_bias_ffn"]  # the runs `sae-sparse report` reads
 LOSS_TEXT = {"kl": "KL(teacher ‖ student) on the teacher's answer tokens, the teacher being "
                    "the same model with the system prompt and no edit (distillation)",
@@ -486,8 +513,7 @@ def summarize(a):
              f"{prep['sae']['fvu']:.3f}, L0 {prep['sae']['l0']:.1f}, "
              f"{prep['sae']['dead_frac']:.1%} of latents never fired on "
              f"{prep['sae']['tokens']} held-out tokens.\n",
-             *([f"Extra SAEs for multi_gain_bias_ffn (the edit at "
-                f"{', '.join(EXTRA_HOOKS + [HOOK])}): " + "; ".join(
+             *(["Extra SAEs for the multi-layer edits: " + "; ".join(
                     f"`{h}` {e['train_tokens']} tokens, {e['s']:.0f} s, held-out FVU "
                     f"{e['fvu']:.3f}, L0 {e['l0']:.1f}" for h, e in json.load(open(
                         os.path.join(a.out, "extra_saes.json"))).items()) + ".\n"]
@@ -558,7 +584,8 @@ def summarize(a):
         parts = ([f"prepare {t['prepare'] / 60:.1f} min (generation "
                   f"{prep['generate_s'] / 60:.1f}, SAE {prep['sae_s'] / 60:.1f})"]
                  if "prepare" in t else [])
-        parts += ([f"extra SAEs {t['extra-saes'] / 60:.1f} min"] if "extra-saes" in t else [])
+        extra = [v for k, v in t.items() if k.startswith("extra-saes")]
+        parts += [f"extra SAEs {sum(extra) / 60:.1f} min"] if extra else []
         parts += ([f"{len(meth)} method processes {sum(meth) / 60:.1f} min (each "
                    f"{min(meth) / 60:.1f}–{max(meth) / 60:.1f})"] if meth else [])
         parts += [f"{len(rep)} reports {sum(rep) / 60:.1f} min"] if rep else []
@@ -588,7 +615,7 @@ def summarize(a):
 LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3,
       "peft_lora": 6e-3, "multi_gain_bias_ffn": 1e-2,
       # 2026-12-03, the lowest validation KL of 0.006/0.018/0.054 and 0.003/0.01 (README)
-      "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3}
+      "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3, "multi5_gain_bias_ffn": 1e-2}
 
 
 def _method_lr(text):
@@ -613,7 +640,7 @@ def main():
     ap.add_argument("--also", action="append", default=[], choices=OPTIONAL, metavar="METHOD",
                     help="the stage all also runs this optional method: "
                          + "; ".join(f"{m}: {DESCRIBE[m]}" for m in OPTIONAL)
-                         + " (multi_gain_bias_ffn trains two more SAEs first)")
+                         + " (a multi-layer one trains an SAE at each extra layer first)")
     ap.add_argument("--extra", action="store_true", help="--also every optional method")
     ap.add_argument("--sweep", default=None, metavar="FACTORS",
                     help="run every method at these multiples of its learning rate (e.g. "
@@ -643,6 +670,9 @@ def main():
                          "(1: the attention sink; PEFT's LoRA edits every position)")
     ap.add_argument("--warmup", type=int, default=10, help="linear lr warmup steps (every "
                     "method)")
+    ap.add_argument("--sae-text", choices=["plain", "chat"], default="plain",
+                    help="the answers in the SAEs' training text alone (plain) or with their "
+                         "chat prompts, the teacher's with the system prompt (chat)")
     ap.add_argument("--answer-repeats", type=int, default=4,
                     help="times the answers appear in the SAE's training text")
     a = ap.parse_args()
@@ -662,7 +692,7 @@ def main():
              f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
              f"--steps={a.steps}", f"--batch={a.batch}", f"--l1={a.l1}", f"--loss={a.loss}",
              f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}",
-             f"--warmup={a.warmup}", f"--skip-first={a.skip_first}"]
+             f"--warmup={a.warmup}", f"--skip-first={a.skip_first}", f"--sae-text={a.sae_text}"]
     factors = [float(f) for f in a.sweep.split(",")] if a.sweep else [1.0]
     t0 = time.time()
     timing = _Timing(a.out)
@@ -670,10 +700,14 @@ def main():
         with timing("prepare"):
             subprocess.run(me + ["prepare"] + flags, check=True)
     also = OPTIONAL if a.extra else [m for m in OPTIONAL if m in a.also]
-    if a.stage == "all" and "multi_gain_bias_ffn" in also and not os.path.exists(
-            os.path.join(a.out, "extra_saes.json")):
-        with timing("extra-saes"):
-            subprocess.run(me + ["extra-saes"] + flags, check=True)
+    multi = [m for m in also if m in EXTRA_HOOKS]
+    done = os.path.join(a.out, "extra_saes.json")
+    done = json.load(open(done)) if os.path.exists(done) else {}
+    todo = [h for h in _extra_hooks(a) if h not in done] if multi else []
+    if a.stage == "all" and todo:
+        with timing("extra-saes " + ",".join(todo)):
+            subprocess.run(me + ["extra-saes"] + [f"--also={m}" for m in multi] + flags,
+                           check=True)
     if a.stage == "all":  # each run in its own process (its own peak memory)
         for m in METHODS + also:
             for lr in sorted({float(f"{base * f:.3g}") for base in lrs[m] for f in factors}):

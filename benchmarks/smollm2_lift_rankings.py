@@ -4,6 +4,13 @@ lift (``report.activation_lift``, teacher answers over base answers) over all S 
 the validation and the held-out questions, then the mean lift of the top 10 of several
 rankings on each.
 
+The last row is the distillation's target (``report.target_readout``): the system prompt's
+own effect as the SAE reads it, the code of the teacher's residual (with the system prompt)
+minus the student's (without) on the same answer tokens, averaged over them. An edit that
+reproduced the teacher's residual at the layer exactly would have this readout, so its row
+says what the ranking can show with this SAE for a perfect edit. The cosine of the two
+readouts is printed too.
+
     python benchmarks/smollm2_lift_rankings.py --out runs/smollm2 \\
         --run run_gain_bias_ffn_lr0.01          # after benchmarks/smollm2_distill.py
 """
@@ -26,6 +33,9 @@ RANKINGS = {  # name: score per latent from (readout Δ, switched Δ, unedited m
 }
 
 
+TARGET = "the system prompt itself: |teacher − student code| (the target; no edit)"
+
+
 def top_lift(delta, lift, score, n=10):
     """Mean lift a/b and mean lift in the edit's direction of the top n latents by score,
     as the report computes them (``lift``: ``report.activation_lift``'s rows)."""
@@ -44,25 +54,30 @@ def main():
     from smollm2_distill import HOOK, load
 
     from sae_sparse.io import load_sae
-    from sae_sparse.report import activation_lift, edit_readout
+    from sae_sparse.report import activation_lift, edit_readout, target_readout
     from sae_sparse.train import load_adapter, load_jsonl
     torch.set_grad_enabled(False)
     model, tok = load(a.out)
     sae = load_sae(os.path.join(a.out, "sae"))
-    adapter = load_adapter(os.path.join(a.out, "methods", a.run))[0][HOOK]
+    adapters, conf = load_adapter(os.path.join(a.out, "methods", a.run))
+    adapter, skip = adapters[HOOK], conf.get("skip_first", 0)
     n_val = json.load(open(os.path.join(a.out, "prepare.json")))["n_val"]
 
     def recs(name, split):
         return load_jsonl(os.path.join(a.out, f"{name}_{split}.jsonl"))
     splits = {"validation": (recs("teacher", "train")[:n_val], recs("base", "train")[:n_val]),
               "held-out": (recs("teacher", "heldout"), recs("base", "heldout"))}
-    rows = {}
+    rows, cosines = {}, {}
     for split, (teacher, base) in splits.items():
-        delta, flips = edit_readout(model, tok, sae, adapter, HOOK, teacher, switched=True)
+        delta, flips = edit_readout(model, tok, sae, adapter, HOOK, teacher, switched=True,
+                                    skip_first=skip)
         lift = activation_lift(model, tok, sae, HOOK, list(range(sae.d_sae)), teacher, base)
         ma = torch.tensor([x["mean_a"] for x in lift])
         for name, score in RANKINGS.items():
             rows.setdefault(name, {})[split] = top_lift(delta, lift, score(delta, flips, ma))
+        ideal = target_readout(model, tok, sae, HOOK, teacher)  # (the records' teacher_prompt)
+        rows.setdefault(TARGET, {})[split] = top_lift(ideal, lift, ideal.abs())
+        cosines[split] = float(torch.nn.functional.cosine_similarity(ideal, delta, dim=0))
     lines = [f"Top-10 mean activation lift (teacher answers over base answers; a/b, and in "
              f"the edit's direction) of `{a.run}` by ranking, on {n_val} questions each:", "",
              "| ranking | validation | held-out |", "|---|---|---|"]
@@ -70,6 +85,8 @@ def main():
         cell = name.replace("|", "\\|")
         lines.append(f"| {cell} | " + " | ".join(
             f"{r[s][0]:.2f}× / {r[s][1]:.2f}×" for s in splits) + " |")
+    lines += ["", "Cosine of the edit's readout with the system prompt's: " + ", ".join(
+        f"{s} {c:.2f}" for s, c in cosines.items()) + "."]
     text = "\n".join(lines)
     with open(os.path.join(a.out, "methods", a.run, "lift_rankings.md"), "w") as f:
         f.write(text + "\n")

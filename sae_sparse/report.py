@@ -30,10 +30,11 @@ def _top(scores: torch.Tensor, n: int):
 
 READOUT = "|mean Δ SAE code| of the edited output"
 SWITCHED = "|mean Δ SAE code| where the edit switches the latent on or off"
+TARGET = "|mean Δ SAE code| of the teacher's prompt (the distillation's target)"
 # score name -> (an ASCII slug for file names, the signed value shown beside it)
 SCORES = {"|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": "delta_z",
           "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads",
-          READOUT: "readout", SWITCHED: "switched"}
+          READOUT: "readout", SWITCHED: "switched", TARGET: "target"}
 
 
 def latent_scores(adapter: LatentAdapter, sae) -> dict:
@@ -182,6 +183,39 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
     if not n:
         return (None, None) if switched else None
     return ((total / n).float(), (flips / n).float()) if switched else (total / n).float()
+
+
+@torch.no_grad()
+def target_readout(model, tokenizer, sae, hook, records, *, max_tokens=4096, max_len=256):
+    """What a distillation's edit aims at, as the SAE reads it: per latent, the mean over the
+    completion tokens of ``records`` (prompt/completion records with a ``teacher_prompt``) of
+    ``enc(h after teacher_prompt + completion) − enc(h after prompt + completion)`` at ``hook``
+    of the unedited model, the same completion tokens after the two prompts. An edit that made
+    the student's residual there the teacher's would have exactly this readout
+    (``edit_readout``). None when no record has a teacher prompt and a completion token."""
+    from .hookpoints import forward_to, resolve_hook
+    from .train import input_device
+
+    path = resolve_hook(model, hook)
+    total = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
+    n = 0
+    for r in records:
+        if "teacher_prompt" not in r or "completion" not in r:
+            continue
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        ids = [tokenizer(r[key], add_special_tokens=False)["input_ids"]
+               for key in ("teacher_prompt", "prompt")]
+        m = min(len(c), *(max_len - len(p) for p in ids))  # the same tokens in both
+        if m <= 0:
+            continue
+        for p, sign in zip(ids, (1.0, -1.0)):
+            h = forward_to(model, path, torch.tensor([p + c[:m]], device=input_device(model)))
+            v, i = sae.encode(h[0, len(p):].to(sae.W_dec.dtype))
+            total.index_add_(0, i.reshape(-1), sign * v.reshape(-1).double())
+        n += m
+        if n >= max_tokens:
+            break
+    return (total / n).float() if n else None
 
 
 @torch.no_grad()
@@ -417,6 +451,11 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                                        skip_first=conf.get("skip_first", 0))
             if full is not None:
                 readouts = {READOUT: full, SWITCHED: flips}
+                target = target_readout(model, tokenizer, sae, h, records or lift_records[0])
+                if target is not None:
+                    readouts[TARGET] = target
+                    res["target_cosine"] = float(torch.nn.functional.cosine_similarity(
+                        full.double(), target.double(), dim=0))
         where = f"the {'eval split' if records else 'first lift set'}'s completion tokens"
         about = {READOUT: "The edit as the SAE reads it: re-encoding the hooked module's edited "
                           "output and subtracting the code of its unedited output, per latent, "
@@ -424,7 +463,13 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                  SWITCHED: "The same difference counted only on the tokens where the edit "
                            "switches the latent: active in one of the two codes and not the "
                            "other (latents that are already active and only grow or shrink, "
-                           "such as frequent ones, are left out)."}
+                           "such as frequent ones, are left out).",
+                 TARGET: "Not the edit: what it was trained to reproduce. The code of the "
+                         "unedited model's output after the teacher's prompt minus the code "
+                         "after the student's, on the same completion tokens, averaged over "
+                         f"{where}; an edit that made the student's residual here the "
+                         "teacher's would have exactly this readout. Cosine with the edit's "
+                         f"readout: {res.get('target_cosine', float('nan')):.3f}."}
         for name, readout in readouts.items():
             ranked = _top(readout.abs(), top)
             res[name] = ranked
@@ -432,10 +477,13 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             png = f"{safe}_{SCORES[name]}.png"
             _bar(os.path.join(run_dir, png), [(i, float(readout[i])) for i, _ in ranked],
                  f"{h}: top latents by {name}")
+            edit = readouts[READOUT] if name == TARGET else None  # side by side
             lines += [f"### Top latents by {_md(name)}", "", about[name], "",
-                      f"![{SCORES[name]}]({png})", "", "| rank | latent | mean Δ code |",
-                      "|---|---|---|"]
+                      f"![{SCORES[name]}]({png})", "", "| rank | latent | mean Δ code |"
+                      + (" the edit's |" if edit is not None else ""),
+                      "|---|---|---|" + ("---|" if edit is not None else "")]
             lines += [f"| {r + 1} | {name_of(i)} | {float(readout[i]):+.4g} |"
+                      + (f" {float(edit[i]):+.4g} |" if edit is not None else "")
                       for r, (i, _) in enumerate(ranked[:10])]
             lines.append("")
         first = next((k for k in (READOUT, "|bias|·‖W_dec‖", "|gain|", "mean |Δz| (eval)")

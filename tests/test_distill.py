@@ -303,7 +303,7 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
     """`sae-sparse report --lift A B --contexts C` on a KL-trained run: the readout ranking,
     each top latent's lift recomputed here in float64 from the hooked activations, the lift in
     the edit's direction, and top contexts."""
-    from sae_sparse.report import READOUT, SWITCHED
+    from sae_sparse.report import READOUT, SWITCHED, TARGET
 
     model, _ = saved_tiny_gpt2(tmp_path / "model")
     sae = ss.SAE.random(32, 90, 6)
@@ -316,7 +316,7 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
                  "--edit", "gain,bias", "--lr", "0.05", "--no-progress", "--no-report",
                  "--out", str(run)]) == 0
     a, b, c = (tmp_path / f"{n}.jsonl" for n in "abc")
-    ra, rb = records(6, seed=7, system=""), records(6, seed=8, system="")
+    ra, rb = records(6, seed=7), records(6, seed=8, system="")
     for path, recs in ((a, ra), (b, rb), (c, [{"text": "the cat sees a red dog"}])):
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert main(["report", str(run), "--lift", str(a), str(b), "--contexts", str(c),
@@ -324,8 +324,9 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
     rep = json.loads((run / "report.json").read_text())["hooks"][HOOK]
     assert len(rep[READOUT]) == 5 and len(rep["lift"]) == 5
     assert [x["latent"] for x in rep["lift"]] == [i for i, _ in rep[READOUT]]
-    # the switched ranking is interpreted too, each with its own lift and contexts
-    assert set(rep["interpret"]) == {"readout", "switched"}
+    # the switched and the target rankings are interpreted too, each with its own lift and
+    # contexts
+    assert set(rep["interpret"]) == {"readout", "switched", "target"}
     sw = rep["interpret"]["switched"]
     assert sw["latents"] == [i for i, _ in rep[SWITCHED]] and len(sw["lift"]) == 5
     assert set(sw["contexts"]) == {str(i) for i in sw["latents"]}
@@ -335,10 +336,10 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
     h = model.get_submodule(HOOK).register_forward_hook(lambda m, i, o: grabbed.append(
         o[0] if isinstance(o, tuple) else o))
 
-    def mean_act(recs):  # the unedited model's SAE code on the completion tokens, float64
-        tot, n = torch.zeros(sae.d_sae, dtype=torch.float64), 0
+    def mean_act(recs, key="prompt"):  # the unedited model's SAE code on the completion
+        tot, n = torch.zeros(sae.d_sae, dtype=torch.float64), 0  # tokens, float64
         for r in recs:
-            p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            p = tok(r[key], add_special_tokens=False)["input_ids"]
             comp = tok(r["completion"], add_special_tokens=False)["input_ids"]
             grabbed.clear()
             with torch.no_grad():
@@ -349,8 +350,25 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
         return tot / n
     try:
         ma, mb = mean_act(ra), mean_act(rb)
+        # the target: on the run's eval split (as the readout), the same completions after
+        # the teacher's prompt and after the student's
+        ev = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines() if x.strip()]
+        target = mean_act(ev, "teacher_prompt") - mean_act(ev)
     finally:
         h.remove()
+    # its ranking, values and cosine with the edit's readout
+    tops = torch.topk(target.abs(), 5).indices.tolist()
+    assert [i for i, _ in rep[TARGET]] == tops and target.abs()[tops[-1]] > 0
+    got = dict(rep["target"])
+    for i in tops:
+        assert got[i] == pytest.approx(float(target[i]), rel=1e-4, abs=1e-6)
+    assert rep["interpret"]["target"]["latents"] == tops
+    from sae_sparse.report import edit_readout
+    from sae_sparse.train import load_adapter
+    readout = edit_readout(model, tok, sae, load_adapter(str(run))[0][HOOK], HOOK, ev).double()
+    want = float(torch.nn.functional.cosine_similarity(readout, target, dim=0))
+    assert rep["target_cosine"] == pytest.approx(want, rel=1e-3, abs=1e-5)
+    assert "the distillation's target" in (run / "report.md").read_text()
     for x in rep["lift"] + sw["lift"]:
         i = x["latent"]
         assert x["mean_a"] == pytest.approx(float(ma[i]), rel=1e-4, abs=1e-6)

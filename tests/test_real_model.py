@@ -97,13 +97,17 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
                         "--questions", "12", "--max-new", "6", "--d-sae", "64",
                         "--sae-tokens", "4096", "--steps", "2", "--batch", "2",
                         "--warmup", "1", "--also", "peft_lora_l15",
-                        "--lr", "peft_lora_l15=0.02,0.006"],
+                        "--lr", "peft_lora_l15=0.02,0.006", "--also", "multi_gain_bias_ffn",
+                        "--extra-sae-tokens", "4096"],
                        capture_output=True, text=True, timeout=1500,
                        env=dict(os.environ, PYTHONPATH=root))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((res / "smoke.json").read_text())
     assert [m["method"] for m in summary["methods"]] == [
-        "bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora", "peft_lora_l15"]
+        "bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora",
+        "multi_gain_bias_ffn", "peft_lora_l15"]
+    multi = next(m for m in summary["methods"] if m["method"] == "multi_gain_bias_ffn")
+    assert sorted(multi["hooks"]) == ["model.layers.15", "model.layers.23", "model.layers.7"]
     lora = {m["method"]: m["trainable"] for m in summary["methods"]}
     # r = 8 on q_proj (576 -> 576) and v_proj (576 -> 192): every one of 30 layers, or one
     assert lora["peft_lora"] == 30 * lora["peft_lora_l15"] == 30 * 8 * (576 * 3 + 192)
@@ -113,7 +117,8 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
         runs, key=lambda r: r["val_kl"])
     for m in summary["methods"]:
         assert 0 <= m["kl"] < 50 and m["base_kl"] > 0 and m["trainable"] > 0, m
-    assert set(summary["timing"]) == {"prepare", "report bias", "report gain_bias_ffn"} | {
+    assert set(summary["timing"]) == {"prepare", "report bias", "report gain_bias_ffn",
+                                      "extra-saes model.layers.7,model.layers.23"} | {
         f"method {m['method']} lr {m['lr']:g}" for rs in summary["runs"].values() for m in rs}
     reports = sorted((out / "methods").glob("run_*/report.json"))
     assert [p.parent.name.rsplit("_lr", 1)[0] for p in reports] == ["run_bias",
@@ -130,4 +135,20 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
                        env=dict(os.environ, PYTHONPATH=root))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "methods" / "run_gain_bias_ffn_lr0.01" / "lift_rankings.md").read_text()
-    assert table.count("× |") == 5 * 2, table  # five rankings, two splits each
+    assert table.count("× |") == 6 * 2, table  # five rankings and the target, two splits
+    # --sae-text chat: the train and validation answers after their chat prompts, the
+    # teacher's with the system prompt, never a held-out one
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import argparse
+
+    from smollm2_distill import SYSTEM, sae_corpus
+    from sae_sparse.corpora import python_docs
+    n_docs = len(python_docs())
+    chat = sae_corpus(argparse.Namespace(out=str(out), sae_text="chat", answer_repeats=2))
+    plain = sae_corpus(argparse.Namespace(out=str(out), sae_text="plain", answer_repeats=2))
+    train = [json.loads(x) for x in (out / "teacher_train.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (out / "teacher_heldout.jsonl").read_text().splitlines()]
+    assert len(chat) == len(plain) == n_docs + 2 * 2 * len(train) and held
+    teacher_texts = {r["text"] for r in chat[n_docs:] if SYSTEM in r["text"]}
+    assert teacher_texts == {r["teacher_prompt"] + r["completion"] for r in train}
+    assert not any(r["question"] in x["text"] for r in held for x in chat[n_docs:])
