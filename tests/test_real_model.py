@@ -117,6 +117,13 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
         runs, key=lambda r: r["val_kl"])
     for m in summary["methods"]:
         assert 0 <= m["kl"] < 50 and m["base_kl"] > 0 and m["trainable"] > 0, m
+        # the validation teacher is the model as loaded, for every method (PEFT's included)
+        assert m["base_val_kl"] == summary["methods"][0]["base_val_kl"] > 0
+        per = m["heldout_per_question"]  # the bootstrap's input: one entry per question
+        assert len(per["kl"]) == len(per["n"]) == 2 and sum(per["n"]) > 0
+        assert m["kl"] == pytest.approx(sum(per["kl"]) / sum(per["n"]), rel=1e-12)
+        ci = m["kl_vs_peft_lora_ci"]
+        assert (ci is None) == (m["method"] == "peft_lora") and (ci is None or ci[0] <= ci[1])
     assert set(summary["timing"]) == {"prepare", "report bias", "report gain_bias_ffn",
                                       "extra-saes model.layers.7,model.layers.23"} | {
         f"method {m['method']} lr {m['lr']:g}" for rs in summary["runs"].values() for m in rs}
