@@ -639,9 +639,11 @@ def summarize(a):
 # each method's learning rate: the one with the lowest validation KL in the sweep of
 # 2026-12-02 (--sweep 1,3 from bias, gain_bias 0.01 and peft_lora 0.002; README)
 LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3,
-      "peft_lora": 6e-3, "multi_gain_bias_ffn": 1e-2,
+      "peft_lora": 6e-3,
       # 2026-12-03, the lowest validation KL of 0.006/0.018/0.054 and 0.003/0.01 (README)
-      "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3, "multi5_gain_bias_ffn": 1e-2}
+      "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3,
+      # 2026-12-03 with the sink unedited: 0.005/0.01/0.02/0.04 and 0.01/0.02 (README)
+      "multi_gain_bias_ffn": 2e-2, "multi5_gain_bias_ffn": 1e-2}
 
 
 def _method_lr(text):
