@@ -45,6 +45,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 HOOK = "model.layers.15"
+
+
+def _layer(hook):
+    """The layer number of a ``model.layers.<i>`` hook."""
+    return int(hook.rsplit(".", 1)[-1])
+
+
 SYSTEM = ("You are a pirate. Answer every question in the voice of a pirate: say 'Arr', "
           "'matey' and 'ye', and talk about the sea, ships and treasure.")
 TOPICS = """the moon; rain; bread; a bicycle; the ocean; coffee; a library; volcanoes;
@@ -295,7 +302,7 @@ def run_method(a, name, lr):
         from sae_sparse.io import content_hash
         saes = {HOOK: (sae, os.path.join(a.out, "sae"))}
         for h in EXTRA_HOOKS.get(name, []):  # the extra layers' SAEs (stage extra-saes)
-            d = os.path.join(a.out, _sae_dir(h))
+            d = os.path.join(a.out, sae_dir(h))
             saes[h] = (load_sae(d), d)
         srcs = {h: {**{k: v for k, v in s.format_info.items() if k != "cfg"},
                     "sha256": content_hash(d)} for h, (s, d) in saes.items()}
@@ -404,16 +411,18 @@ DESCRIBE = {
                      "active latents",
     "resid_lora": f"a rank-8 LoRA on the residual stream at `{HOOK}` (no SAE)",
     "peft_lora": "PEFT's LoRA, r = 8 (alpha 16) on q_proj and v_proj of all 30 layers",
-    **{m: "gain + bias + ffn:16 at " + ", ".join(f"`{h}`" for h in sorted(
-        hs + [HOOK], key=lambda h: int(h.rsplit(".", 1)[-1]))) for m, hs in EXTRA_HOOKS.items()},
+    **{m: "gain + bias + ffn:16 at " + ", ".join(
+        f"`{h}`" for h in sorted(hs + [HOOK], key=_layer)) for m, hs in EXTRA_HOOKS.items()},
     "peft_lora_l15": f"PEFT's LoRA, r = 8 on q_proj and v_proj of the edit's layer only "
                      f"(`{HOOK}`)",
     "gain_bias_ffn64": "gain + bias + an FFNN of 64 hidden units",
 }
 
 
-def _sae_dir(hook):
-    return "sae_l" + hook.rsplit(".", 1)[-1]
+def sae_dir(hook):
+    """Where <out> keeps the SAE at ``hook``: "sae" for the edit's layer, "sae_l<layer>" for
+    the extra layers'."""
+    return "sae" if hook == HOOK else f"sae_l{_layer(hook)}"
 
 
 def sae_corpus(a):
@@ -440,7 +449,7 @@ def _extra_hooks(a):
     """The extra layers the multi-layer methods of this command (--also, --extra; the
     three-layer one when none is named) need, in order."""
     ms = [m for m in EXTRA_HOOKS if a.extra or m in a.also] or ["multi_gain_bias_ffn"]
-    return sorted({h for m in ms for h in EXTRA_HOOKS[m]}, key=lambda h: int(h.rsplit(".")[-1]))
+    return sorted({h for m in ms for h in EXTRA_HOOKS[m]}, key=_layer)
 
 
 def extra_saes(a):
@@ -456,7 +465,7 @@ def extra_saes(a):
     corpus = sae_corpus(a)
     for h in todo:
         t0 = time.time()
-        _, m = train_sae(model, tok, h, corpus, os.path.join(a.out, _sae_dir(h)),
+        _, m = train_sae(model, tok, h, corpus, os.path.join(a.out, sae_dir(h)),
                          SAETrainConfig(d_sae=a.d_sae, k=32, tokens=a.extra_sae_tokens,
                                         lr=a.sae_lr, batch_tokens=2048, buffer_tokens=16384,
                                         max_len=128, dead_tokens=20_000, eval_frac=0.05,
@@ -528,7 +537,9 @@ def summarize(a):
              f"to {a.max_new} tokens ({prep['generate_s']:.0f} s for both models).\n",
              f"SAE at `{HOOK}` (train-sae, d_sae={a.d_sae}, k=32, lr {a.sae_lr}, "
              f"{prep['sae_tokens']} tokens "
-             f"of Python's docs and both models' answers to the train and validation questions, "
+             f"of Python's docs and both models' answers to the train and validation questions"
+             + (" after their chat prompts (the teacher's with the system prompt), "
+                if a.sae_text == "chat" else ", ") +
              f"{prep['sae_s']:.0f} s): held-out FVU "
              f"{prep['sae']['fvu']:.3f}, L0 {prep['sae']['l0']:.1f}, "
              f"{prep['sae']['dead_frac']:.1%} of latents never fired on "
@@ -705,6 +716,13 @@ def main():
                     help="times the answers appear in the SAE's training text")
     a = ap.parse_args()
     lrs = {**{m: [lr] for m, lr in LR.items()}, **dict(a.lr)}
+    me = [sys.executable, os.path.abspath(__file__)]
+    flags = [f"--out={a.out}", f"--questions={a.questions}", f"--max-new={a.max_new}",
+             f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
+             f"--steps={a.steps}", f"--batch={a.batch}", f"--l1={a.l1}", f"--loss={a.loss}",
+             f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}",
+             f"--warmup={a.warmup}", f"--skip-first={a.skip_first}", f"--sae-text={a.sae_text}"]
+    check_settings(a.out, flags[1:])
     if a.stage == "prepare":
         return prepare(a)
     if a.stage == "method":
@@ -715,12 +733,6 @@ def main():
         return extra_saes(a)
     if a.stage == "summary":
         return summarize(a)
-    me = [sys.executable, os.path.abspath(__file__)]
-    flags = [f"--out={a.out}", f"--questions={a.questions}", f"--max-new={a.max_new}",
-             f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
-             f"--steps={a.steps}", f"--batch={a.batch}", f"--l1={a.l1}", f"--loss={a.loss}",
-             f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}",
-             f"--warmup={a.warmup}", f"--skip-first={a.skip_first}", f"--sae-text={a.sae_text}"]
     factors = [float(f) for f in a.sweep.split(",")] if a.sweep else [1.0]
     t0 = time.time()
     timing = _Timing(a.out)
@@ -757,6 +769,26 @@ def main():
     timing.save()
     summarize(a)
     print(f"total {time.time() - t0:.0f} s")
+
+
+def check_settings(out, flags):
+    """Every stage's result is cached in ``out`` under the method and learning rate only, so a
+    command whose other settings differ from the ones ``out`` was made with would mix runs:
+    refuse it, naming the flags, and record the settings on first use in
+    ``<out>/settings.json``."""
+    path = os.path.join(out, "settings.json")
+    now = dict(f[2:].split("=", 1) for f in flags)
+    if os.path.exists(path):
+        was = json.load(open(path))
+        diff = [f"--{k}={was.get(k)} there, --{k}={v} here" for k, v in now.items()
+                if was.get(k, v) != v]
+        if diff:
+            raise SystemExit(f"--out {out} holds results made with other settings ("
+                             + "; ".join(diff) + "): give this command its own --out")
+        now = {**was, **now}
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(now, f, indent=1)
 
 
 class _Timing:

@@ -13,6 +13,9 @@ readouts is printed too.
 
     python benchmarks/smollm2_lift_rankings.py --out runs/smollm2 \\
         --run run_gain_bias_ffn_lr0.01          # after benchmarks/smollm2_distill.py
+
+A multi-layer run is read at one of its layers with ``--hook`` (its SAE from the extra-saes
+stage): ``--run run_multi_gain_bias_ffn_lr0.02 --hook model.layers.23``.
 """
 import argparse
 import json
@@ -50,17 +53,22 @@ def main():
     ap.add_argument("--out", required=True, help="smollm2_distill.py's --out")
     ap.add_argument("--run", default="run_gain_bias_ffn_lr0.01",
                     help="a run directory under <out>/methods")
+    ap.add_argument("--hook", default=None,
+                    help="the layer to read a multi-layer run at (default: model.layers.15)")
     a = ap.parse_args()
-    from smollm2_distill import HOOK, load
+    from smollm2_distill import HOOK, load, sae_dir
+    hook = a.hook or HOOK
 
     from sae_sparse.io import load_sae
     from sae_sparse.report import activation_lift, edit_readout, target_readout
     from sae_sparse.train import load_adapter, load_jsonl
     torch.set_grad_enabled(False)
     model, tok = load(a.out)
-    sae = load_sae(os.path.join(a.out, "sae"))
+    sae = load_sae(os.path.join(a.out, sae_dir(hook)))
     adapters, conf = load_adapter(os.path.join(a.out, "methods", a.run))
-    adapter, skip = adapters[HOOK], conf.get("skip_first", 0)
+    if hook not in adapters:
+        raise SystemExit(f"--hook {hook}: {a.run} edits only {sorted(adapters)}")
+    adapter, skip = adapters[hook], conf.get("skip_first", 0)
     n_val = json.load(open(os.path.join(a.out, "prepare.json")))["n_val"]
 
     def recs(name, split):
@@ -69,17 +77,18 @@ def main():
               "held-out": (recs("teacher", "heldout"), recs("base", "heldout"))}
     rows, cosines = {}, {}
     for split, (teacher, base) in splits.items():
-        delta, flips = edit_readout(model, tok, sae, adapter, HOOK, teacher, switched=True,
+        delta, flips = edit_readout(model, tok, sae, adapter, hook, teacher, switched=True,
                                     skip_first=skip)
-        lift = activation_lift(model, tok, sae, HOOK, list(range(sae.d_sae)), teacher, base)
+        lift = activation_lift(model, tok, sae, hook, list(range(sae.d_sae)), teacher, base)
         ma = torch.tensor([x["mean_a"] for x in lift])
         for name, score in RANKINGS.items():
             rows.setdefault(name, {})[split] = top_lift(delta, lift, score(delta, flips, ma))
-        ideal = target_readout(model, tok, sae, HOOK, teacher)  # (the records' teacher_prompt)
+        ideal = target_readout(model, tok, sae, hook, teacher)  # (the records' teacher_prompt)
         rows.setdefault(TARGET, {})[split] = top_lift(ideal, lift, ideal.abs())
         cosines[split] = float(torch.nn.functional.cosine_similarity(ideal, delta, dim=0))
     lines = [f"Top-10 mean activation lift (teacher answers over base answers; a/b, and in "
-             f"the edit's direction) of `{a.run}` by ranking, on {n_val} questions each:", "",
+             f"the edit's direction) of `{a.run}` at `{hook}` by ranking, on {n_val} questions "
+             "each:", "",
              "| ranking | validation | held-out |", "|---|---|---|"]
     for name, r in rows.items():
         cell = name.replace("|", "\\|")
@@ -88,7 +97,8 @@ def main():
     lines += ["", "Cosine of the edit's readout with the system prompt's: " + ", ".join(
         f"{s} {c:.2f}" for s, c in cosines.items()) + "."]
     text = "\n".join(lines)
-    with open(os.path.join(a.out, "methods", a.run, "lift_rankings.md"), "w") as f:
+    name = "lift_rankings.md" if hook == HOOK else f"lift_rankings_{sae_dir(hook)[4:]}.md"
+    with open(os.path.join(a.out, "methods", a.run, name), "w") as f:
         f.write(text + "\n")
     print(text)
 

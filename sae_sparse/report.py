@@ -131,7 +131,7 @@ def _record_ids(tokenizer, r, max_len, completion_only=True):
 
 @torch.no_grad()
 def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
-                 max_tokens=4096, max_len=256, switched=False, skip_first=0):
+                 max_tokens=4096, max_len=256, switched=False, skip_first=0, upstream=None):
     """The edit as the SAE itself reads it: per latent, the mean over ``records``' tokens
     (completion tokens of prompt/completion records) of ``enc(edited output) − enc(output)``
     at ``hook``, signed. Unlike the adapter's own weights, which an overcomplete dictionary
@@ -143,14 +143,22 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
     the latents the edit switches: active in the edited code and not in the unedited one
     (+ their edited value) or the reverse (− their unedited value). A latent that is already
     active and only grows or shrinks (a frequent one, such as a comma's) is left out, so this
-    part names what the edit adds to or removes from the residual's description."""
+    part names what the edit adds to or removes from the residual's description.
+
+    ``upstream``: a multi-layer run's other edits, ``{hook: (sae, adapter)}``, on as well, so
+    that at a later layer this reads the whole run's effect so far (its edits before ``hook``
+    and the one at it), not the one adapter's on the unedited residual; edits after ``hook``
+    play no part."""
     from .hookpoints import forward_to, resolve_hook
     from .hooks import attach
     from .train import input_device
 
     path = resolve_hook(model, hook)
-    edits = attach(model, {hook: (sae, adapter)}, mode=mode,  # forward_to reads after it
-                   skip_first=skip_first)
+    if upstream and hook in upstream:
+        raise ValueError(f"upstream: holds the edit at {hook!r} itself; pass the run's other "
+                         "edits only")
+    edits = attach(model, {**(upstream or {}), hook: (sae, adapter)}, mode=mode,
+                   skip_first=skip_first)  # forward_to reads after the hooked module
     total = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
     flips = torch.zeros_like(total)
     n = 0
@@ -446,9 +454,12 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
             lines.append("")
         readouts = {}
         if model is not None and isinstance(t, LatentAdapter) and (records or lift_records):
+            # a multi-layer run's other edits on too: at a later layer, its effect so far
+            upstream = {g: (saes[g], u) if isinstance(u, LatentAdapter) else u
+                        for g, u in trainables.items() if g != h}
             full, flips = edit_readout(model, tokenizer, sae, t, h, records or lift_records[0],
                                        mode=conf["mode"], switched=True,
-                                       skip_first=conf.get("skip_first", 0))
+                                       skip_first=conf.get("skip_first", 0), upstream=upstream)
             if full is not None:
                 readouts = {READOUT: full, SWITCHED: flips}
                 target = target_readout(model, tokenizer, sae, h, records or lift_records[0])
@@ -459,7 +470,10 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
         where = f"the {'eval split' if records else 'first lift set'}'s completion tokens"
         about = {READOUT: "The edit as the SAE reads it: re-encoding the hooked module's edited "
                           "output and subtracting the code of its unedited output, per latent, "
-                          f"averaged over {where} (signed: + the edit turns the latent on).",
+                          f"averaged over {where} (signed: + the edit turns the latent on)."
+                          + (" The run's edits at the other hooks are on too, so at a later "
+                             "layer this is the whole run's effect so far, as this layer's SAE "
+                             "reads it." if len(trainables) > 1 else ""),
                  SWITCHED: "The same difference counted only on the tokens where the edit "
                            "switches the latent: active in one of the two codes and not the "
                            "other (latents that are already active and only grow or shrink, "

@@ -299,6 +299,55 @@ def test_switched_readout_counts_only_latents_switched_on_or_off(tok):
     assert (flips != 0).any() and not torch.equal(flips, full)  # the case tests something
 
 
+def test_readout_downstream_of_a_multi_layer_edit(tok):
+    """``upstream=``: at the second layer of a two-layer edit the readout is the code of that
+    layer's output with both edits on minus with both off (a dense float64 recomputation),
+    which differs from the second adapter's own readout on the unedited residual; the edit
+    at the layer itself may not be passed twice."""
+    from sae_sparse.hooks import attach
+    from sae_sparse.report import edit_readout
+
+    model = tiny_gpt2(vocab=len(tok))
+    h0, h1 = "transformer.h.0", "transformer.h.1"
+    saes = {h: ss.SAE.random(32, 70, 5, generator=torch.Generator().manual_seed(s))
+            for h, s in ((h0, 1), (h1, 2))}
+    ads = {h: ss.LatentAdapter(70, 3) for h in (h0, h1)}
+    with torch.no_grad():
+        for a in ads.values():
+            a.bias.normal_(0, 1.5)
+            a.gain.normal_(0, 0.5)
+    recs = [{"prompt": "the cat", "completion": " sees a red dog"}, {"text": "a bird runs"}]
+    up = {h0: (saes[h0], ads[h0])}
+    got = edit_readout(model, tok, saes[h1], ads[h1], h1, recs, upstream=up, skip_first=1)
+    alone = edit_readout(model, tok, saes[h1], ads[h1], h1, recs, skip_first=1)
+    edits = attach(model, {h0: (saes[h0], ads[h0]), h1: (saes[h1], ads[h1])}, skip_first=1)
+    grabbed = []
+    handle = model.get_submodule(h1).register_forward_hook(
+        lambda m, i, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+    want, n = torch.zeros(70, dtype=torch.float64), 0
+    try:
+        for r in recs:
+            p = tok(r.get("prompt", ""), add_special_tokens=False)["input_ids"]
+            c = tok(r.get("completion", r.get("text")), add_special_tokens=False)["input_ids"]
+            ids, start = (p + c, len(p)) if "prompt" in r else (c, 0)
+            grabbed.clear()
+            with torch.no_grad():
+                with edits.disabled():
+                    model(torch.tensor([ids]))
+                model(torch.tensor([ids]))
+            z0, z1 = (torch.zeros(len(ids) - start, 70, dtype=torch.float64).scatter(
+                1, i, v.double()) for v, i in (saes[h1].encode(g[0, start:]) for g in grabbed))
+            want += (z1 - z0).sum(0)
+            n += z0.shape[0]
+    finally:
+        handle.remove()
+        edits.remove()
+    torch.testing.assert_close(got.double(), want / n, rtol=1e-5, atol=1e-6)
+    assert (got - alone).abs().max() > 1e-2  # the upstream edit changes what h1 reads
+    with pytest.raises(ValueError, match="upstream: holds the edit at 'transformer.h.1'"):
+        edit_readout(model, tok, saes[h1], ads[h1], h1, recs, upstream={h1: (saes[h1], ads[h1])})
+
+
 def test_report_reads_a_distilled_edit(tmp_path, tok):
     """`sae-sparse report --lift A B --contexts C` on a KL-trained run: the readout ranking,
     each top latent's lift recomputed here in float64 from the hooked activations, the lift in
@@ -379,3 +428,39 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
     assert set(rep["contexts"]) == {str(i) for i, _ in rep[READOUT]}  # JSON keys
     md = (run / "report.md").read_text()
     assert "as the SAE reads it" in md and "in the edit's direction" in md
+
+
+def test_report_of_a_two_layer_edit_reads_the_run_so_far(tmp_path, tok):
+    """`sae-sparse report` on a run with edits at two layers: at the second layer the readout
+    is the whole run's effect there (both edits on against both off, ``upstream=``), at the
+    first the first edit's alone, each against ``edit_readout`` on the run's eval split."""
+    from sae_sparse.report import READOUT, edit_readout
+    from sae_sparse.train import load_adapter
+
+    h0, h1 = "transformer.h.0", "transformer.h.1"
+    model, _ = saved_tiny_gpt2(tmp_path / "model")
+    saes = {}
+    for h, seed in ((h0, 3), (h1, 4)):
+        saes[h] = ss.SAE.random(32, 70, 5, generator=torch.Generator().manual_seed(seed))
+        ss.io.save_sparsify(saes[h], str(tmp_path / f"sae{seed}"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(24)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae3"),
+                 "--sae", str(tmp_path / "sae4"), "--hook", h0, "--hook", h1, "--data",
+                 str(data), "--loss", "kl", "--steps", "3", "--edit", "gain,bias", "--lr",
+                 "0.05", "--no-progress", "--no-report", "--out", str(run)]) == 0
+    assert main(["report", str(run), "--top", "5"]) == 0
+    rep = json.loads((run / "report.json").read_text())["hooks"]
+    ads = load_adapter(str(run))[0]
+    ev = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines() if x.strip()]
+    want = {h0: edit_readout(model, tok, saes[h0], ads[h0], h0, ev),
+            h1: edit_readout(model, tok, saes[h1], ads[h1], h1, ev,
+                             upstream={h0: (saes[h0], ads[h0])})}
+    alone = edit_readout(model, tok, saes[h1], ads[h1], h1, ev)
+    for h in (h0, h1):
+        assert [i for i, _ in rep[h][READOUT]] == torch.topk(want[h].abs(), 5).indices.tolist()
+        for i, v in rep[h][READOUT]:
+            assert v == pytest.approx(abs(float(want[h][i])), rel=1e-4, abs=1e-6)
+    assert (want[h1] - alone).abs().max() > 1e-3  # the first edit changes what h1 reads
+    assert "the whole run's effect so far" in (run / "report.md").read_text()

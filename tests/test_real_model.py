@@ -37,6 +37,23 @@ def test_model_specs(tmp_path):
         "HuggingFaceTB/SmolLM2-135M-Instruct", {})
 
 
+def test_distill_benchmark_refuses_mixed_settings(tmp_path):
+    """smollm2_distill.py caches each run under its method and rate only; a later command on
+    the same --out with another setting must stop, naming it, not mix the two in one table."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks"))
+    from smollm2_distill import check_settings
+    out = str(tmp_path / "run")
+    check_settings(out, ["--steps=40", "--skip-first=1"])  # first use: recorded
+    check_settings(out, ["--steps=40", "--skip-first=1"])  # the same again: fine
+    with pytest.raises(SystemExit, match="--skip-first=1 there, --skip-first=0 here"):
+        check_settings(out, ["--steps=40", "--skip-first=0"])
+    check_settings(out, ["--steps=40", "--skip-first=1", "--sae-text=plain"])  # new flag: kept
+    with pytest.raises(SystemExit, match="--sae-text=plain there, --sae-text=chat here"):
+        check_settings(out, ["--steps=40", "--skip-first=1", "--sae-text=chat"])
+
+
 @pytest.mark.exhaustive
 def test_smollm2_gguf_zero_edit_is_exact_and_an_edit_steers():
     model, tok = ss.load_model(gguf_file())
@@ -143,6 +160,22 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "methods" / "run_gain_bias_ffn_lr0.01" / "lift_rankings.md").read_text()
     assert table.count("× |") == 6 * 2, table  # five rankings and the target, two splits
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks",  # another layer's
+                                                     "smollm2_lift_rankings.py"),
+                        "--out", str(out), "--run", "run_multi_gain_bias_ffn_lr0.02",
+                        "--hook", "model.layers.23"],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (out / "methods" / "run_multi_gain_bias_ffn_lr0.02" / "lift_rankings_l23.md")
+    assert "`model.layers.23`" in table.read_text() and table.read_text().count("× |") == 12
+    # the cache is keyed by method and rate only: other settings on the same --out are refused
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "smollm2_distill.py"),
+                        "--out", str(out), "--questions", "12", "--skip-first", "0"],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode != 0 and "--skip-first=1 there, --skip-first=0 here" in r.stderr, (
+        r.stderr[-3000:])
     # --sae-text chat: the train and validation answers after their chat prompts, the
     # teacher's with the system prompt, never a held-out one
     sys.path.insert(0, os.path.join(root, "benchmarks"))
