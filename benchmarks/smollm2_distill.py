@@ -293,11 +293,7 @@ def run_method(a, name, lr):
         ctx = contextlib.nullcontext
         edits = None
     else:
-        edit = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
-                "resid_lora": "bias", "multi_gain_bias_ffn": "gain,bias,ffn:16",
-                "multi5_gain_bias_ffn": "gain,bias,ffn:16",
-                "gain_bias_ffn64": "gain,bias,ffn:64"}[name]
-        cfg = TrainConfig(edit=edit, baseline="lora:8" if name == "resid_lora" else None,
+        cfg = TrainConfig(edit=EDITS[name], baseline="lora:8" if name == "resid_lora" else None,
                           lr=lr, l1=a.l1, loss=a.loss, skip_first=a.skip_first, **common)
         from sae_sparse.io import content_hash
         saes = {HOOK: (sae, os.path.join(a.out, "sae"))}
@@ -396,12 +392,20 @@ def _reset_peak_rss():
 
 METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
 # opt-in (--also METHOD, or --extra for all): the gain + bias + ffn edit at three layers; PEFT's
-# LoRA at the edit's layer only; the edit with a 64-wide FFNN; the edit at five layers.
+# LoRA at the edit's layer only; the edit with a 64-wide FFNN; the edit at five layers; the
+# 64-wide one at three.
 # The layers a multi-layer edit adds to HOOK (an SAE at each, trained by the stage extra-saes)
 EXTRA_HOOKS = {"multi_gain_bias_ffn": ["model.layers.7", "model.layers.23"],
                "multi5_gain_bias_ffn": ["model.layers.7", "model.layers.11", "model.layers.19",
-                                        "model.layers.23"]}
-OPTIONAL = ["multi_gain_bias_ffn", "peft_lora_l15", "gain_bias_ffn64", "multi5_gain_bias_ffn"]
+                                        "model.layers.23"],
+               "multi_gain_bias_ffn64": ["model.layers.7", "model.layers.23"]}
+OPTIONAL = ["multi_gain_bias_ffn", "peft_lora_l15", "gain_bias_ffn64", "multi5_gain_bias_ffn",
+            "multi_gain_bias_ffn64"]
+# the hooked methods' --edit (resid_lora: a bias-only adapter beside its LoRA baseline)
+EDITS = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
+         "resid_lora": "bias", "gain_bias_ffn64": "gain,bias,ffn:64",
+         "multi_gain_bias_ffn": "gain,bias,ffn:16", "multi5_gain_bias_ffn": "gain,bias,ffn:16",
+         "multi_gain_bias_ffn64": "gain,bias,ffn:64"}
 # PEFT LoraConfig.layers_to_transform (None: every layer)
 PEFT_LAYERS = {"peft_lora": None, "peft_lora_l15": [int(HOOK.rsplit(".", 1)[-1])]}
 DESCRIBE = {
@@ -411,7 +415,7 @@ DESCRIBE = {
                      "active latents",
     "resid_lora": f"a rank-8 LoRA on the residual stream at `{HOOK}` (no SAE)",
     "peft_lora": "PEFT's LoRA, r = 8 (alpha 16) on q_proj and v_proj of all 30 layers",
-    **{m: "gain + bias + ffn:16 at " + ", ".join(
+    **{m: EDITS[m].replace(",", " + ") + " at " + ", ".join(
         f"`{h}`" for h in sorted(hs + [HOOK], key=_layer)) for m, hs in EXTRA_HOOKS.items()},
     "peft_lora_l15": f"PEFT's LoRA, r = 8 on q_proj and v_proj of the edit's layer only "
                      f"(`{HOOK}`)",
@@ -474,7 +478,8 @@ def extra_saes(a):
         out[h] = {**m["held_out"], "train_tokens": m["train_tokens"], "s": time.time() - t0}
         with open(path, "w") as f:  # after each: a stopped run keeps the SAEs it trained
             json.dump(out, f, indent=1)
-REPORTED = ["bias", "gain_bias_ffn"]  # the runs `sae-sparse report` reads
+# the runs `sae-sparse report` reads (the three-layer one when it was run)
+REPORTED = ["bias", "gain_bias_ffn", "multi_gain_bias_ffn"]
 LOSS_TEXT = {"kl": "KL(teacher ‖ student) on the teacher's answer tokens, the teacher being "
                    "the same model with the system prompt and no edit (distillation)",
              "ce": "CE on the teacher's greedy answer tokens"}
@@ -601,18 +606,22 @@ def summarize(a):
         rep = os.path.join(run, "report.json")
         if not os.path.exists(rep):
             continue
-        h = json.load(open(rep))["hooks"].get(HOOK, {})
-        for slug, x in (h.get("interpret") or {}).items():
-            if "mean_lift" not in x:
-                continue
-            lines += [f"Top-10 latents of the {m} edit by the report's ranking "
-                      f"{x['ranking']!r} (on the teacher's held-out answers): activation lift "
-                      f"on those answers (a) over the base model's (b) mean a/b "
-                      f"{x['mean_lift']:.2f}×; in the edit's direction (a/b where the edit "
-                      f"raises the latent, b/a where it lowers it) "
-                      f"{x['mean_lift_edit_dir']:.2f}×; over the latents it raises "
-                      f"{x['mean_lift_raised']:.2f}× (report: "
-                      f"`{os.path.join(run, 'report.md')}`).", ""]
+        hooks = json.load(open(rep))["hooks"]
+        for hook in sorted(hooks, key=_layer):  # a multi-layer run: each layer's SAE
+            h = hooks[hook]
+            for slug, x in (h.get("interpret") or {}).items():
+                if "mean_lift" not in x:
+                    continue
+                cos = (f"; the readout's cosine with the target {h['target_cosine']:.2f}"
+                       if slug == "target" and "target_cosine" in h else "")
+                lines += [f"Top-10 latents of the {m} edit at `{hook}` by the report's "
+                          f"ranking {x['ranking']!r} (on the teacher's held-out answers): "
+                          f"activation lift on those answers (a) over the base model's (b) "
+                          f"mean a/b {x['mean_lift']:.2f}×; in the edit's direction (a/b "
+                          f"where the edit raises the latent, b/a where it lowers it) "
+                          f"{x['mean_lift_edit_dir']:.2f}×; over the latents it raises "
+                          f"{x['mean_lift_raised']:.2f}×{cos} (report: "
+                          f"`{os.path.join(run, 'report.md')}`).", ""]
     tpath = os.path.join(a.out, "timing.json")
     if os.path.exists(tpath):
         t = json.load(open(tpath))
@@ -654,7 +663,8 @@ LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3
       # 2026-12-03, the lowest validation KL of 0.006/0.018/0.054 and 0.003/0.01 (README)
       "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3,
       # 2026-12-03 with the sink unedited: 0.005/0.01/0.02/0.04 and 0.01/0.02 (README)
-      "multi_gain_bias_ffn": 2e-2, "multi5_gain_bias_ffn": 1e-2}
+      "multi_gain_bias_ffn": 2e-2, "multi5_gain_bias_ffn": 1e-2,
+      "multi_gain_bias_ffn64": 1e-2}
 
 
 def _method_lr(text):

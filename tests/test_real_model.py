@@ -142,14 +142,18 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
         ci = m["kl_vs_peft_lora_ci"]
         assert (ci is None) == (m["method"] == "peft_lora") and (ci is None or ci[0] <= ci[1])
     assert set(summary["timing"]) == {"prepare", "report bias", "report gain_bias_ffn",
+                                      "report multi_gain_bias_ffn",
                                       "extra-saes model.layers.7,model.layers.23"} | {
         f"method {m['method']} lr {m['lr']:g}" for rs in summary["runs"].values() for m in rs}
     reports = sorted((out / "methods").glob("run_*/report.json"))
-    assert [p.parent.name.rsplit("_lr", 1)[0] for p in reports] == ["run_bias",
-                                                                   "run_gain_bias_ffn"]
+    assert [p.parent.name.rsplit("_lr", 1)[0] for p in reports] == [
+        "run_bias", "run_gain_bias_ffn", "run_multi_gain_bias_ffn"]
     for p in reports:
-        interpret = json.loads(p.read_text())["hooks"]["model.layers.15"]["interpret"]
-        assert all("mean_lift" in x for x in interpret.values()), interpret
+        for hook, h in json.loads(p.read_text())["hooks"].items():
+            assert all("mean_lift" in x for x in h["interpret"].values()), (hook, h)
+    md = (res / "smoke.md").read_text()
+    for hook in ("model.layers.7", "model.layers.15", "model.layers.23"):  # each layer's lift
+        assert f"multi_gain_bias_ffn edit at `{hook}` by the report's ranking" in md
     assert (out / "model" / "config.json").exists()
     assert "Wall time of the stages" in (res / "smoke.md").read_text()
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks",
