@@ -15,7 +15,9 @@ readouts is printed too.
         --run run_gain_bias_ffn_lr0.01          # after benchmarks/smollm2_distill.py
 
 A multi-layer run is read at one of its layers with ``--hook`` (its SAE from the extra-saes
-stage): ``--run run_multi_gain_bias_ffn_lr0.02 --hook model.layers.23``.
+stage): ``--run run_multi_gain_bias_ffn_lr0.02 --hook model.layers.23``. As in the report,
+its edits at the other layers are on too, so a later layer reads the whole run's effect so
+far (``edit_readout(upstream=)``).
 """
 import argparse
 import json
@@ -69,6 +71,10 @@ def main():
     if hook not in adapters:
         raise SystemExit(f"--hook {hook}: {a.run} edits only {sorted(adapters)}")
     adapter, skip = adapters[hook], conf.get("skip_first", 0)
+    # the run's other layers on too, as the report reads a multi-layer run: at a later layer
+    # the whole run's effect so far
+    upstream = {h: (load_sae(os.path.join(a.out, sae_dir(h))), ad)
+                for h, ad in adapters.items() if h != hook}
     n_val = json.load(open(os.path.join(a.out, "prepare.json")))["n_val"]
 
     def recs(name, split):
@@ -78,7 +84,7 @@ def main():
     rows, cosines = {}, {}
     for split, (teacher, base) in splits.items():
         delta, flips = edit_readout(model, tok, sae, adapter, hook, teacher, switched=True,
-                                    skip_first=skip)
+                                    skip_first=skip, upstream=upstream)
         lift = activation_lift(model, tok, sae, hook, list(range(sae.d_sae)), teacher, base)
         ma = torch.tensor([x["mean_a"] for x in lift])
         for name, score in RANKINGS.items():
