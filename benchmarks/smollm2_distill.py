@@ -263,7 +263,8 @@ def run_method(a, name, lr):
 
         from sae_sparse.train import (_Schedule, collate, kl_loss, lm_loss, teacher_logprobs,
                                       tokenize)
-        pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+        r = PEFT_RANK.get(name, 8)
+        pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                               target_modules=["q_proj", "v_proj"],
                                               layers_to_transform=PEFT_LAYERS[name]))
         data = tokenize(train, tok, 160, teacher=a.loss == "kl")
@@ -393,21 +394,22 @@ def _reset_peak_rss():
 METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
 # opt-in (--also METHOD, or --extra for all): the gain + bias + ffn edit at three layers; PEFT's
 # LoRA at the edit's layer only; the edit with a 64-wide FFNN; the edit at five layers; the
-# 64-wide one at three.
+# 64-wide one at three; PEFT's LoRA at rank 16.
 # The layers a multi-layer edit adds to HOOK (an SAE at each, trained by the stage extra-saes)
 EXTRA_HOOKS = {"multi_gain_bias_ffn": ["model.layers.7", "model.layers.23"],
                "multi5_gain_bias_ffn": ["model.layers.7", "model.layers.11", "model.layers.19",
                                         "model.layers.23"],
                "multi_gain_bias_ffn64": ["model.layers.7", "model.layers.23"]}
 OPTIONAL = ["multi_gain_bias_ffn", "peft_lora_l15", "gain_bias_ffn64", "multi5_gain_bias_ffn",
-            "multi_gain_bias_ffn64"]
+            "multi_gain_bias_ffn64", "peft_lora_r16"]
 # the hooked methods' --edit (resid_lora: a bias-only adapter beside its LoRA baseline)
 EDITS = {"bias": "bias", "gain_bias": "gain,bias", "gain_bias_ffn": "gain,bias,ffn:16",
          "resid_lora": "bias", "gain_bias_ffn64": "gain,bias,ffn:64",
          "multi_gain_bias_ffn": "gain,bias,ffn:16", "multi5_gain_bias_ffn": "gain,bias,ffn:16",
          "multi_gain_bias_ffn64": "gain,bias,ffn:64"}
 # PEFT LoraConfig.layers_to_transform (None: every layer)
-PEFT_LAYERS = {"peft_lora": None, "peft_lora_l15": [int(HOOK.rsplit(".", 1)[-1])]}
+PEFT_LAYERS = {"peft_lora": None, "peft_lora_l15": [_layer(HOOK)], "peft_lora_r16": None}
+PEFT_RANK = {"peft_lora_r16": 16}  # (alpha = 2 r throughout); else 8
 DESCRIBE = {
     "bias": f"a learned bias on the SAE code at `{HOOK}` (steering)",
     "gain_bias": "a per-latent gain on the k active latents + the bias",
@@ -420,6 +422,8 @@ DESCRIBE = {
     "peft_lora_l15": f"PEFT's LoRA, r = 8 on q_proj and v_proj of the edit's layer only "
                      f"(`{HOOK}`)",
     "gain_bias_ffn64": "gain + bias + an FFNN of 64 hidden units",
+    "peft_lora_r16": "PEFT's LoRA, r = 16 (alpha 32) on q_proj and v_proj of all 30 layers "
+                     "(about the three-layer ffn:64 edit's parameter count)",
 }
 
 
@@ -478,8 +482,8 @@ def extra_saes(a):
         out[h] = {**m["held_out"], "train_tokens": m["train_tokens"], "s": time.time() - t0}
         with open(path, "w") as f:  # after each: a stopped run keeps the SAEs it trained
             json.dump(out, f, indent=1)
-# the runs `sae-sparse report` reads (the three-layer one when it was run)
-REPORTED = ["bias", "gain_bias_ffn", "multi_gain_bias_ffn"]
+# the runs `sae-sparse report` reads (the three-layer ones when they were run)
+REPORTED = ["bias", "gain_bias_ffn", "multi_gain_bias_ffn", "multi_gain_bias_ffn64"]
 LOSS_TEXT = {"kl": "KL(teacher ‖ student) on the teacher's answer tokens, the teacher being "
                    "the same model with the system prompt and no edit (distillation)",
              "ce": "CE on the teacher's greedy answer tokens"}
@@ -664,7 +668,7 @@ LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3
       "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3,
       # 2026-12-03 with the sink unedited: 0.005/0.01/0.02/0.04 and 0.01/0.02 (README)
       "multi_gain_bias_ffn": 2e-2, "multi5_gain_bias_ffn": 1e-2,
-      "multi_gain_bias_ffn64": 1e-2}
+      "multi_gain_bias_ffn64": 1e-2, "peft_lora_r16": 6e-3}
 
 
 def _method_lr(text):
