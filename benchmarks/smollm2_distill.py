@@ -74,12 +74,13 @@ def gguf_path():
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def load(out=None):
-    """The model and tokenizer. Loading the GGUF dequantizes it (~20 s); with ``out``, the
-    first load saves the fp32 result to ``<out>/model`` (safetensors, ~0.5 GB) and later
-    stages load that in under a second: the same weights, the same logits."""
+def load(out=None, seed=0):
+    """The model and tokenizer, torch's generator seeded with ``seed``. Loading the GGUF
+    dequantizes it (~20 s); with ``out``, the first load saves the fp32 result to
+    ``<out>/model`` (safetensors, ~0.5 GB) and later stages load that in under a second: the
+    same weights, the same logits."""
     from sae_sparse.models import load_model
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cache = model_cache(out) if out else None
     if cache and os.path.exists(os.path.join(cache, "config.json")):
         return load_model(cache)
@@ -240,7 +241,7 @@ def run_method(a, name, lr):
 
     from sae_sparse.io import load_sae
     from sae_sparse.train import TrainConfig, load_jsonl, train_adapter
-    model, tok = load(a.out)
+    model, tok = load(a.out, seed=a.seed)  # (PEFT's LoRA initialises from torch's generator)
     prep = json.load(open(os.path.join(a.out, "prepare.json")))
     everything = load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))
     val, train = everything[:prep["n_val"]], everything[prep["n_val"]:]
@@ -257,7 +258,7 @@ def run_method(a, name, lr):
     run_dir = _run_dir(a, name, lr)
     common = dict(steps=a.steps, batch_size=a.batch, max_len=160, eval_frac=0.0,
                   warmup_steps=a.warmup,
-                  checkpoint_every=10 ** 6, log_every=10 ** 6, seed=0)
+                  checkpoint_every=10 ** 6, log_every=10 ** 6, seed=a.seed)
     if name.startswith("peft_lora"):
         from peft import LoraConfig, get_peft_model
 
@@ -268,7 +269,7 @@ def run_method(a, name, lr):
                                               target_modules=["q_proj", "v_proj"],
                                               layers_to_transform=PEFT_LAYERS[name]))
         data = tokenize(train, tok, 160, teacher=a.loss == "kl")
-        sched = _Schedule(len(data), a.batch, 1, 0)
+        sched = _Schedule(len(data), a.batch, 1, a.seed)  # train_adapter's order
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr)
         from sae_sparse.train import warmup_lr
@@ -520,6 +521,12 @@ def ratio_ci(run, ref, n_boot=2000, seed=0):
     return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
 
 
+def _raised(lift):
+    """The mean lift over the latents an edit raises, or why there is none (reports before
+    it was None for none wrote NaN)."""
+    return "— (it raises none of them)" if lift is None or lift != lift else f"{lift:.2f}×"
+
+
 def summarize(a):
     import matplotlib
     matplotlib.use("Agg")
@@ -558,7 +565,8 @@ def summarize(a):
                     f"{e['fvu']:.3f}, L0 {e['l0']:.1f}" for h, e in json.load(open(
                         os.path.join(a.out, "extra_saes.json"))).items()) + ".\n"]
                if os.path.exists(os.path.join(a.out, "extra_saes.json")) else []),
-             f"Every method: {a.steps} steps, batch {a.batch}, the same data in the same order, "
+             f"Every method: {a.steps} steps, batch {a.batch}, training seed {a.seed}, the same "
+             f"data in the same order, "
              f"loss = {LOSS_TEXT[a.loss]}; KL(teacher ‖ student) and CE per answer token on the "
              f"validation and held-out questions. "
              + (f"The edits through hooks leave each sequence's first {a.skip_first} "
@@ -624,7 +632,8 @@ def summarize(a):
                           f"mean a/b {x['mean_lift']:.2f}×; in the edit's direction (a/b "
                           f"where the edit raises the latent, b/a where it lowers it) "
                           f"{x['mean_lift_edit_dir']:.2f}×; over the latents it raises "
-                          f"{x['mean_lift_raised']:.2f}×{cos} (report: "
+                          + _raised(x["mean_lift_raised"])
+                          + f"{cos} (report: "
                           f"`{os.path.join(run, 'report.md')}`).", ""]
     tpath = os.path.join(a.out, "timing.json")
     if os.path.exists(tpath):
@@ -716,6 +725,9 @@ def main():
                     help=f"a method's learning rate, or several (the stage all runs each; "
                          f"the table takes the one with the lowest validation KL) (default "
                          f"{LR})")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the training seed of every method: initialisation and the order of "
+                         "the examples (the questions, answers and SAEs do not depend on it)")
     ap.add_argument("--l1", type=float, default=1e-4)
     ap.add_argument("--loss", choices=["kl", "ce"], default="kl")
     ap.add_argument("--skip-first", type=int, default=1,
@@ -735,7 +747,8 @@ def main():
              f"--d-sae={a.d_sae}", f"--sae-tokens={a.sae_tokens}", f"--sae-lr={a.sae_lr}",
              f"--steps={a.steps}", f"--batch={a.batch}", f"--l1={a.l1}", f"--loss={a.loss}",
              f"--answer-repeats={a.answer_repeats}", f"--extra-sae-tokens={a.extra_sae_tokens}",
-             f"--warmup={a.warmup}", f"--skip-first={a.skip_first}", f"--sae-text={a.sae_text}"]
+             f"--warmup={a.warmup}", f"--skip-first={a.skip_first}", f"--sae-text={a.sae_text}",
+             f"--seed={a.seed}"]
     check_settings(a.out, flags[1:])
     if a.stage == "prepare":
         return prepare(a)

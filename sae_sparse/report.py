@@ -526,13 +526,15 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
                 up = [x["lift"] for x in lift if (x["edit"] or 0) > 0]
                 out.update(lift=lift, mean_lift=_finite_mean([x["lift"] for x in lift]),
                            mean_lift_edit_dir=_finite_mean([x["lift_edit_dir"] for x in lift]),
-                           mean_lift_raised=_finite_mean(up))
+                           mean_lift_raised=_finite_mean(up) if up else None)
                 lines += [f"Activation lift = mean activation per token on the first set's "
                           f"completions (a, e.g. the teacher's) over the second's (b): mean "
                           f"{out['mean_lift']:.2f}×. In the edit's direction (a/b for a latent "
                           f"the edit raises, b/a for one it lowers): mean "
-                          f"{out['mean_lift_edit_dir']:.2f}×; over the {len(up)} it raises: "
-                          f"mean {out['mean_lift_raised']:.2f}× (∞ left out of the means).", "",
+                          f"{out['mean_lift_edit_dir']:.2f}×; "
+                          + (f"over the {len(up)} it raises: mean "
+                             f"{out['mean_lift_raised']:.2f}×" if up else "it raises none")
+                          + " (∞ left out of the means).", "",
                           "| latent | edit | mean act. (a) | mean act. (b) | lift a/b "
                           "| lift in the edit's direction |",
                           "|---|---|---|---|---|---|"]
