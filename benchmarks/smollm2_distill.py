@@ -677,7 +677,8 @@ LR = {"bias": 3e-2, "gain_bias": 3e-2, "gain_bias_ffn": 1e-2, "resid_lora": 5e-3
       "peft_lora_l15": 1.8e-2, "gain_bias_ffn64": 3e-3,
       # 2026-12-03 with the sink unedited: 0.005/0.01/0.02/0.04 and 0.01/0.02 (README)
       "multi_gain_bias_ffn": 2e-2, "multi5_gain_bias_ffn": 1e-2,
-      "multi_gain_bias_ffn64": 1e-2, "peft_lora_r16": 6e-3}
+      # 2026-12-03 (3rd session): 0.0025/0.005/0.01/0.02 and 0.002/0.006 (README)
+      "multi_gain_bias_ffn64": 5e-3, "peft_lora_r16": 2e-3}
 
 
 def _method_lr(text):
