@@ -88,6 +88,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes_exactly(files, tmp_path
                                                                  monkeypatch):
     calls = []
     real = T.lm_loss
+    before = signal.getsignal(signal.SIGINT)  # (SIG_IGN in a background job without job control)
 
     def loss_with_ctrl_c(*a, **k):  # Ctrl-C arrives during the 3rd step's forward
         calls.append(torch.is_grad_enabled())  # (not an evaluation's)
@@ -109,7 +110,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes_exactly(files, tmp_path
     assert main(args(files, full, "--checkpoint-every", "50", steps=5)) == 0
     a, b = adapter_tensors(out), adapter_tensors(full)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
 def test_overflow_is_counted_on_every_edited_token_and_warned(tmp_path):
