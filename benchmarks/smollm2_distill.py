@@ -522,8 +522,8 @@ def ratio_ci(run, ref, n_boot=2000, seed=0):
 
 
 def _raised(lift):
-    """The mean lift over the latents an edit raises, or why there is none (reports before
-    it was None for none wrote NaN)."""
+    """The mean lift over the latents an edit raises, or a dash when it raises none (None in
+    reports from now on, NaN in older ones)."""
     return "— (it raises none of them)" if lift is None or lift != lift else f"{lift:.2f}×"
 
 
