@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--hook", default=None,
                     help="the layer to read a multi-layer run at (default: model.layers.15)")
     a = ap.parse_args()
-    from smollm2_distill import HOOK, load, sae_dir
+    from smollm2_distill import HOOK, _layer, load, sae_dir
     hook = a.hook or HOOK
 
     from sae_sparse.io import load_sae
@@ -103,7 +103,7 @@ def main():
     lines += ["", "Cosine of the edit's readout with the system prompt's: " + ", ".join(
         f"{s} {c:.2f}" for s, c in cosines.items()) + "."]
     text = "\n".join(lines)
-    name = "lift_rankings.md" if hook == HOOK else f"lift_rankings_{sae_dir(hook)[4:]}.md"
+    name = "lift_rankings.md" if hook == HOOK else f"lift_rankings_l{_layer(hook)}.md"
     with open(os.path.join(a.out, "methods", a.run, name), "w") as f:
         f.write(text + "\n")
     print(text)

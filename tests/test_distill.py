@@ -247,6 +247,28 @@ def test_edit_readout_finds_a_planted_bias(tok):
     assert edit_readout(model, tok, sae, ad, HOOK, recs)[11] < 0
 
 
+def codes_off_and_on(model, tok, edits, hook, sae, recs):
+    """Per record, ``hook``'s output with ``edits`` off and on, encoded by ``sae`` as dense
+    [T, S] float64 codes over the completion tokens (all tokens of a text record)."""
+    grabbed = []  # registered after the edits' hooks: it sees the edited output
+    handle = model.get_submodule(hook).register_forward_hook(
+        lambda m, i, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        for r in recs:
+            p = tok(r.get("prompt", ""), add_special_tokens=False)["input_ids"]
+            c = tok(r.get("completion", r.get("text")), add_special_tokens=False)["input_ids"]
+            ids, start = (p + c, len(p)) if "prompt" in r else (c, 0)
+            grabbed.clear()
+            with torch.no_grad():
+                with edits.disabled():
+                    model(torch.tensor([ids]))
+                model(torch.tensor([ids]))
+            yield tuple(torch.zeros(len(ids) - start, sae.d_sae, dtype=torch.float64).scatter(
+                1, i, v.double()) for v, i in (sae.encode(g[0, start:]) for g in grabbed))
+    finally:
+        handle.remove()
+
+
 def test_switched_readout_counts_only_latents_switched_on_or_off(tok):
     """The switched part of the readout against a dense float64 count: on each token, a latent
     active in the edited code and not the unedited one adds its edited value, one active only
@@ -265,34 +287,16 @@ def test_switched_readout_counts_only_latents_switched_on_or_off(tok):
     full, flips = edit_readout(model, tok, sae, ad, HOOK, recs, switched=True)
     from sae_sparse.hooks import attach
     edits = attach(model, {HOOK: (sae, ad)})
-    grabbed = []  # registered after the edit's hook: it sees the edited output
-    handle = model.get_submodule(HOOK).register_forward_hook(
-        lambda m, i, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
     want_full = torch.zeros(90, dtype=torch.float64)
     want_flips = torch.zeros(90, dtype=torch.float64)
     n = 0
     try:
-        for r in recs:
-            p = tok(r.get("prompt", ""), add_special_tokens=False)["input_ids"]
-            c = tok(r.get("completion", r.get("text")), add_special_tokens=False)["input_ids"]
-            ids, start = (p + c, len(p)) if "prompt" in r else (c, 0)
-            grabbed.clear()
-            with torch.no_grad():
-                with edits.disabled():
-                    model(torch.tensor([ids]))
-                model(torch.tensor([ids]))
-            dense = []
-            for g in grabbed:  # the codes as dense [T, S] float64 tensors
-                v, i = sae.encode(g[0, start:])
-                dense.append(torch.zeros(v.shape[0], 90, dtype=torch.float64).scatter(
-                    1, i, v.double()))
-            z0, z1 = dense
+        for z0, z1 in codes_off_and_on(model, tok, edits, HOOK, sae, recs):
             want_full += (z1 - z0).sum(0)
             want_flips += (torch.where((z1 > 0) & (z0 <= 0), z1, 0.0)
                            - torch.where((z0 > 0) & (z1 <= 0), z0, 0.0)).sum(0)
             n += z0.shape[0]
     finally:
-        handle.remove()
         edits.remove()
     torch.testing.assert_close(full.double(), want_full / n, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(flips.double(), want_flips / n, rtol=1e-5, atol=1e-6)
@@ -321,26 +325,12 @@ def test_readout_downstream_of_a_multi_layer_edit(tok):
     got = edit_readout(model, tok, saes[h1], ads[h1], h1, recs, upstream=up, skip_first=1)
     alone = edit_readout(model, tok, saes[h1], ads[h1], h1, recs, skip_first=1)
     edits = attach(model, {h0: (saes[h0], ads[h0]), h1: (saes[h1], ads[h1])}, skip_first=1)
-    grabbed = []
-    handle = model.get_submodule(h1).register_forward_hook(
-        lambda m, i, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
     want, n = torch.zeros(70, dtype=torch.float64), 0
     try:
-        for r in recs:
-            p = tok(r.get("prompt", ""), add_special_tokens=False)["input_ids"]
-            c = tok(r.get("completion", r.get("text")), add_special_tokens=False)["input_ids"]
-            ids, start = (p + c, len(p)) if "prompt" in r else (c, 0)
-            grabbed.clear()
-            with torch.no_grad():
-                with edits.disabled():
-                    model(torch.tensor([ids]))
-                model(torch.tensor([ids]))
-            z0, z1 = (torch.zeros(len(ids) - start, 70, dtype=torch.float64).scatter(
-                1, i, v.double()) for v, i in (saes[h1].encode(g[0, start:]) for g in grabbed))
+        for z0, z1 in codes_off_and_on(model, tok, edits, h1, saes[h1], recs):
             want += (z1 - z0).sum(0)
             n += z0.shape[0]
     finally:
-        handle.remove()
         edits.remove()
     torch.testing.assert_close(got.double(), want / n, rtol=1e-5, atol=1e-6)
     assert (got - alone).abs().max() > 1e-2  # the upstream edit changes what h1 reads
