@@ -29,7 +29,7 @@ DIV16 = {"encode._encode_top_kernel": {"N", "S", "D", "L", "COL0"},
          "backward._latent_bwd_kernel": {"K", "D", "H", "S"},
          "fold._fold_kernel": {"S", "D", "S_PER"}, "fold._fold_t_kernel": {"S", "D"},
          "fold._fold_w_kernel": {"S", "D"}}
-GEMM = dict(IEEE=False, UPCAST=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
+GEMM = dict(IEEE=False, BLOCK_N=128, BLOCK_S=128, BLOCK_D=64, NUM_PROGS=132)
 # (candidates per row, k + 1, tiles) of the main encode path at shapes A, B, C, D
 SELECT = [(1024, 33, 256), (3072, 33, 1024), (2048, 65, 512), (4096, 65, 1024)]
 
@@ -84,7 +84,7 @@ def cases():
                              val_ptr="*bf16", idx_ptr="*i64", id32_ptr="*i32", ovf_ptr="*i8"),
                         dict(FIX=fix, FINISH=finish, HAS_THR=thr, HAS_ID32=True, TOPM=L // nt,
                              KP=KP, BLOCK_T=p2(nt), BLOCK_S=128, TB=max(128, KP), BLOCK_D=32,
-                             RLOW=rlow, RNE_BF16=False),
+                             RLOW=rlow),
                         dict(num_warps=4)))
     out.append(("select_append", "encode._select_kernel",
                 dict(buf_ptr="*i64", cnt_ptr="*i32", out_ptr="*i64", x_ptr="*bf16",
@@ -99,8 +99,7 @@ def cases():
                          v_ptr="*bf16", idx_ptr="*i64", wdec_ptr="*bf16", gain_ptr="*fp32",
                          win_ptr="*fp32", bin_ptr="*fp32", f_ptr="*fp32"),
                     ("DECODE", dict(MODE=mode, ACT=1, HAS_GAIN=gain, HAS_FFN=ffn,
-                                    HAS_BIN=ffn, HAS_C=c, HAS_BDEC=mode != 0, BLOCK_H=16,
-                                    RNE_BF16=False)), None))
+                                    HAS_BIN=ffn, HAS_C=c, HAS_BDEC=mode != 0, BLOCK_H=16)), None))
     # the per-token backward: edit step (x trains) and SAE step (encoder trains)
     for name, kw in (("edit", dict(MODE=0, HAS_GAIN=True, HAS_FFN=True, HAS_DVX=False,
                                    NEED_P=True, STORE_P=False, STORE_DPRE=False,
@@ -115,8 +114,7 @@ def cases():
                              f_ptr="*fp32", dvx_ptr="*bf16", wenc_ptr="*bf16",
                              dh_ptr="*fp32", dpre_ptr="*fp32", gp_ptr="*fp32", p_ptr="*fp32",
                              dx_ptr="*bf16"),
-                        ("TOKEN", dict(kw, ACT=1, MASK_DPRE=True, KP=kp, BLOCK_H=16,
-                                       RNE_BF16=False)), None))
+                        ("TOKEN", dict(kw, ACT=1, MASK_DPRE=True, KP=kp, BLOCK_H=16)), None))
     out.append(("dense_bwd", "backward._dense_bwd_kernel",
                 dict(out_ptr="*fp32", hpre_ptr="*fp32", dh_ptr="*fp32", dy_ptr="*bf16"),
                 ("DENSE", dict(ACT=1, HAS_C=True, BLOCK_R=32)), None))
@@ -131,7 +129,7 @@ def cases():
                          dgain_ptr="*fp32", dwin_ptr="*fp32", dwenc_ptr="*bf16",
                          dbenc_ptr="*bf16", dwdec_ptr="*bf16"),
                     ("SEGMENT", dict(kw, HAS_ACTIVE=False, DEC_MODE=2, HAS_GAIN=False,
-                                     ADD_WDEC=False, RNE_ENC=False, RNE_DEC=False)), None))
+                                     ADD_WDEC=False)), None))
     # the edit's folds: h = 16 plus the bias row (R = 17 -> 32 rows), bf16 (three-part
     # products) and fp32 W_dec
     for dtype, parts in (("bf16", 3), ("fp32", 1)):

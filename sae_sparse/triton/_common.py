@@ -16,6 +16,11 @@ except ImportError as e:  # pragma: no cover - triton is optional
 else:
     IMPORT_ERROR = None
 
+from . import _interpreter  # noqa: E402
+
+if triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _interpreter.install()  # what the interpreter computes otherwise than a GPU (SUBSTITUTES)
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -42,26 +47,17 @@ def check_dtypes(*ts):
             raise TypeError(f"the triton backend takes fp32/bf16/fp16 tensors, got {t.dtype}")
 
 
-def warps(n: int) -> int:
-    """num_warps for a launch: 1 in the interpreter (it runs one program at a time)."""
-    return 1 if interpreting() else n
-
-
 _SM_COUNT = {}
 
 
 def sm_count(device) -> int:
-    if interpreting():
-        return 4
+    """The device's SM count, which sizes the persistent grids (under the interpreter:
+    _interpreter.interpreter_sms(), an H100's by default). Looked up on first launch."""
+    if device.type != "cuda":
+        return _interpreter.interpreter_sms()
     if device.index not in _SM_COUNT:
         _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SM_COUNT[device.index]
-
-
-def rne_bf16(dtype) -> bool:
-    """Whether a kernel storing fp32 into a `dtype` tensor must round to nearest-even itself:
-    the interpreter's fp32 -> bf16 conversion truncates (a GPU's rounds)."""
-    return interpreting() and dtype == torch.bfloat16
 
 
 if triton is not None:
@@ -69,28 +65,13 @@ if triton is not None:
     KEY_MAX = tl.constexpr(2 ** 63 - 1)
 
     @triton.jit
-    def dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b in fp32: IEEE fp32 products (fp32 inputs), else tensor cores. UPCAST:
-        operands to fp32 first (the interpreter's dot misreads bf16 bits; bf16 and fp16
-        products are exact in fp32)."""
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+    def dot(a, b, acc, IEEE: tl.constexpr):
+        """acc + a @ b in fp32: IEEE fp32 products (fp32 inputs), else tensor cores."""
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         return acc
-
-    @triton.jit
-    def to_out(v, RNE_BF16: tl.constexpr):
-        """fp32 v ready to store into the output's dtype: rounded to nearest-even at bf16's
-        precision first where the store would truncate (the interpreter, rne_bf16)."""
-        if RNE_BF16:
-            b = v.to(tl.int32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-            v = b.to(tl.float32, bitcast=True)
-        return v
 
     @triton.jit
     def round_odd(bits, RLOW: tl.constexpr):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import interpreting, p2, rne_bf16, sm_count, tl, triton, warps
+from ._common import p2, sm_count, tl, triton
 
 # Columns per program of the per-latent sums, pairs gathered per step; dense_bwd's tokens per
 # step. Not tuned on a GPU.
@@ -24,7 +24,7 @@ TOKEN = dict(block_d=128, num_warps=4)
 DENSE = dict(block_d=128, block_n=32, programs_per_sm=2, num_warps=4)
 
 if triton is not None:
-    from ._common import act_fwd, act_grad, to_out
+    from ._common import act_fwd, act_grad
 
     @triton.jit
     def _token_bwd_kernel(dy_ptr, v_ptr, idx_ptr, wdec_ptr, gain_ptr, win_ptr, hpre_ptr,
@@ -35,8 +35,7 @@ if triton is not None:
                           NEED_P: tl.constexpr, STORE_P: tl.constexpr,
                           STORE_DPRE: tl.constexpr, MASK_DPRE: tl.constexpr,
                           STORE_GP: tl.constexpr, HAS_DX: tl.constexpr, DX_ID: tl.constexpr,
-                          KP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                          RNE_BF16: tl.constexpr):
+                          KP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         j = tl.arange(0, KP)
         jm = j < K
@@ -100,7 +99,7 @@ if triton is not None:
                 acc = tl.sum(w * dv[:, None], axis=0)
                 if DX_ID:
                     acc += tl.load(dy_ptr + n * D + d, mask=dm, other=0.0).to(tl.float32)
-                tl.store(dx_ptr + n * D + d, to_out(acc, RNE_BF16), mask=dm)
+                tl.store(dx_ptr + n * D + d, acc, mask=dm)
 
     @triton.jit
     def _dense_bwd_kernel(out_ptr, hpre_ptr, dh_ptr, dy_ptr, N, D, H, R, N_PER, OUT_STRIDE,
@@ -145,8 +144,7 @@ if triton is not None:
                            G_WIN: tl.constexpr, G_WENC: tl.constexpr, HAS_SUB: tl.constexpr,
                            G_BENC: tl.constexpr, G_WDEC: tl.constexpr, DEC_MODE: tl.constexpr,
                            HAS_GAIN: tl.constexpr, ADD_WDEC: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
-                           RNE_ENC: tl.constexpr, RNE_DEC: tl.constexpr):
+                           BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
         """For latent s (program 0's index, or active[program 0]) and column block program 1,
         over the pairs e of its segment (token n = e // K):
           dgain[s] = sum gp[e];  dW_in[s, :H] = sum v[e] dh[n];
@@ -208,7 +206,7 @@ if triton is not None:
             if G_WENC:
                 if HAS_SUB:
                     acc_enc -= tdp * tl.load(sub_ptr + c, mask=cm, other=0.0).to(tl.float32)
-                tl.store(dwenc_ptr + s * D + c, to_out(acc_enc, RNE_ENC), mask=ok & cm)
+                tl.store(dwenc_ptr + s * D + c, acc_enc, mask=ok & cm)
         if G_WDEC:
             if DEC_MODE == 0:
                 acc_dec *= tl.load(gain_ptr + s, mask=ok, other=0.0).to(tl.float32)
@@ -217,7 +215,7 @@ if triton is not None:
                     acc_dec *= 1.0 + tl.load(gain_ptr + s, mask=ok, other=0.0).to(tl.float32)
             if ADD_WDEC:
                 acc_dec += tl.load(dwdec_ptr + s * D + c, mask=ok & cm, other=0.0).to(tl.float32)
-            tl.store(dwdec_ptr + s * D + c, to_out(acc_dec, RNE_DEC), mask=ok & cm)
+            tl.store(dwdec_ptr + s * D + c, acc_dec, mask=ok & cm)
 
 
 def token_bwd(dy, values, indices, W_dec, *, mode, act=0, gain=None, W_in=None, h_pre=None,
@@ -259,8 +257,7 @@ def token_bwd(dy, values, indices, W_dec, *, mode, act=0, gain=None, W_in=None, 
         STORE_P=store_p, STORE_DPRE=store_dpre, MASK_DPRE=mask_dpre, STORE_GP=store_gp,
         HAS_DX=W_enc is not None, DX_ID=dx_identity, KP=p2(K, 2),
         BLOCK_D=min(TOKEN["block_d"], p2(D)), BLOCK_H=p2(H, 2),
-        RNE_BF16=rne_bf16(out["dx"].dtype) if "dx" in out else False,
-        num_warps=warps(TOKEN["num_warps"]))
+        num_warps=TOKEN["num_warps"])
     return out
 
 
@@ -286,7 +283,7 @@ def dense_bwd(dy, h_pre, dh, act, has_c):
     _dense_bwd_kernel[(grid_d, split)](
         part, h_pre if H else dummy, dh if H else dummy, dy.contiguous(), N, D, H, R, per, width,
         ACT=act, HAS_C=has_c, BLOCK_R=p2(R, 16), BLOCK_N=BN, BLOCK_D=BD,
-        num_warps=warps(DENSE["num_warps"]))
+        num_warps=DENSE["num_warps"])
     tot = part[0] if split == 1 else part.sum(0)
     return tot[:R * D].view(R, D), tot[R * D:]
 
@@ -351,8 +348,6 @@ def latent_bwd(csr, S, K, *, values=None, gp=None, dh=None, dpre=None, x=None, b
         HAS_ACTIVE=active is not None, G_GAIN=need_gain, G_WIN=need_win, G_WENC=need_wenc,
         HAS_SUB=b_pre is not None, G_BENC=need_benc, G_WDEC=need_wdec, DEC_MODE=dec_mode,
         HAS_GAIN=gain is not None, ADD_WDEC=wdec_init is not None,
-        BLOCK_E=4 if interpreting() else SEGMENT["block_e"], BLOCK_C=BLOCK_C,
-        RNE_ENC=rne_bf16(wenc_dtype), RNE_DEC=rne_bf16(out["W_dec"].dtype) if need_wdec
-        else False, num_warps=warps(SEGMENT["num_warps"]))
+        BLOCK_E=SEGMENT["block_e"], BLOCK_C=BLOCK_C, num_warps=SEGMENT["num_warps"])
     return out
 

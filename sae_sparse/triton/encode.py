@@ -33,15 +33,15 @@ import math
 import torch
 
 from . import paths
-from ._common import (check_dtypes, interpreting, p2, rne_bf16, sm_count, tl, triton, warps)
+from ._common import check_dtypes, p2, sm_count, tl, triton
 
 if triton is not None:
-    from ._common import KEY_MAX, KEY_MIN, dot, pack, round_odd, to_out, unpack
+    from ._common import KEY_MAX, KEY_MIN, dot, pack, round_odd, unpack
 
 if triton is not None:
     @triton.jit
     def _tile_gemm(x_ptr, w_ptr, x_desc, w_desc, pid_n, pid_s, N, S, D, stride_w,
-                   TMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   TMA: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         """fp32 [BLOCK_N, BLOCK_S] tile of x W^T (W's rows stride_w apart)."""
         acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
@@ -57,7 +57,7 @@ if triton is not None:
                              mask=(r < N)[:, None] & (d < D)[None, :], other=0.0)
                 wt = tl.load(w_ptr + c.to(tl.int64)[:, None] * stride_w + d[None, :],
                              mask=(c < S)[:, None] & (d < D)[None, :], other=0.0)
-            acc = dot(xt, tl.trans(wt), acc, IEEE, UPCAST)
+            acc = dot(xt, tl.trans(wt), acc, IEEE)
         return acc
 
 
@@ -74,7 +74,7 @@ if triton is not None:
     def _encode_top_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, cand_ptr, act_ptr,
                            N, S, D, L, COL0,
                            TOPM: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
-                           IEEE: tl.constexpr, UPCAST: tl.constexpr, RLOW: tl.constexpr,
+                           IEEE: tl.constexpr, RLOW: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                            NUM_PROGS: tl.constexpr):
         """Persistent GEMM over (row block, latent block) tiles, row blocks fastest so the
@@ -87,7 +87,7 @@ if triton is not None:
         tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's own copy of the tile counter
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
             acc = _tile_gemm(x_ptr, w_ptr, x_desc, w_desc, tile % num_pid_n, tile // num_pid_n,
-                             N, S, D, D, TMA, IEEE, UPCAST, BLOCK_N, BLOCK_S, BLOCK_D)
+                             N, S, D, D, TMA, IEEE, BLOCK_N, BLOCK_S, BLOCK_D)
             tile_e += NUM_PROGS
             pid_s = tile_e // num_pid_n
             rows = (tile_e % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,7 +236,7 @@ if triton is not None:
                        FIX: tl.constexpr, FINISH: tl.constexpr, HAS_THR: tl.constexpr,
                        HAS_ID32: tl.constexpr, TOPM: tl.constexpr, KP: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, TB: tl.constexpr,
-                       BLOCK_D: tl.constexpr, RLOW: tl.constexpr, RNE_BF16: tl.constexpr):
+                       BLOCK_D: tl.constexpr, RLOW: tl.constexpr):
         """Row r's keys made exact (FIX) and written out (FINISH), on the device.
 
         FIX == 1 (main path): each tile still flagged against the running KOUT-th key (its
@@ -291,7 +291,7 @@ if triton is not None:
             v = tl.where(keep, v, 0.0)
             v = tl.where(fin, v, float("nan"))
             ix = tl.where(fin, ix, tl.minimum(o, S_ALL - 1).to(tl.int64))
-            tl.store(val_ptr + r * K + o, to_out(v, RNE_BF16), mask=km)
+            tl.store(val_ptr + r * K + o, v, mask=km)
             tl.store(idx_ptr + r * K + o, ix, mask=km)
             if HAS_ID32:
                 tl.store(id32_ptr + r * K + o, ix.to(tl.int32), mask=km)
@@ -301,7 +301,7 @@ if triton is not None:
     def _encode_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, thr_ptr, lo_ptr, buf_ptr, cnt_ptr,
                        act_ptr, N, S, D, CAP, stride_w, stride_b,
                        SAMPLE: tl.constexpr, HAS_THR: tl.constexpr, TMA: tl.constexpr,
-                       IEEE: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+                       IEEE: tl.constexpr, WIDE: tl.constexpr,
                        RLOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        NUM_PROGS: tl.constexpr):
@@ -316,7 +316,7 @@ if triton is not None:
         tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's own copy of the tile counter
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
             acc = _tile_gemm(x_ptr, w_ptr, x_desc, w_desc, tile % num_pid_n, tile // num_pid_n,
-                             N, S, D, stride_w, TMA, IEEE, UPCAST, BLOCK_N, BLOCK_S, BLOCK_D)
+                             N, S, D, stride_w, TMA, IEEE, BLOCK_N, BLOCK_S, BLOCK_D)
             tile_e += NUM_PROGS
             rows = (tile_e % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
             cols = (tile_e // num_pid_n) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -382,9 +382,8 @@ ENCODE = dict(
     # candidates per row in one select (a power of two); larger dictionaries are encoded in
     # latent chunks of at most this many candidates per row, merged
     max_candidates=8192,
-    # bf16/fp16 input: rank pre-activations rounded to odd at 16 mantissa bits (18 with the
-    # interpreter's 32-latent tiles), packed with the tile column into one int32, so the
-    # per-tile top-m epilogue is integer max reductions (_encode_top_kernel). The values
+    # bf16/fp16 input: rank pre-activations rounded to odd at 16 mantissa bits, packed with
+    # the tile column into one int32, so the per-tile top-m epilogue is integer max reductions (_encode_top_kernel). The values
     # returned after rounding to bf16/fp16 are the same; only entries that agree to 17
     # significant bits may swap places (smaller index first). False: the fp32 argmax epilogue.
     key32=True,
@@ -398,8 +397,6 @@ ENCODE = dict(
 
 
 def _blocks(D):
-    if interpreting():
-        return 16, 32, min(64, p2(D))
     return ENCODE["block_n"], ENCODE["block_s"], min(ENCODE["block_d"], p2(D))
 
 
@@ -427,8 +424,6 @@ def _rlow(dtype, D: int) -> int:
 
 
 def _programs(device, tiles: int) -> int:
-    if interpreting():
-        return min(tiles, 4)
     return max(1, min(tiles, sm_count(device) * ENCODE["programs_per_sm"]))
 
 
@@ -442,7 +437,7 @@ def _gemm_args(xc, W, stride=1, block_s=None):
     es = xc.element_size()
     # TMA for the tensor-core (bf16/fp16) products; fp32's IEEE product is not one, and fed
     # from TMA tiles it spills registers (ptxas, sm_90: tests/hopper_compile.py)
-    tma = (ENCODE["tma"] and (xc.dtype != torch.float32 or interpreting())
+    tma = (ENCODE["tma"] and xc.dtype != torch.float32
            and (D * es) % 16 == 0 and xc.data_ptr() % 16 == 0 and W.data_ptr() % 16 == 0)
     x_desc = w_desc = None
     if tma:
@@ -450,10 +445,10 @@ def _gemm_args(xc, W, stride=1, block_s=None):
         x_desc = TensorDescriptor(xc, [N, D], [D, 1], [BN, BD])
         w_desc = TensorDescriptor(W, [S, D], [stride * D, 1], [BS, BD])
     nprog = _programs(xc.device, triton.cdiv(N, BN) * triton.cdiv(S, BS))
-    meta = dict(TMA=tma, IEEE=xc.dtype == torch.float32 or interpreting(), UPCAST=interpreting(),
+    meta = dict(TMA=tma, IEEE=xc.dtype == torch.float32,
                 RLOW=_rlow(xc.dtype, D), BLOCK_N=BN, BLOCK_S=BS, BLOCK_D=BD, NUM_PROGS=nprog,
-                num_warps=warps(ENCODE["num_warps"]),
-                num_stages=1 if interpreting() else ENCODE["num_stages"])
+                num_warps=ENCODE["num_warps"],
+                num_stages=ENCODE["num_stages"])
     return (x_desc, w_desc), nprog, meta
 
 
@@ -496,8 +491,7 @@ def _settle(out, keys, bad, fin, xc, W, b, thr, k, S_all, *, fix, finish, cand=N
         k, kk, S, D, L, nt, col0, limit, S_all,
         FIX=fix, FINISH=finish, HAS_THR=has_thr, HAS_ID32=out.id32 is not None, TOPM=top_m,
         KP=KP, BLOCK_T=p2(nt), BLOCK_S=BS, TB=max(BS, KP), BLOCK_D=min(32, p2(D)),
-        RLOW=_rlow(xc.dtype, D), RNE_BF16=rne_bf16(out.values.dtype),
-        num_warps=warps(4))
+        RLOW=_rlow(xc.dtype, D), num_warps=4)
 
 
 def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
@@ -521,7 +515,7 @@ def _encode_top(xc, W, b, kk, thr, act, fin, top_m, keys, bad, col0=0):
                              TOPM=top_m, BLOCK_T=p2(nt), BLOCK_S=BS, RLOW=meta["RLOW"],
                              BY_TILE=_by_tile(kk, nt, top_m, block), CHECK_FIN=col0 == 0,
                              BLOCK_D=min(1024, p2(D)),
-                             num_warps=warps(4 if block <= 2048 else 8))
+                             num_warps=4 if block <= 2048 else 8)
     return cand, L
 
 
@@ -624,7 +618,7 @@ def _encode_append(xc, W, b, kk, thr, out, k, fin):
     if cap <= 8192:
         block = p2(cap)
         _select_kernel[(N,)](buf, cnt, keys, xc, fin, cap, kk, D, BLOCK=block, KP=p2(kk, 2),
-                             BLOCK_D=min(1024, p2(D)), num_warps=warps(4 if block <= 2048 else 8))
+                             BLOCK_D=min(1024, p2(D)), num_warps=4 if block <= 2048 else 8)
     else:  # very large k: the unwritten tail of each row must not take part
         live = torch.arange(cap, device=dev)[None, :] < cnt[:, None]
         keys.copy_(torch.topk(buf.masked_fill_(~live, torch.iinfo(torch.long).min), kk,
@@ -632,7 +626,7 @@ def _encode_append(xc, W, b, kk, thr, out, k, fin):
         fin.copy_(torch.isfinite(xc).all(1))
     del buf
     _settle(out, keys, cnt, fin, xc, W, b, thr, k, S, fix=2, finish=True, limit=cap,
-            block_s=ENCODE["rescan_block_s"] if not interpreting() else 32)
+            block_s=ENCODE["rescan_block_s"])
 
 
 def _encode_main(x, b_pre, W, b, kk, thr, k, fin, out, top_m, bounds):
@@ -685,15 +679,85 @@ def topk_encode(x, W, b, k, b_pre=None, thr=None, *, id32=False):
     key = paths.bucket("encode", x, W, b_pre, thr, k=k, id32=id32)
     path = paths.choose(key, x.device, {
         "fused": lambda: _topk_encode_fused(x, W, b, k, b_pre, thr, id32),
-        "torch": lambda: _topk_encode_torch(x, W, b, k, b_pre, thr, id32)})
+        "torch": lambda: _topk_encode_torch(x, W, b, k, b_pre, thr, id32)},
+        compare=lambda got, want: encode_mismatch(got, want, x, W, b, b_pre, thr))
     fn = _topk_encode_fused if path == "fused" else _topk_encode_torch
     return fn(x, W, b, k, b_pre, thr, id32)
 
 
+def encode_mismatch(got, want, x, W, b, b_pre=None, thr=None):
+    """None when the encode outputs got (values, indices, overflow, ...) agree with want:
+    values to a tolerance of x's dtype (paths.mismatch); indices equal, except at a near-tie,
+    where got's latent must be a distinct, in-range latent whose own pre-activation gives
+    got's value; overflow flags equal but for 1 row in 1000 (a (k+1)-th entry at 0). Else a
+    sentence on the first difference found (host syncs: run once per shape bucket)."""
+    (vg, ig, og), (vw, iw, ow) = got[:3], want[:3]
+    N, k = vw.shape
+    S = W.shape[0]
+    why = paths.mismatch(vg, vw, "values", dtype=x.dtype)
+    if why is not None:
+        return why
+    if ((ig < 0) | (ig >= S)).any():
+        return "indices out of range"
+    srt = ig.sort(1).values
+    if (srt[:, 1:] == srt[:, :-1]).any():
+        return "a row selects one latent twice"
+    fin = torch.isfinite(vw).all(1, keepdim=True)
+    r, j = ((ig != iw) & fin).nonzero(as_tuple=True)
+    if r.numel():  # near-ties: got's latent must carry got's value
+        i = ig[r, j]
+        xr = x[r].float() - (b_pre.float() if b_pre is not None else 0.0)
+        pre = (xr * W[i].float()).sum(1) + b[i].float()
+        keep = pre > 0
+        if thr is not None:
+            keep &= pre > thr[i].float()
+        act = torch.where(keep, pre, 0.0).to(x.dtype)
+        why = paths.mismatch(act[:, None], vg[r, j][:, None], "the values of near-tied "
+                             "latents", dtype=x.dtype,
+                             scale=vw.float().abs().amax(1, keepdim=True)[r])
+        if why is not None:
+            return f"indices differ at {r.numel()} of {N * k} slots; {why}"
+    n_ovf = int((og != ow).sum())
+    if n_ovf > N // 1000 + 1:
+        return f"the overflow flag differs on {n_ovf} of {N} rows"
+    return None
+
+
+def _keys(pre, col0: int = 0):
+    """torch's twin of the kernels' pack(): int64 keys whose integer order is pre's order with
+    exact ties to the smaller index (pre's fp32 bits high, ~column low; -0.0 as +0.0)."""
+    bits = (pre.float() + 0.0).view(torch.int32)
+    hi = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.long)
+    col = torch.arange(col0, col0 + pre.shape[1], device=pre.device)
+    return (hi << 32) | (0xFFFFFFFF - col)
+
+
+def _unkeys(keys):
+    """Inverse of _keys: (fp32 values, int64 columns)."""
+    hi = (keys >> 32).to(torch.int32)
+    bits = torch.where(hi < 0, hi ^ 0x7FFFFFFF, hi)
+    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def _linear_fp32(xc, W, b):
+    """xc W^T + b in fp32, as the fused path ranks it: products of the inputs' dtype summed
+    in fp32, not rounded to bf16/fp16 (cuBLAS with an fp32 output on CUDA; elsewhere, e.g.
+    under the interpreter, fp32 copies)."""
+    if xc.dtype == torch.float32:
+        return torch.nn.functional.linear(xc, W, b)
+    if xc.is_cuda:
+        try:
+            return torch.mm(xc, W.T, out_dtype=torch.float32) + b.float()
+        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
+            pass
+    return torch.nn.functional.linear(xc.float(), W.float(), b.float())
+
+
 def _topk_encode_torch(x, W, b, k, b_pre, thr, id32):
     """The same outputs from torch ops: per row chunk (ENCODE["buffer_bytes"] of fp32
-    pre-activations) ``F.linear`` (cuBLAS; fp32 accumulation, rounded to x's dtype) and
-    ``torch.topk`` of k + 1 (the order of exact ties is torch's). No host sync."""
+    pre-activations and their int64 keys) an fp32 GEMM (_linear_fp32) and ``torch.topk`` of
+    k + 1 keys (_keys: exact ties to the smaller index, as on the fused path). No host
+    sync."""
     N, D = x.shape
     S = W.shape[0]
     dev = x.device
@@ -701,13 +765,13 @@ def _topk_encode_torch(x, W, b, k, b_pre, thr, id32):
     values = torch.empty(N, k, dtype=x.dtype, device=dev)
     indices = torch.empty(N, k, dtype=torch.long, device=dev)
     overflow = torch.empty(N, dtype=torch.bool, device=dev)
-    rows = max(1, ENCODE["buffer_bytes"] // (4 * max(S, 1)))
+    rows = max(1, ENCODE["buffer_bytes"] // (12 * max(S, 1)))
     ar = torch.arange(k, device=dev)
     for r in range(0, N, rows):
         sl = slice(r, r + rows)
         xc = x[sl] - b_pre if b_pre is not None else x[sl]
-        pre = torch.nn.functional.linear(xc, W, b)
-        top, idx = torch.topk(pre, kk, dim=1)
+        pre = _linear_fp32(xc, W, b)
+        top, idx = _unkeys(torch.topk(_keys(pre), kk, dim=1).values)
         keep = top[:, :k] > 0
         if thr is not None:
             keep &= top[:, :k] > thr[idx[:, :k]]

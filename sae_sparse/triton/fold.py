@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_dtypes, interpreting, p2, sm_count, tl, triton, warps
+from ._common import check_dtypes, p2, sm_count, tl, triton
 
 # Tiles: [rows of A (<= 32 per row block), block_n] of fp32 sums over block_k steps
 # (forward: n = columns of W_dec, k = latents); fold_t: [rows, block_t latents] over
@@ -119,8 +119,6 @@ if triton is not None:
 
 def _parts(W):
     """(PARTS, IEEE) for products of fp32 operands with W's dtype."""
-    if interpreting():
-        return 1, True
     return (3 if W.dtype == torch.bfloat16 else 1), W.dtype != torch.bfloat16
 
 
@@ -141,7 +139,7 @@ def fold(W_dec, bias=None, W_out=None):
         return torch.zeros(R, D, dtype=torch.float32, device=dev)
     W = W_dec.contiguous()
     BR = min(p2(R, 16), 32)
-    BD, BS = (32, 16) if interpreting() else (FOLD["block_n"], FOLD["block_k"])
+    BD, BS = FOLD["block_n"], FOLD["block_k"]
     grid_d, grid_r = triton.cdiv(D, BD), triton.cdiv(R, BR)
     want = sm_count(dev) * FOLD["programs_per_sm"]
     split = max(1, min(triton.cdiv(S, BS), want // (grid_d * grid_r)))
@@ -153,8 +151,8 @@ def fold(W_dec, bias=None, W_out=None):
     _fold_kernel[(grid_d, split, grid_r)](
         part, wout, bias.contiguous() if bias is not None else W, W, R, H, S, D, per,
         HAS_BIAS=bias is not None, PARTS=parts, IEEE=ieee, BLOCK_R=BR, BLOCK_S=BS, BLOCK_D=BD,
-        num_warps=warps(FOLD["num_warps"]),
-        num_stages=1 if interpreting() else FOLD["num_stages"])
+        num_warps=FOLD["num_warps"],
+        num_stages=FOLD["num_stages"])
     return part[0] if split == 1 else part.sum(0)
 
 
@@ -167,13 +165,13 @@ def fold_t(G, W):
         return torch.zeros(R, S, dtype=torch.float32, device=W.device)
     W = W.contiguous()
     BR = min(p2(R, 16), 32)
-    BS, BD = (32, 16) if interpreting() else (FOLD["block_t"], FOLD["block_k"])
+    BS, BD = FOLD["block_t"], FOLD["block_k"]
     out = torch.empty(R, S, dtype=torch.float32, device=W.device)
     parts, ieee = _parts(W)
     _fold_t_kernel[(triton.cdiv(S, BS), triton.cdiv(R, BR))](
         out, G.float().contiguous(), W, R, S, D, PARTS=parts, IEEE=ieee, BLOCK_R=BR,
-        BLOCK_S=BS, BLOCK_D=BD, num_warps=warps(FOLD["num_warps"]),
-        num_stages=1 if interpreting() else FOLD["num_stages"])
+        BLOCK_S=BS, BLOCK_D=BD, num_warps=FOLD["num_warps"],
+        num_stages=FOLD["num_stages"])
     return out
 
 
@@ -187,10 +185,10 @@ def fold_w(G, S, dtype, bias=None, W_out=None):
         return out
     if R == 0:
         return out.zero_()
-    BS, BD = (16, 32) if interpreting() else FOLD["w_tile"]
+    BS, BD = FOLD["w_tile"]
     _fold_w_kernel[(triton.cdiv(S, BS), triton.cdiv(D, BD))](
         out, W_out.contiguous() if W_out is not None else G, bias if bias is not None else G,
         G.float().contiguous(), R, H, S, D, HAS_BIAS=bias is not None,
         BLOCK_R=min(p2(R, 16), 32),
-        BLOCK_S=BS, BLOCK_D=BD, num_warps=warps(FOLD["num_warps"]))
+        BLOCK_S=BS, BLOCK_D=BD, num_warps=FOLD["num_warps"])
     return out
