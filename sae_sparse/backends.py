@@ -44,14 +44,22 @@ def available_backends() -> list[str]:
 
 
 def backend_status() -> dict[str, str]:
-    """Why each backend is or is not available (for bug reports and the README)."""
-    return {
-        "torch": "available",
-        "cpp": "available" if _cpp.available() else _cpp.IMPORT_ERROR,
-        "triton": ("available (CUDA tensors" + ("; CPU tensors through the interpreter)"
-                                                if _triton.interpreting() else ")")
-                   if _triton.available() else _triton.IMPORT_ERROR),
-    }
+    """Why each backend is or is not available (for bug reports and the README), and the
+    shape buckets whose fused triton outputs disagreed with the torch composition's (they
+    run the composition; see sae_sparse/triton/paths.py)."""
+    triton = _triton.IMPORT_ERROR
+    if _triton.available():
+        triton = "available (CUDA tensors" + ("; CPU tensors through the interpreter)"
+                                              if _triton.interpreting() else ")")
+        refused = _triton.paths.refused()
+        if refused:
+            triton += (f"; the fused path is refused for {len(refused)} shape bucket(s) whose "
+                       "outputs disagreed with the torch composition's: "
+                       + "; ".join(f"{key[0]} ({_triton.paths.describe(key)}): {why}"
+                                   for key, why in refused.items()))
+    return {"torch": "available",
+            "cpp": "available" if _cpp.available() else _cpp.IMPORT_ERROR,
+            "triton": triton}
 
 
 def _supports(name: str, device: torch.device) -> bool:

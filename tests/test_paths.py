@@ -30,13 +30,14 @@ def timer(monkeypatch):
     cands = {}
     real_choose = paths.choose
 
-    def spy(key, device, candidates):  # record which callable is which candidate
+    def spy(key, device, candidates, compare=None):  # which callable is which candidate
         cands.clear()
         cands.update(candidates)
-        return real_choose(key, device, candidates)
+        return real_choose(key, device, candidates, compare)
     monkeypatch.setattr(paths, "choose", spy)
     monkeypatch.setattr(paths, "_TIMER", fake)
     monkeypatch.setattr(paths, "_CACHE", {})
+    monkeypatch.setattr(paths, "_REFUSED", {})
     monkeypatch.delenv(paths.ENV_VAR, raising=False)
     return calls, times
 
@@ -163,3 +164,86 @@ def test_edit_step_on_the_torch_path(timer, mode):
     for n, p, p0 in pairs:
         assert_close(p.grad.double(), p0.grad, rtol=1e-4,
                      atol=1e-5 * p0.grad.abs().max().item(), name=n)
+
+
+def _corrupt(kind):
+    """A fused encode that is wrong on purpose, as a kernel miscompiled on some card."""
+    from sae_sparse.triton import encode as _enc
+    real = _enc._topk_encode_fused
+
+    def wrong(*a):
+        v, i, ovf, *rest = real(*a)
+        if kind == "values":
+            v = v * 1.01
+        elif kind == "indices":  # the last slot names its neighbour latent
+            i = i.clone()
+            i[:, -1] = (i[:, -1] + 1) % a[1].shape[0]
+        elif kind == "duplicate":
+            i = i.clone()
+            i[:, -1] = i[:, 0]
+        elif kind == "overflow":
+            ovf = torch.zeros_like(ovf)
+        return (v, i, ovf, *rest)
+    return wrong
+
+
+@pytest.mark.parametrize("kind", ["values", "indices", "duplicate", "overflow"])
+def test_a_wrong_fused_encode_is_refused_though_faster(timer, monkeypatch, kind):
+    """The fused encode times faster but its outputs disagree with the torch composition's:
+    the bucket takes the torch path, one warning names the op, shape and difference, and
+    backend_status reports it; the outputs are the reference's."""
+    from sae_sparse.triton import encode as _enc
+    calls, times = timer
+    times.update(fused=1.0, torch=2.0)
+    monkeypatch.setattr(_enc, "_topk_encode_fused", _corrupt(kind))
+    sae, x = _case(N=40, S=300, k=5)
+    b = torch.full((300,), 0.3) if kind == "overflow" else sae.b_enc  # most rows overflow
+    with pytest.warns(RuntimeWarning, match=r"fused triton encode disagrees .*N <= 64, \(21,\)"):
+        v, i = ss.topk_encode(x, sae.W_enc, b, sae.k, b_pre=sae.b_pre, backend="triton")
+    assert set(paths._CACHE.values()) == {"torch"} and len(paths.refused()) == 1
+    assert "refused for 1 shape bucket" in ss.backend_status()["triton"]
+    v0, i0 = ss.topk_encode(x.double(), sae.W_enc.double(), b.double(), sae.k,
+                            b_pre=sae.b_pre.double(), backend="torch")
+    assert torch.equal(i, i0)
+    assert_close(v.double(), v0, rtol=1e-5, atol=1e-6, name="values")
+    ss.topk_encode(x[:33], sae.W_enc, b, sae.k, b_pre=sae.b_pre, backend="triton")  # cached
+
+
+def test_a_wrong_fused_decode_is_refused(timer, monkeypatch):
+    from sae_sparse.triton import edit_decode as _ed
+    calls, times = timer
+    times.update(fused=1.0, torch=2.0)
+    real = _ed._edit_decode
+    monkeypatch.setattr(_ed, "_edit_decode", lambda *a: real(*a).mul_(1.001))
+    sae, x = _case()
+    with pytest.warns(RuntimeWarning, match="fused triton edit_decode disagrees .* y differ"):
+        y = sae(x, backend="triton")
+    assert paths._CACHE[next(k for k in paths._CACHE if k[0] == "edit_decode")] == "torch"
+    assert paths._CACHE[next(k for k in paths._CACHE if k[0] == "encode")] == "fused"
+    sae64 = ss.SAE(*(t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.W_dec,
+                                                    sae.b_dec)), sae.k, b_pre=None)
+    sae64.b_pre = sae64.b_dec
+    assert_close(y.double(), sae64(x.double(), backend="torch"), rtol=1e-5, atol=1e-5,
+                 name="y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_paths_keep_exact_ties_by_the_smaller_index(timer, dtype):
+    """Duplicated encoder rows and an all-zero row: the fused kernels and the torch
+    composition select the same latents (smaller index first), and the check trusts both."""
+    calls, times = timer
+    g = torch.Generator().manual_seed(2)
+    D, S, k = 16, 300, 6
+    W = torch.randn(S, D, generator=g) / 4
+    W[[77, 150, 299]] = W[3].clone()
+    x = torch.randn(5, D, generator=g)
+    x[0] = 10 * W[3]
+    x[2] = 0
+    W, x, b = W.to(dtype), x.to(dtype), torch.zeros(S, dtype=dtype)
+    out = {p: ss.topk_encode(x, W, b, k, backend="triton", path=p)[1] for p in paths.PATHS}
+    assert out["fused"][0, :4].tolist() == [3, 77, 150, 299]
+    assert out["fused"][2].tolist() == list(range(k))
+    assert torch.equal(out["fused"], out["torch"])
+    times.update(fused=1.0, torch=2.0)
+    ss.topk_encode(x, W, b, k, backend="triton")  # timed and checked: trusted
+    assert set(paths._CACHE.values()) == {"fused"} and not paths.refused()

@@ -24,6 +24,7 @@ if available():
     from . import edit_decode as _ed
     from . import encode as _enc
     from . import fold as _fold
+    from . import paths  # noqa: F401
     from .backward import DENSE, SEGMENT, TOKEN  # noqa: F401
     from .edit_decode import DECODE  # noqa: F401
     from .encode import ENCODE  # noqa: F401

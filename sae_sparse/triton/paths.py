@@ -102,7 +102,7 @@ def choose(key, device, candidates, compare=None):
     if why is not None:
         _REFUSED[key] = why
         warnings.warn(f"sae_sparse: the fused triton {key[0]} disagrees with the torch "
-                      f"composition on {key[1]} ({_describe(key)}): {why}; this shape "
+                      f"composition on {key[1]} ({describe(key)}): {why}; this shape "
                       "bucket takes the torch path. Please report it with the output of "
                       "`sae-sparse doctor`.", RuntimeWarning, stacklevel=3)
         best = "torch"
@@ -127,7 +127,7 @@ def _copy(out):
     return out
 
 
-def _describe(key):
+def describe(key):
     """The shape part of a bucket key, for people."""
     dtype, n, rest = key[4], key[5], key[6:]
     return f"{dtype}, N <= {n}, " + ", ".join(str(r) for r in rest if r is not None)
