@@ -33,8 +33,6 @@ def _check_supported(sae):
     if getattr(cfg, "reshape_activations", "none") != "none":
         raise NotImplementedError(f"reshape_activations={cfg.reshape_activations!r} (hook_z) "
                                   "is not supported by the sae_sparse patch")
-    if getattr(cfg, "use_sparse_activations", False):
-        pass  # the patch always returns sparse activations
 
 
 def _effective(sae):

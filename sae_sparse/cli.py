@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -48,13 +49,34 @@ _positive = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
-def _nonneg_float(v):
+def _finite_float(v):
     try:
         x = float(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
-    if not x >= 0 or x == float("inf"):
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {v!r}")
+    return x
+
+
+def _nonneg_float(v):
+    x = _finite_float(v)
+    if not x >= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v!r}")
+    return x
+
+
+def _positive_float(v):
+    x = _finite_float(v)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {v!r}")
+    return x
+
+
+def _fraction(v):
+    x = _finite_float(v)
+    if not 0 <= x < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {v!r}")
     return x
 
 
@@ -121,7 +143,7 @@ def _train_parser(sub):
                    help="micro-batches per optimizer step")
     p.add_argument("--max-len", type=_positive, default=128,
                    help="tokens kept per record (longer records are truncated, with a warning)")
-    p.add_argument("--eval-frac", type=float, default=0.1,
+    p.add_argument("--eval-frac", type=_fraction, default=0.1,
                    help="fraction of the records held out for evaluation")
     p.add_argument("--eval-every", type=_positive, default=50, help="evaluate every N steps")
     p.add_argument("--log-every", type=_positive, default=10,
@@ -533,7 +555,7 @@ def _parsers():
     gp.add_argument("run_dir", help="a finished run directory")
     gp.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     gp.add_argument("--prompts", default=None, help="a file of prompts, one per line")
-    gp.add_argument("--strength", type=float, action="append", default=None,
+    gp.add_argument("--strength", type=_finite_float, action="append", default=None,
                     help="scale of the edit (1 = as trained, 0 = none); repeatable "
                          "[default: 1]")
     gp.add_argument("--max-new-tokens", type=_positive, default=40,
@@ -565,7 +587,7 @@ def _parsers():
     sp.add_argument("--k", type=_positive, default=32, help="active latents per token")
     sp.add_argument("--tokens", type=_positive, default=1_000_000, help="training tokens")
     sp.add_argument("--batch-tokens", type=_positive, default=4096, help="tokens per step")
-    sp.add_argument("--lr", type=float, default=None,
+    sp.add_argument("--lr", type=_positive_float, default=None,
                     help="Adam learning rate [default: 2e-4 / sqrt(d_sae / 2^14)]")
     sp.add_argument("--auxk-alpha", type=_nonneg_float, default=1 / 32, help="AuxK weight")
     sp.add_argument("--dead-tokens", type=_positive, default=200_000,
@@ -574,7 +596,7 @@ def _parsers():
                     help="activations held and shuffled at a time")
     sp.add_argument("--max-len", type=_positive, default=128, help="tokens per window")
     sp.add_argument("--model-batch", type=_positive, default=16, help="windows per forward")
-    sp.add_argument("--eval-frac", type=float, default=0.05, help="records held out")
+    sp.add_argument("--eval-frac", type=_fraction, default=0.05, help="records held out")
     sp.add_argument("--seed", type=int, default=0, help="seed")
     sp.add_argument("--device", default=None, help="cpu, cuda, ...")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")

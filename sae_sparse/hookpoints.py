@@ -127,7 +127,17 @@ def hook_width(model: nn.Module, path: str) -> int:
     computation and no memory)."""
     device = next(model.parameters(), torch.empty(0, device="meta")).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    return int(forward_to(model, path, ids).shape[-1])
+    # without a pad token transformers does not look for padding in ids (an .item(), which a
+    # meta tensor cannot give: GPT-2 does it)
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is not None:
+        config.pad_token_id = None
+    try:
+        return int(forward_to(model, path, ids).shape[-1])
+    finally:
+        if pad is not None:
+            config.pad_token_id = pad
 
 
 class _Stop(Exception):

@@ -204,8 +204,13 @@ def attach(model: nn.Module, edits: dict, *, mode: str = "delta", backend=None,
     if not isinstance(skip_first, int) or skip_first < 0:
         raise ValueError(f"skip_first must be an int >= 0, got {skip_first!r}")
     out = AttachedEdits(skip_first)
+    seen = {}
     for path, spec in edits.items():
         module = _module(model, path)
+        if id(module) in seen:  # e.g. "transformer.h.1" and "blocks.1.hook_resid_post"
+            raise ValueError(f"edits {seen[id(module)]!r} and {path!r} name the same module; "
+                             "one edit per module")
+        seen[id(module)] = path
         sae = None
         if isinstance(spec, tuple):
             sae, adapter = spec

@@ -39,13 +39,26 @@ def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.quick_ids("id", ...)`` on a parametrized test keeps only those
     parametrizations in the quick run (``python -m pytest -q``); the others get the
     ``exhaustive`` marker, which the quick run deselects and ``.ci/run`` runs
-    (``python -m pytest -q -m exhaustive``)."""
+    (``python -m pytest -q -m exhaustive``). An id that names no parametrization of its
+    test stops the run: it would keep nothing, silently."""
+    ids, named = {}, {}
     for item in items:
         keep = item.get_closest_marker("quick_ids")
         if keep is None or not hasattr(item, "callspec"):
             continue
+        test = (item.path, item.originalname)
+        ids.setdefault(test, set()).add(item.callspec.id)
+        named[test] = keep.args
         if item.callspec.id not in keep.args:
             item.add_marker(pytest.mark.exhaustive)
+    for test, wanted in named.items():
+        unknown = sorted(set(wanted) - ids[test])
+        whole = not (config.getoption("deselect") or config.getoption("keyword")
+                     or any("::" in a for a in config.args))  # else some ids are not here
+        if unknown and whole:
+            raise pytest.UsageError(
+                f"{test[0].name}::{test[1]}: quick_ids {unknown} match no parametrization "
+                f"(its ids look like {sorted(ids[test])[0]!r})")
 
 
 @pytest.fixture(autouse=True)

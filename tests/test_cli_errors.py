@@ -28,6 +28,8 @@ def files(tmp_path_factory):
     save_saelens(ss.SAE.random(32, 40, 4, generator=g), str(root / "sae"),
                  hook_name="blocks.1.hook_resid_post")
     save_sparsify(ss.SAE.random(32, 40, 4, b_pre=True, generator=g), str(root / "noname"))
+    save_saelens(ss.SAE.random(32, 40, 4, generator=g), str(root / "sae_h1"),
+                 hook_name="transformer.h.1")  # the module "sae"'s hook name resolves to
     save_saelens(ss.SAE.random(64, 40, 4, generator=g), str(root / "wide"),
                  hook_name="blocks.1.hook_resid_post")
     nan = ss.SAE.random(32, 40, 4, generator=g)
@@ -106,7 +108,10 @@ BAD_TRAIN = [  # (id, extra args / overrides, expected words in the one line)
      "give one --hook per --sae"),
     ("sae-names-no-hook", dict(sae="noname"), "its config names no hook; pass --hook"),
     ("no-cuda", (["--device", "cuda"], {}), "this machine has no CUDA device"),
-    ("eval-frac", (["--eval-frac", "1.5"], {}), "eval_frac must be in [0, 1)"),
+    ("eval-frac", (["--eval-frac", "1.5"], {}), "--eval-frac: expected a fraction in [0, 1)"),
+    ("nan-lr", (["--lr", "nan"], {}), "--lr: expected a finite number, got 'nan'"),
+    ("two-saes-one-module", (["--sae", "{sae_h1}"], {}),
+     "two SAEs edit the same module transformer.h.1"),
     ("negative-lr", (["--lr", "-1"], {}), "--lr: expected a finite number >= 0"),
     ("negative-warmup", (["--warmup-steps", "-1"], {}), "--warmup-steps: expected an integer >= 0"),
     ("same-sae-twice", (["--sae", "{sae}"], {}), "the same --sae is given twice"),
@@ -121,7 +126,8 @@ def test_train_mistakes_are_one_line_before_anything_is_written(files, tmp_path,
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(files)  # "modle/x": a relative path whose first directory does not exist
     extra, over = spec if isinstance(spec, tuple) else ([], spec)
-    extra = [e.replace("{sae}", str(files / "sae")) for e in extra]
+    extra = [e.replace("{sae}", str(files / "sae")).replace("{sae_h1}", str(files / "sae_h1"))
+             for e in extra]
     out = tmp_path / "run"
     argv = train_args(files, out, *extra, **{k: v for k, v in over.items() if v is not None})
     if "model" in over and over["model"] is None:
@@ -243,3 +249,44 @@ def test_help_shows_every_flag_with_its_default(capsys):
         with pytest.raises(SystemExit):
             main([sub, "--help"])
         assert "--debug" in capsys.readouterr().out
+
+
+NON_FINITE = [  # every float flag of every subcommand refuses NaN and inf in one line
+    ("train", "--lr"), ("train", "--l1"), ("train", "--weight-decay"), ("train", "--eval-frac"),
+    ("generate", "--strength"), ("generate", "--temperature"),
+    ("train-sae", "--lr"), ("train-sae", "--auxk-alpha"), ("train-sae", "--eval-frac"),
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("cmd,flag", NON_FINITE, ids=[f"{c}{f}" for c, f in NON_FINITE])
+def test_non_finite_numbers_are_refused(files, tmp_path, capsys, cmd, flag, value):
+    base = {"train": train_args(files, tmp_path / "run"),
+            "generate": ["generate", str(tmp_path / "run")],
+            "train-sae": ["train-sae", "--model", str(files / "model"), "--hook",
+                          "transformer.h.1", "--out", str(tmp_path / "sae")]}[cmd]
+    rc, line = run(capsys, [*base, flag, value])
+    assert f"argument {flag}: expected a finite number" in line or \
+        f"argument {flag}: expected a fraction in [0, 1), got '{value}'" in line, line
+    assert not any(tmp_path.iterdir())
+
+
+def test_width_is_checked_before_loading_a_model_with_a_pad_token(tmp_path, capsys,
+                                                                   monkeypatch):
+    """The demo GPT-2 has a pad token, for which transformers looks for padding in the input
+    (a .item() the meta-device forward cannot give): the width check still runs before the
+    model loads, and --out is not made."""
+    from sae_sparse.demo import ASSETS
+    g = torch.Generator().manual_seed(0)
+    save_saelens(ss.SAE.random(16, 48, 4, generator=g), str(tmp_path / "sae16"),
+                 hook_name="transformer.h.1")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "the cat runs"}) + "\n")
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    rc, line = run(capsys, ["train", "--model", os.path.join(ASSETS, "model"), "--sae",
+                            str(tmp_path / "sae16"), "--data", str(tmp_path / "d.jsonl"),
+                            "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "reads vectors of width 16, but the hook transformer.h.1 (transformer.h.1) " \
+           "outputs width 32" in line, line
+    assert not (tmp_path / "run").exists()

@@ -93,6 +93,16 @@ def test_bad_module_path():
         attach(tiny_gpt2(), {"transformer.h.9": (ss.SAE.random(32, 50, 3), None)})
 
 
+def test_two_edits_for_one_module_are_refused():
+    """Two names for one module (a module path and its TransformerLens hook name): the second
+    would silently replace the first."""
+    sae = ss.SAE.random(32, 50, 3)
+    with pytest.raises(ValueError, match="edits 'transformer.h.1' and "
+                                         "'blocks.1.hook_resid_post' name the same module"):
+        attach(tiny_gpt2(), {"transformer.h.1": (sae, None),
+                             "blocks.1.hook_resid_post": (sae, None)})
+
+
 def test_lora_baseline_starts_at_identity():
     model = tiny_gpt2()
     ids = torch.randint(0, 50, (2, 5))

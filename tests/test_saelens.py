@@ -42,8 +42,8 @@ def training_sae(rescale=True, apply_b_dec=True, dtype="float64", seed=0, d_in=1
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rescale,apply_b_dec,dead", [
     (True, True, "many"), (False, True, "few"), (True, False, "none"), (False, False, "many")])
-@pytest.mark.quick_ids("torch-True-True-many", "cpp-False-True-few", "triton-True-True-many",
-                       "cpp-True-False-none")
+@pytest.mark.quick_ids("True-True-many-torch", "False-True-few-cpp", "True-True-many-triton",
+                       "True-False-none-cpp")
 def test_training_step_matches_saelens(backend, rescale, apply_b_dec, dead):
     """saelens_training_forward_pass against TopKTrainingSAE.training_forward_pass on a copy:
     sae_out, the activations (sparse here, dense there), both losses and every parameter's
@@ -74,6 +74,31 @@ def test_training_step_matches_saelens(backend, rescale, apply_b_dec, dead):
     for (n, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=tol["rtol"] * 10,
                                    atol=tol["atol"] * 10 * p.grad.abs().max().item(), msg=n)
+
+
+def test_training_step_with_extra_leading_dims():
+    """Activations [batch, seq, d] (SAELens takes any leading dims): the same sae_out, dense
+    feature_acts of shape [batch, seq, d_sae], losses (AuxK too) and gradients."""
+    ref = training_sae(True, True, dtype="float64")
+    ours = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 13, 16, generator=g, dtype=torch.float64)
+    mask = torch.zeros(120, dtype=torch.bool).index_fill_(0, torch.tensor([3, 50, 77]), True)
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=mask, n_training_steps=0,
+                          is_logging_step=False)
+    o0 = ref.training_forward_pass(step)
+    o0.loss.backward()
+    o1 = saelens_training_forward_pass(ours, step, backend="torch")
+    o1.loss.backward()
+    tol = dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(o1.sae_out, o0.sae_out, **tol)
+    assert o1.feature_acts.shape == (3, 13, 120)
+    torch.testing.assert_close(o1.feature_acts, o0.feature_acts, **tol)
+    for n in o0.losses:
+        torch.testing.assert_close(o1.losses[n], o0.losses[n], **tol, msg=n)
+    assert o0.losses["auxiliary_reconstruction_loss"] > 0
+    for (n, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-9, msg=n)
 
 
 def test_patch_the_class_and_one_sae_and_remove(monkeypatch):

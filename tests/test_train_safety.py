@@ -319,3 +319,23 @@ def test_report_lift_and_top_contexts(tmp_path):
                           reverse=True)[:3]
             got = [r["activation"] for r in ctx[int(lat)]]
             assert got == pytest.approx(want[:len(got)]) and len(got) == min(3, len(want))
+
+
+def test_resume_fingerprint_names_each_changed_input():
+    """A checkpoint resumes only with the data, model, teacher, hook set and SAEs it was
+    trained with: each change is named (the API's teacher= included, which no CLI flag sets)."""
+    model = dict(source="/m", model_type="gpt2", n_params=10)
+    base = dict(data_sha256="a" * 64, model=model, teacher=None,
+                sae_sha256={"transformer.h.1": "b" * 64})
+    assert T._fingerprint_changes(base, dict(base)) == []
+    for change, what in (
+            (dict(data_sha256="c" * 64), "the data (sha256 aaaaaaaa… now cccccccc…)"),
+            (dict(model=dict(model, source="/m2")), "the model (/m, gpt2, 10 parameters -> "
+                                                    "/m2, gpt2, 10 parameters)"),
+            (dict(model=dict(model, n_params=11)), "the model ("),
+            (dict(teacher=dict(model)), "the teacher model (None -> "),
+            (dict(sae_sha256={"transformer.h.1": "b" * 64, "transformer.h.0": "d" * 64}),
+             "the hooks (['transformer.h.1'] -> ['transformer.h.0', 'transformer.h.1'])"),
+            (dict(sae_sha256={"transformer.h.1": "e" * 64}), "the SAE at transformer.h.1")):
+        changes = T._fingerprint_changes(base, {**base, **change})
+        assert len(changes) == 1 and changes[0].startswith(what), changes

@@ -281,7 +281,7 @@ def test_triton_encode_all_ties_row(monkeypatch):
 
 @pytest.mark.parametrize("path", ["main", "fallback"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.quick_ids("main-dtype0", "fallback-dtype1")
+@pytest.mark.quick_ids("dtype0-main", "dtype1-fallback")
 def test_triton_encode_nonfinite_rows_come_back_nan(monkeypatch, path, dtype):
     """No host check: a row of x - b_pre with a NaN or inf (also a difference of finite
     values that overflows the dtype, and a bad entry past the kernel's first 1024 columns)
