@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, in the order that matters most when device time
-# is short: install (no network), the GPU tests, the benchmark (saved to benchmarks/results/),
+# is short: `sae-sparse doctor` (every op, backend and path against the float64 reference on
+# this card, then the fused path, the torch composition and the bare GEMM timed at shapes
+# A-D, with the path chosen), install (no network), the GPU tests, the benchmark (saved to
+# benchmarks/results/),
 # the encode and decode sweeps, the step profile, adapter steps over millions of latents.
 # Each part has its own time limit (under the device tool's 10 minutes per call) and writes a
 # log to $OUT (default
@@ -9,10 +12,10 @@
 #
 # A 15-minute lease (start-up, idle waits and hand-back included) has room for one call:
 #
-#     OUT=$OUT PARTS="gputests bench" bash benchmarks/gpu_session.sh     # run: timeout_s 560
+#     OUT=$OUT PARTS="doctor gputests bench" bash benchmarks/gpu_session.sh  # run: timeout_s 560
 #
 # It skips the install (the triton backend needs no C++ build; PYTHONPATH points here), runs
-# the GPU-only tests at realistic sizes and torch.compile on CUDA, then the benchmark at every
+# the doctor (doctor.log: its table; doctor.json: the same for scripts), the GPU-only tests at realistic sizes and torch.compile on CUDA, then the benchmark at every
 # shape (rows are printed as each shape ends, so a time limit keeps the finished
 # shapes). With more device time, in this order:
 #
@@ -23,7 +26,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/session-$(date +%F)}
-PARTS=${PARTS:-"gputests bench"}
+PARTS=${PARTS:-"doctor gputests bench"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 summary=()
@@ -44,6 +47,8 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
     >>"$OUT/card.txt" 2>&1
 git rev-parse --short HEAD >>"$OUT/card.txt" 2>&1
 
+# first: is what the card computes right? (exit 1 on any mismatch; its JSON beside the log)
+part doctor 200 python -m sae_sparse.doctor --save "$OUT/doctor.json"
 # no network on the device: build the extension against the torch that is there
 part install 240 pip install -e . --no-build-isolation --no-deps -q
 # the GPU image has no pytest-xdist: replace pyproject's addopts (-n auto) by their other half

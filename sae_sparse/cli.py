@@ -607,6 +607,9 @@ def _parsers():
     dp.add_argument("--seed", type=int, default=0, help="seed of the data and training")
     dp.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(dp)
+    sub.add_parser("doctor", add_help=False,
+                   help="check this install on this machine: every op and backend against "
+                        "the float64 reference, timings on a GPU (`sae-sparse doctor --help`)")
     sub.add_parser("sparsify", add_help=False,
                    help="EleutherAI sparsify's trainer (`python -m sparsify ARGS`; needs "
                         "CUDA) with every SparseCoder on this package's ops "
@@ -635,6 +638,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sparsify"]:  # everything after it is sparsify's, --help included
         return cmd_sparsify(argv[1:])
+    if argv[:1] == ["doctor"]:  # its own parser (python -m sae_sparse.doctor is the same)
+        from .doctor import main as doctor
+
+        return doctor(argv[1:])
     a = _parsers().parse_args(argv)
     from .train import RunMismatch, TrainingInterrupted
 

@@ -114,6 +114,9 @@ def _ops():
             "auxk": auxk}
 
 
+OPS = ("encode", "decode", "sae_forward", "sae_edit", "auxk")
+
+
 def _fixed_code(sae, x):
     """A code for the decode check that no backend chose: the float64 reference's."""
     from . import ops
@@ -185,11 +188,12 @@ def _targets(device):
     return out
 
 
-def check(device, cases, log=print):
-    """Every op on every (backend, path) against the float64 reference -> list of rows."""
+def check(device, cases, log=print, ops=None):
+    """Every op (or those named in ops) on every (backend, path) against the float64
+    reference -> list of rows."""
     rows = []
     for case in cases:
-        for op in _ops():
+        for op in ops or _ops():
             want = _run(op, case, device, "torch", "float64")
             for backend, path in _targets(device):
                 t0 = time.perf_counter()
@@ -264,13 +268,21 @@ def environment():
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="sae-sparse doctor", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="sae-sparse doctor",
+                                 description="Check that this install computes the right thing "
+                                 "on this machine: every op on every backend and path, forward "
+                                 "and backward, against the float64 reference; on a GPU also "
+                                 "encode timings at shapes A-D. Exit status 1 on a mismatch.")
     ap.add_argument("--quick", action="store_true",
                     help="the three small cases only, no timings (under a minute on a CPU)")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ap.add_argument("--save", metavar="FILE", default=None,
+                    help="also write that JSON object to FILE")
     ap.add_argument("--interpret", action="store_true",
                     help="on a CPU, also check the triton kernels in the Triton interpreter")
     ap.add_argument("--device", default=None, help="cuda or cpu [default: cuda if available]")
+    ap.add_argument("--op", action="append", choices=list(OPS), default=None,
+                    help="check only this op; repeatable [default: all]")
     a = ap.parse_args(argv)
     if a.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         # the interpreter must be chosen before triton is imported: run again with it
@@ -287,7 +299,7 @@ def main(argv=None) -> int:
     for name, status in env["backends"].items():
         log(f"backend {name}: {status}")
     log("checks against the float64 reference (forward and backward):")
-    rows = check(device, CASES if a.quick else CASES + FULL_CASES, log)
+    rows = check(device, CASES if a.quick else CASES + FULL_CASES, log, ops=a.op)
     times = []
     if device.type == "cuda" and not a.quick:
         log("encode timings, bf16 (median ms):")
@@ -296,9 +308,13 @@ def main(argv=None) -> int:
     log(f"{len(rows) - len(failed)} of {len(rows)} checks passed"
         + (": this install can be trusted on this device." if not failed else
            "; please report the FAIL lines with this output."))
+    result = json.dumps(dict(environment=env, checks=rows, timings=times, ok=not failed),
+                        default=str)
     if a.json:
-        print(json.dumps(dict(environment=env, checks=rows, timings=times,
-                              ok=not failed), default=str))
+        print(result)
+    if a.save:
+        with open(a.save, "w") as f:
+            f.write(result + "\n")
     return 1 if failed else 0
 
 
