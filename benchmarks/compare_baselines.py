@@ -14,7 +14,7 @@ import time
 import torch
 
 from sae_sparse.demo import load_assets, make_data
-from sae_sparse.train import TrainConfig, train_adapter
+from sae_sparse.training import TrainConfig, train_adapter
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
         m = train_adapter(model, tok, {planted["hook"]: sae}, data, run, cfg, progress=False,
                           resume=False)
         dt = time.perf_counter() - t0
-        from sae_sparse.train import load_adapter
+        from sae_sparse.training import load_adapter
 
         (ad,) = load_adapter(run)[0].values()
         n_params = sum(p.numel() for p in ad.parameters())

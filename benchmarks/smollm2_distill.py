@@ -192,7 +192,7 @@ def heldout_metrics(model, tok, heldout, student_ctx, teacher_cache):
     {"kl", "ce", "n"}: each question's sums and answer length, for a bootstrap over the
     questions); the teacher's log-probs (model + system prompt, no edit) are computed once
     and cached."""
-    from sae_sparse.train import model_logits
+    from sae_sparse.models import model_logits
     per = {"kl": [], "ce": [], "n": []}
     for j, r in enumerate(heldout):
         ans = tok(r["completion"], add_special_tokens=False)["input_ids"]
@@ -240,7 +240,7 @@ def run_method(a, name, lr):
     import contextlib
 
     from sae_sparse.io import load_sae
-    from sae_sparse.train import TrainConfig, load_jsonl, train_adapter
+    from sae_sparse.training import TrainConfig, load_jsonl, train_adapter
     model, tok = load(a.out, seed=a.seed)  # (PEFT's LoRA initialises from torch's generator)
     prep = json.load(open(os.path.join(a.out, "prepare.json")))
     everything = load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))
@@ -262,17 +262,17 @@ def run_method(a, name, lr):
     if name.startswith("peft_lora"):
         from peft import LoraConfig, get_peft_model
 
-        from sae_sparse.train import (_Schedule, collate, kl_loss, lm_loss, teacher_logprobs,
-                                      tokenize)
+        from sae_sparse.training import (Schedule, collate, kl_loss, lm_loss,
+                                         teacher_logprobs, tokenize)
         r = PEFT_RANK.get(name, 8)
         pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                               target_modules=["q_proj", "v_proj"],
                                               layers_to_transform=PEFT_LAYERS[name]))
         data = tokenize(train, tok, 160, teacher=a.loss == "kl")
-        sched = _Schedule(len(data), a.batch, 1, a.seed)  # train_adapter's order
+        sched = Schedule(len(data), a.batch, 1, a.seed)  # train_adapter's order
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr)
-        from sae_sparse.train import warmup_lr
+        from sae_sparse.training import warmup_lr
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         for step in range(a.steps):
             t0 = time.perf_counter()
@@ -309,7 +309,7 @@ def run_method(a, name, lr):
                       progress=False, log=None, overwrite=True, sae_sources=srcs,
                       model_source=gguf_path())
         times = [(time.perf_counter() - t_start) / a.steps]
-        from sae_sparse.train import load_adapter
+        from sae_sparse.training import load_adapter
         ads = load_adapter(run_dir)[0]
         res["hooks"] = list(ads)
         res["trainable"] = sum(p.numel() for ad in ads.values() for p in ad.parameters())
@@ -326,7 +326,7 @@ def run_method(a, name, lr):
                 if ad.W_in is not None:
                     active += k * ad.hidden + ad.hidden + ad.hidden * S
             res["active_per_token"] = active
-        from sae_sparse.train import attach_run
+        from sae_sparse.training import attach_run
         edits = attach_run(model, run_dir, saes={h: s for h, (s, _) in saes.items()})
         edits.enabled = False
 
@@ -441,7 +441,7 @@ def sae_corpus(a):
     prompt, the teacher's with the system prompt, so the SAE also sees the activations of the
     conversations the edit works in; ``plain`` gives the answers alone."""
     from sae_sparse.corpora import python_docs
-    from sae_sparse.train import load_jsonl
+    from sae_sparse.training import load_jsonl
     if a.sae_text == "chat":
         answers = [{"text": r["teacher_prompt"] + r["completion"]}
                    for r in load_jsonl(os.path.join(a.out, "teacher_train.jsonl"))]

@@ -63,7 +63,7 @@ def main():
 
     from sae_sparse.io import load_sae
     from sae_sparse.report import activation_lift, edit_readout, target_readout
-    from sae_sparse.train import load_adapter, load_jsonl
+    from sae_sparse.training import load_adapter, load_jsonl
     torch.set_grad_enabled(False)
     model, tok = load(a.out)
     sae = load_sae(os.path.join(a.out, sae_dir(hook)))

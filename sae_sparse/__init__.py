@@ -30,7 +30,7 @@ from .modules import SAE, LatentAdapter
 from .ops import (auxk_decode, auxk_encode, cached_folds, edit_decode, sae_edit, sae_forward,
                   sparse_decode, topk_encode)
 from .report import write_report
-from .train import (RunMismatch, TrainConfig, TrainingInterrupted, attach_run, load_adapter,
+from .training import (RunMismatch, TrainConfig, TrainingInterrupted, attach_run, load_adapter,
                     merge_bias_edit, train_adapter)
 
 

@@ -217,7 +217,7 @@ def _precheck_train(a):
     from .hookpoints import hook_width, meta_model, resolve_hook
     from .io import content_hash, load_sae, resolve_sae_path
     from .models import load_config
-    from .train import TrainConfig, _check_run_dir, load_jsonl, run_fingerprint
+    from .training import TrainConfig, check_run_dir, load_jsonl, run_fingerprint
 
     missing = [f"--{n}" for n in ("model", "data", "sae") if not getattr(a, n)]
     if missing:
@@ -304,7 +304,7 @@ def _precheck_train(a):
         sources[module] = {**info, "sha256": content_hash(local[path])}
     fingerprint = run_fingerprint(meta, saes, a.data, sae_sources=sources,
                                   model_source=_model_source(a.model))
-    _check_run_dir(a.out, cfg, fingerprint, resume=not a.no_resume, overwrite=a.overwrite)
+    check_run_dir(a.out, cfg, fingerprint, resume=not a.no_resume, overwrite=a.overwrite)
     return records, cfg, saes, sources
 
 
@@ -358,7 +358,7 @@ def cmd_train(a):
 def _train_and_report(a, records, cfg, saes, sources, rank, device):
     from .models import load_model
     from .report import write_report
-    from .train import train_adapter
+    from .training import train_adapter
 
     model, tok = load_model(a.model, device=device)
     saes = {h: s.to(device) for h, s in saes.items()}
@@ -380,7 +380,7 @@ def _train_and_report(a, records, cfg, saes, sources, rank, device):
 def cmd_train_sae(a):
     from .hookpoints import meta_model, resolve_hook
     from .models import load_config, load_model
-    from .train import load_jsonl
+    from .training import load_jsonl
     from .train_sae import SAETrainConfig, train_sae
 
     if not a.data and not a.python_docs:
@@ -420,7 +420,7 @@ def cmd_report(a):
             planted = {hook: [int(i) for i in ids.split(",") if i]}
         except ValueError:
             raise UsageError(f"--planted must be HOOK:i,j,k, got {a.planted!r}") from None
-    from .train import load_jsonl
+    from .training import load_jsonl
 
     lift = None
     if a.lift:
@@ -445,7 +445,7 @@ def cmd_report(a):
 
 def cmd_merge(a):
     from .models import load_model
-    from .train import load_adapter, merge_bias_edit
+    from .training import load_adapter, merge_bias_edit
 
     _, conf = load_adapter(a.run_dir)
     base = a.model or conf.get("base_model")
@@ -464,7 +464,7 @@ def cmd_merge(a):
 def cmd_generate(a):
     from .generate import format_side_by_side, side_by_side
     from .models import load_model
-    from .train import attach_run, load_adapter
+    from .training import attach_run, load_adapter
 
     prompts = list(a.prompt)
     if a.prompts:
@@ -643,7 +643,7 @@ def main(argv=None):
 
         return doctor(argv[1:])
     a = _parsers().parse_args(argv)
-    from .train import RunMismatch, TrainingInterrupted
+    from .training import RunMismatch, TrainingInterrupted
 
     try:
         with _short_warnings():

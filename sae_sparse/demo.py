@@ -122,7 +122,7 @@ def run_demo(out_dir="sae_sparse_demo_run", *, seed=0, steps=600, progress=True,
     """Runs the whole demo; returns the report dict (with the planted-recovery verdict)."""
     from .io import content_hash
     from .report import write_report
-    from .train import TrainConfig, train_adapter
+    from .training import TrainConfig, train_adapter
 
     t0 = time.time()
     os.makedirs(out_dir, exist_ok=True)

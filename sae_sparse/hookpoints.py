@@ -150,7 +150,7 @@ def forward_to(model: nn.Module, path: str, ids, attention_mask=None):
     run. Hooks registered on the module before this call (an attached edit's) have run, so
     the output is the edited one when an edit is on. ``model``: a transformers model (or a
     TransformerLens ``HookedTransformer``)."""
-    from .train import model_logits
+    from .models import model_logits
 
     seen = []
 

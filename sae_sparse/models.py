@@ -1,5 +1,6 @@
 """Loading the causal LM an adapter edits: a local Hugging Face directory, a hub id, or a GGUF
-file (dequantized by transformers; needs the ``gguf`` package).
+file (dequantized by transformers; needs the ``gguf`` package); and running one
+(``model_logits``, ``input_device``) whatever its kind.
 
     model, tokenizer = load_model("path/to/model")                  # save_pretrained folder
     model, tokenizer = load_model("path/to/SmolLM2-135M.Q4_1.gguf")  # a GGUF file
@@ -65,3 +66,45 @@ def load_model(spec: str, *, gguf_file: str | None = None, device=None, dtype=No
         model = model.to(device)
     tok = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kw.items() if k != "dtype"})
     return model, tok
+
+
+def model_logits(model, ids, attn=None, positions=None):
+    """Logits [B, T, V] of a transformers causal LM or a TransformerLens HookedTransformer.
+
+    With ``positions`` (bool [B, T]) only the logits there, [n, V] in row-major order (as
+    ``logits[positions]``): a transformers model that takes ``logits_to_keep`` runs its LM head
+    on the columns some row needs and no others (a prompt's positions cost no V-wide
+    projection, forward or backward)."""
+    if hasattr(model, "run_with_hooks"):  # TransformerLens: forward(input, ...) -> logits
+        out = model(ids, attention_mask=attn.long() if attn is not None else None)
+        return out if positions is None else out[positions.to(out.device)]
+    kw = {"attention_mask": attn.long()} if attn is not None else {}
+    if positions is None:
+        return model(input_ids=ids, **kw).logits
+    positions = positions.to(ids.device)
+    if not _takes_logits_to_keep(model):
+        return model(input_ids=ids, **kw).logits[positions]
+    cols = positions.any(0).nonzero().squeeze(1)
+    logits = model(input_ids=ids, logits_to_keep=cols, **kw).logits  # [B, len(cols), V]
+    return logits[positions[:, cols].to(logits.device)]
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward has transformers' ``logits_to_keep``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def input_device(model):
+    """Where the token ids go: the input embedding's device (a model spread over devices
+    takes them there)."""
+    emb = getattr(model, "get_input_embeddings", None)
+    try:
+        return emb().weight.device
+    except (TypeError, AttributeError, NotImplementedError):
+        return next(model.parameters()).device

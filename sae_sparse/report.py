@@ -81,7 +81,7 @@ def mean_abs_delta_z(model, tokenizer, sae, adapter, hook, records, *, max_token
     """Mean |z'_i − z_i| per latent over the hooked activations of ``records`` (less each
     record's first ``skip_first`` positions, which the edit leaves alone)."""
     from .hookpoints import forward_to, resolve_hook
-    from .train import input_device
+    from .models import input_device
 
     path = resolve_hook(model, hook)
     acts = []
@@ -151,7 +151,7 @@ def edit_readout(model, tokenizer, sae, adapter, hook, records, *, mode="delta",
     play no part."""
     from .hookpoints import forward_to, resolve_hook
     from .hooks import attach
-    from .train import input_device
+    from .models import input_device
 
     path = resolve_hook(model, hook)
     if upstream and hook in upstream:
@@ -202,7 +202,7 @@ def target_readout(model, tokenizer, sae, hook, records, *, max_tokens=4096, max
     the student's residual there the teacher's would have exactly this readout
     (``edit_readout``). None when no record has a teacher prompt and a completion token."""
     from .hookpoints import forward_to, resolve_hook
-    from .train import input_device
+    from .models import input_device
 
     path = resolve_hook(model, hook)
     total = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
@@ -233,7 +233,7 @@ def latent_activations(model, tokenizer, sae, hook, records, latents, *, complet
     hooked module of the unedited model (completion tokens only for prompt/completion
     records when ``completion_only``)."""
     from .hookpoints import forward_to, resolve_hook
-    from .train import input_device
+    from .models import input_device
 
     path = resolve_hook(model, hook)
     lat = torch.as_tensor(latents, dtype=torch.long)
@@ -342,7 +342,7 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
     lift (mean activation on a's completions over b's, e.g. a teacher's text over the base
     model's) and ``context_records`` its top-activating contexts.
     """
-    from .train import load_adapter, load_run_saes
+    from .training import load_adapter, load_run_saes
 
     trainables, conf = load_adapter(run_dir)
     saes = saes or load_run_saes(conf, paths=sae_paths)

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 import sae_sparse as ss  # noqa: E402
 from sae_sparse.cli import main  # noqa: E402
 from sae_sparse.demo import WORDS, word_tokenizer  # noqa: E402
-from sae_sparse.train import (TrainConfig, collate, collate_teacher, kl_loss,  # noqa: E402
+from sae_sparse.training import (TrainConfig, collate, collate_teacher, kl_loss,  # noqa: E402
                               teacher_logprobs, tokenize, train_adapter)
 
 from tiny_models import saved_tiny_gpt2, tiny_gpt2  # noqa: E402
@@ -79,7 +79,7 @@ def test_kl_loss_matches_float64_reference(tok):
 
 
 def test_lm_loss_matches_float64_reference(tok):
-    from sae_sparse.train import lm_loss
+    from sae_sparse.training import lm_loss
     model = tiny_gpt2(vocab=len(tok), seed=4)
     ex = tokenize(records(5, seed=5), tok, 64)
     ids, attn, lm, _ = collate(ex, 0)
@@ -102,7 +102,7 @@ def test_lm_loss_matches_float64_reference(tok):
 def test_model_logits_at_positions(kind):
     """model_logits(..., positions) equals the full logits at those positions; the LM head
     projects only the columns some row needs (a model without logits_to_keep: all)."""
-    from sae_sparse.train import model_logits
+    from sae_sparse.models import model_logits
 
     from tiny_models import tiny_llama
     model = tiny_llama(seed=6) if kind == "llama" else tiny_gpt2(seed=6)
@@ -403,7 +403,7 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
         assert got[i] == pytest.approx(float(target[i]), rel=1e-4, abs=1e-6)
     assert rep["interpret"]["target"]["latents"] == tops
     from sae_sparse.report import edit_readout
-    from sae_sparse.train import load_adapter
+    from sae_sparse.training import load_adapter
     readout = edit_readout(model, tok, sae, load_adapter(str(run))[0][HOOK], HOOK, ev).double()
     want = float(torch.nn.functional.cosine_similarity(readout, target, dim=0))
     assert rep["target_cosine"] == pytest.approx(want, rel=1e-3, abs=1e-5)
@@ -425,7 +425,7 @@ def test_report_of_a_two_layer_edit_reads_the_run_so_far(tmp_path, tok):
     is the whole run's effect there (both edits on against both off, ``upstream=``), at the
     first the first edit's alone, each against ``edit_readout`` on the run's eval split."""
     from sae_sparse.report import READOUT, edit_readout
-    from sae_sparse.train import load_adapter
+    from sae_sparse.training import load_adapter
 
     h0, h1 = "transformer.h.0", "transformer.h.1"
     model, _ = saved_tiny_gpt2(tmp_path / "model")

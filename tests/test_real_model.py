@@ -78,7 +78,7 @@ def test_smollm2_gguf_zero_edit_is_exact_and_an_edit_steers():
         torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
     # distillation targets on the real model: the teacher (system prompt, edits off) and the
     # student read the same answer tokens; with the same prompt the unedited KL is 0
-    from sae_sparse.train import collate, kl_loss, teacher_logprobs, tokenize
+    from sae_sparse.training import collate, kl_loss, teacher_logprobs, tokenize
 
     def chat(system):
         m = ([{"role": "system", "content": system}] if system else []) + msgs

@@ -11,7 +11,7 @@ import sae_sparse as ss  # noqa: E402
 from sae_sparse.cli import main  # noqa: E402
 from sae_sparse.demo import word_tokenizer  # noqa: E402
 from sae_sparse.io import save_sparsify  # noqa: E402
-from sae_sparse.train import (TrainConfig, attach_run, load_adapter, merge_bias_edit,  # noqa: E402
+from sae_sparse.training import (TrainConfig, attach_run, load_adapter, merge_bias_edit,  # noqa: E402
                               parse_edit, tokenize, train_adapter)
 
 from tiny_models import tiny_gpt2, tiny_llama  # noqa: E402
@@ -123,7 +123,7 @@ def test_resume_is_exact(tmp_path, tok):
 
 
 def test_warmup_schedule_and_resume(tmp_path, tok):
-    from sae_sparse.train import warmup_lr
+    from sae_sparse.training import warmup_lr
 
     assert [warmup_lr(0.1, 4, s) for s in range(6)] == pytest.approx(
         [0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
@@ -254,7 +254,7 @@ def test_loss_is_read_back_every_log_every_steps_and_nan_stops_the_run(tmp_path,
     sync) every log_every steps, at evals and at the end -- the history still has every
     step's loss, equal to a run that reads every step; a NaN in the SAE's W_dec (a NaN loss)
     stops the run with an error naming the step instead of saving an adapter of NaNs."""
-    from sae_sparse import train as T
+    from sae_sparse.training import trainer as T
     model = tiny_gpt2(vocab=len(tok))
     sae = ss.SAE.random(32, 120, 5)
     data = write_data(tmp_path / "d.jsonl")

@@ -10,7 +10,9 @@ import torch
 pytest.importorskip("transformers")
 
 import sae_sparse as ss  # noqa: E402
-from sae_sparse import train as T  # noqa: E402
+from sae_sparse import training as T  # noqa: E402
+from sae_sparse.training import losses as L  # noqa: E402
+from sae_sparse.training import run_dir as RD  # noqa: E402
 from sae_sparse.cli import main  # noqa: E402
 from sae_sparse.demo import word_tokenizer  # noqa: E402
 from sae_sparse.io import save_saelens  # noqa: E402
@@ -87,7 +89,7 @@ def test_resume_refuses_changed_inputs_and_says_where_it_resumes(files, tmp_path
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes_exactly(files, tmp_path, capsys,
                                                                  monkeypatch):
     calls = []
-    real = T.lm_loss
+    real = L.lm_loss
     before = signal.getsignal(signal.SIGINT)  # (SIG_IGN in a background job without job control)
 
     def loss_with_ctrl_c(*a, **k):  # Ctrl-C arrives during the 3rd step's forward
@@ -96,14 +98,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes_exactly(files, tmp_path
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "lm_loss", loss_with_ctrl_c)
+    monkeypatch.setattr(L, "lm_loss", loss_with_ctrl_c)
     out = tmp_path / "run"
     assert main(args(files, out, "--checkpoint-every", "50", steps=5)) == 130
     err = capsys.readouterr().err
     assert "interrupted after step 3; checkpoint saved in" in err
     assert "Run the same command again to resume" in err
     assert not (out / "adapter_model.safetensors").exists()
-    monkeypatch.setattr(T, "lm_loss", real)
+    monkeypatch.setattr(L, "lm_loss", real)
     assert main(args(files, out, "--checkpoint-every", "50", steps=5)) == 0
     assert "resuming from step 3 of 5" in capsys.readouterr().out
     full = tmp_path / "full"
@@ -127,7 +129,7 @@ def test_overflow_is_counted_on_every_edited_token_and_warned(tmp_path):
     order = list(range(len(recs)))
     random.Random(cfg.seed).shuffle(order)
     train = T.tokenize([recs[i] for i in order[4:]], tok, cfg.max_len)
-    sched = T._Schedule(len(train), cfg.batch_size, 1, cfg.seed)
+    sched = T.Schedule(len(train), cfg.batch_size, 1, cfg.seed)
     n_tokens = sum(len(train[i][0]) for s in range(3) for i in sched.batch(s, 0))
 
     g = torch.Generator().manual_seed(0)
@@ -327,7 +329,7 @@ def test_resume_fingerprint_names_each_changed_input():
     model = dict(source="/m", model_type="gpt2", n_params=10)
     base = dict(data_sha256="a" * 64, model=model, teacher=None,
                 sae_sha256={"transformer.h.1": "b" * 64})
-    assert T._fingerprint_changes(base, dict(base)) == []
+    assert RD.fingerprint_changes(base, dict(base)) == []
     for change, what in (
             (dict(data_sha256="c" * 64), "the data (sha256 aaaaaaaa… now cccccccc…)"),
             (dict(model=dict(model, source="/m2")), "the model (/m, gpt2, 10 parameters -> "
@@ -337,5 +339,5 @@ def test_resume_fingerprint_names_each_changed_input():
             (dict(sae_sha256={"transformer.h.1": "b" * 64, "transformer.h.0": "d" * 64}),
              "the hooks (['transformer.h.1'] -> ['transformer.h.0', 'transformer.h.1'])"),
             (dict(sae_sha256={"transformer.h.1": "e" * 64}), "the SAE at transformer.h.1")):
-        changes = T._fingerprint_changes(base, {**base, **change})
+        changes = RD.fingerprint_changes(base, {**base, **change})
         assert len(changes) == 1 and changes[0].startswith(what), changes

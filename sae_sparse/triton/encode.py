@@ -739,18 +739,26 @@ def _unkeys(keys):
     return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
 
 
+_MM_OUT_DTYPE = [True]  # whether this torch's CUDA mm takes out_dtype (torch >= 2.8)
+
+
 def _linear_fp32(xc, W, b):
     """xc W^T + b in fp32, as the fused path ranks it: products of the inputs' dtype summed
-    in fp32, not rounded to bf16/fp16 (cuBLAS with an fp32 output on CUDA; elsewhere, e.g.
-    under the interpreter, fp32 copies)."""
+    in fp32, not rounded to bf16/fp16 (cuBLAS with an fp32 output on CUDA; on a CPU, e.g.
+    under the interpreter, fp32 copies). A CUDA torch without mm(out_dtype=) rounds to x's
+    dtype (cuBLAS's own output): ties among the rounded values then go to the smaller index,
+    where the fused path ranks the fp32 sums -- near-ties the path check allows."""
+    F = torch.nn.functional
     if xc.dtype == torch.float32:
-        return torch.nn.functional.linear(xc, W, b)
+        return F.linear(xc, W, b)
     if xc.is_cuda:
-        try:
-            return torch.mm(xc, W.T, out_dtype=torch.float32) + b.float()
-        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
-            pass
-    return torch.nn.functional.linear(xc.float(), W.float(), b.float())
+        if _MM_OUT_DTYPE[0]:
+            try:
+                return torch.mm(xc, W.T, out_dtype=torch.float32) + b.float()
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE[0] = False
+        return F.linear(xc, W, b).float()  # no fp32 copy of W on the GPU
+    return F.linear(xc.float(), W.float(), b.float())
 
 
 def _topk_encode_torch(x, W, b, k, b_pre, thr, id32):
