@@ -143,207 +143,294 @@ def train_adapter(model, tokenizer, saes: dict, data, out_dir: str,
         the metrics dict also written to ``metrics.json``. Ctrl-C finishes the step in flight,
         saves a checkpoint and raises :class:`TrainingInterrupted`.
     """
-    from tqdm.auto import tqdm
+    return Trainer(model, tokenizer, saes, data, out_dir, config, sae_sources=sae_sources,
+                   model_source=model_source, progress=progress, resume=resume,
+                   overwrite=overwrite, log=log, teacher=teacher).fit()
 
-    say = log or (lambda *a, **k: None)
-    cfg = config or TrainConfig()
-    cfg.validate()
-    device = input_device(model)
-    records = load_jsonl(data) if isinstance(data, str) else list(data)
-    if cfg.loss == "kl" and teacher is None:
-        lacking = sum(1 for r in records if not isinstance(r.get("teacher_prompt"), str))
-        if lacking:
-            raise ValueError(
-                f"loss='kl' with the model as its own teacher needs a 'teacher_prompt' string "
-                f"in every record ({lacking} of {len(records)} have none): without one the "
-                "teacher reads what the student reads; or pass a separate teacher model")
-    if teacher is not None and cfg.loss != "kl":
-        raise ValueError("a teacher model is only used with loss='kl'")
-    fingerprint = run_fingerprint(model, saes, data, sae_sources=sae_sources,
-                                  model_source=model_source)
-    if teacher is not None:
-        fingerprint["teacher"] = model_summary(teacher, None)
-    ckpt = os.path.join(out_dir, "checkpoint")
-    rank, world, group = rank_world()
-    if world > 1 and cfg.batch_size < world:
-        raise ValueError(f"batch_size ({cfg.batch_size}, the global batch) must be at least "
-                         f"the number of processes ({world})")
-    lead = rank == 0  # writes the run directory; every rank reads it
-    state = check_run_dir(out_dir, cfg, fingerprint, resume=resume, overwrite=overwrite)
-    barrier(group)  # every rank has read the checkpoint before rank 0 may clear it
-    if lead:
-        os.makedirs(out_dir, exist_ok=True)
-        if overwrite or not resume:
-            clear_run(out_dir, everything=overwrite)
-    rng = random.Random(cfg.seed)
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    n_eval = int(round(cfg.eval_frac * len(records))) if len(records) > 1 else 0
-    eval_recs = [records[i] for i in order[:n_eval]]
-    train_recs = [records[i] for i in order[n_eval:]]
-    if lead:
-        with open(os.path.join(out_dir, "eval.jsonl"), "w") as f:
-            for r in eval_recs:
-                f.write(json.dumps(r) + "\n")
-    kl = cfg.loss == "kl"
-    train_data = tokenize(train_recs, tokenizer, cfg.max_len, teacher=kl)
-    eval_data = tokenize(eval_recs, tokenizer, cfg.max_len, teacher=kl) if eval_recs else []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    model.requires_grad_(False).eval()
-    if teacher is not None:
-        teacher.requires_grad_(False).eval()
-    for sae in saes.values():
-        sae.requires_grad_(False)
-    # a model spread over devices (a device map): each SAE and adapter where its hook runs
-    hook_dev = {h: _hook_device(model, h, device) for h in saes}
-    for h, sae in saes.items():
-        sae.to(hook_dev[h])
-    trainables = build_trainables(saes, cfg, hook_dev)
-    params = [p for t in trainables.values() for p in t.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "overflow": {}}
-    start = 0
-    if state is not None:
-        from safetensors.torch import load_file
+class Trainer:
+    """One run of :func:`train_adapter`. ``fit`` reads as its table of contents: check the
+    inputs, prepare the run directory, split and tokenize the data, build the adapters and
+    optimizer, restore a checkpoint, then per step: train, read back, evaluate, checkpoint;
+    finally the overflow report, the adapter and the metrics."""
 
-        load_trainable_state(trainables, load_file(os.path.join(ckpt, "trainable.safetensors")))
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["step"]
-        history.setdefault("overflow", {})
-        if lead:
-            say(f"resuming from step {start} of {cfg.steps} ({ckpt})")
-    if not lead:
-        say, progress = (lambda *a, **k: None), False
+    def __init__(self, model, tokenizer, saes, data, out_dir, config=None, *,
+                 sae_sources=None, model_source=None, progress=True, resume=True,
+                 overwrite=False, log=print, teacher=None):
+        self.model, self.tokenizer, self.saes, self.teacher = model, tokenizer, saes, teacher
+        self.data, self.out_dir, self.ckpt = data, out_dir, os.path.join(out_dir, "checkpoint")
+        self.cfg = config or TrainConfig()
+        self.sae_sources, self.model_source = sae_sources, model_source
+        self.progress, self.resume, self.overwrite = progress, resume, overwrite
+        self.say = log or (lambda *a, **k: None)
+        self.device = input_device(model)
+        self.rank, self.world, self.group = rank_world()
+        self.lead = self.rank == 0  # writes the run directory; every rank reads it
 
-    edits = _attach_trainables(model, saes, trainables, cfg)
-    counts = {h: history["overflow"].get(h, [0, 0]) for h in trainables}
-    history["overflow"] = counts
-    try:
-        with edits.disabled():
-            base_eval = evaluate(model, eval_data, cfg, None, device, pad_id, group, teacher)
-        if eval_data and start == 0:
-            say(f"step 0/{cfg.steps}: eval loss {base_eval:.4f} (unedited model)")
-        sched = Schedule(len(train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-                   desc="train", dynamic_ncols=True)
-        pending = []  # (step, loss on the device) not yet read back
-        agreed_stop = [False]  # several processes: a Ctrl-C on any rank, as last read back
-        stop_dev = None
+    def fit(self) -> dict:
+        self.cfg.validate()
+        records = self._check_inputs()
+        state = self._prepare_run_dir()
+        self._split_data(records)
+        self._build()
+        self._restore(state)
+        self.edits = _attach_trainables(self.model, self.saes, self.trainables, self.cfg)
+        self.counts = {h: self.history["overflow"].get(h, [0, 0]) for h in self.trainables}
+        self.history["overflow"] = self.counts
+        try:
+            self._evaluate_unedited()
+            self._loop()
+        finally:
+            self.edits.remove()
+        return self._finish()
 
-        def flush():
-            """Reads the pending losses and the overflow counts back in one host sync; a
-            non-finite loss stops the run (NaN in the data, the model or the SAE)."""
-            if not pending:
-                return
-            tallies = edits.overflow  # {hook: [tokens, overflowing tokens]} on the device
-            edits.overflow = {}
-            hooks = list(tallies)
-            flat = [t.double() for _, t in pending] + [
-                torch.as_tensor(c).to(device).double() for h in hooks for c in tallies[h]]
-            if world > 1:
-                flat.append(stop_dev.double())
-            # the one host sync (and, under torch.distributed, the ranks' shares summed)
-            vals = all_reduce(torch.stack(flat), group).tolist()
-            if world > 1:
-                agreed_stop[0] = vals.pop() > 0
-            for i, h in enumerate(hooks):
-                t, o = vals[len(pending) + 2 * i:len(pending) + 2 * i + 2]
-                counts[h] = [counts[h][0] + int(t), counts[h][1] + int(o)]
-            vals = vals[:len(pending)]
-            for (s, _), v in zip(pending, vals):
-                if not math.isfinite(v):
-                    raise FloatingPointError(
-                        f"the training loss is {v} at step {s}: check the SAE's weights, the "
-                        "model's activations at the hook and the learning rate")
-                history["step"].append(s)
-                history["train_loss"].append(v)
-            pending.clear()
-            bar.set_postfix(loss=f"{vals[-1]:.4f}", refresh=False)
+    # -- before the loop ---------------------------------------------------------------------
 
-        def note(msg):
-            if progress:
-                bar.write(msg)
-            else:
-                say(msg)
+    def _check_inputs(self):
+        cfg, teacher = self.cfg, self.teacher
+        records = load_jsonl(self.data) if isinstance(self.data, str) else list(self.data)
+        if cfg.loss == "kl" and teacher is None:
+            lacking = sum(1 for r in records if not isinstance(r.get("teacher_prompt"), str))
+            if lacking:
+                raise ValueError(
+                    f"loss='kl' with the model as its own teacher needs a 'teacher_prompt' "
+                    f"string in every record ({lacking} of {len(records)} have none): without "
+                    "one the teacher reads what the student reads; or pass a separate teacher "
+                    "model")
+        if teacher is not None and cfg.loss != "kl":
+            raise ValueError("a teacher model is only used with loss='kl'")
+        if self.world > 1 and cfg.batch_size < self.world:
+            raise ValueError(f"batch_size ({cfg.batch_size}, the global batch) must be at "
+                             f"least the number of processes ({self.world})")
+        return records
 
+    def _prepare_run_dir(self):
+        """The run's fingerprint and the resume decision (the checkpoint's state or None);
+        rank 0 clears what the decision discards."""
+        self.fingerprint = run_fingerprint(self.model, self.saes, self.data,
+                                           sae_sources=self.sae_sources,
+                                           model_source=self.model_source)
+        if self.teacher is not None:
+            self.fingerprint["teacher"] = model_summary(self.teacher, None)
+        state = check_run_dir(self.out_dir, self.cfg, self.fingerprint, resume=self.resume,
+                              overwrite=self.overwrite)
+        barrier(self.group)  # every rank has read the checkpoint before rank 0 may clear it
+        if self.lead:
+            os.makedirs(self.out_dir, exist_ok=True)
+            if self.overwrite or not self.resume:
+                clear_run(self.out_dir, everything=self.overwrite)
+        return state
+
+    def _split_data(self, records):
+        """A seeded eval split (written to eval.jsonl), both halves tokenized."""
+        cfg = self.cfg
+        order = list(range(len(records)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = int(round(cfg.eval_frac * len(records))) if len(records) > 1 else 0
+        eval_recs = [records[i] for i in order[:n_eval]]
+        train_recs = [records[i] for i in order[n_eval:]]
+        if self.lead:
+            with open(os.path.join(self.out_dir, "eval.jsonl"), "w") as f:
+                for r in eval_recs:
+                    f.write(json.dumps(r) + "\n")
+        kl = cfg.loss == "kl"
+        self.train_data = tokenize(train_recs, self.tokenizer, cfg.max_len, teacher=kl)
+        self.eval_data = (tokenize(eval_recs, self.tokenizer, cfg.max_len, teacher=kl)
+                          if eval_recs else [])
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+
+    def _build(self):
+        """Frozen model, teacher and SAEs; the adapters where their hooks run (a model spread
+        over devices: each SAE and adapter on its hook's device); AdamW; an empty history."""
+        self.model.requires_grad_(False).eval()
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False).eval()
+        for sae in self.saes.values():
+            sae.requires_grad_(False)
+        hook_dev = {h: _hook_device(self.model, h, self.device) for h in self.saes}
+        for h, sae in self.saes.items():
+            sae.to(hook_dev[h])
+        self.trainables = build_trainables(self.saes, self.cfg, hook_dev)
+        self.params = [p for t in self.trainables.values() for p in t.parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr,
+                                     weight_decay=self.cfg.weight_decay)
+        self.history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [],
+                        "overflow": {}}
+        self.start = 0
+
+    def _restore(self, state):
+        if state is not None:
+            from safetensors.torch import load_file
+
+            load_trainable_state(self.trainables,
+                                 load_file(os.path.join(self.ckpt, "trainable.safetensors")))
+            self.opt.load_state_dict(state["optimizer"])
+            self.history, self.start = state["history"], state["step"]
+            self.history.setdefault("overflow", {})
+            if self.lead:
+                self.say(f"resuming from step {self.start} of {self.cfg.steps} ({self.ckpt})")
+        if not self.lead:
+            self.say, self.progress = (lambda *a, **k: None), False
+
+    def _evaluate(self, edits):
+        return evaluate(self.model, self.eval_data, self.cfg, edits, self.device, self.pad_id,
+                        self.group, self.teacher)
+
+    def _evaluate_unedited(self):
+        with self.edits.disabled():
+            self.base_eval = self._evaluate(None)
+        if self.eval_data and self.start == 0:
+            self.say(f"step 0/{self.cfg.steps}: eval loss {self.base_eval:.4f} (unedited model)")
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self):
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.sched = Schedule(len(self.train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self.bar = tqdm(range(self.start, cfg.steps), initial=self.start, total=cfg.steps,
+                        disable=not self.progress, desc="train", dynamic_ncols=True)
+        self.pending = []  # (step, loss on the device) not yet read back
+        self.agreed_stop = False  # several processes: a Ctrl-C on any rank, as last read back
+        self.stop_dev = None
         with _SigintGuard() as sigint:
-            for step in bar:
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                for micro in range(cfg.grad_accum):
-                    batch = [train_data[i] for i in sched.batch(step, micro)]
-                    denom = None
-                    if world > 1:  # this rank's share; the mean over the global batch
-                        denom = float(max(1, sum(int(e[1][1:].sum()) for e in batch)))
-                        batch = share(batch, rank, world)
-                    ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, pad_id))
-                    t_logp = teacher_targets(cfg, model, teacher, edits, batch, pad_id, device)
-                    with edits.token_mask(_edit_mask(cfg, attn, prompt)), \
-                            edits.counting_overflow(attn), autocast(cfg, device):
-                        loss = batch_loss(model, ids, attn, loss_mask, t_logp, denom)
-                    (loss / cfg.grad_accum).backward()
-                    total = total + loss.detach().float() / cfg.grad_accum  # on the device
-                if world > 1:  # the ranks' Ctrl-C flags travel with the gradients
-                    stop_dev = sync_grads(params, sigint.hit, group, device)
-                pen = [l1_penalty(trainables[h], saes[h]) for h in trainables]
-                pen = [p for p in pen if p is not None]
-                if pen and cfg.l1 > 0:
-                    (cfg.l1 * sum(pen)).backward()
-                for g in opt.param_groups:
-                    g["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, step)
-                opt.step()
-                pending.append((step + 1, total))
-                last = step + 1 == cfg.steps
-                evals = eval_data and ((step + 1) % cfg.eval_every == 0 or last)
-                saves = (step + 1) % cfg.checkpoint_every == 0 and not last
-                # one process stops after the step Ctrl-C came in; several agree on it when the
-                # losses are read back (every log_every steps), then stop together
-                local_stop = world == 1 and sigint.hit
-                if (step + 1) % cfg.log_every == 0 or last or evals or saves or local_stop:
-                    flush()
-                stop = local_stop or (world > 1 and agreed_stop[0])
-                if evals:
-                    history["eval_step"].append(step + 1)
-                    history["eval_loss"].append(evaluate(model, eval_data, cfg, edits, device,
-                                                         pad_id, group, teacher))
-                    note(f"step {step + 1}/{cfg.steps}: train loss "
-                         f"{history['train_loss'][-1]:.4f}, eval loss "
-                         f"{history['eval_loss'][-1]:.4f}")
-                if lead and (saves or (stop and not last)):
-                    save_checkpoint(ckpt, trainables, opt, history, step + 1, cfg, fingerprint)
-                if stop and not last:
-                    barrier(group)  # the checkpoint is written before any rank exits
-                    bar.close()
-                    raise TrainingInterrupted(step + 1, ckpt)
-    finally:
-        edits.remove()
+            for step in self.bar:
+                self._train_step(step, sigint)
+                self._after_step(step + 1, sigint)
 
-    overflow = {}
-    for h, (t, o) in counts.items():
-        sae = saes[h] if h in saes else None
-        if sae is None or isinstance(trainables[h], ResidualLoRA):
-            continue
-        arch = architecture(sae)
-        overflow[h] = {"tokens": t, "overflow_tokens": o, "rate": o / t if t else 0.0,
-                       "k": sae.k, "architecture": arch}
-        if lead and arch != "topk" and t and o / t > 0.01:
-            msg = (f"{100 * o / t:.1f}% of the edited tokens at {h} had more than k={sae.k} "
-                   f"active latents (the cap dropped the rest): raise --k")
-            warnings.warn(msg, stacklevel=2)
-    metrics = {"loss": cfg.loss, "base_eval_loss": base_eval if eval_data else None,
-               "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None,
-               "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
-               "n_train": len(train_data), "n_eval": len(eval_data), "overflow": overflow,
-               "world_size": world, "history": history}
-    if lead:
-        save_adapter(out_dir, trainables, saes, cfg, sae_sources=sae_sources,
-                     model_source=model_source)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        save_checkpoint(ckpt, trainables, opt, history, cfg.steps, cfg, fingerprint)
-    barrier(group)  # the run directory is complete when any rank returns
-    return metrics
+    def _train_step(self, step, sigint):
+        """The micro-batches' forward and backward, the ranks' gradients summed, the L1
+        penalty, the warmed-up rate and the optimizer step; the loss stays on the device."""
+        cfg, device = self.cfg, self.device
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = [self.train_data[i] for i in self.sched.batch(step, micro)]
+            denom = None
+            if self.world > 1:  # this rank's share; the mean over the global batch
+                denom = float(max(1, sum(int(e[1][1:].sum()) for e in batch)))
+                batch = share(batch, self.rank, self.world)
+            ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, self.pad_id))
+            t_logp = teacher_targets(cfg, self.model, self.teacher, self.edits, batch,
+                                     self.pad_id, device)
+            with self.edits.token_mask(_edit_mask(cfg, attn, prompt)), \
+                    self.edits.counting_overflow(attn), autocast(cfg, device):
+                loss = batch_loss(self.model, ids, attn, loss_mask, t_logp, denom)
+            (loss / cfg.grad_accum).backward()
+            total = total + loss.detach().float() / cfg.grad_accum  # on the device
+        if self.world > 1:  # the ranks' Ctrl-C flags travel with the gradients
+            self.stop_dev = sync_grads(self.params, sigint.hit, self.group, device)
+        pen = [l1_penalty(self.trainables[h], self.saes[h]) for h in self.trainables]
+        pen = [p for p in pen if p is not None]
+        if pen and cfg.l1 > 0:
+            (cfg.l1 * sum(pen)).backward()
+        for g in self.opt.param_groups:
+            g["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, step)
+        self.opt.step()
+        self.pending.append((step + 1, total))
+
+    def _after_step(self, done, sigint):
+        """After ``done`` steps: read back, evaluate, checkpoint and stop, when due. One
+        process stops after the step Ctrl-C came in; several agree on it when the losses
+        are read back (every log_every steps), then stop together."""
+        cfg, history = self.cfg, self.history
+        last = done == cfg.steps
+        evals = self.eval_data and (done % cfg.eval_every == 0 or last)
+        saves = done % cfg.checkpoint_every == 0 and not last
+        local_stop = self.world == 1 and sigint.hit
+        if done % cfg.log_every == 0 or last or evals or saves or local_stop:
+            self._read_back()
+        stop = local_stop or (self.world > 1 and self.agreed_stop)
+        if evals:
+            history["eval_step"].append(done)
+            history["eval_loss"].append(self._evaluate(self.edits))
+            self._note(f"step {done}/{cfg.steps}: train loss {history['train_loss'][-1]:.4f}, "
+                       f"eval loss {history['eval_loss'][-1]:.4f}")
+        if self.lead and (saves or (stop and not last)):
+            save_checkpoint(self.ckpt, self.trainables, self.opt, history, done, cfg,
+                            self.fingerprint)
+        if stop and not last:
+            barrier(self.group)  # the checkpoint is written before any rank exits
+            self.bar.close()
+            raise TrainingInterrupted(done, self.ckpt)
+
+    def _read_back(self):
+        """The pending losses and the overflow counts read back in one host sync (and,
+        under torch.distributed, the ranks' shares summed); a non-finite loss stops the run
+        (NaN in the data, the model or the SAE)."""
+        pending = self.pending
+        if not pending:
+            return
+        tallies = self.edits.overflow  # {hook: [tokens, overflowing tokens]} on the device
+        self.edits.overflow = {}
+        hooks = list(tallies)
+        flat = [t.double() for _, t in pending] + [
+            torch.as_tensor(c).to(self.device).double() for h in hooks for c in tallies[h]]
+        if self.world > 1:
+            flat.append(self.stop_dev.double())
+        vals = all_reduce(torch.stack(flat), self.group).tolist()
+        if self.world > 1:
+            self.agreed_stop = vals.pop() > 0
+        for i, h in enumerate(hooks):
+            t, o = vals[len(pending) + 2 * i:len(pending) + 2 * i + 2]
+            self.counts[h] = [self.counts[h][0] + int(t), self.counts[h][1] + int(o)]
+        vals = vals[:len(pending)]
+        for (s, _), v in zip(pending, vals):
+            if not math.isfinite(v):
+                raise FloatingPointError(
+                    f"the training loss is {v} at step {s}: check the SAE's weights, the "
+                    "model's activations at the hook and the learning rate")
+            self.history["step"].append(s)
+            self.history["train_loss"].append(v)
+        pending.clear()
+        self.bar.set_postfix(loss=f"{vals[-1]:.4f}", refresh=False)
+
+    def _note(self, msg):
+        if self.progress:
+            self.bar.write(msg)
+        else:
+            self.say(msg)
+
+    # -- after the loop ----------------------------------------------------------------------
+
+    def _overflow_report(self):
+        """Per SAE hook: tokens, tokens with more than k active latents, their rate (a warning
+        above 1% for a ReLU/JumpReLU SAE, whose cap then dropped latents)."""
+        out = {}
+        for h, (t, o) in self.counts.items():
+            sae = self.saes.get(h)
+            if sae is None or isinstance(self.trainables[h], ResidualLoRA):
+                continue
+            arch = architecture(sae)
+            out[h] = {"tokens": t, "overflow_tokens": o, "rate": o / t if t else 0.0,
+                      "k": sae.k, "architecture": arch}
+            if self.lead and arch != "topk" and t and o / t > 0.01:
+                warnings.warn(f"{100 * o / t:.1f}% of the edited tokens at {h} had more than "
+                              f"k={sae.k} active latents (the cap dropped the rest): raise --k",
+                              stacklevel=5)  # the caller of train_adapter
+        return out
+
+    def _finish(self):
+        cfg, history = self.cfg, self.history
+        metrics = {"loss": cfg.loss,
+                   "base_eval_loss": self.base_eval if self.eval_data else None,
+                   "final_eval_loss": history["eval_loss"][-1] if history["eval_loss"] else None,
+                   "final_train_loss": (history["train_loss"][-1] if history["train_loss"]
+                                        else None),
+                   "n_train": len(self.train_data), "n_eval": len(self.eval_data),
+                   "overflow": self._overflow_report(), "world_size": self.world,
+                   "history": history}
+        if self.lead:
+            save_adapter(self.out_dir, self.trainables, self.saes, cfg,
+                         sae_sources=self.sae_sources, model_source=self.model_source)
+            with open(os.path.join(self.out_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
+            save_checkpoint(self.ckpt, self.trainables, self.opt, history, cfg.steps, cfg,
+                            self.fingerprint)
+        barrier(self.group)  # the run directory is complete when any rank returns
+        return metrics
 
 
 def _hook_device(model, hook, default):
