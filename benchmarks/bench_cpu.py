@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import sae_sparse as ss
 from _bench import sparsify_step, write_result
-from sae_sparse.hooks import DenseLatentAdapterEdit
+from sae_sparse.baselines import DenseLatentAdapterEdit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

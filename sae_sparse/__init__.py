@@ -23,7 +23,8 @@ from .backends import ENV_VAR as BACKEND_ENV_VAR
 from .backends import available_backends, backend_status
 from .generate import side_by_side
 from .hookpoints import resolve_hook
-from .hooks import ResidualLoRA, attach
+from .baselines import ResidualLoRA
+from .hooks import attach
 from .io import load_sae, save_saelens, save_sparsify
 from .models import load_model
 from .modules import SAE, LatentAdapter

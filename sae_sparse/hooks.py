@@ -21,46 +21,13 @@ token (a one-token forward, a cached decoding step, is then edited).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 
-from .modules import SAE, LatentAdapter
+from .baselines import DenseLatentAdapterEdit, ResidualLoRA  # noqa: F401 (their old home)
+from .modules import SAE
 from .ops import sae_edit
-from .reference import dense_sae_edit
-
-
-class ResidualLoRA(nn.Module):
-    """Baseline: a rank-r update of the residual stream, ``h + (h @ A) @ B`` (B starts at 0)."""
-
-    def __init__(self, d_model: int, rank: int = 8, dtype=torch.float32, device=None):
-        super().__init__()
-        self.rank = rank
-        self.A = nn.Parameter(torch.randn(d_model, rank, dtype=dtype, device=device)
-                              / math.sqrt(d_model))
-        self.B = nn.Parameter(torch.zeros(rank, d_model, dtype=dtype, device=device))
-
-    def forward(self, h):
-        return h + (h.to(self.A.dtype) @ self.A @ self.B).to(h.dtype)
-
-
-class DenseLatentAdapterEdit(nn.Module):
-    """Baseline: the same math as the sparse op but with a dense N x S latent code."""
-
-    def __init__(self, sae: SAE, adapter: LatentAdapter, mode: str):
-        super().__init__()
-        self.sae, self.adapter, self.mode = sae, adapter, mode
-
-    def forward(self, h):
-        shape = h.shape
-        x = h.reshape(-1, shape[-1]).to(self.sae.W_dec.dtype)
-        v, i = self.sae.encode(x, backend="torch")
-        p = self.adapter.edit_params()
-        y = dense_sae_edit(x, v, i, self.sae.W_dec, self.sae.b_dec,
-                           activation=self.adapter.activation,
-                           mode=self.mode, **p)
-        return y.to(h.dtype).reshape(shape)
 
 
 class _Edit:

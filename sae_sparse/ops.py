@@ -23,7 +23,7 @@ from .triton import available as _triton_available
 from .triton.paths import forced as forced_path
 
 if _triton_available():
-    from .triton.functions import SAEEdit, SAEForward
+    from .triton.functions import FusedSAEEdit, FusedSAEForward
 
 
 def _lowp_to_fp32(backend: str, *ts):
@@ -119,7 +119,7 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
     if name == "triton" and not torch.compiler.is_compiling():  # the fused step, eager
         tied = b_pre is not None and b_pre is b_dec
         with forced_path(path):
-            y, values, indices, overflow = SAEForward.apply(
+            y, values, indices, overflow = FusedSAEForward.apply(
                 x.reshape(-1, D), W_enc, b_enc, None if tied else b_pre, threshold, W_dec,
                 b_dec, k, tied)
     else:
@@ -471,7 +471,7 @@ def _sae_edit_fused(x, sae, adapter, mode):
     D = sae.d_in
     tied = sae.tied_b_pre
     xs = x.to(sae.W_dec.dtype)
-    y, overflow = SAEEdit.apply(xs.reshape(-1, D), sae.W_enc, sae.b_enc,
+    y, overflow = FusedSAEEdit.apply(xs.reshape(-1, D), sae.W_enc, sae.b_enc,
                                 None if tied else sae.b_pre, sae.threshold, sae.W_dec,
                                 sae.b_dec, p.get("gain"), p.get("bias"), p.get("W_in"),
                                 p.get("b_in"), p.get("W_out"), sae.k, act_code(act),

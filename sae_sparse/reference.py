@@ -5,7 +5,8 @@
   dtype (float64 included); chunked over S so no N x S tensor is held at once; gradients come
   from autograd. This is the ground truth the other backends are tested against.
 * ``dense_topk_encode`` / ``dense_sae_edit``: the literal definitions of docs/design.md with a
-  dense N x S latent code, used only to test the ``torch`` backend itself.
+  dense N x S latent code: what the ``torch`` backend itself is tested against, and the
+  computation of the dense baseline (``baselines.DenseLatentAdapterEdit``).
 """
 from __future__ import annotations
 

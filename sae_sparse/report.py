@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .hooks import ResidualLoRA
+from .baselines import ResidualLoRA
 from .modules import LatentAdapter
 from .reference import activation_fn
 

@@ -38,17 +38,17 @@ def test_doctor_cli_is_the_module(capsys):
                     or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the triton kernels in the interpreter")
 def test_doctor_catches_a_wrong_fused_kernel(monkeypatch, capsys):
-    """The fused SAEEdit's backward with its bias gradient dropped (a mutation no composed-path
+    """The fused FusedSAEEdit's backward with its bias gradient dropped (a mutation no composed-path
     test saw): the triton sae_edit rows fail (both paths: the path choice is the encode's and
     the decode's, the backward is the Function's own), torch and cpp pass; exit status 1."""
     from sae_sparse.triton import functions as F
-    real = F.SAEEdit.backward
+    real = F.FusedSAEEdit.backward
 
     def no_dbias(ctx, dy, dovf):
         grads = list(real(ctx, dy, dovf))
         grads[8] = torch.zeros_like(grads[8]) if grads[8] is not None else None  # bias
         return tuple(grads)
-    monkeypatch.setattr(F.SAEEdit, "backward", staticmethod(no_dbias))
+    monkeypatch.setattr(F.FusedSAEEdit, "backward", staticmethod(no_dbias))
     monkeypatch.setattr(doctor, "CASES", doctor.CASES[:1])
     assert doctor.main(["--quick", "--op", "sae_edit", "--device", "cpu", "--json"]) == 1
     rows = json.loads(capsys.readouterr().out)["checks"]

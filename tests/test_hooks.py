@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import sae_sparse as ss
-from sae_sparse.hooks import ResidualLoRA, attach
+from sae_sparse.baselines import ResidualLoRA
+from sae_sparse.hooks import attach
 
 from tiny_models import tiny_gpt2, tiny_llama
 

@@ -1,4 +1,4 @@
-"""The fused triton Functions (``SAEEdit`` through ``sae_edit``, ``SAEForward`` through
+"""The fused triton Functions (``FusedSAEEdit`` through ``sae_edit``, ``FusedSAEForward`` through
 ``sae_forward``) at the settings a GPU runs -- the interpreter reads the same tables -- on
 shapes one below, at and one above the shipped tiles (128 rows, 128 latents, 64 columns of
 D), a dictionary narrower than one tile, k on both sides of the main path's top-m limit,

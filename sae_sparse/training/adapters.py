@@ -10,7 +10,8 @@ import os
 import torch
 
 from .. import __version__
-from ..hooks import attach, ResidualLoRA
+from ..baselines import ResidualLoRA
+from ..hooks import attach
 from ..modules import LatentAdapter
 from .config import CONFIG_NAME, TrainConfig, WEIGHTS_NAME
 from .run_dir import load_trainable_state, trainable_state

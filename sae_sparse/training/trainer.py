@@ -12,7 +12,8 @@ import warnings
 
 import torch
 
-from ..hooks import attach, ResidualLoRA
+from ..baselines import ResidualLoRA
+from ..hooks import attach
 from ..models import input_device
 from ..modules import LatentAdapter
 from ..ops import cached_folds

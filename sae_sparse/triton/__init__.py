@@ -6,7 +6,7 @@ One module per phase, each kernel beside its launcher:
 * ``edit_decode`` -- the fused edit + decode forward
 * ``backward``    -- per-token backward, the dense FFN/bias backward, per-latent sums
 * ``fold``        -- the edit's dense terms M = W_out W_dec, c = bias W_dec and their gradients
-* ``functions``   -- the autograd Functions of a whole step (``SAEEdit``, ``SAEForward``)
+* ``functions``   -- the autograd Functions of a whole step (``FusedSAEEdit``, ``FusedSAEForward``)
 
 This module also gives the kernel-library interface the shared autograd ops of
 ``sae_sparse/_autograd.py`` (and the ``torch.library`` custom ops that torch.compile traces)

@@ -21,7 +21,7 @@ def _b_pre_grad(db_enc, W_enc):
     return -(db_enc.float() @ W_enc.float())
 
 
-class SAEEdit(torch.autograd.Function):
+class FusedSAEEdit(torch.autograd.Function):
     """y = edit-decode(x, topk_encode(x)) with the adapter (gain, bias, W_in, b_in, W_out) in
     its own dtype; also the per-row overflow flags. Gradients reach x, every adapter
     parameter and every SAE parameter that requires one (not the threshold)."""
@@ -101,7 +101,7 @@ class SAEEdit(torch.autograd.Function):
                 None, None, None, None)
 
 
-class SAEForward(torch.autograd.Function):
+class FusedSAEForward(torch.autograd.Function):
     """An SAE's encode + plain decode: (y, values, indices, overflow). The backward groups
     the (token, slot) pairs by latent once for dW_dec and dW_enc / db_enc; a loss on
     ``values`` reaches the encoder too."""
