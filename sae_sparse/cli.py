@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import dataclasses
 import os
 import sys
 import warnings
+
+from . import argtypes
 
 
 class UsageError(ValueError):
@@ -23,7 +25,15 @@ class UsageError(ValueError):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Each flag's default after its help, unless the help already says it, the flag is
+    required, or it has none to show (None, a switch's False, an empty list)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("default" in h or action.required
+                or action.default is None or action.default is False or action.default == []):
+            return h
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,51 +43,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(lo, what):
-    def parse(v):
-        try:
-            n = int(v)
-        except ValueError:
-            n = None
-        if n is None or n < lo:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
-        return n
-    return parse
-
-
-_positive = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _finite_float(v):
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {v!r}")
-    return x
-
-
-def _nonneg_float(v):
-    x = _finite_float(v)
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v!r}")
-    return x
-
-
-def _positive_float(v):
-    x = _finite_float(v)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {v!r}")
-    return x
-
-
-def _fraction(v):
-    x = _finite_float(v)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {v!r}")
-    return x
+_positive, _nonneg_int = argtypes.positive, argtypes.nonneg_int
+_finite_float, _nonneg_float = argtypes.finite_float, argtypes.nonneg_float
+_positive_float, _fraction = argtypes.positive_float, argtypes.fraction
 
 
 def _common(p):
@@ -85,7 +53,27 @@ def _common(p):
                    help="show the full traceback of an error instead of one line")
 
 
+def config_flags(p, cls):
+    """One flag per field of the config dataclass ``cls`` (``--field-name``), its default,
+    help and argparse keywords taken from the field (``training.config.option``); fields
+    marked ``flag=False`` have a flag of their own."""
+    for f in dataclasses.fields(cls):
+        kw = dict(f.metadata)
+        if not kw.pop("flag", True):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, **kw)
+
+
+def config_values(a, cls) -> dict:
+    """The parsed values of ``cls``'s generated flags, by field name."""
+    return {f.name: getattr(a, f.name) for f in dataclasses.fields(cls)
+            if f.metadata.get("flag", True)}
+
+
 def _train_parser(sub):
+    from .training.config import TrainConfig
+
+
     p = sub.add_parser("train", help="train a sparse latent adapter (no arguments: the demo)",
                        formatter_class=_Formatter,
                        description="Train an adapter in SAE latent space on a frozen causal LM. "
@@ -110,54 +98,12 @@ def _train_parser(sub):
     p.add_argument("--k", type=_positive, default=None,
                    help="active latents kept per token for ReLU/JumpReLU SAEs (the cap k_max; "
                         "tokens above it are counted and reported). TopK SAEs use their own k")
-    p.add_argument("--edit", default="gain,bias,ffn:16",
-                   help="adapter kinds: gain, bias, ffn:H[:relu|gelu|identity], lowrank:R")
     p.add_argument("--latents", default=None,
                    help="restrict the edit to these latent ids: '3,17,42' or @file (ids "
                         "separated by commas/whitespace)")
-    p.add_argument("--mode", default="delta", choices=["delta", "replace"],
-                   help="delta: y = x + (z' - z) W_dec; replace: y = z' W_dec + b_dec")
-    p.add_argument("--baseline", default=None,
-                   help="train a baseline instead: lora:R (residual LoRA) or dense (the same "
-                        "adapter on dense latents)")
-    p.add_argument("--edit-positions", default="all", choices=["all", "prompt", "completion"],
-                   help="which tokens the edit applies to")
-    p.add_argument("--skip-first", type=int, default=0, metavar="N",
-                   help="leave each sequence's first N positions unedited (1 for the attention "
-                        "sink of most pretrained LMs, whose SAE code is meaningless)")
-    p.add_argument("--loss", default="ce", choices=["ce", "kl"],
-                   help="ce: cross-entropy on the completions; kl: distil a teacher, the model "
-                        "itself with the edits off reading each record's 'teacher_prompt' "
-                        "(e.g. with a system prompt): KL(teacher || student) per completion "
-                        "token")
-    p.add_argument("--l1", type=_nonneg_float, default=1e-3,
-                   help="L1 penalty on gain, bias and W_out (keeps the edit sparse)")
-    p.add_argument("--lr", type=_nonneg_float, default=1e-2, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup-steps", type=_nonneg_int, default=0,
-                   help="linear learning-rate warmup over the first N steps (an FFN's first "
-                        "Adam steps are otherwise a large dense edit)")
-    p.add_argument("--steps", type=_positive, default=200, help="optimizer steps")
-    p.add_argument("--batch-size", type=_positive, default=8, help="records per micro-batch")
-    p.add_argument("--grad-accum", type=_positive, default=1,
-                   help="micro-batches per optimizer step")
-    p.add_argument("--max-len", type=_positive, default=128,
-                   help="tokens kept per record (longer records are truncated, with a warning)")
-    p.add_argument("--eval-frac", type=_fraction, default=0.1,
-                   help="fraction of the records held out for evaluation")
-    p.add_argument("--eval-every", type=_positive, default=50, help="evaluate every N steps")
-    p.add_argument("--log-every", type=_positive, default=10,
-                   help="read the training loss back from the device every N steps "
-                        "(a non-finite loss stops the run then)")
-    p.add_argument("--checkpoint-every", type=_positive, default=50,
-                   help="save a resumable checkpoint every N steps (and on Ctrl-C)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split and order")
-    p.add_argument("--backend", default=None, choices=["torch", "cpp", "triton"],
-                   help="kernel backend (default: the best available)")
+    config_flags(p, TrainConfig)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
                    "available)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on CUDA only)")
     p.add_argument("--no-report", action="store_true", help="skip report.md")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (evaluations are still printed)")
@@ -228,15 +174,7 @@ def _precheck_train(a):
     if len(set(a.sae)) != len(a.sae):
         raise UsageError("the same --sae is given twice")
     latents = _parse_latents(a.latents) if a.latents else None
-    cfg = TrainConfig(edit=a.edit, mode=a.mode, baseline=a.baseline, latents=latents,
-                      edit_positions=a.edit_positions, skip_first=a.skip_first,
-                      loss=a.loss, l1=a.l1, lr=a.lr,
-                      weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-                      steps=a.steps, batch_size=a.batch_size,
-                      grad_accum=a.grad_accum, max_len=a.max_len, eval_frac=a.eval_frac,
-                      eval_every=a.eval_every, log_every=a.log_every,
-                      checkpoint_every=a.checkpoint_every, seed=a.seed,
-                      backend=a.backend, bf16=a.bf16)
+    cfg = TrainConfig(**config_values(a, TrainConfig), latents=latents)
     cfg.validate()
     _device(a.device)  # --device cuda on a machine without CUDA fails here
     if a.backend:
@@ -385,10 +323,7 @@ def cmd_train_sae(a):
 
     if not a.data and not a.python_docs:
         raise UsageError("train-sae needs --data JSONL or --python-docs")
-    cfg = SAETrainConfig(d_sae=a.d_sae, k=a.k, tokens=a.tokens, batch_tokens=a.batch_tokens,
-                         lr=a.lr, auxk_alpha=a.auxk_alpha, dead_tokens=a.dead_tokens,
-                         buffer_tokens=a.buffer_tokens, max_len=a.max_len,
-                         model_batch=a.model_batch, eval_frac=a.eval_frac, seed=a.seed)
+    cfg = SAETrainConfig(**config_values(a, SAETrainConfig))
     cfg.validate()
     records = load_jsonl(a.data) if a.data else []
     if a.python_docs:
@@ -524,6 +459,8 @@ def cmd_sparsify(args):
 
 
 def _parsers():
+    from .train_sae import SAETrainConfig
+
     ap = _Parser(prog="sae-sparse", description=__doc__.splitlines()[0],
                  formatter_class=_Formatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -583,21 +520,7 @@ def _parsers():
     sp.add_argument("--python-docs", action="store_true",
                     help="add Python's own reference docs (pydoc_data) as text")
     sp.add_argument("--out", required=True, help="directory for the SAE")
-    sp.add_argument("--d-sae", type=_positive, default=4096, help="latents")
-    sp.add_argument("--k", type=_positive, default=32, help="active latents per token")
-    sp.add_argument("--tokens", type=_positive, default=1_000_000, help="training tokens")
-    sp.add_argument("--batch-tokens", type=_positive, default=4096, help="tokens per step")
-    sp.add_argument("--lr", type=_positive_float, default=None,
-                    help="Adam learning rate [default: 2e-4 / sqrt(d_sae / 2^14)]")
-    sp.add_argument("--auxk-alpha", type=_nonneg_float, default=1 / 32, help="AuxK weight")
-    sp.add_argument("--dead-tokens", type=_positive, default=200_000,
-                    help="a latent is dead after this many tokens without firing")
-    sp.add_argument("--buffer-tokens", type=_positive, default=65536,
-                    help="activations held and shuffled at a time")
-    sp.add_argument("--max-len", type=_positive, default=128, help="tokens per window")
-    sp.add_argument("--model-batch", type=_positive, default=16, help="windows per forward")
-    sp.add_argument("--eval-frac", type=_fraction, default=0.05, help="records held out")
-    sp.add_argument("--seed", type=int, default=0, help="seed")
+    config_flags(sp, SAETrainConfig)
     sp.add_argument("--device", default=None, help="cpu, cuda, ...")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(sp)

@@ -32,6 +32,7 @@ import random
 
 import torch
 
+from .argtypes import fraction, nonneg_float, nonneg_int, option, positive, positive_float
 from .hookpoints import forward_to, resolve_hook
 from .io import save_saelens
 from .modules import SAE
@@ -42,23 +43,29 @@ CKPT = "checkpoint.pt"
 
 @dataclasses.dataclass
 class SAETrainConfig:
-    d_sae: int = 4096
-    k: int = 32
-    tokens: int = 1_000_000  # training tokens
-    batch_tokens: int = 4096
-    lr: float | None = None  # None: sparsify's 2e-4 / sqrt(d_sae / 2^14)
-    auxk_alpha: float = 1 / 32
-    dead_tokens: int = 200_000  # a latent is dead after this many tokens without firing
-    buffer_tokens: int = 65536
-    max_len: int = 128
-    model_batch: int = 16  # windows per model forward
-    # positions dropped at the start of each window: a causal LM's first position is an
-    # attention sink whose residual norm is ~100x the others' (SmolLM2: ~22000 vs ~180); it
-    # would dominate the variance (FVU) and the SAE's capacity (sparsify excludes BOS too)
-    skip_first: int = 1
-    eval_frac: float = 0.05
-    seed: int = 0
-    log_every: int = 20
+    """How ``train_sae`` trains; each field's ``help`` is its ``sae-sparse train-sae`` flag's."""
+
+    d_sae: int = option(4096, "latents", type=positive)
+    k: int = option(32, "active latents per token", type=positive)
+    tokens: int = option(1_000_000, "training tokens", type=positive)
+    batch_tokens: int = option(4096, "tokens per step", type=positive)
+    lr: float | None = option(None, "Adam learning rate [default: sparsify's "
+                              "2e-4 / sqrt(d_sae / 2^14)]", type=positive_float)
+    auxk_alpha: float = option(1 / 32, "AuxK weight", type=nonneg_float)
+    dead_tokens: int = option(200_000, "a latent is dead after this many tokens without "
+                              "firing", type=positive)
+    buffer_tokens: int = option(65536, "activations held and shuffled at a time",
+                                type=positive)
+    max_len: int = option(128, "tokens per window", type=positive)
+    model_batch: int = option(16, "windows per model forward", type=positive)
+    skip_first: int = option(1, "positions dropped at the start of each window: a causal "
+                             "LM's first position is an attention sink whose residual norm is "
+                             "~100x the others' (SmolLM2: ~22000 vs ~180), which would "
+                             "dominate the variance (FVU) and the SAE's capacity (sparsify "
+                             "excludes BOS too)", type=nonneg_int, metavar="N")
+    eval_frac: float = option(0.05, "fraction of the records held out", type=fraction)
+    seed: int = option(0, "seed", type=int)
+    log_every: int = option(20, "log (and read the loss back) every N steps", type=positive)
 
     def validate(self):
         if self.skip_first < 0:

@@ -290,3 +290,26 @@ def test_width_is_checked_before_loading_a_model_with_a_pad_token(tmp_path, caps
     assert "reads vectors of width 16, but the hook transformer.h.1 (transformer.h.1) " \
            "outputs width 32" in line, line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cmd,cls", [("train", "sae_sparse.training.config:TrainConfig"),
+                                     ("train-sae", "sae_sparse.train_sae:SAETrainConfig")])
+def test_config_fields_and_flags_are_one_source(cmd, cls):
+    """Every field of the config dataclass has a flag of the same name and default, and the
+    flag's help is the field's (so a default or a help text lives in one place)."""
+    import argparse
+    import dataclasses
+    import importlib
+
+    from sae_sparse.cli import _parsers
+    mod, name = cls.split(":")
+    config = getattr(importlib.import_module(mod), name)
+    sub = next(a for a in _parsers()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices[cmd]._actions}
+    for f in dataclasses.fields(config):
+        assert f.name in actions, f"{cmd}: no flag for {name}.{f.name}"
+        a = actions[f.name]
+        assert a.default == f.default, (f.name, a.default, f.default)
+        assert a.option_strings[0] == "--" + f.name.replace("_", "-")
+        if f.metadata.get("flag", True):
+            assert a.help == f.metadata["help"], f.name

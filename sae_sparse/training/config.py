@@ -1,22 +1,18 @@
 """What a training run is asked to do: the edit spec (``parse_edit``) and ``TrainConfig``,
-whose fields' comments are their documentation.
+whose fields carry their documentation, which is also their command-line help (``option``).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
+from .. import argtypes
+from ..argtypes import option
 from ..reference import ACTIVATIONS, MODES
 
-
 CONFIG_NAME = "adapter_config.json"
-
-
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
 POSITIONS = ("all", "prompt", "completion")
-
-
 LOSSES = ("ce", "kl")
 
 
@@ -48,40 +44,52 @@ def parse_edit(spec: str) -> dict:
 
 @dataclasses.dataclass
 class TrainConfig:
-    edit: str = "gain,bias,ffn:16"
-    mode: str = "delta"
-    baseline: str | None = None  # None (sparse SAE adapter), "dense", or "lora:R"
-    latents: list | None = None  # restrict the edit to these latent ids (masked-sparse variant)
-    edit_positions: str = "all"  # "all" | "prompt" | "completion"
-    # leave each sequence's first positions unedited: 1 for the attention sink of most
-    # pretrained LMs (a residual ~100x the others', where the SAE's code is meaningless)
-    skip_first: int = 0
-    # "ce": next-token cross-entropy on the completion tokens. "kl": distillation,
-    # KL(teacher ‖ student) per completion token, the teacher being the frozen model with its
-    # edits off reading each record's ``teacher_prompt`` (e.g. the prompt with a system
-    # prompt) + the same completion, or a separate ``teacher`` model (train_adapter)
-    loss: str = "ce"
-    l1: float = 1e-3  # L1 on gain, bias and W_out (scaled by decoder norms): keeps edits sparse
-    lr: float = 1e-2
-    # the learning rate rises linearly from lr/warmup_steps to lr over the first warmup_steps
-    # steps (a function of the step alone: a resumed run follows the same schedule). Adam's
-    # first steps move every weight with a gradient by about lr, which for an FFN's dense
-    # W_out [H, S] is a large edit at once
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_len: int = 128
-    eval_frac: float = 0.1
-    eval_every: int = 50
-    # the loss is read back from the device (a host sync) every this many steps, not every
-    # micro-step; also at evals, checkpoints and the end
-    log_every: int = 10
-    checkpoint_every: int = 50
-    seed: int = 0
-    backend: str | None = None
-    bf16: bool | None = None  # autocast to bf16; None = on CUDA only
+    """How ``train_adapter`` trains; each field's ``help`` is its ``sae-sparse train`` flag's."""
+
+    edit: str = option("gain,bias,ffn:16", "adapter kinds: gain, bias, "
+                       "ffn:H[:relu|gelu|identity], lowrank:R")
+    mode: str = option("delta", "delta: y = x + (z' - z) W_dec; replace: y = z' W_dec + b_dec",
+                       choices=MODES)
+    baseline: str | None = option(None, "train a baseline instead: lora:R (residual LoRA) or "
+                                  "dense (the same adapter on dense latents)")
+    latents: list | None = option(None, "restrict the edit to these latent ids (the "
+                                  "masked-sparse variant)", flag=False)
+    edit_positions: str = option("all", "which tokens the edit applies to", choices=POSITIONS)
+    skip_first: int = option(0, "leave each sequence's first N positions unedited (1 for the "
+                             "attention sink of most pretrained LMs, whose SAE code is "
+                             "meaningless)", type=argtypes.nonneg_int, metavar="N")
+    loss: str = option("ce", "ce: cross-entropy on the completions; kl: distil a teacher, the "
+                       "model itself with the edits off reading each record's "
+                       "'teacher_prompt' (e.g. with a system prompt), or a separate teacher "
+                       "model (train_adapter's teacher=): KL(teacher || student) per "
+                       "completion token", choices=LOSSES)
+    l1: float = option(1e-3, "L1 penalty on gain, bias and W_out, scaled by decoder norms "
+                       "(keeps the edit sparse)", type=argtypes.nonneg_float)
+    lr: float = option(1e-2, "AdamW learning rate", type=argtypes.nonneg_float)
+    warmup_steps: int = option(0, "linear learning-rate warmup over the first N steps, a "
+                               "function of the step alone (a resumed run follows it); an "
+                               "FFN's first Adam steps are otherwise a large dense edit",
+                               type=argtypes.nonneg_int)
+    weight_decay: float = option(0.0, "AdamW weight decay", type=argtypes.nonneg_float)
+    steps: int = option(200, "optimizer steps", type=argtypes.positive)
+    batch_size: int = option(8, "records per micro-batch (the global batch under torchrun)",
+                             type=argtypes.positive)
+    grad_accum: int = option(1, "micro-batches per optimizer step", type=argtypes.positive)
+    max_len: int = option(128, "tokens kept per record (longer records are truncated, with a "
+                          "warning)", type=argtypes.positive)
+    eval_frac: float = option(0.1, "fraction of the records held out for evaluation",
+                              type=argtypes.fraction)
+    eval_every: int = option(50, "evaluate every N steps", type=argtypes.positive)
+    log_every: int = option(10, "read the training loss back from the device (a host sync) "
+                            "every N steps, and at evals, checkpoints and the end (a "
+                            "non-finite loss stops the run then)", type=argtypes.positive)
+    checkpoint_every: int = option(50, "save a resumable checkpoint every N steps (and on "
+                                   "Ctrl-C)", type=argtypes.positive)
+    seed: int = option(0, "seed of the data split, order and initialisation", type=int)
+    backend: str | None = option(None, "kernel backend (default: the best available)",
+                                 choices=("torch", "cpp", "triton"))
+    bf16: bool | None = option(None, "bf16 autocast (default: on CUDA only)",
+                               action=argparse.BooleanOptionalAction)
 
     def validate(self):
         if self.mode not in MODES:
