@@ -13,7 +13,7 @@ def option(default, help: str, **cli):
     """A config field with its documentation: ``help`` is also its command-line help, and
     ``cli`` holds the rest of its flag's argparse keywords (``type``, ``choices``,
     ``metavar``, ``action``; ``flag=False``: the CLI gives the field a flag of its own). The
-    CLI's options are generated from these (``sae_sparse/cli.py``, ``config_flags``)."""
+    CLI's options are generated from these (``sae_sparse/cli/common.py``, ``config_flags``)."""
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 

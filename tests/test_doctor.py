@@ -55,3 +55,22 @@ def test_doctor_catches_a_wrong_fused_kernel(monkeypatch, capsys):
     bad = [(r["backend"], r["path"]) for r in rows if not r["ok"]]
     assert bad == [("triton", "fused"), ("triton", "torch")], rows
     assert "d adapter.bias" in next(r["problem"] for r in rows if not r["ok"])
+
+
+@pytest.mark.skipif("triton" not in ss.available_backends()
+                    or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the triton kernels in the interpreter")
+def test_doctor_timing_table_with_a_fake_clock(monkeypatch):
+    """The GPU part of the doctor (timings of the fused path, the torch composition and the
+    bare GEMM, then the path chosen on a first call), run on the CPU with a clock that says
+    1 ms for everything: the fused path wins the tie, checked and trusted."""
+    import triton.testing
+
+    from sae_sparse.triton import paths
+    monkeypatch.setattr(triton.testing, "do_bench", lambda f, **k: (f(), 1.0)[1])
+    monkeypatch.setattr(paths, "_TIMER", lambda f: (f(), 1.0)[1])
+    monkeypatch.setattr(paths, "_CACHE", {})
+    monkeypatch.setattr(paths, "_REFUSED", {})
+    rows = doctor.timings(torch.device("cpu"), {"tiny": (5, 16, 300, 4)}, log=lambda *_: None)
+    assert rows == [dict(shape="tiny", N=5, D=16, S=300, k=4, fused_ms=1.0, torch_ms=1.0,
+                         gemm_ms=1.0, chosen="fused", refused=[])]
