@@ -104,7 +104,8 @@ def _check_step(run, sae, ad, x, dtype):
     out = _by_latent(run(sae, ad, x, "triton"))
     ref = _by_latent(run(sae64, ad64, x64, "torch"))
     g = torch.Generator().manual_seed(9)
-    w = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref if r.is_floating_point()]
+    w = [torch.randn(r.shape, generator=g, dtype=torch.float64)
+         for r in ref if r.is_floating_point()]
     for o, r in zip(out, ref):
         if not r.is_floating_point():
             assert torch.equal(o.cpu(), r), "indices"

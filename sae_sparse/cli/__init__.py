@@ -26,8 +26,8 @@ COMMANDS = {"train": train, "report": report, "merge": merge, "generate": genera
 
 
 def _parsers():
-    ap = _Parser(prog="sae-sparse", description="sae_sparse: train, read and apply sparse latent edits",
-                 formatter_class=_Formatter)
+    ap = _Parser(prog="sae-sparse", formatter_class=_Formatter,
+                 description="sae_sparse: train, read and apply sparse latent edits")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for module in COMMANDS.values():
         module.add_parser(sub)

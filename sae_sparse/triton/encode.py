@@ -383,9 +383,10 @@ ENCODE = dict(
     # latent chunks of at most this many candidates per row, merged
     max_candidates=8192,
     # bf16/fp16 input: rank pre-activations rounded to odd at 16 mantissa bits, packed with
-    # the tile column into one int32, so the per-tile top-m epilogue is integer max reductions (_encode_top_kernel). The values
-    # returned after rounding to bf16/fp16 are the same; only entries that agree to 17
-    # significant bits may swap places (smaller index first). False: the fp32 argmax epilogue.
+    # the tile column into one int32, so the per-tile top-m epilogue is integer max
+    # reductions (_encode_top_kernel). The values returned after rounding to bf16/fp16 are
+    # the same; only entries that agree to 17 significant bits may swap places (smaller
+    # index first). False: the fp32 argmax epilogue.
     key32=True,
     # the candidate select: a top-k over the tile maxima, then over the candidates of the k
     # tiles it picks (where that is less work); False: one top-k over all of a row's candidates
@@ -723,12 +724,12 @@ def encode_mismatch(got, want, x, W, b, b_pre=None, thr=None):
     return None
 
 
-def _keys(pre, col0: int = 0):
+def _keys(pre):
     """torch's twin of the kernels' pack(): int64 keys whose integer order is pre's order with
     exact ties to the smaller index (pre's fp32 bits high, ~column low; -0.0 as +0.0)."""
     bits = (pre.float() + 0.0).view(torch.int32)
     hi = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.long)
-    col = torch.arange(col0, col0 + pre.shape[1], device=pre.device)
+    col = torch.arange(pre.shape[1], device=pre.device)
     return (hi << 32) | (0xFFFFFFFF - col)
 
 
