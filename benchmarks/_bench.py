@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from sae_sparse.doctor import GPU_SHAPES
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -31,8 +33,7 @@ def sparsify_step(sae, x, dead_mask=None):
     return run
 
 
-SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
-          "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
+SHAPES = GPU_SHAPES  # (N, D, S, k), defined once in sae_sparse.doctor
 SMOKE_SHAPES = {"A": (24, 32, 600, 4), "B": (20, 24, 1100, 5)}
 
 

@@ -9,9 +9,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sae_sparse as ss
+from sae_sparse.doctor import GPU_SHAPES
 
-SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
-          "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
+SHAPES = GPU_SHAPES  # (N, D, S, k), defined once in sae_sparse.doctor
 
 
 def main():

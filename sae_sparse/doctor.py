@@ -30,7 +30,8 @@ import torch
 # the dtype's rounding (bf16 rounds its inputs, outputs and the backward's stored gradients)
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
-# The GPU shapes of the benchmarks (N, D, S, k), bf16: README "Benchmarks".
+# The GPU shapes A-D (N, D, S, k), bf16, of the doctor, the benchmarks and the memory-plan
+# tests: docs/benchmarks.md.
 GPU_SHAPES = {"A": (8192, 768, 32768, 32), "B": (8192, 768, 131072, 32),
               "C": (8192, 2304, 65536, 64), "D": (4096, 4096, 131072, 64)}
 
