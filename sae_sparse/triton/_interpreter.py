@@ -64,6 +64,7 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
+    import triton
     import triton.language as tl
     from triton.runtime import interpreter as interp
 
@@ -72,7 +73,7 @@ def install() -> None:
         if not hasattr(builder, name):
             raise RuntimeError(
                 f"sae_sparse's interpreter substitutes need triton's InterpreterBuilder.{name} "
-                f"(triton 3.6); this triton ({getattr(interp, '__name__', '?')}) has none: "
+                f"(triton 3.6); triton {triton.__version__} has none: "
                 "install triton==3.6.0 to run the kernels under TRITON_INTERPRET=1")
     TensorHandle = interp.TensorHandle
     cast_impl, fp_to_fp, dot = builder.cast_impl, builder.create_fp_to_fp, builder.create_dot
