@@ -63,3 +63,21 @@ def fraction(v):
     if not 0 <= x < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {v!r}")
     return x
+
+
+def or_auto(parse):
+    """``parse``, or the string ``"auto"`` (a value the run chooses from its data)."""
+    def p(v):
+        if v == "auto":
+            return v
+        try:
+            return parse(v)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(str(e).replace(", got", " or 'auto', got",
+                                                            1)) from None
+    p.__name__ = f"auto_or_{parse.__name__}"
+    return p
+
+
+auto_nonneg_int = or_auto(nonneg_int)
+auto_fraction = or_auto(fraction)

@@ -108,3 +108,4 @@ def input_device(model):
         return emb().weight.device
     except (TypeError, AttributeError, NotImplementedError):
         return next(model.parameters()).device
+

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from .ops import auxk_decode, auxk_encode, sae_forward, sparse_decode, topk_encode
+from .ops import auxk_decode, auxk_encode, encode_rows, forward_rows, sparse_decode
 from .reference import ACTIVATIONS
 
 
@@ -84,9 +84,9 @@ class SAE(nn.Module):
 
     def encode(self, x, *, backend=None):
         """x [..., D] -> (values [..., k], indices [..., k]); see :func:`sae_sparse.topk_encode`."""
-        values, indices, self._overflow_rows = topk_encode(
+        values, indices, self._overflow_rows = encode_rows(
             x, self.W_enc, self.b_enc, self.k, b_pre=self.b_pre, threshold=self.threshold,
-            backend=backend, return_overflow="rows")
+            backend=backend)
         return values, indices
 
     @property
@@ -120,9 +120,9 @@ class SAE(nn.Module):
         encoder too). One op for encode and decode (:func:`sae_sparse.sae_forward`): on the
         kernel backends its backward groups the (token, slot) pairs by latent once for dW_enc
         and dW_dec. Sets ``last_overflow``."""
-        y, values, indices, self._overflow_rows = sae_forward(
+        y, values, indices, self._overflow_rows = forward_rows(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, b_pre=self.b_pre,
-            threshold=self.threshold, backend=backend, return_overflow="rows")
+            threshold=self.threshold, backend=backend)
         return (y, values, indices) if return_code else y
 
     def extra_repr(self) -> str:

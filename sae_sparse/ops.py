@@ -64,6 +64,15 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
         >>> x = torch.randn(4, 16); W = torch.randn(100, 16); b = torch.zeros(100)
         >>> values, indices = topk_encode(x, W, b, k=8)
     """
+    values, indices, overflow = encode_rows(x, W_enc, b_enc, k, b_pre=b_pre,
+                                            threshold=threshold, backend=backend, path=path)
+    return (values, indices, overflow.sum()) if return_overflow else (values, indices)
+
+
+def encode_rows(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None, path=None):
+    """:func:`topk_encode` with the per-row overflow flags: -> (values, indices, [...] bool,
+    True where a row has more than k active latents). ``SAE.encode`` keeps the flags and
+    counts them only when ``last_overflow`` is read (no reduction launched per step)."""
     D, S = V.check_encoder(x, W_enc, b_enc, k, b_pre, threshold)
     name = resolve(backend, x.device, x.dtype)
     if name != "triton":  # triton makes no host sync to look: non-finite rows come back NaN
@@ -74,13 +83,8 @@ def topk_encode(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
     with forced_path(path):
         values, indices, overflow = encode_fn(name)(args[0], args[1], args[2], k, args[3],
                                                     args[4])
-    values = values.to(x.dtype).reshape(*lead, k)
-    indices = indices.reshape(*lead, k)
-    if return_overflow == "rows":  # the per-row flags (SAE.last_overflow counts them lazily)
-        return values, indices, overflow
-    if return_overflow:
-        return values, indices, overflow.sum()
-    return values, indices
+    return (values.to(x.dtype).reshape(*lead, k), indices.reshape(*lead, k),
+            overflow.reshape(lead))
 
 
 def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
@@ -109,6 +113,14 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
     Example (sparsify's ``SparseCoder.forward``, whose encoder reads ``x - b_dec``):
         >>> y, top_acts, top_idx = sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, b_pre=b_dec)
     """
+    *out, overflow = forward_rows(x, W_enc, b_enc, W_dec, b_dec, k, b_pre=b_pre,
+                                  threshold=threshold, backend=backend, path=path)
+    return (*out, overflow.sum()) if return_overflow else tuple(out)
+
+
+def forward_rows(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
+                 backend=None, path=None):
+    """:func:`sae_forward` with the per-row overflow flags (as :func:`encode_rows`)."""
     D, S = V.check_encoder(x, W_enc, b_enc, k, b_pre, threshold)
     V.check_tensor(W_dec, "W_dec", (S, D), like=x)
     V.check_tensor(b_dec, "b_dec", (D,), like=x)
@@ -128,11 +140,8 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None,
             a = a[:3] + (a[6],) + a[4:]
         y, values, indices, overflow = sae_fn(name)(a[0], a[1], a[2], k, a[3], a[4], a[5],
                                                     a[6])
-    out = (y.to(x.dtype).reshape(*lead, D), values.to(x.dtype).reshape(*lead, k),
-           indices.reshape(*lead, k))
-    if return_overflow == "rows":
-        return (*out, overflow)
-    return (*out, overflow.sum()) if return_overflow else out
+    return (y.to(x.dtype).reshape(*lead, D), values.to(x.dtype).reshape(*lead, k),
+            indices.reshape(*lead, k), overflow.reshape(lead))
 
 
 def _dead_latents(x, W_enc, b_enc, dead_mask, k_aux, b_pre):

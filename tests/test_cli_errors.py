@@ -144,6 +144,19 @@ def test_train_mistakes_are_one_line_before_anything_is_written(files, tmp_path,
     assert time.time() - t0 < 30
 
 
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_out_naming_a_file_is_refused_before_the_model_loads(files, tmp_path, capsys,
+                                                               monkeypatch, where):
+    (tmp_path / "taken").write_text("not a run\n")
+    out = tmp_path / "taken" if where == "out" else tmp_path / "taken" / "run"
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    rc, line = run(capsys, train_args(files, out))
+    assert f"--out {out}: {tmp_path / 'taken'} is a file" in line, line
+    assert (tmp_path / "taken").read_text() == "not a run\n"
+
+
 def test_debug_shows_the_traceback(files, tmp_path):
     with pytest.raises(FileNotFoundError, match="no data file"):
         main(train_args(files, tmp_path / "r", "--debug", data="missing.jsonl"))

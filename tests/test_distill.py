@@ -190,8 +190,8 @@ def test_kl_errors(tmp_path, tok):
     sae = ss.SAE.random(32, 90, 6)
     recs = records(8)
     recs[3] = {k: v for k, v in recs[3].items() if k != "teacher_prompt"}
-    with pytest.raises(ValueError, match="needs a 'teacher_prompt' string in every record "
-                                         "\\(1 of 8 have none\\)"):
+    with pytest.raises(ValueError, match="1 of 8 records in the data have no 'teacher_prompt' "
+                                         "string \\(the first: record 4\\)"):
         train_adapter(tiny_gpt2(vocab=len(tok)), tok, {HOOK: sae}, recs, str(tmp_path / "a"),
                       TrainConfig(loss="kl"), progress=False, log=None)
     with pytest.raises(ValueError, match="only used with loss='kl'"):

@@ -147,7 +147,7 @@ def test_warmup_schedule_and_resume(tmp_path, tok):
                   TrainConfig(steps=1, **kw), progress=False, log=None)
     c, _ = load_adapter(str(tmp_path / "c"))
     assert float(c["transformer.h.0"].bias.abs().max()) == pytest.approx(0.05 / 4, rel=1e-3)
-    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0 or 'auto'"):
         TrainConfig(warmup_steps=-1).validate()
 
 

@@ -187,11 +187,15 @@ def test_report_is_valid_markdown_with_signed_values_curve_and_ascii_names(files
     for t in tables:
         widths = {len(re.split(r"(?<!\\)\|", row)) for row in t}
         assert len(widths) == 1, t
-    assert "| rank | latent | score | gain | bias |" in md
+    # the measured ranking (mean |Δz|) shows each latent's signed gain and bias; the raw
+    # |gain| / |bias| rankings, whose scale says little, are in report.json only
+    assert "| rank | latent | score | gain | bias |" in md and "by \\|gain\\|" not in md
     ad, _ = T.load_adapter(str(out))
     bias = ad["transformer.h.1"].bias.detach()
-    top = int(bias.abs().argmax())
-    assert f" {float(bias[top]):+.4g} |" in md  # the signed bias is shown
+    rep = json.loads((out / "report.json").read_text())["hooks"]["transformer.h.1"]
+    assert rep["|gain|"] and rep["|bias|·‖W_dec‖"]
+    top = rep["mean |Δz| (eval)"][0][0]
+    assert f"| 1 | {top} | " in md and f" {float(bias[top]):+.4g} |" in md
 
 
 def test_a_run_without_an_eval_split_says_so(files, tmp_path, capsys):

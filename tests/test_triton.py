@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sae_sparse as ss
 from sae_sparse import sparse_decode, topk_encode
+from sae_sparse.ops import encode_rows
 from sae_sparse.triton import encode as _enc
 
 from helpers import LiveBytes, assert_close, full_op, grads_of, make_case
@@ -303,15 +304,14 @@ def test_triton_encode_nonfinite_rows_come_back_nan(monkeypatch, path, dtype):
     x[1, 7] = float("nan")
     x[3, 1029] = float("inf")
     x[130, 9] = big  # finite, but x - b_pre overflows (row 130: the second row chunk)
-    v, i, n = topk_encode(x.to(DEVICE), W.to(DEVICE), b.to(DEVICE), k, b_pre=bp.to(DEVICE),
-                          backend="triton", return_overflow="rows")
+    v, i, n = encode_rows(x.to(DEVICE), W.to(DEVICE), b.to(DEVICE), k, b_pre=bp.to(DEVICE),
+                          backend="triton")
     xc = x - bp  # what the kernels read, rounded to x's dtype
     bad = ~torch.isfinite(xc).all(1)
     assert bad.nonzero().reshape(-1).tolist() == [1, 3, 130]
     assert torch.isnan(v.cpu()[bad]).all() and not torch.isnan(v.cpu()[~bad]).any()
     assert i.cpu()[bad].tolist() == [list(range(k))] * 3 and not n.cpu()[bad].any()
-    v0, i0, n0 = topk_encode(xc[~bad].double(), W.double(), b.double(), k, backend="torch",
-                             return_overflow="rows")
+    v0, i0, n0 = encode_rows(xc[~bad].double(), W.double(), b.double(), k, backend="torch")
     assert torch.equal(i.cpu()[~bad], i0) and torch.equal(n.cpu()[~bad], n0)
     assert_close(v.cpu()[~bad].double(), v0, rtol=1e-2 if dtype != torch.float32 else 1e-4,
                  atol=1e-3, name="values")

@@ -1,5 +1,5 @@
-"""Command line: ``sae-sparse train | train-sae | report | merge | generate | demo | doctor |
-sparsify``, one module per subcommand (``add_parser(sub)``, ``run(args)``), the table in
+"""Command line: ``sae-sparse make-data | train | train-sae | report | merge | generate | demo |
+doctor | sparsify``, one module per subcommand (``add_parser(sub)``, ``run(args)``), the table in
 ``COMMANDS``.
 
 ``sae-sparse train`` with no arguments runs the offline demo (tiny model + SAE shipped in the
@@ -16,12 +16,12 @@ import contextlib
 import sys
 import warnings
 
-from . import demo, generate, merge, report, sparsify, train, train_sae
+from . import demo, generate, make_data, merge, report, sparsify, train, train_sae
 from .common import UsageError, _Formatter, _Parser
 
 # subcommand -> its module (add_parser(sub), run(args)); "doctor" and "sparsify" parse their
 # own arguments
-COMMANDS = {"train": train, "report": report, "merge": merge, "generate": generate,
+COMMANDS = {"make-data": make_data, "train": train, "report": report, "merge": merge, "generate": generate,
             "train-sae": train_sae, "demo": demo}
 
 

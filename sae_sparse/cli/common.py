@@ -79,5 +79,14 @@ def _device(spec):
     return dev
 
 
+def check_out_path(path, flag):
+    """An output directory that is an existing file fails here, before any model loads."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):  # the nearest existing ancestor must be a directory
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{flag} {path}: {p} is a file; give a directory (new or a run's)")
+
+
 def _model_source(spec):
     return os.path.abspath(spec) if os.path.exists(spec) else spec

@@ -13,7 +13,9 @@ def add_parser(sub):
                        formatter_class=_Formatter)
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
-    p.add_argument("--prompts", default=None, help="a file of prompts, one per line")
+    p.add_argument("--prompts", default=None,
+                   help="a file of questions, one per line, or a JSONL of training records "
+                        "(e.g. make-data's heldout.jsonl), whose prompts are used as trained")
     p.add_argument("--strength", type=argtypes.finite_float, action="append", default=None,
                    help="scale of the edit (1 = as trained, 0 = none); repeatable "
                         "[default: 1]")
@@ -40,8 +42,13 @@ def run(a):
     if a.prompts:
         if not os.path.isfile(a.prompts):
             raise UsageError(f"--prompts: no file {a.prompts!r}")
-        with open(a.prompts, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        if a.prompts.endswith(".jsonl"):  # training records: their prompts as trained
+            from ..training import load_jsonl
+
+            prompts += [r for r in load_jsonl(a.prompts) if "prompt" in r]
+        else:
+            with open(a.prompts, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise UsageError("generate needs --prompt TEXT (repeatable) or --prompts FILE")
     _, conf = load_adapter(a.run_dir)

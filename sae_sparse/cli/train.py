@@ -8,8 +8,9 @@ import warnings
 
 from .. import argtypes
 from . import demo
-from .common import (UsageError, _common, _device, _Formatter, _model_source, config_flags,
-                     config_values)
+from ..training.data import check_teacher_prompts
+from .common import (UsageError, _common, _device, _Formatter, _model_source, check_out_path,
+                     config_flags, config_values)
 
 
 def add_parser(sub):
@@ -72,12 +73,45 @@ def _parse_latents(spec):
 
 def _precheck_train(a):
     """Everything that can be checked before the model's weights load and before the run
-    directory is created. -> (records, config, {hook: SAE on the CPU}, sources, meta model)."""
-    from ..hookpoints import hook_width, meta_model, resolve_hook
-    from ..io import content_hash, load_sae, resolve_sae_path
+    directory is created, each mistake its own check. -> (records, config, {hook: SAE on the
+    CPU}, sources)."""
+    from ..hookpoints import meta_model
     from ..models import load_config
-    from ..training import TrainConfig, check_run_dir, load_jsonl, run_fingerprint
+    from ..training import check_run_dir, load_jsonl, run_fingerprint
 
+    _check_required(a)
+    check_out_path(a.out, "--out")
+    latents = _parse_latents(a.latents) if a.latents else None
+    cfg = _check_config(a, latents)
+    records = load_jsonl(a.data)
+    if cfg.loss == "kl":
+        try:
+            check_teacher_prompts(records, a.data)
+        except ValueError as e:
+            raise UsageError(f"--loss kl: {e}") from None
+    local = _fetch_saes(a.sae)  # before the model: a missing SAE should not wait for a load
+    try:
+        config = load_config(a.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from e
+    meta = meta_model(config)
+    saes, sources = {}, {}
+    for n, path in enumerate(a.sae):
+        hook = a.hook[n] if a.hook else None
+        module, sae, info = _place_sae(meta, path, local[path], hook, a.k)
+        if module in saes:
+            raise UsageError(f"two SAEs edit the same module {module}")
+        if latents is not None and max(latents) >= sae.d_sae:
+            raise UsageError(f"--latents {max(latents)} is out of range for the SAE at {path} "
+                             f"(d_sae = {sae.d_sae})")
+        saes[module], sources[module] = sae, info
+    fingerprint = run_fingerprint(meta, saes, a.data, sae_sources=sources,
+                                  model_source=_model_source(a.model))
+    check_run_dir(a.out, cfg, fingerprint, resume=not a.no_resume, overwrite=a.overwrite)
+    return records, cfg, saes, sources
+
+
+def _check_required(a):
     missing = [f"--{n}" for n in ("model", "data", "sae") if not getattr(a, n)]
     if missing:
         raise UsageError(f"train needs {', '.join(missing)} (or no arguments for the demo)")
@@ -86,7 +120,12 @@ def _precheck_train(a):
                          "--hook), or no --hook to use the hooks the SAEs' configs name")
     if len(set(a.sae)) != len(a.sae):
         raise UsageError("the same --sae is given twice")
-    latents = _parse_latents(a.latents) if a.latents else None
+
+
+def _check_config(a, latents):
+    """The TrainConfig of the flags, validated; the device and backend exist here."""
+    from ..training import TrainConfig
+
     cfg = TrainConfig(**config_values(a, TrainConfig), latents=latents)
     cfg.validate()
     _device(a.device)  # --device cuda on a machine without CUDA fails here
@@ -96,67 +135,59 @@ def _precheck_train(a):
         if a.backend not in available_backends():
             raise UsageError(f"--backend {a.backend} is not available here (available: "
                              f"{', '.join(available_backends())})")
-    records = load_jsonl(a.data)
-    if a.loss == "kl":
-        lacking = [n for n, r in enumerate(records, 1) if "teacher_prompt" not in r]
-        if lacking:
-            raise UsageError(f"--loss kl: {len(lacking)} of {len(records)} records in {a.data} "
-                             f"have no 'teacher_prompt' (the first: record {lacking[0]}); the "
-                             "teacher is the model with the edits off reading it")
+    return cfg
+
+
+def _fetch_saes(paths) -> dict:
+    """``{--sae: local path}``; a hub folder is fetched (or found cached)."""
+    from ..io import resolve_sae_path
+
     local = {}
-    for path in a.sae:  # before the model: a missing SAE should not wait for a model load
+    for path in paths:
         try:
-            local[path] = resolve_sae_path(path)  # a hub folder is fetched (or found cached)
+            local[path] = resolve_sae_path(path)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--sae: {e}") from None
+    return local
+
+
+def _place_sae(meta, path, local, hook, k):
+    """Loads the SAE at ``path`` and finds the module it edits on the meta model (``hook``,
+    or the one its config names), checking the module's output width against the SAE's.
+    -> (module path, SAE, its source record)."""
+    from ..hookpoints import hook_width, resolve_hook
+    from ..io import content_hash, load_sae
+
+    sae = load_sae(local, k=k)
+    info = {key: v for key, v in sae.format_info.items() if key != "cfg"}
+    own = info.get("hook_name")
+    if not hook and not own:
+        raise UsageError(f"--sae {path}: its config names no hook; pass --hook (e.g. "
+                         "model.layers.6 or blocks.6.hook_resid_post)")
     try:
-        config = load_config(a.model)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from e
-    meta = meta_model(config)
-    saes, sources = {}, {}
-    for n, path in enumerate(a.sae):
-        sae = load_sae(local[path], k=a.k)
-        info = {k: v for k, v in sae.format_info.items() if k != "cfg"}
-        own = info.get("hook_name")
-        if not a.hook and not own:
-            raise UsageError(f"--sae {path}: its config names no hook; pass --hook (e.g. "
-                             "model.layers.6 or blocks.6.hook_resid_post)")
-        hook = a.hook[n] if a.hook else own
+        module = resolve_hook(meta, hook or own)
+    except ValueError as e:
+        raise UsageError(f"--hook {hook}: {e}" if hook else
+                         f"the SAE at {path} names its hook {own!r}, which does not fit this "
+                         f"model ({e}); pass --hook") from None
+    if hook and own:
         try:
-            module = resolve_hook(meta, hook)
-        except ValueError as e:
-            raise UsageError(f"--hook {hook}: {e}" if a.hook else
-                             f"the SAE at {path} names its hook {hook!r}, which does not fit "
-                             f"this model ({e}); pass --hook") from None
-        if a.hook and own:
-            try:
-                same = resolve_hook(meta, own) == module
-            except ValueError:
-                same = False
-            if not same:
-                warnings.warn(f"--hook {hook} differs from the hook {own!r} that the SAE at "
-                              f"{path} was trained on")
-        if module in saes:
-            raise UsageError(f"two SAEs edit the same module {module}")
-        try:
-            width = hook_width(meta, module)
-        except Exception as e:  # a model whose forward does not run on the meta device
-            warnings.warn(f"could not find {module}'s output width before loading the model "
-                          f"({type(e).__name__}); it is checked at the first forward instead")
-            width = sae.d_in
-        if width != sae.d_in:
-            raise UsageError(f"the SAE at {path} reads vectors of width {sae.d_in}, but the "
-                             f"hook {hook} ({module}) outputs width {width}")
-        if latents is not None and max(latents) >= sae.d_sae:
-            raise UsageError(f"--latents {max(latents)} is out of range for the SAE at {path} "
-                             f"(d_sae = {sae.d_sae})")
-        saes[module] = sae
-        sources[module] = {**info, "sha256": content_hash(local[path])}
-    fingerprint = run_fingerprint(meta, saes, a.data, sae_sources=sources,
-                                  model_source=_model_source(a.model))
-    check_run_dir(a.out, cfg, fingerprint, resume=not a.no_resume, overwrite=a.overwrite)
-    return records, cfg, saes, sources
+            same = resolve_hook(meta, own) == module
+        except ValueError:
+            same = False
+        if not same:
+            warnings.warn(f"--hook {hook} differs from the hook {own!r} that the SAE at "
+                          f"{path} was trained on")
+    try:
+        width = hook_width(meta, module)
+    except Exception as e:  # a model whose forward does not run on the meta device
+        warnings.warn(f"could not find {module}'s output width before loading the model "
+                      f"({type(e).__name__}); it is checked at the first forward instead")
+        width = sae.d_in
+    if width != sae.d_in:
+        raise UsageError(f"the SAE at {path} reads vectors of width {sae.d_in}, but the "
+                         f"hook {hook or own} ({module}) outputs width {width}")
+    return module, sae, {**info, "sha256": content_hash(local)}
 
 
 def _init_distributed(device_spec):

@@ -37,8 +37,13 @@ def architecture(sae) -> str:
 
 
 def save_adapter(out_dir, trainables, saes, cfg: TrainConfig, *, sae_sources=None,
-                 model_source=None):
-    """Writes ``adapter_model.safetensors`` + ``adapter_config.json``."""
+                 model_source=None, skip_first=None):
+    """Writes ``adapter_model.safetensors`` + ``adapter_config.json``. ``skip_first``: the
+    positions the run left unedited (``cfg.skip_first`` resolved, when it is ``"auto"``)."""
+    if skip_first is None:
+        if cfg.skip_first == "auto":
+            raise ValueError("skip_first: give the resolved value of cfg.skip_first='auto'")
+        skip_first = cfg.skip_first
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -57,7 +62,7 @@ def save_adapter(out_dir, trainables, saes, cfg: TrainConfig, *, sae_sources=Non
                                   if t.latent_mask is not None else None))
         hooks[h] = entry
     conf = {"sae_sparse_version": __version__, "base_model": model_source, "mode": cfg.mode,
-            "edit_positions": cfg.edit_positions, "skip_first": cfg.skip_first,
+            "edit_positions": cfg.edit_positions, "skip_first": skip_first,
             "baseline": cfg.baseline,
             "train_config": dataclasses.asdict(cfg), "hooks": hooks}
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:

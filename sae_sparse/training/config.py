@@ -55,9 +55,12 @@ class TrainConfig:
     latents: list | None = option(None, "restrict the edit to these latent ids (the "
                                   "masked-sparse variant)", flag=False)
     edit_positions: str = option("all", "which tokens the edit applies to", choices=POSITIONS)
-    skip_first: int = option(0, "leave each sequence's first N positions unedited (1 for the "
-                             "attention sink of most pretrained LMs, whose SAE code is "
-                             "meaningless)", type=argtypes.nonneg_int, metavar="N")
+    skip_first: int | str = option(
+        "auto", "leave each sequence's first N positions unedited. auto: the leading "
+        "positions whose residual norm at the hook is an outlier on the training data (the "
+        "attention sink of most pretrained LMs, whose SAE code is meaningless; "
+        "models.sink_positions), 0 where there is none", type=argtypes.auto_nonneg_int,
+        metavar="N|auto")
     loss: str = option("ce", "ce: cross-entropy on the completions; kl: distil a teacher, the "
                        "model itself with the edits off reading each record's "
                        "'teacher_prompt' (e.g. with a system prompt), or a separate teacher "
@@ -66,10 +69,11 @@ class TrainConfig:
     l1: float = option(1e-3, "L1 penalty on gain, bias and W_out, scaled by decoder norms "
                        "(keeps the edit sparse)", type=argtypes.nonneg_float)
     lr: float = option(1e-2, "AdamW learning rate", type=argtypes.nonneg_float)
-    warmup_steps: int = option(0, "linear learning-rate warmup over the first N steps, a "
-                               "function of the step alone (a resumed run follows it); an "
-                               "FFN's first Adam steps are otherwise a large dense edit",
-                               type=argtypes.nonneg_int)
+    warmup_steps: int | str = option(
+        "auto", "linear learning-rate warmup over the first N steps, a function of the step "
+        "alone (a resumed run follows it). auto: a tenth of --steps when the edit has an FFN "
+        "(whose first Adam steps are otherwise a large dense edit), else 0",
+        type=argtypes.auto_nonneg_int, metavar="N|auto")
     weight_decay: float = option(0.0, "AdamW weight decay", type=argtypes.nonneg_float)
     steps: int = option(200, "optimizer steps", type=argtypes.positive)
     batch_size: int = option(8, "records per micro-batch (the global batch under torchrun)",
@@ -77,8 +81,10 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step", type=argtypes.positive)
     max_len: int = option(128, "tokens kept per record (longer records are truncated, with a "
                           "warning)", type=argtypes.positive)
-    eval_frac: float = option(0.1, "fraction of the records held out for evaluation",
-                              type=argtypes.fraction)
+    eval_frac: float | str = option(
+        "auto", "fraction of the records held out for evaluation. auto: a tenth, but at least "
+        "min(32, a fifth of the records) and at most 256 (a KL or loss on 4 records says "
+        "little)", type=argtypes.auto_fraction, metavar="F|auto")
     eval_every: int = option(50, "evaluate every N steps", type=argtypes.positive)
     log_every: int = option(10, "read the training loss back from the device (a host sync) "
                             "every N steps, and at evals, checkpoints and the end (a "
@@ -96,8 +102,10 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.edit_positions not in POSITIONS:
             raise ValueError(f"edit_positions must be one of {POSITIONS}")
-        if not isinstance(self.skip_first, int) or self.skip_first < 0:
-            raise ValueError(f"skip_first must be an int >= 0, got {self.skip_first!r}")
+        for name in ("skip_first", "warmup_steps"):
+            v = getattr(self, name)
+            if v != "auto" and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be an int >= 0 or 'auto', got {v!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.baseline is not None and self.baseline != "dense" and not (
@@ -106,11 +114,25 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.latents is not None and (not self.latents or any(
                 not isinstance(i, int) or i < 0 for i in self.latents)):
             raise ValueError("latents must be a non-empty list of non-negative latent ids")
-        if not 0 <= self.eval_frac < 1:
-            raise ValueError("eval_frac must be in [0, 1)")
+        if self.eval_frac != "auto" and not (isinstance(self.eval_frac, (int, float))
+                                             and 0 <= self.eval_frac < 1):
+            raise ValueError(f"eval_frac must be in [0, 1) or 'auto', got {self.eval_frac!r}")
         parse_edit(self.edit)
+
+    def warmup(self) -> int:
+        """The warmup in steps (``warmup_steps``, resolved)."""
+        if self.warmup_steps != "auto":
+            return self.warmup_steps
+        return max(1, self.steps // 10) if self.baseline is None and parse_edit(
+            self.edit)["ffn"] else 0
+
+    def eval_count(self, n: int) -> int:
+        """How many of ``n`` records are held out for evaluation (``eval_frac``, resolved)."""
+        if n < 2:
+            return 0
+        if self.eval_frac != "auto":
+            return int(round(self.eval_frac * n))
+        return min(max(round(0.1 * n), min(32, n // 5)), 256)

@@ -41,6 +41,19 @@ def load_jsonl(path: str) -> list[dict]:
     return out
 
 
+def check_teacher_prompts(records, source="the data"):
+    """Distilling the model into itself (``loss="kl"`` without a separate teacher) needs a
+    ``teacher_prompt`` string in every record: without one the teacher reads what the student
+    reads and there is nothing to learn."""
+    lacking = [n for n, r in enumerate(records, 1) if not isinstance(r.get("teacher_prompt"),
+                                                                       str)]
+    if lacking:
+        raise ValueError(f"{len(lacking)} of {len(records)} records in {source} have no "
+                         f"'teacher_prompt' string (the first: record {lacking[0]}); the "
+                         "teacher is the model with the edits off reading it (make one with "
+                         "`sae-sparse make-data`), or pass a separate teacher model")
+
+
 def _read_lines(f, path):
     try:
         return f.read().split("\n")  # not splitlines: U+2028 may sit inside a JSON string
@@ -106,15 +119,16 @@ def tokenize(records, tokenizer, max_len, *, teacher=False):
 
 def collate(examples, pad_id):
     """-> (ids, attention mask, loss mask, prompt mask), each [B, T], right-padded."""
-    T = max(len(e[0]) for e in examples)
+    T = max(len(e.ids) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     attn = torch.zeros(B, T, dtype=torch.bool)
     loss = torch.zeros(B, T, dtype=torch.bool)
     prompt = torch.zeros(B, T, dtype=torch.bool)
     for b, e in enumerate(examples):
-        n = len(e[0])
-        ids[b, :n], attn[b, :n], loss[b, :n], prompt[b, :n] = e[0], True, e[1], e[2]
+        n = len(e.ids)
+        ids[b, :n], attn[b, :n] = e.ids, True
+        loss[b, :n], prompt[b, :n] = e.loss_mask, e.prompt_mask
     return ids, attn, loss, prompt
 
 

@@ -37,8 +37,8 @@ class RunMismatch(ValueError):
     """The run directory holds a run of other data, model, SAEs or configuration."""
 
 
-RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.json", "eval.jsonl", "report.md",
-             "report.json")
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.json", "eval.jsonl", "train.jsonl",
+             "student_answers.jsonl", "report.md", "report.json")
 
 
 def _sha256_bytes(chunks) -> str:

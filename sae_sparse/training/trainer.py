@@ -15,11 +15,12 @@ import torch
 from ..baselines import ResidualLoRA
 from ..hooks import attach
 from ..models import input_device
+from ..sinks import SINK_RATIO
 from ..modules import LatentAdapter
 from ..ops import cached_folds
 from .adapters import architecture, latent_mask_of, save_adapter
 from .config import parse_edit, TrainConfig
-from .data import collate, load_jsonl, Schedule, tokenize, warmup_lr
+from .data import check_teacher_prompts, collate, load_jsonl, Schedule, tokenize, warmup_lr
 from .losses import autocast, batch_loss, l1_penalty, teacher_targets
 from .parallel import all_reduce, barrier, rank_world, share, sync_grads
 from .run_dir import (check_run_dir, clear_run, load_trainable_state, model_summary,
@@ -43,10 +44,10 @@ def build_trainables(saes: dict, cfg: TrainConfig, device):
     return out
 
 
-def _attach_trainables(model, saes, trainables, cfg):
+def _attach_trainables(model, saes, trainables, cfg, skip_first):
     spec = {h: (t if isinstance(t, ResidualLoRA) else (saes[h], t)) for h, t in trainables.items()}
     return attach(model, spec, mode=cfg.mode, backend=cfg.backend, dense=cfg.baseline == "dense",
-                  skip_first=cfg.skip_first)
+                  skip_first=skip_first)
 
 
 def _edit_mask(cfg, attn, prompt):
@@ -174,8 +175,10 @@ class Trainer:
         state = self._prepare_run_dir()
         self._split_data(records)
         self._build()
+        self.skip_first = self._resolve_skip_first()
         self._restore(state)
-        self.edits = _attach_trainables(self.model, self.saes, self.trainables, self.cfg)
+        self.edits = _attach_trainables(self.model, self.saes, self.trainables, self.cfg,
+                                        self.skip_first)
         self.counts = {h: self.history["overflow"].get(h, [0, 0]) for h in self.trainables}
         self.history["overflow"] = self.counts
         try:
@@ -191,13 +194,8 @@ class Trainer:
         cfg, teacher = self.cfg, self.teacher
         records = load_jsonl(self.data) if isinstance(self.data, str) else list(self.data)
         if cfg.loss == "kl" and teacher is None:
-            lacking = sum(1 for r in records if not isinstance(r.get("teacher_prompt"), str))
-            if lacking:
-                raise ValueError(
-                    f"loss='kl' with the model as its own teacher needs a 'teacher_prompt' "
-                    f"string in every record ({lacking} of {len(records)} have none): without "
-                    "one the teacher reads what the student reads; or pass a separate teacher "
-                    "model")
+            check_teacher_prompts(records, self.data if isinstance(self.data, str)
+                                  else "the data")
         if teacher is not None and cfg.loss != "kl":
             raise ValueError("a teacher model is only used with loss='kl'")
         if self.world > 1 and cfg.batch_size < self.world:
@@ -223,17 +221,19 @@ class Trainer:
         return state
 
     def _split_data(self, records):
-        """A seeded eval split (written to eval.jsonl), both halves tokenized."""
+        """A seeded eval split; both halves written (eval.jsonl, train.jsonl) and tokenized."""
         cfg = self.cfg
         order = list(range(len(records)))
         random.Random(cfg.seed).shuffle(order)
-        n_eval = int(round(cfg.eval_frac * len(records))) if len(records) > 1 else 0
+        n_eval = cfg.eval_count(len(records))
         eval_recs = [records[i] for i in order[:n_eval]]
         train_recs = [records[i] for i in order[n_eval:]]
-        if self.lead:
-            with open(os.path.join(self.out_dir, "eval.jsonl"), "w") as f:
-                for r in eval_recs:
-                    f.write(json.dumps(r) + "\n")
+        if self.lead:  # the report reads both (contexts, lift, readouts)
+            for name, part in (("eval.jsonl", eval_recs), ("train.jsonl", train_recs)):
+                with open(os.path.join(self.out_dir, name), "w") as f:
+                    for r in part:
+                        f.write(json.dumps(r) + "\n")
+        self.train_records = train_recs
         kl = cfg.loss == "kl"
         self.train_data = tokenize(train_recs, self.tokenizer, cfg.max_len, teacher=kl)
         self.eval_data = (tokenize(eval_recs, self.tokenizer, cfg.max_len, teacher=kl)
@@ -259,6 +259,21 @@ class Trainer:
         self.history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [],
                         "overflow": {}}
         self.start = 0
+
+    def _resolve_skip_first(self) -> int:
+        """``skip_first``, with ``"auto"`` found on the training records (the most sink
+        positions over the hooks; the same on a resumed run, which reads the same data)."""
+        if self.cfg.skip_first != "auto":
+            return self.cfg.skip_first
+        from ..sinks import sink_positions
+
+        found = {h: sink_positions(self.model, self.tokenizer, self.train_records, h)
+                 for h in self.trainables}
+        n = max(n for n, _ in found.values())
+        ratio = max(r for _, r in found.values())
+        self.say(f"skip_first auto: {n} (the leading positions whose residual norm is over "
+                 f"{SINK_RATIO:g}x the median; the largest ratio seen {ratio:.0f}x)")
+        return n
 
     def _restore(self, state):
         if state is not None:
@@ -311,7 +326,7 @@ class Trainer:
             batch = [self.train_data[i] for i in self.sched.batch(step, micro)]
             denom = None
             if self.world > 1:  # this rank's share; the mean over the global batch
-                denom = float(max(1, sum(int(e[1][1:].sum()) for e in batch)))
+                denom = float(max(1, sum(int(e.loss_mask[1:].sum()) for e in batch)))
                 batch = share(batch, self.rank, self.world)
             ids, attn, loss_mask, prompt = (t.to(device) for t in collate(batch, self.pad_id))
             t_logp = teacher_targets(cfg, self.model, self.teacher, self.edits, batch,
@@ -328,7 +343,7 @@ class Trainer:
         if pen and cfg.l1 > 0:
             (cfg.l1 * sum(pen)).backward()
         for g in self.opt.param_groups:
-            g["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, step)
+            g["lr"] = warmup_lr(cfg.lr, cfg.warmup(), step)
         self.opt.step()
         self.pending.append((step + 1, total))
 
@@ -413,6 +428,15 @@ class Trainer:
                               stacklevel=5)  # the caller of train_adapter
         return out
 
+    def _warnings(self) -> list:
+        """What the run's numbers say went wrong: an edit that ends worse than none."""
+        out, ev = [], self.history["eval_loss"]
+        if self.eval_data and ev and ev[-1] > self.base_eval:
+            out.append(f"the edited model's eval loss ({ev[-1]:.4f}) ended above the unedited "
+                       f"model's ({self.base_eval:.4f}): the edit is worse than none; try a "
+                       "lower --lr, more --warmup-steps or more --steps")
+        return out
+
     def _finish(self):
         cfg, history = self.cfg, self.history
         metrics = {"loss": cfg.loss,
@@ -422,10 +446,14 @@ class Trainer:
                                         else None),
                    "n_train": len(self.train_data), "n_eval": len(self.eval_data),
                    "overflow": self._overflow_report(), "world_size": self.world,
-                   "history": history}
+                   "skip_first": self.skip_first, "warmup_steps": cfg.warmup(),
+                   "warnings": self._warnings(), "history": history}
         if self.lead:
+            for w in metrics["warnings"]:
+                warnings.warn(w, stacklevel=4)  # the caller of train_adapter
             save_adapter(self.out_dir, self.trainables, self.saes, cfg,
-                         sae_sources=self.sae_sources, model_source=self.model_source)
+                         sae_sources=self.sae_sources, model_source=self.model_source,
+                         skip_first=self.skip_first)
             with open(os.path.join(self.out_dir, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
             save_checkpoint(self.ckpt, self.trainables, self.opt, history, cfg.steps, cfg,
