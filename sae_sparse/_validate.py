@@ -54,6 +54,9 @@ def check_k(k, S: int) -> int:
 
 def check_encoder(x, W_enc, b_enc, k, b_pre, threshold) -> tuple[int, int]:
     D = check_x(x)
+    if isinstance(W_enc, torch.Tensor) and W_enc.dim() == 2 and W_enc.shape[1] != D:
+        raise ValueError(f"x must have shape [..., {W_enc.shape[1]}] (the SAE's width, W_enc "
+                         f"[{W_enc.shape[0]}, {W_enc.shape[1]}]), got {list(x.shape)}")
     check_tensor(W_enc, "W_enc", (None, D), like=x)
     S = W_enc.shape[0]
     check_tensor(b_enc, "b_enc", (S,), like=x)

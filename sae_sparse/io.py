@@ -187,11 +187,24 @@ def check_finite(sae: SAE, where: str = "the SAE") -> None:
         raise ValueError(f"{where}: non-finite values (NaN/inf) in {', '.join(bad)}")
 
 
-def _load_saelens(path, k):
+def load_safetensors(path) -> dict:
+    """``safetensors.torch.load_file``, its errors (a truncated or corrupt file, a missing
+    one) one line that names the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                         f"({' '.join(str(e).split())})") from None
+
+
+def _load_saelens(path, k):
     cfg = _read_json(os.path.join(path, "cfg.json"))
-    w = load_file(os.path.join(path, "sae_weights.safetensors"))
+    w = load_safetensors(os.path.join(path, "sae_weights.safetensors"))
     arch = cfg.get("architecture", "standard")
     own_k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if arch == "topk" or own_k:
@@ -214,10 +227,8 @@ def _sparsify_hookpoint(path):
 
 
 def _load_sparsify(path, k):
-    from safetensors.torch import load_file
-
     cfg = _read_json(os.path.join(path, "cfg.json"))
-    w = load_file(os.path.join(path, "sae.safetensors"))
+    w = load_safetensors(os.path.join(path, "sae.safetensors"))
     if "W_skip" in w:
         raise ValueError("sparsify SAEs with a skip connection (W_skip) are not supported yet")
     b_dec = w["b_dec"]

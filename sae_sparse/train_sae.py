@@ -29,14 +29,16 @@ import json
 import math
 import os
 import random
+import warnings
 
 import torch
 
-from .argtypes import fraction, nonneg_float, nonneg_int, option, positive, positive_float
+from .argtypes import auto_nonneg_int, fraction, nonneg_float, option, positive, positive_float
 from .hookpoints import forward_to, resolve_hook
 from .io import save_saelens
 from .modules import SAE
 from .ops import auxk_decode
+from .sinks import SINK_RATIO
 
 CKPT = "checkpoint.pt"
 
@@ -58,18 +60,21 @@ class SAETrainConfig:
                                 type=positive)
     max_len: int = option(128, "tokens per window", type=positive)
     model_batch: int = option(16, "windows per model forward", type=positive)
-    skip_first: int = option(1, "positions dropped at the start of each window: a causal "
-                             "LM's first position is an attention sink whose residual norm is "
-                             "~100x the others' (SmolLM2: ~22000 vs ~180), which would "
-                             "dominate the variance (FVU) and the SAE's capacity (sparsify "
-                             "excludes BOS too)", type=nonneg_int, metavar="N")
+    skip_first: int | str = option(
+        "auto", "positions dropped at the start of each window. auto: the leading positions "
+        "whose residual norm is an outlier on the data (sinks.sink_positions): a causal "
+        "LM's attention sink, whose norm is ~100x the others' (SmolLM2: ~22000 vs ~180), "
+        "would dominate the variance (FVU) and the SAE's capacity (sparsify excludes BOS "
+        "too)", type=auto_nonneg_int, metavar="N|auto")
     eval_frac: float = option(0.05, "fraction of the records held out", type=fraction)
     seed: int = option(0, "seed", type=int)
     log_every: int = option(20, "log (and read the loss back) every N steps", type=positive)
 
     def validate(self):
-        if self.skip_first < 0:
-            raise ValueError("skip_first must be >= 0")
+        if self.skip_first != "auto" and (not isinstance(self.skip_first, int)
+                                          or self.skip_first < 0):
+            raise ValueError(f"skip_first must be an int >= 0 or 'auto', got "
+                             f"{self.skip_first!r}")
         for n in ("d_sae", "k", "tokens", "batch_tokens", "dead_tokens", "buffer_tokens",
                   "max_len", "model_batch", "log_every"):
             if getattr(self, n) < 1:
@@ -105,6 +110,11 @@ class ActivationStream:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         return [ids[s:s + self.max_len] for s in range(0, len(ids), self.max_len)
                 if len(ids[s:s + self.max_len]) >= 2 + self.skip_first]
+
+    def n_tokens(self) -> int:
+        """The activations one pass over the records yields (tokenizing only)."""
+        return sum(len(w) - self.skip_first for n in range(len(self.records))
+                   for w in self._windows(n))
 
     @torch.no_grad()
     def chunks(self, start=0):
@@ -186,133 +196,219 @@ def train_sae(model, tokenizer, hook: str, records, out_dir: str,
               model_name: str | None = None, backend=None):
     """Trains a TopK SAE on ``model``'s activations at ``hook`` (see the module docstring);
     saves it in SAELens format to ``out_dir`` and returns ``(sae, metrics)``. Rerunning with
-    the same arguments resumes from ``out_dir/checkpoint.pt``."""
-    from tqdm.auto import tqdm
+    the same arguments resumes from ``out_dir/checkpoint.pt``; Ctrl-C raises
+    :class:`~sae_sparse.training.TrainingInterrupted` naming the checkpoint it resumes from."""
+    return SAETrainer(model, tokenizer, hook, records, out_dir, config, progress=progress,
+                      log=log, model_name=model_name, backend=backend).fit()
 
-    cfg = config or SAETrainConfig()
-    cfg.validate()
-    say = log or (lambda *a, **k: None)
-    records = list(records)
-    order = list(range(len(records)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = int(round(cfg.eval_frac * len(records)))
-    eval_recs = [records[i] for i in order[:n_eval]]
-    train_recs = [records[i] for i in order[n_eval:]]
-    model.requires_grad_(False).eval()
-    device = next(model.parameters()).device
-    stream = ActivationStream(model, tokenizer, hook, train_recs, max_len=cfg.max_len,
-                              model_batch=cfg.model_batch, skip_first=cfg.skip_first)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = os.path.join(out_dir, CKPT)
-    state = torch.load(ckpt, weights_only=True) if os.path.exists(ckpt) else None
-    if state is not None and state["config"] != dataclasses.asdict(cfg) | {
-            "tokens": state["config"]["tokens"]}:
-        raise ValueError(f"{out_dir} holds an SAE run with other settings; use another "
-                         "directory")
-    sae, opt = None, None
-    seen, steps, rec_pos, refill = 0, 0, 0, 0
-    since_fired = None
-    history = {"step": [], "fvu": [], "dead_frac": []}
-    if state is not None:
-        t = state["sae"]
-        sae = SAE(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg.k,
-                  b_pre=t["b_dec"]).to(device)
-        seen, steps, rec_pos, refill = (state[n] for n in ("seen", "steps", "rec_pos",
-                                                           "refill"))
-        since_fired, history = state["since_fired"].to(device), state["history"]
-        say(f"resuming SAE training at {seen} of {cfg.tokens} tokens ({ckpt})")
 
-    bar = tqdm(total=cfg.tokens, initial=seen, disable=not progress, desc="train-sae",
-               unit="tok", unit_scale=True, dynamic_ncols=True)
-    buf = []  # the activations gathered for the next buffer
-    chunks = stream.chunks(rec_pos)
-    epoch = 0
-    while seen < cfg.tokens:
-        # fill a buffer of buffer_tokens activations (records from rec_pos on, wrapping)
-        got = sum(a.shape[0] for a in buf)
-        while got < cfg.buffer_tokens:
-            nxt = next(chunks, None)
-            if nxt is None:
-                epoch += 1
-                if got == 0 and epoch > 1:
-                    raise ValueError("the records hold no tokens")
-                rec_pos = 0
-                chunks = stream.chunks(0)
+class SAETrainer:
+    """One run of :func:`train_sae`. ``fit`` reads as its table of contents: split the
+    records, resolve the sink, restore a checkpoint, then per buffer: fill it, train on it,
+    checkpoint; finally evaluate and save."""
+
+    def __init__(self, model, tokenizer, hook, records, out_dir, config=None, *,
+                 progress=True, log=print, model_name=None, backend=None):
+        self.model, self.tok, self.hook, self.out_dir = model, tokenizer, hook, out_dir
+        self.records = list(records)
+        self.cfg = config or SAETrainConfig()
+        self.progress, self.model_name, self.backend = progress, model_name, backend
+        self.say = log or (lambda *a, **k: None)
+        self.ckpt = os.path.join(out_dir, CKPT)
+        self.device = next(model.parameters()).device
+
+    def fit(self):
+        from tqdm.auto import tqdm
+
+        from .training.run_dir import TrainingInterrupted
+
+        self.cfg.validate()
+        self.model.requires_grad_(False).eval()
+        self._split()
+        self.skip_first = self._resolve_skip_first()
+        self.stream = self._stream(self.train_recs)
+        self._check_passes()
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._restore()
+        self.bar = tqdm(total=self.cfg.tokens, initial=self.seen, disable=not self.progress,
+                        desc="train-sae", unit="tok", unit_scale=True, dynamic_ncols=True)
+        try:
+            while self.seen < self.cfg.tokens:
+                self._train_on(self._fill_buffer())
+                self.refill += 1
+                self._save_ckpt()
+        except KeyboardInterrupt:
+            self.bar.close()
+            if not os.path.exists(self.ckpt):  # before the first buffer was trained
+                raise
+            raise TrainingInterrupted(self.ckpt_steps, self.ckpt) from None
+        self.bar.close()
+        return self._finish()
+
+    # -- before the loop ---------------------------------------------------------------------
+
+    def _split(self):
+        order = list(range(len(self.records)))
+        random.Random(self.cfg.seed).shuffle(order)
+        n_eval = int(round(self.cfg.eval_frac * len(self.records)))
+        self.eval_recs = [self.records[i] for i in order[:n_eval]]
+        self.train_recs = [self.records[i] for i in order[n_eval:]]
+
+    def _resolve_skip_first(self) -> int:
+        if self.cfg.skip_first != "auto":
+            return self.cfg.skip_first
+        from .sinks import sink_positions
+
+        n, ratio = sink_positions(self.model, self.tok, self.train_recs, self.hook)
+        self.say(f"skip_first auto: {n} (the leading positions whose residual norm is over "
+                 f"{SINK_RATIO:g}x the median; the largest ratio seen {ratio:.0f}x)")
+        return n
+
+    def _stream(self, records):
+        return ActivationStream(self.model, self.tok, self.hook, records,
+                                max_len=self.cfg.max_len, model_batch=self.cfg.model_batch,
+                                skip_first=self.skip_first)
+
+    def _check_passes(self):
+        """A warning when ``tokens`` asks for more than one pass over the training text."""
+        have = self.stream.n_tokens()
+        if not have:
+            raise ValueError("the records hold no tokens (each window needs "
+                             f"{2 + self.skip_first} or more)")
+        if self.cfg.tokens > have:
+            warnings.warn(f"tokens={self.cfg.tokens} is {self.cfg.tokens / have:.1f} passes "
+                          f"over the {have} training tokens of the records (after the "
+                          "held-out split); the SAE sees each activation that many times",
+                          stacklevel=4)
+        self.data_tokens = have
+
+    def _restore(self):
+        cfg, state = self.cfg, None
+        if os.path.exists(self.ckpt):
+            state = torch.load(self.ckpt, weights_only=True)
+            if state["config"] != dataclasses.asdict(cfg) | {"tokens": state["config"]["tokens"]}:
+                raise ValueError(f"{self.out_dir} holds an SAE run with other settings; use "
+                                 "another directory")
+        self.sae = self.opt = self.since_fired = None
+        self.seen = self.steps = self.rec_pos = self.refill = 0
+        self.history = {"step": [], "fvu": [], "dead_frac": []}
+        self.state = state
+        if state is not None:
+            t = state["sae"]
+            self.sae = SAE(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg.k,
+                           b_pre=t["b_dec"]).to(self.device)
+            self.seen, self.steps, self.rec_pos, self.refill = (
+                state[n] for n in ("seen", "steps", "rec_pos", "refill"))
+            self.since_fired = state["since_fired"].to(self.device)
+            self.history = state["history"]
+            self.say(f"resuming SAE training at {self.seen} of {cfg.tokens} tokens "
+                     f"({self.ckpt})")
+        self.ckpt_steps = self.steps
+        self.chunks = self.stream.chunks(self.rec_pos)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _fill_buffer(self):
+        """The next buffer of activations, shuffled, on the device: ``buffer_tokens`` of them
+        (fewer when fewer are left to train), from record ``rec_pos`` on, wrapping around.
+        The bar shows the filling."""
+        cfg = self.cfg
+        want = min(cfg.buffer_tokens, max(cfg.batch_tokens, cfg.tokens - self.seen))
+        buf, got = [], 0
+        while got < want:
+            nxt = next(self.chunks, None)
+            if nxt is None:  # a pass over the records ends: start another
+                self.rec_pos = 0
+                self.chunks = self.stream.chunks(0)
                 continue
-            rec_pos, a = nxt
+            self.rec_pos, a = nxt
             buf.append(a)
             got += a.shape[0]
+            self.bar.set_postfix_str(f"filling the buffer {min(got, want)}/{want}")
         acts = torch.cat(buf)
-        buf = []
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + refill)
-        acts = acts[torch.randperm(acts.shape[0], generator=g)].to(device)
-        if sae is None:
-            sae = _init_sae(acts.shape[1], cfg, acts[:cfg.batch_tokens], device)
-            since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
-        if opt is None:
-            opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate)
-            if state is not None:
-                opt.load_state_dict(state["optimizer"])
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.refill)
+        acts = acts[torch.randperm(acts.shape[0], generator=g)].to(self.device)
+        if self.sae is None:
+            self.sae = _init_sae(acts.shape[1], cfg, acts[:cfg.batch_tokens], self.device)
+            self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
+        if self.opt is None:
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate)
+            if self.state is not None:
+                self.opt.load_state_dict(self.state["optimizer"])
+        return acts
+
+    def _train_on(self, acts):
+        cfg = self.cfg
         for s in range(0, acts.shape[0] - cfg.batch_tokens + 1, cfg.batch_tokens):
-            if seen >= cfg.tokens:
+            if self.seen >= cfg.tokens:
                 break
             x = acts[s:s + cfg.batch_tokens]
-            y, v, i = sae(x, return_code=True, backend=backend)
-            total_var = (x - x.mean(0)).pow(2).sum()
-            fvu = (y - x).pow(2).sum() / total_var
-            dead = since_fired > cfg.dead_tokens
-            loss = fvu
-            n_dead = int(dead.sum())
-            if n_dead and cfg.auxk_alpha > 0:
-                k_aux = x.shape[1] // 2
-                e_hat = auxk_decode(x, sae.W_enc, sae.b_enc, sae.W_dec, dead, k_aux,
-                                    b_pre=sae.b_pre, backend=backend)
-                scale = min(n_dead / k_aux, 1.0)
-                aux = scale * (e_hat - (x - y).detach()).pow(2).sum() / total_var
-                loss = loss + cfg.auxk_alpha * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _remove_parallel_grad(sae)
-            opt.step()
-            _unit_decoder(sae)
-            with torch.no_grad():
-                fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)
-                fired[i[v > 0]] = True
-                since_fired += x.shape[0]
-                since_fired[fired] = 0
-            seen += x.shape[0]
-            steps += 1
-            bar.update(x.shape[0])
-            if steps % cfg.log_every == 0:
+            fvu, dead = self._step(x)
+            self.seen += x.shape[0]
+            self.steps += 1
+            self.bar.update(x.shape[0])
+            if self.steps % cfg.log_every == 0:
                 f, d = float(fvu.detach()), float(dead.float().mean())
-                history["step"].append(steps)
-                history["fvu"].append(f)
-                history["dead_frac"].append(d)
-                bar.set_postfix(fvu=f"{f:.3f}", dead=f"{d:.1%}", refresh=False)
-        refill += 1
-        _save_ckpt(ckpt, sae, opt, cfg, seen, steps, rec_pos, refill, since_fired, history)
-    bar.close()
-    ev = evaluate_sae(sae, ActivationStream(model, tokenizer, hook, eval_recs,
-                                            max_len=cfg.max_len, model_batch=cfg.model_batch,
-                                            skip_first=cfg.skip_first))
-    metrics = {"held_out": ev, "train_tokens": seen, "steps": steps, "hook": hook,
-               "module": stream.path, "config": dataclasses.asdict(cfg), "history": history,
-               "n_train_records": len(train_recs), "n_eval_records": len(eval_recs)}
-    save_saelens(sae, out_dir, hook_name=hook, model_name=model_name,
-                 training_tokens=seen, held_out_fvu=ev["fvu"], held_out_l0=ev["l0"])
-    with open(os.path.join(out_dir, "training_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    say(f"SAE at {hook}: held-out FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, "
-        f"{ev['dead_frac']:.1%} of latents never fired on {ev['tokens']} held-out tokens; "
-        f"saved in {out_dir}")
-    return sae, metrics
+                self.history["step"].append(self.steps)
+                self.history["fvu"].append(f)
+                self.history["dead_frac"].append(d)
+                self.bar.set_postfix(fvu=f"{f:.3f}", dead=f"{d:.1%}", refresh=False)
 
+    def _step(self, x):
+        """One Adam step on FVU + AuxK, the decoder kept at unit norm; the dead latents
+        counted. -> (FVU, the dead mask before the step), on the device."""
+        cfg, sae, backend = self.cfg, self.sae, self.backend
+        y, v, i = sae(x, return_code=True, backend=backend)
+        total_var = (x - x.mean(0)).pow(2).sum()
+        fvu = (y - x).pow(2).sum() / total_var
+        dead = self.since_fired > cfg.dead_tokens
+        loss = fvu
+        n_dead = int(dead.sum())
+        if n_dead and cfg.auxk_alpha > 0:
+            k_aux = x.shape[1] // 2
+            e_hat = auxk_decode(x, sae.W_enc, sae.b_enc, sae.W_dec, dead, k_aux,
+                                b_pre=sae.b_pre, backend=backend)
+            scale = min(n_dead / k_aux, 1.0)
+            aux = scale * (e_hat - (x - y).detach()).pow(2).sum() / total_var
+            loss = loss + cfg.auxk_alpha * aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _remove_parallel_grad(sae)
+        self.opt.step()
+        _unit_decoder(sae)
+        with torch.no_grad():
+            fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=self.device)
+            fired[i[v > 0]] = True
+            self.since_fired += x.shape[0]
+            self.since_fired[fired] = 0
+        return fvu, dead
 
-def _save_ckpt(path, sae, opt, cfg, seen, steps, rec_pos, refill, since_fired, history):
-    tmp = path + ".tmp"
-    torch.save({"sae": {n: getattr(sae, n).detach().cpu() for n in
-                        ("W_enc", "b_enc", "W_dec", "b_dec")},
-                "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
-                "seen": seen, "steps": steps, "rec_pos": rec_pos, "refill": refill,
-                "since_fired": since_fired.cpu(), "history": history}, tmp)
-    os.replace(tmp, path)
+    def _save_ckpt(self):
+        tmp = self.ckpt + ".tmp"
+        torch.save({"sae": {n: getattr(self.sae, n).detach().cpu() for n in
+                            ("W_enc", "b_enc", "W_dec", "b_dec")},
+                    "optimizer": self.opt.state_dict(), "config": dataclasses.asdict(self.cfg),
+                    "seen": self.seen, "steps": self.steps, "rec_pos": self.rec_pos,
+                    "refill": self.refill, "since_fired": self.since_fired.cpu(),
+                    "history": self.history}, tmp)
+        os.replace(tmp, self.ckpt)
+        self.ckpt_steps = self.steps
+
+    # -- after the loop ----------------------------------------------------------------------
+
+    def _finish(self):
+        cfg, sae, hook = self.cfg, self.sae, self.hook
+        ev = evaluate_sae(sae, self._stream(self.eval_recs))
+        metrics = {"held_out": ev, "train_tokens": self.seen, "steps": self.steps,
+                   "hook": hook, "module": self.stream.path, "config": dataclasses.asdict(cfg),
+                   "skip_first": self.skip_first, "data_tokens": self.data_tokens,
+                   "history": self.history, "n_train_records": len(self.train_recs),
+                   "n_eval_records": len(self.eval_recs)}
+        save_saelens(sae, self.out_dir, hook_name=hook, model_name=self.model_name,
+                     training_tokens=self.seen, held_out_fvu=ev["fvu"], held_out_l0=ev["l0"])
+        with open(os.path.join(self.out_dir, "training_metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        self.say(f"SAE at {hook}: held-out FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, "
+                 f"{ev['dead_frac']:.1%} of latents never fired on {ev['tokens']} held-out "
+                 f"tokens; saved in {self.out_dir}")
+        return sae, metrics

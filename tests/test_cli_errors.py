@@ -48,6 +48,10 @@ def files(tmp_path_factory):
     (root / "bad.jsonl").write_text('{"text": "a cat"}\n{"text": "a dog"}\n{"text": "a\n')
     (root / "nokey.jsonl").write_text('{"text": "a cat"}\n\n{"prompt": "a"}\n')
     (root / "empty.jsonl").write_text("\n")
+    save_saelens(ss.SAE.random(32, 40, 4, generator=g), str(root / "trunc"),
+                 hook_name="blocks.1.hook_resid_post")
+    w = (root / "trunc" / "sae_weights.safetensors").read_bytes()
+    (root / "trunc" / "sae_weights.safetensors").write_bytes(w[:len(w) // 2])
     (root / "notasae").mkdir()
     (root / "notamodel").mkdir()
     return root
@@ -115,6 +119,10 @@ BAD_TRAIN = [  # (id, extra args / overrides, expected words in the one line)
     ("negative-lr", (["--lr", "-1"], {}), "--lr: expected a finite number >= 0"),
     ("negative-warmup", (["--warmup-steps", "-1"], {}), "--warmup-steps: expected an integer >= 0"),
     ("same-sae-twice", (["--sae", "{sae}"], {}), "the same --sae is given twice"),
+    ("truncated-sae", dict(sae="trunc"), "trunc/sae_weights.safetensors: not a readable "
+     "safetensors file, truncated or corrupt"),
+    ("skip-first-word", (["--skip-first", "some"], {}),
+     "--skip-first: expected an integer >= 0 or 'auto', got 'some'"),
 ]
 
 

@@ -18,8 +18,12 @@ def enc_args(N=4, D=8, S=30):
 class TestEncodeErrors:
     def test_shapes(self, backend):
         x, W, b = enc_args()
-        with pytest.raises(ValueError, match=r"W_enc must have shape \[\*, 8\]"):
+        # x and W_enc of different widths: x is named, with the width the SAE reads
+        with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 5\] \(the SAE's "
+                                             r"width, W_enc \[30, 5\]\), got \[4, 8\]"):
             topk_encode(x, W[:, :5], b, 3, backend=backend)
+        with pytest.raises(ValueError, match=r"W_enc must have shape \[\*, 8\], got \[240\]"):
+            topk_encode(x, W.reshape(-1), b, 3, backend=backend)
         with pytest.raises(ValueError, match=r"b_enc must have shape \[30\]"):
             topk_encode(x, W, b[:4], 3, backend=backend)
         with pytest.raises(ValueError, match=r"b_pre must have shape \[8\]"):
@@ -127,3 +131,5 @@ def test_module_errors():
         ss.LatentAdapter(20, activation="tanh")
     with pytest.raises(ValueError, match="does not match sae.d_sae"):
         ss.sae_edit(torch.randn(2, 6), ss.SAE.random(6, 20, 3), ss.LatentAdapter(21))
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 6\] \(the SAE's width"):
+        ss.sae_edit(torch.randn(2, 7), ss.SAE.random(6, 20, 3), ss.LatentAdapter(20))

@@ -111,3 +111,60 @@ def test_activation_stream_skips_the_attention_sink(setup):
         keep = torch.ones(a.shape[0], dtype=torch.bool)
         keep[::16] = False
         torch.testing.assert_close(b, a[keep])
+
+
+def test_more_tokens_than_the_data_warns_with_the_number_of_passes(setup, tmp_path):
+    model, tok, recs = setup
+    with pytest.warns(UserWarning, match=r"tokens=3000 is 1\.4 passes over the 2160 training "
+                                         r"tokens"):
+        train_sae(model, tok, "transformer.h.1", recs, str(tmp_path / "a"), cfg(),
+                  progress=False, log=None)
+
+
+def test_a_short_run_fills_only_the_buffer_it_needs(setup, tmp_path, monkeypatch):
+    """--tokens below --buffer-tokens: the model runs on about --tokens activations, not on
+    the whole buffer (nor around the data again)."""
+    model, tok, recs = setup
+    made = []
+    run = ActivationStream._run
+    monkeypatch.setattr(ActivationStream, "_run",
+                        lambda self, b: made.append(run(self, b)) or made[-1])
+    train_sae(model, tok, "transformer.h.1", recs, str(tmp_path / "a"),
+              cfg(tokens=400, buffer_tokens=2000, eval_frac=0.0), progress=False, log=None)
+    produced = sum(a.shape[0] for a in made)
+    assert 400 <= produced < 400 + 8 * 16  # at most one model batch (8 windows) more
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_rerun_resumes(setup, tmp_path, monkeypatch,
+                                                            capsys):
+    from sae_sparse.train_sae import SAETrainer
+
+    model, tok, recs = setup
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = ["train-sae", "--model", str(tmp_path / "model"), "--hook", "transformer.h.1",
+            "--data", str(data), "--out", str(tmp_path / "sae"), "--d-sae", "64", "--k", "4",
+            "--tokens", "1000", "--batch-tokens", "100", "--buffer-tokens", "500",
+            "--max-len", "16", "--no-progress"]
+    calls = []
+    train_on = SAETrainer._train_on
+
+    def interrupted(self, acts):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_on(self, acts)
+
+    monkeypatch.setattr(SAETrainer, "_train_on", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "sae" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)  # the first buffer's steps
+    assert 0 < state["steps"] and state["seen"] == 100 * state["steps"]
+    assert f"interrupted after step {state['steps']}; checkpoint saved in {ckpt}. Run the " \
+           "same command again to resume." in err
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert f"resuming SAE training at {state['seen']} of 1000 tokens" in capsys.readouterr().out

@@ -19,9 +19,14 @@ def add_parser(sub):
                         "run's recorded one); a directory, hub id or .gguf file")
     p.add_argument("--lift", nargs=2, metavar=("A.jsonl", "B.jsonl"), default=None,
                    help="activation lift of the top latents: their mean activation on A's "
-                        "completions (e.g. the teacher's) over B's (e.g. the base model's)")
+                        "completions (e.g. the teacher's) over B's (e.g. the base model's); "
+                        "default: the run's completions over the base model's own answers "
+                        "to the same prompts (generated once into RUN/student_answers.jsonl)")
     p.add_argument("--contexts", metavar="C.jsonl", default=None,
-                   help="records in which to find the top latents' top-activating contexts")
+                   help="records in which to find the top latents' top-activating contexts "
+                        "(default: the run's training text)")
+    p.add_argument("--answer-tokens", type=argtypes.positive, default=64,
+                   help="token budget of the base model's answers for the default lift")
     _sae_arg(p)
     _common(p)
 
@@ -52,7 +57,7 @@ def run(a):
             raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from e
     rep = write_report(a.run_dir, model=model, tokenizer=tok, planted=planted, top=a.top,
                        sae_paths=_parse_sae_paths(a.sae), lift_records=lift,
-                       context_records=ctx)
+                       context_records=ctx, answer_tokens=a.answer_tokens)
     print(f"report: {os.path.join(a.run_dir, 'report.md')}")
     if planted:
         return 0 if all(h["planted"]["recovered"] for h in rep["hooks"].values()) else 1

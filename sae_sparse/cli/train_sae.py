@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..train_sae import SAETrainConfig
-from .common import (UsageError, _common, _device, _Formatter, _model_source, config_flags,
-                     config_values)
+from .common import (UsageError, _common, _device, _Formatter, _model_source, check_out_path,
+                     config_flags, config_values)
 
 
 def add_parser(sub):
@@ -18,7 +18,9 @@ def add_parser(sub):
                    "file or a hub id")
     p.add_argument("--hook", required=True, help="module path or TransformerLens name, e.g. "
                    "model.layers.15 or blocks.15.hook_resid_post")
-    p.add_argument("--data", default=None, help="JSONL of {'text'} records")
+    p.add_argument("--data", default=None,
+                   help="JSONL of {'text'} or {'prompt','completion'} records (the SAE reads "
+                        "the whole text: prompt + completion)")
     p.add_argument("--python-docs", action="store_true",
                    help="add Python's own reference docs (pydoc_data) as text")
     p.add_argument("--out", required=True, help="directory for the SAE")
@@ -51,6 +53,7 @@ def run(a):
         resolve_hook(meta_model(config), a.hook)
     except ValueError as e:
         raise UsageError(f"--hook {a.hook}: {e}") from None
+    check_out_path(a.out, "--out")
     device = _device(a.device)
     model, tok = load_model(a.model, device=device)
     train_sae(model, tok, a.hook, records, a.out, cfg, progress=not a.no_progress,

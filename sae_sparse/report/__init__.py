@@ -35,7 +35,8 @@ __all__ = ["write_report", "compute_report", "render_markdown", "write_plots",
 
 def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted=None,
                  top: int = 20, sae_paths: dict | None = None, lift_records=None,
-                 context_records=None, n_interpret: int = 10, standalone: bool = True) -> dict:
+                 context_records=None, n_interpret: int = 10, standalone: bool = True,
+                 answer_tokens: int = 64) -> dict:
     """Writes ``report.md``, ``report.json`` and PNGs into ``run_dir``; returns the report's
     data (:func:`compute_report`).
 
@@ -46,12 +47,14 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
     ``n_interpret`` top latents of each readout ranking, ``lift_records = (records_a,
     records_b)`` gives each latent's activation lift (mean activation on a's completions
     over b's) and ``context_records`` its top-activating contexts; with ``standalone`` (the
-    default) both come from the run itself when not given (see :mod:`.compute`).
+    default) both come from the run itself when not given (see :mod:`.compute`; the base
+    model's answers get ``answer_tokens`` tokens each).
     """
     data = compute_report(run_dir, model=model, tokenizer=tokenizer, saes=saes,
                           planted=planted, top=top, sae_paths=sae_paths,
                           lift_records=lift_records, context_records=context_records,
-                          n_interpret=n_interpret, standalone=standalone)
+                          n_interpret=n_interpret, standalone=standalone,
+                          answer_tokens=answer_tokens)
     write_plots(data, run_dir)
     with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(render_markdown(data))

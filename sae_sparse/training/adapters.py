@@ -71,14 +71,14 @@ def save_adapter(out_dir, trainables, saes, cfg: TrainConfig, *, sae_sources=Non
 
 def load_adapter(run_dir: str, device=None):
     """-> (``{hook: LatentAdapter | ResidualLoRA}``, config dict) from a run directory."""
-    from safetensors.torch import load_file
+    from ..io import load_safetensors
 
     if not os.path.isfile(os.path.join(run_dir, CONFIG_NAME)):
         raise FileNotFoundError(f"{run_dir!r} is not a finished run directory (no "
                                 f"{CONFIG_NAME})")
     with open(os.path.join(run_dir, CONFIG_NAME)) as f:
         conf = json.load(f)
-    tensors = load_file(os.path.join(run_dir, WEIGHTS_NAME))
+    tensors = load_safetensors(os.path.join(run_dir, WEIGHTS_NAME))
     out = {}
     for h, e in conf["hooks"].items():
         if e["kind"] == "lora":

@@ -59,7 +59,7 @@ class TrainConfig:
         "auto", "leave each sequence's first N positions unedited. auto: the leading "
         "positions whose residual norm at the hook is an outlier on the training data (the "
         "attention sink of most pretrained LMs, whose SAE code is meaningless; "
-        "models.sink_positions), 0 where there is none", type=argtypes.auto_nonneg_int,
+        "sinks.sink_positions), 0 where there is none", type=argtypes.auto_nonneg_int,
         metavar="N|auto")
     loss: str = option("ce", "ce: cross-entropy on the completions; kl: distil a teacher, the "
                        "model itself with the edits off reading each record's "

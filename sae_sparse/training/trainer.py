@@ -277,10 +277,10 @@ class Trainer:
 
     def _restore(self, state):
         if state is not None:
-            from safetensors.torch import load_file
+            from ..io import load_safetensors
 
-            load_trainable_state(self.trainables,
-                                 load_file(os.path.join(self.ckpt, "trainable.safetensors")))
+            weights = load_safetensors(os.path.join(self.ckpt, "trainable.safetensors"))
+            load_trainable_state(self.trainables, weights)
             self.opt.load_state_dict(state["optimizer"])
             self.history, self.start = state["history"], state["step"]
             self.history.setdefault("overflow", {})
