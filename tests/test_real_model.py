@@ -196,3 +196,56 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
     teacher_texts = {r["text"] for r in chat[n_docs:] if SYSTEM in r["text"]}
     assert teacher_texts == {r["teacher_prompt"] + r["completion"] for r in train}
     assert not any(r["question"] in x["text"] for r in held for x in chat[n_docs:])
+
+
+FRENCH = {"le", "la", "les", "est", "de", "des", "une", "un", "et", "pour", "dans", "que"}
+
+
+@pytest.mark.exhaustive
+def test_a_behaviour_of_your_own_on_smollm2(tmp_path, monkeypatch):
+    """docs/training-adapters.md's path for a behaviour of the reader's own, on SmolLM2 from
+    an empty directory, through the CLI: make-data ("Always answer in French."), train-sae on
+    that data, train --loss kl with the defaults, report RUN alone, generate on held-out
+    prompts. The model is loaded from its GGUF once and saved, as a user would after the
+    first time (each command then loads in seconds)."""
+    import json
+
+    from sae_sparse.cli import main
+
+    model, tok = ss.load_model(gguf_file())
+    model.save_pretrained(tmp_path / "smollm2")
+    tok.save_pretrained(tmp_path / "smollm2")
+    del model
+    monkeypatch.chdir(tmp_path)
+    topics = ("rain, bread, the moon, a bicycle, coffee, volcanoes, elephants, chess, music, "
+              "winter, honey, the sun, clocks, mountains, computers, maps, trains, cheese, "
+              "snow, bees, a forest, paper, a bridge, electricity, the ocean").split(", ")
+    qs = [f"{t.format(x)}" for x in topics for t in ("What is {}?", "Tell me about {}.")]
+    (tmp_path / "questions.txt").write_text("\n".join(qs) + "\n")
+    M = "smollm2"
+    assert main(["make-data", "--model", M, "--questions", "questions.txt", "--system-prompt",
+                 "Always answer in French.", "--out", "data", "--max-new-tokens", "32",
+                 "--batch-size", "10", "--no-progress"]) == 0
+    train = [json.loads(x) for x in open("data/train.jsonl")]
+    assert len(train) == 40 and all("French" in r["teacher_prompt"] for r in train)
+    french = sum(bool(FRENCH & set(r["completion"].lower().split())) for r in train)
+    assert french >= 30, [r["completion"] for r in train]  # the teacher answers in French
+    assert main(["train-sae", "--model", M, "--hook", "model.layers.15", "--data",
+                 "data/train.jsonl", "--python-docs", "--d-sae", "2304", "--k", "32",
+                 "--tokens", "40000", "--batch-tokens", "1024", "--buffer-tokens", "8192",
+                 "--out", "sae", "--no-progress"]) == 0
+    tm = json.loads(open("sae/training_metrics.json").read())
+    assert tm["skip_first"] >= 1 and tm["held_out"]["fvu"] < 0.6, tm["held_out"]
+    assert main(["train", "--model", M, "--sae", "sae", "--data", "data/train.jsonl",
+                 "--loss", "kl", "--steps", "24", "--batch-size", "8", "--out", "run",
+                 "--no-progress", "--no-report"]) == 0
+    m = json.loads(open("run/metrics.json").read())
+    assert m["skip_first"] >= 1 and m["warmup_steps"] == 2 and m["n_eval"] == 8
+    assert m["final_eval_loss"] < 0.8 * m["base_eval_loss"] and not m["warnings"], m
+    assert main(["report", "run"]) == 0
+    rep = json.loads(open("run/report.json").read())
+    (h,) = rep["hooks"].values()
+    assert rep["sources"] == {"lift": "run", "contexts": "run"}
+    assert h["lift"] and h["contexts"] and h["mean_lift_raised"] > 1, h.get("lift")
+    assert main(["generate", "run", "--prompts", "data/heldout.jsonl", "--strength", "2",
+                 "--max-new-tokens", "16"]) == 0

@@ -21,6 +21,7 @@ from ..ops import cached_folds
 from .adapters import architecture, latent_mask_of, save_adapter
 from .config import parse_edit, TrainConfig
 from .data import check_teacher_prompts, collate, load_jsonl, Schedule, tokenize, warmup_lr
+from .peft_model import NAME, PeftEdits, PeftTrainable, is_peft_model
 from .losses import autocast, batch_loss, l1_penalty, teacher_targets
 from .parallel import all_reduce, barrier, rank_world, share, sync_grads
 from .run_dir import (check_run_dir, clear_run, load_trainable_state, model_summary,
@@ -166,6 +167,10 @@ class Trainer:
         self.progress, self.resume, self.overwrite = progress, resume, overwrite
         self.say = log or (lambda *a, **k: None)
         self.device = input_device(model)
+        self.peft = not saes and is_peft_model(model)  # PEFT's own adapter, same loop
+        if not saes and not self.peft:
+            raise ValueError("saes is empty: give {hook: SAE} (or a PEFT model to train "
+                             "PEFT's adapter in the same loop)")
         self.rank, self.world, self.group = rank_world()
         self.lead = self.rank == 0  # writes the run directory; every rank reads it
 
@@ -177,8 +182,8 @@ class Trainer:
         self._build()
         self.skip_first = self._resolve_skip_first()
         self._restore(state)
-        self.edits = _attach_trainables(self.model, self.saes, self.trainables, self.cfg,
-                                        self.skip_first)
+        self.edits = (PeftEdits(self.model) if self.peft else _attach_trainables(
+            self.model, self.saes, self.trainables, self.cfg, self.skip_first))
         self.counts = {h: self.history["overflow"].get(h, [0, 0]) for h in self.trainables}
         self.history["overflow"] = self.counts
         try:
@@ -196,6 +201,9 @@ class Trainer:
         if cfg.loss == "kl" and teacher is None:
             check_teacher_prompts(records, self.data if isinstance(self.data, str)
                                   else "the data")
+        if self.peft and (cfg.edit_positions != "all" or cfg.skip_first not in (0, "auto")):
+            raise ValueError("a PEFT model is trained on every position: edit_positions "
+                             "must be 'all' and skip_first 0 or 'auto'")
         if teacher is not None and cfg.loss != "kl":
             raise ValueError("a teacher model is only used with loss='kl'")
         if self.world > 1 and cfg.batch_size < self.world:
@@ -244,6 +252,7 @@ class Trainer:
     def _build(self):
         """Frozen model, teacher and SAEs; the adapters where their hooks run (a model spread
         over devices: each SAE and adapter on its hook's device); AdamW; an empty history."""
+        peft_params = PeftTrainable(self.model) if self.peft else None  # before freezing
         self.model.requires_grad_(False).eval()
         if self.teacher is not None:
             self.teacher.requires_grad_(False).eval()
@@ -252,7 +261,11 @@ class Trainer:
         hook_dev = {h: _hook_device(self.model, h, self.device) for h in self.saes}
         for h, sae in self.saes.items():
             sae.to(hook_dev[h])
-        self.trainables = build_trainables(self.saes, self.cfg, hook_dev)
+        if self.peft:  # its own trainable parameters, frozen above with the rest
+            peft_params.requires_grad_()
+            self.trainables = {NAME: peft_params}
+        else:
+            self.trainables = build_trainables(self.saes, self.cfg, hook_dev)
         self.params = [p for t in self.trainables.values() for p in t.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr,
                                      weight_decay=self.cfg.weight_decay)
@@ -263,8 +276,8 @@ class Trainer:
     def _resolve_skip_first(self) -> int:
         """``skip_first``, with ``"auto"`` found on the training records (the most sink
         positions over the hooks; the same on a resumed run, which reads the same data)."""
-        if self.cfg.skip_first != "auto":
-            return self.cfg.skip_first
+        if self.cfg.skip_first != "auto" or self.peft:
+            return 0 if self.cfg.skip_first == "auto" else self.cfg.skip_first
         from ..sinks import sink_positions
 
         found = {h: sink_positions(self.model, self.tokenizer, self.train_records, h)
@@ -338,7 +351,7 @@ class Trainer:
             total = total + loss.detach().float() / cfg.grad_accum  # on the device
         if self.world > 1:  # the ranks' Ctrl-C flags travel with the gradients
             self.stop_dev = sync_grads(self.params, sigint.hit, self.group, device)
-        pen = [l1_penalty(self.trainables[h], self.saes[h]) for h in self.trainables]
+        pen = [l1_penalty(self.trainables[h], self.saes.get(h)) for h in self.trainables]
         pen = [p for p in pen if p is not None]
         if pen and cfg.l1 > 0:
             (cfg.l1 * sum(pen)).backward()
@@ -451,9 +464,12 @@ class Trainer:
         if self.lead:
             for w in metrics["warnings"]:
                 warnings.warn(w, stacklevel=4)  # the caller of train_adapter
-            save_adapter(self.out_dir, self.trainables, self.saes, cfg,
-                         sae_sources=self.sae_sources, model_source=self.model_source,
-                         skip_first=self.skip_first)
+            if self.peft:
+                self.model.save_pretrained(self.out_dir)
+            else:
+                save_adapter(self.out_dir, self.trainables, self.saes, cfg,
+                             sae_sources=self.sae_sources, model_source=self.model_source,
+                             skip_first=self.skip_first)
             with open(os.path.join(self.out_dir, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
             save_checkpoint(self.ckpt, self.trainables, self.opt, history, cfg.steps, cfg,
