@@ -259,37 +259,19 @@ def run_method(a, name, lr):
     common = dict(steps=a.steps, batch_size=a.batch, max_len=160, eval_frac=0.0,
                   warmup_steps=a.warmup,
                   checkpoint_every=10 ** 6, log_every=10 ** 6, seed=a.seed)
-    if name.startswith("peft_lora"):
+    if name.startswith("peft_lora"):  # PEFT's LoRA through PEFT, in the package's trainer
         from peft import LoraConfig, get_peft_model
 
-        from sae_sparse.training import (Schedule, collate, kl_loss, lm_loss,
-                                         teacher_logprobs, tokenize)
         r = PEFT_RANK.get(name, 8)
         pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                               target_modules=["q_proj", "v_proj"],
                                               layers_to_transform=PEFT_LAYERS[name]))
-        data = tokenize(train, tok, 160, teacher=a.loss == "kl")
-        sched = Schedule(len(data), a.batch, 1, a.seed)  # train_adapter's order
         params = [p for p in pm.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr)
-        from sae_sparse.training import warmup_lr
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        for step in range(a.steps):
-            t0 = time.perf_counter()
-            batch = [data[i] for i in sched.batch(step, 0)]
-            ids, attn, lm, _ = collate(batch, pad)
-            if a.loss == "kl":  # the teacher: the same model, LoRA off, with the system prompt
-                with pm.disable_adapter():
-                    t = teacher_logprobs(pm, batch, pad)
-                loss = kl_loss(pm, ids, attn, lm, t)
-            else:
-                loss = lm_loss(pm, ids, attn, lm)
-            opt.zero_grad()
-            loss.backward()
-            for g in opt.param_groups:  # the same warmup as train_adapter's
-                g["lr"] = warmup_lr(lr, a.warmup, step)
-            opt.step()
-            times.append(time.perf_counter() - t0)
+        cfg = TrainConfig(lr=lr, l1=0.0, loss=a.loss, skip_first=0, **common)
+        t_start = time.perf_counter()  # the step time: the run's wall time over its steps
+        train_adapter(pm, tok, {}, train, run_dir, cfg, progress=False, log=None,
+                      overwrite=True, model_source=gguf_path())
+        times = [(time.perf_counter() - t_start) / a.steps]
         res["trainable"] = sum(p.numel() for p in params)
         res["active_per_token"] = res["trainable"]
         ctx = contextlib.nullcontext
