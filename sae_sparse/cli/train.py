@@ -44,6 +44,10 @@ def add_parser(sub):
     p.add_argument("--latents", default=None,
                    help="restrict the edit to these latent ids: '3,17,42' or @file (ids "
                         "separated by commas/whitespace)")
+    p.add_argument("--max-latents", type=argtypes.positive, default=None, metavar="N",
+                   help="an edit of at most N latents per hook: train the full edit in "
+                        "OUT/full, rank its latents by the edit's readout, train again "
+                        "restricted to the top N (OUT/latents.json)")
     config_flags(p, TrainConfig)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
                    "available)")
@@ -81,6 +85,9 @@ def _precheck_train(a):
 
     _check_required(a)
     check_out_path(a.out, "--out")
+    if a.max_latents and (a.latents or a.baseline):
+        raise UsageError("--max-latents chooses the latents itself: not with --latents or "
+                         "--baseline")
     latents = _parse_latents(a.latents) if a.latents else None
     cfg = _check_config(a, latents)
     records = load_jsonl(a.data)
@@ -234,13 +241,21 @@ def _train_and_report(a, records, cfg, saes, sources, rank, device):
     from ..models import load_model
     from ..report import write_report
     from ..training import train_adapter
+    from ..training.few_latents import train_few_latents
 
     model, tok = load_model(a.model, device=device)
     saes = {h: s.to(device) for h, s in saes.items()}
-    m = train_adapter(model, tok, saes, a.data, a.out, cfg,
-                      sae_sources=sources, model_source=_model_source(a.model),
-                      progress=not a.no_progress, resume=not a.no_resume,
-                      overwrite=a.overwrite)
+    kw = dict(sae_sources=sources, model_source=_model_source(a.model),
+              progress=not a.no_progress, resume=not a.no_resume, overwrite=a.overwrite)
+    if a.max_latents:
+        m = train_few_latents(model, tok, saes, a.data, a.out, cfg, a.max_latents, **kw)
+        if rank == 0:
+            full = m["full"]["final_eval_loss"]
+            print(f"the full edit ({os.path.join(a.out, 'full')}): eval loss "
+                  + (f"{full:.4f}" if full is not None else "n/a") + "; restricted to "
+                  + ", ".join(f"{len(v)} latents at {h}" for h, v in m["latents"].items()))
+    else:
+        m = train_adapter(model, tok, saes, a.data, a.out, cfg, **kw)
     if rank != 0:
         return 0
     base, final = m["base_eval_loss"], m["final_eval_loss"]

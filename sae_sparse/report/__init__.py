@@ -13,6 +13,8 @@ themselves (:mod:`.measure`) are functions a notebook can call directly:
 * for a residual-LoRA baseline run, its pullback into the SAE basis;
 * for the top latents: activation lift (the target's text over the base model's) in the
   edit's direction, latents the edit moves against it flagged, and top-activating contexts;
+* faithfulness (:mod:`.faithfulness`): the fraction of the edit's loss reduction its top n
+  latents keep alone, and the fraction lost without them;
 * Neuronpedia links where the SAE's config names an id.
 """
 from __future__ import annotations
@@ -22,12 +24,14 @@ import os
 
 from .compute import (READOUT, SCORES, SWITCHED, TARGET, compute_report,
                       default_lift_records)
+from .faithfulness import faithfulness, restricted
 from .measure import (_finite_mean, activation_lift, directional_lift, edit_readout,
                       latent_activations, latent_scores, mean_abs_delta_z, target_readout,
                       top_contexts)
 from .render import render_markdown, write_plots
 
-__all__ = ["write_report", "compute_report", "render_markdown", "write_plots",
+__all__ = ["write_report", "compute_report", "render_markdown", "write_plots", "faithfulness",
+           "restricted",
            "default_lift_records", "edit_readout", "target_readout", "mean_abs_delta_z",
            "latent_scores", "latent_activations", "activation_lift", "directional_lift",
            "top_contexts", "READOUT", "SWITCHED", "TARGET", "SCORES", "_finite_mean"]
@@ -36,7 +40,7 @@ __all__ = ["write_report", "compute_report", "render_markdown", "write_plots",
 def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted=None,
                  top: int = 20, sae_paths: dict | None = None, lift_records=None,
                  context_records=None, n_interpret: int = 10, standalone: bool = True,
-                 answer_tokens: int = 64) -> dict:
+                 answer_tokens: int = 64, faithful: bool = True) -> dict:
     """Writes ``report.md``, ``report.json`` and PNGs into ``run_dir``; returns the report's
     data (:func:`compute_report`).
 
@@ -48,13 +52,14 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
     records_b)`` gives each latent's activation lift (mean activation on a's completions
     over b's) and ``context_records`` its top-activating contexts; with ``standalone`` (the
     default) both come from the run itself when not given (see :mod:`.compute`; the base
-    model's answers get ``answer_tokens`` tokens each).
+    model's answers get ``answer_tokens`` tokens each). ``faithful``: the faithfulness table
+    (:mod:`.faithfulness`): how much of the edit the readout ranking's top latents carry.
     """
     data = compute_report(run_dir, model=model, tokenizer=tokenizer, saes=saes,
                           planted=planted, top=top, sae_paths=sae_paths,
                           lift_records=lift_records, context_records=context_records,
                           n_interpret=n_interpret, standalone=standalone,
-                          answer_tokens=answer_tokens)
+                          answer_tokens=answer_tokens, faithful=faithful)
     write_plots(data, run_dir)
     with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(render_markdown(data))

@@ -6,7 +6,8 @@ What it reads when the caller gives nothing else (``sae-sparse report RUN`` alon
 * for each top latent's *lift*, the target text against the base model's own: the records'
   completions (a distillation's teacher answers) over the unedited model's greedy answers to
   the same prompts, generated once and kept in ``RUN/student_answers.jsonl``;
-* for its *contexts*, the run's training text (``train.jsonl``).
+* for its *contexts*, the run's training text (the first ``CONTEXT_RECORDS`` records of
+  ``train.jsonl``, itself a seeded shuffle).
 Records given explicitly (``lift_records``, ``context_records``) win.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from ..baselines import ResidualLoRA
 from ..modules import LatentAdapter
+from .faithfulness import NS
 from .measure import (_finite_mean, _top, activation_lift, directional_lift, edit_readout,
                       latent_scores, mean_abs_delta_z, target_readout, top_contexts)
 
@@ -32,6 +34,7 @@ SCORES = {"|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": 
           "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads",
           READOUT: "readout", SWITCHED: "switched", TARGET: "target"}
 STUDENT_ANSWERS = "student_answers.jsonl"
+CONTEXT_RECORDS = 128  # the training records searched for contexts by default
 
 
 def read_jsonl(path) -> list:
@@ -56,15 +59,18 @@ class _Inputs:
     planted: dict
     top: int
     n_interpret: int
+    orders: dict  # hook -> the readout ranking's first latents (for faithfulness)
 
 
 def compute_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted=None,
                    top: int = 20, sae_paths: dict | None = None, lift_records=None,
                    context_records=None, n_interpret: int = 10, standalone: bool = True,
-                   answer_tokens: int = 64) -> dict:
+                   answer_tokens: int = 64, faithful: bool = True) -> dict:
     """The report of the run in ``run_dir`` as a dict (see :func:`..write_report` for the
     arguments). ``standalone``: fill missing lift / context records from the run's own data
-    (module docstring); ``answer_tokens`` caps the base model's generated answers."""
+    (module docstring); ``answer_tokens`` caps the base model's generated answers;
+    ``faithful``: measure how much of the edit the readout ranking's top latents carry
+    (:mod:`.faithfulness`; a dozen evaluations of the eval split)."""
     from ..training import load_adapter, load_run_saes
 
     trainables, conf = load_adapter(run_dir)
@@ -81,18 +87,41 @@ def compute_report(run_dir: str, *, model=None, tokenizer=None, saes=None, plant
             lift_records = default_lift_records(run_dir, model, tokenizer, records,
                                                 max_new_tokens=answer_tokens)
             sources["lift"] = "run" if lift_records else None
-        if context_records is None:
+        if context_records is None:  # a sample of the training text (one forward each)
             context_records = (read_jsonl(os.path.join(run_dir, "train.jsonl"))
-                               or records) or None
+                               or records)[:CONTEXT_RECORDS] or None
             sources["contexts"] = "run" if context_records else None
     inp = _Inputs(run_dir, conf, trainables, saes, model, tokenizer, records, lift_records,
-                  context_records, planted or {}, top, n_interpret)
-    return {"run": os.path.basename(os.path.abspath(run_dir)),
+                  context_records, planted or {}, top, n_interpret, {})
+    data = {"run": os.path.basename(os.path.abspath(run_dir)),
             "metrics": _read_metrics(run_dir),
             "edit": {k: conf.get(k) for k in ("mode", "edit_positions", "skip_first",
                                                "baseline")},
             "sources": sources, "n_hooks": len(trainables),
             "hooks": {h: _hook_report(inp, h, t) for h, t in trainables.items()}}
+    if faithful and inp.orders and len(inp.orders) == len(trainables):
+        data["faithfulness"] = _faithfulness(inp, data["metrics"].get("loss") or conf.get(
+            "train_config", {}).get("loss", "ce"))
+    return data
+
+
+def _faithfulness(inp, loss):
+    """:func:`.faithfulness.faithfulness` of the readout ranking on the eval split (else
+    the lift's first set)."""
+    from .faithfulness import faithfulness
+
+    recs = inp.records or (inp.lift_records[0] if inp.lift_records else [])
+    if loss == "kl":
+        recs = [r for r in recs if "teacher_prompt" in r]
+    if not recs:
+        return None
+    tc = inp.conf.get("train_config", {})
+    out = faithfulness(inp.model, inp.tokenizer, inp.saes, inp.trainables, recs, inp.orders,
+                       loss=loss, mode=inp.conf["mode"],
+                       skip_first=inp.conf.get("skip_first") or 0,
+                       max_len=tc.get("max_len", 256), batch_size=tc.get("batch_size", 8))
+    return {**out, "ranking": READOUT, "n_records": len(recs),
+            "records": "eval split" if inp.records else "first lift set"}
 
 
 def _read_metrics(run_dir):
@@ -201,6 +230,7 @@ def _readouts(inp, h, t, sae, res) -> dict:
                                skip_first=inp.conf.get("skip_first", 0), upstream=upstream)
     if full is None:
         return {}
+    inp.orders[h] = torch.argsort(full.abs(), descending=True)[:max(NS)].tolist()
     out = {READOUT: full, SWITCHED: flips}
     target = target_readout(inp.model, inp.tokenizer, sae, h, source)
     if target is not None:

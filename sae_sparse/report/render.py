@@ -44,9 +44,38 @@ def render_markdown(data: dict) -> str:
     lines = [f"# sae_sparse report: `{data['run']}`", ""] + _summary(data)
     if _history(data):
         lines += ["## Loss curve", "", "![loss curve](loss_curve.png)", ""]
+    if data.get("faithfulness"):
+        lines += _faithfulness_markdown(data["faithfulness"], data.get("n_hooks", 1))
     for h, res in data["hooks"].items():
         lines += _hook_markdown(data, h, res)
     return "\n".join(lines) + "\n"
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _faithfulness_markdown(f, n_hooks):
+    what = {"kl": "KL to the teacher", "ce": "cross-entropy"}.get(f["loss"], f["loss"])
+    per = " at each hook (by its own ranking)" if n_hooks > 1 else ""
+    lines = ["## Faithfulness: do the top latents carry the edit?", "",
+             f"The edit restricted to the top n latents of the readout ranking{per} (every "
+             "other latent unedited; the FFN reads and writes only those), and the full edit "
+             f"without them, measured by the run's loss ({what}) on the {f['records']} "
+             f"({f['n_records']} records, {f['n_tokens']} loss tokens): no edit "
+             f"{f['loss_none']:.4f}, the full edit {f['loss_full']:.4f}. Sufficiency = the "
+             "fraction of the loss reduction the top n keep alone; necessity = the fraction "
+             "lost without them.", ""]
+    if f["sufficiency"] and f["sufficiency"][0] is None:
+        lines += ["The full edit does not lower the loss here: there is nothing to explain.",
+                  ""]
+    lines += ["![faithfulness](faithfulness.png)", "",
+              "| n | sufficiency | necessity | loss, top n only | loss, without the top n |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {n} | {_pct(s)} | {_pct(ne)} | {lt:.4f} | {lw:.4f} |"
+              for n, s, ne, lt, lw in zip(f["ns"], f["sufficiency"], f["necessity"],
+                                          f["loss_top"], f["loss_without"])]
+    return lines + [""]
 
 
 def _history(data):
@@ -223,6 +252,16 @@ def write_plots(data: dict, run_dir: str):
         ax.set(xlabel="step", ylabel="loss")
         ax.legend()
         _save(fig, os.path.join(run_dir, "loss_curve.png"))
+    f = data.get("faithfulness")
+    if f and f["ns"] and f["sufficiency"][0] is not None:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(f["ns"], [100 * x for x in f["sufficiency"]], "o-", label="sufficiency (top n only)")
+        ax.plot(f["ns"], [100 * x for x in f["necessity"]], "s--", label="necessity (without top n)")
+        ax.set(xscale="log", xlabel="n (top latents of the readout ranking)",
+               ylabel="% of the loss reduction", title="faithfulness")
+        ax.axhline(100, color="gray", lw=0.8)
+        ax.legend()
+        _save(fig, os.path.join(run_dir, "faithfulness.png"))
     for h, res in data["hooks"].items():
         for name in shown_rankings(res):
             items = res[SCORES[name]] if name in (READOUT, SWITCHED, TARGET) else res[name]

@@ -20,9 +20,10 @@ from .config import CONFIG_NAME, LOSSES, POSITIONS, WEIGHTS_NAME, TrainConfig, p
 from .data import Example, Schedule, collate, collate_teacher, load_jsonl, tokenize, warmup_lr
 from .losses import kl_loss, l1_penalty, lm_loss, teacher_logprobs
 from .run_dir import RunMismatch, TrainingInterrupted, check_run_dir, run_fingerprint
+from .few_latents import rank_latents, train_few_latents
 from .trainer import build_trainables, evaluate, train_adapter
 
-__all__ = ["CONFIG_NAME", "LOSSES", "POSITIONS", "WEIGHTS_NAME", "Example", "RunMismatch",
+__all__ = ["rank_latents", "train_few_latents", "CONFIG_NAME", "LOSSES", "POSITIONS", "WEIGHTS_NAME", "Example", "RunMismatch",
            "Schedule", "TrainConfig", "TrainingInterrupted", "attach_run", "build_trainables",
            "check_run_dir", "collate", "collate_teacher", "evaluate", "kl_loss", "l1_penalty",
            "lm_loss", "load_adapter", "load_jsonl", "load_run_saes", "merge_bias_edit",

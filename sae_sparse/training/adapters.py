@@ -18,6 +18,10 @@ from .run_dir import load_trainable_state, trainable_state
 
 
 def latent_mask_of(latents, S, hook):
+    """The bool [S] mask of ``latents`` (a list for every hook, or ``{hook: list}``; a hook
+    missing from the dict is not restricted)."""
+    if isinstance(latents, dict):
+        latents = latents.get(hook)
     if latents is None:
         return None
     bad = [i for i in latents if i >= S]

@@ -52,7 +52,7 @@ class TrainConfig:
                        choices=MODES)
     baseline: str | None = option(None, "train a baseline instead: lora:R (residual LoRA) or "
                                   "dense (the same adapter on dense latents)")
-    latents: list | None = option(None, "restrict the edit to these latent ids (the "
+    latents: list | dict | None = option(None, "restrict the edit to these latent ids (the "
                                   "masked-sparse variant)", flag=False)
     edit_positions: str = option("all", "which tokens the edit applies to", choices=POSITIONS)
     skip_first: int | str = option(
@@ -114,9 +114,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.latents is not None and (not self.latents or any(
-                not isinstance(i, int) or i < 0 for i in self.latents)):
-            raise ValueError("latents must be a non-empty list of non-negative latent ids")
+        if self.latents is not None:
+            lists = self.latents.values() if isinstance(self.latents, dict) else [self.latents]
+            if not lists or any(not ids or any(not isinstance(i, int) or i < 0 for i in ids)
+                                for ids in lists):
+                raise ValueError("latents must be a non-empty list of non-negative latent ids "
+                                 "(or {hook: such a list})")
         if self.eval_frac != "auto" and not (isinstance(self.eval_frac, (int, float))
                                              and 0 <= self.eval_frac < 1):
             raise ValueError(f"eval_frac must be in [0, 1) or 'auto', got {self.eval_frac!r}")
