@@ -102,6 +102,8 @@ def behaviour_records(model, tokenizer, questions, *, system=None, template=None
     from .generate import generate_answers
 
     done = {}
+    if cache:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
     if cache and os.path.exists(cache):
         with open(cache, encoding="utf-8") as f:
             for line in f:
