@@ -31,8 +31,9 @@ with exactly the gradient of the unsharded op, and the gradients land on the own
     ad = shard_adapter(LatentAdapter(shard.d_sae, 16), shard)
     y = sharded_sae_edit(x, shard, ad, mode="delta")
 
-The local selection is the torch composition (cuBLAS GEMMs and ``torch.topk`` per chunk of
-latents); the per-latent gathers and decodes use this package's ops (``sparse_decode``).
+The local selection is this package's own encode on the shard (``encode_rows``: the fused
+kernels of the ``cpp`` and ``triton`` backends, chosen as everywhere else); the per-latent
+gathers and decodes use this package's ops (``gather_dot``, ``sparse_decode``).
 """
 from __future__ import annotations
 
@@ -251,29 +252,54 @@ class _Encoded:
 
 
 @torch.no_grad()
-def _local_select(xc, W, b, kk, threshold=None, candidates=None):
+def _local_select(xc, W, b, kk, threshold=None, candidates=None, backend=None):
     """Top-kk pre-activations of this shard per row (descending, ties to the smaller index),
-    their local indices, and the number of active latents per row. ``candidates`` [S_r] bool
-    restricts the selection (AuxK's dead latents)."""
-    N = xc.shape[0]
-    best_v = xc.new_empty(N, 0)
-    best_i = torch.empty(N, 0, dtype=torch.long, device=xc.device)
-    n_active = torch.zeros(N, dtype=torch.long, device=xc.device)
+    their local indices, and the number of active latents per row (exact when it is at most
+    kk; kk + 1 stands for "more"). ``candidates`` [S_r] bool restricts the selection (AuxK's
+    dead latents).
+
+    The selection is this package's own encode (:func:`sae_sparse.ops.encode_rows`: the
+    fused kernels of the ``cpp`` / ``triton`` backends, no [N, S_r] tensor), which ranks by
+    pre-activation and returns the per-row overflow flags; the selected pre-activations are
+    recomputed exactly (``gather_dot``). A JumpReLU shard counts its active latents with its
+    thresholds, which the selection does not rank by: that count is a chunked pass of its
+    own (``_count_active``)."""
+    from .ops import encode_rows
+
+    rows = None
+    if candidates is not None:
+        rows = torch.nonzero(candidates).reshape(-1)
+        W, b = W.index_select(0, rows), b.index_select(0, rows)
+        threshold = threshold.index_select(0, rows) if threshold is not None else None
+    N, short = xc.shape[0], max(0, kk - W.shape[0])  # fewer candidates than kk: -inf pads
+    kk -= short
+    if kk == 0:
+        pre = xc.new_empty(N, 0)
+        idx = torch.empty(N, 0, dtype=torch.long, device=xc.device)
+        n_active = torch.zeros(N, dtype=torch.long, device=xc.device)
+    else:
+        _, idx, over = encode_rows(xc, W, b, kk, backend=backend)
+        pre = gather_dot(xc, W, b, idx)
+        if threshold is None:  # active = pre > 0: all among the top kk unless it overflows
+            n_active = torch.where(over, kk + 1, (pre > 0).sum(1))
+        else:
+            n_active = _count_active(xc, W, b, threshold)
+        if rows is not None:
+            idx = rows[idx]
+    if short:
+        pre = torch.cat([pre, pre.new_full((N, short), float("-inf"))], 1)
+        idx = torch.cat([idx, idx.new_zeros(N, short)], 1)
+    return pre, idx, n_active
+
+
+def _count_active(xc, W, b, threshold):
+    """Per row the number of latents with pre-activation > max(0, threshold), in chunks of
+    ``_CHUNK`` latents."""
+    n = torch.zeros(xc.shape[0], dtype=torch.long, device=xc.device)
     for s0 in range(0, W.shape[0], _CHUNK):
-        s1 = min(W.shape[0], s0 + _CHUNK)
-        pre = F.linear(xc, W[s0:s1], b[s0:s1])
-        active = pre > 0
-        if threshold is not None:
-            active &= pre > threshold[s0:s1]
-        n_active += active.sum(1)
-        if candidates is not None:
-            pre = pre.masked_fill(~candidates[s0:s1], float("-inf"))
-        vals, pos = torch.sort(torch.cat([best_v, pre], 1), dim=1, descending=True,
-                               stable=True)
-        best_i = torch.cat([best_i, torch.arange(s0, s1, device=xc.device).expand(N, -1)],
-                           1).gather(1, pos[:, :kk])
-        best_v = vals[:, :kk]
-    return best_v, best_i, n_active
+        pre = F.linear(xc, W[s0:s0 + _CHUNK], b[s0:s0 + _CHUNK])
+        n += ((pre > 0) & (pre > threshold[s0:s0 + _CHUNK])).sum(1)
+    return n
 
 
 def _encode(x, shard: ShardedSAE, k, *, candidates=None, relu_only=False):
