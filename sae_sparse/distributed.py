@@ -103,13 +103,14 @@ def _reduce(x, group):
 class ShardedSAE(nn.Module):
     """This rank's share of an SAE's latents (see the module docstring).
 
-    Attributes: ``W_enc`` [S_r, D], ``b_enc`` [S_r], ``W_dec`` [S_r, D], ``threshold`` [S_r] or
-    None; ``b_dec`` [D] and ``b_pre`` [D] or None (the same Parameter when tied) replicated;
+    ``copy=False`` makes the shard's parameters the tensors given (no transient second copy
+    of the shard; pass tensors no one else holds). Attributes: ``W_enc`` [S_r, D], ``b_enc``
+    [S_r], ``W_dec`` [S_r, D], ``threshold`` [S_r] or None; ``b_dec`` [D] and ``b_pre`` [D] or None (the same Parameter when tied) replicated;
     ``d_sae`` (all S), ``d_in``, ``k``, ``offset`` (s0) and ``group``.
     """
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, k, *, d_sae, offset, b_pre=None,
-                 threshold=None, group=None):
+                 threshold=None, group=None, copy=True):
         super().__init__()
         self.group = group if group is not None else dist.group.WORLD
         rank, world = _group_info(self.group)
@@ -120,14 +121,17 @@ class ShardedSAE(nn.Module):
         if not 1 <= k <= d_sae:
             raise ValueError(f"k must be in [1, {d_sae}], got {k}")
         self.k, self.d_sae, self.offset = int(k), int(d_sae), int(offset)
-        self.W_enc = nn.Parameter(W_enc.detach().clone())
-        self.b_enc = nn.Parameter(b_enc.detach().clone())
-        self.W_dec = nn.Parameter(W_dec.detach().clone())
-        self.b_dec = nn.Parameter(b_dec.detach().clone())
+
+        def own(t):  # copy=False: the shard takes the caller's tensors (no transient copy)
+            return t.detach().clone() if copy else t.detach()
+        self.W_enc = nn.Parameter(own(W_enc))
+        self.b_enc = nn.Parameter(own(b_enc))
+        self.W_dec = nn.Parameter(own(W_dec))
+        self.b_dec = nn.Parameter(own(b_dec))
         tied = b_pre is not None and b_pre is b_dec
         self.b_pre = (self.b_dec if tied else
-                      nn.Parameter(b_pre.detach().clone()) if b_pre is not None else None)
-        self.threshold = (nn.Parameter(threshold.detach().clone(), requires_grad=False)
+                      nn.Parameter(own(b_pre)) if b_pre is not None else None)
+        self.threshold = (nn.Parameter(own(threshold), requires_grad=False)
                           if threshold is not None else None)
 
     @property
@@ -199,7 +203,8 @@ class ShardedSAE(nn.Module):
             if not torch.isfinite(t).all():
                 raise ValueError(f"{path}: non-finite values (NaN/inf) in {n}")
         out = cls(W_enc, b_enc, W_dec, b_dec, int(kk), d_sae=S, offset=s0,
-                  b_pre=b_dec if b_pre is not None else None, threshold=thr, group=group)
+                  b_pre=b_dec if b_pre is not None else None, threshold=thr, group=group,
+                  copy=False)  # tensors read for this shard alone
         return out.to(dtype=dtype, device=device) if (dtype or device) else out
 
     def gather(self) -> SAE:

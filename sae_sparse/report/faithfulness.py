@@ -64,9 +64,6 @@ def faithfulness(model, tokenizer, saes: dict, adapters: dict, records, ranking:
     "sufficiency", "necessity"}``; the fractions are None when the full edit does not lower
     the loss (nothing to explain)."""
     from ..hooks import attach
-    from ..models import input_device
-    from ..training.data import collate, tokenize
-    from ..training.losses import kl_loss, lm_loss, teacher_logprobs
 
     hooks = list(adapters)
     longest = min(len(ranking[h]) for h in hooks)
@@ -78,36 +75,11 @@ def faithfulness(model, tokenizer, saes: dict, adapters: dict, records, ranking:
         top = {h: _mask(saes[h].d_sae, ranking[h][:n], saes[h].W_dec.device) for h in hooks}
         variants[("top", n)] = top
         variants[("without", n)] = {h: ~m for h, m in top.items()}
-    full = {h: work[h].latent_mask.clone() for h in hooks}  # the run's own mask
     edits = attach(model, {h: (saes[h], work[h]) for h in hooks}, mode=mode,
                    skip_first=skip_first)
-    data = tokenize(records, tokenizer, max_len, teacher=loss == "kl")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = input_device(model)
-    sums = {"none": 0.0, **{v: 0.0 for v in variants}}
-    n_tok = 0
     try:
-        for i in range(0, len(data), batch_size):
-            batch = data[i:i + batch_size]
-            ids, attn, lm, _ = (t.to(device) for t in collate(batch, pad))
-            t_logp = None
-            if loss == "kl":
-                with edits.disabled():
-                    t_logp = teacher_logprobs(model, batch, pad)
-
-            def measure():
-                if t_logp is None:
-                    return float(lm_loss(model, ids, attn, lm, denom=1.0))
-                return float(kl_loss(model, ids, attn, lm, t_logp, denom=1.0))
-
-            with edits.disabled():
-                sums["none"] += measure()
-            for name, masks in variants.items():
-                for h in hooks:
-                    m = full[h] if masks[h] is None else masks[h] & full[h]
-                    work[h].latent_mask.copy_(m)
-                sums[name] += measure()
-            n_tok += int(lm[:, 1:].sum())
+        sums, n_tok = _losses(model, tokenizer, edits, work, variants, records, loss=loss,
+                              max_len=max_len, batch_size=batch_size)
     finally:
         edits.remove()
     mean = {k: v / max(n_tok, 1) for k, v in sums.items()}
@@ -119,3 +91,40 @@ def faithfulness(model, tokenizer, saes: dict, adapters: dict, records, ranking:
             "loss_without": [mean[("without", n)] for n in ns],
             "sufficiency": [frac(mean["none"] - mean[("top", n)]) for n in ns],
             "necessity": [frac(mean[("without", n)] - mean["full"]) for n in ns]}
+
+
+def _losses(model, tokenizer, edits, work, variants, records, *, loss, max_len, batch_size):
+    """Summed loss over ``records`` with the edits off (``"none"``) and under each variant
+    (``{hook: mask, or None for the run's own}`` written into the ``work`` adapters' latent
+    masks); the teacher's log-probs computed once per batch. -> (sums, loss tokens)."""
+    from ..models import input_device
+    from ..training.data import collate, tokenize
+    from ..training.losses import kl_loss, lm_loss, teacher_logprobs
+
+    data = tokenize(records, tokenizer, max_len, teacher=loss == "kl")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = input_device(model)
+    own = {h: ad.latent_mask.clone() for h, ad in work.items()}
+    sums = {"none": 0.0, **{v: 0.0 for v in variants}}
+    n_tok = 0
+    for i in range(0, len(data), batch_size):
+        batch = data[i:i + batch_size]
+        ids, attn, lm, _ = (t.to(device) for t in collate(batch, pad))
+        t_logp = None
+        if loss == "kl":
+            with edits.disabled():
+                t_logp = teacher_logprobs(model, batch, pad)
+
+        def measure():
+            if t_logp is None:
+                return float(lm_loss(model, ids, attn, lm, denom=1.0))
+            return float(kl_loss(model, ids, attn, lm, t_logp, denom=1.0))
+
+        with edits.disabled():
+            sums["none"] += measure()
+        for name, masks in variants.items():
+            for h, ad in work.items():
+                ad.latent_mask.copy_(own[h] if masks[h] is None else masks[h] & own[h])
+            sums[name] += measure()
+        n_tok += int(lm[:, 1:].sum())
+    return sums, n_tok
