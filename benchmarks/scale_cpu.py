@@ -1,0 +1,187 @@
+"""An adapter's training step over dictionaries of up to millions of latents on a CPU: step
+time and peak memory against S, for this package's sparse step and the dense alternatives.
+
+    python benchmarks/scale_cpu.py --S 65536,262144,1048576,4194304 --save
+
+SmolLM2's width by default (D = 576), N = 512 tokens, k = 32; a frozen SAE whose one [S, D]
+matrix serves as W_enc and W_dec (random unit rows; ``--dtype bf16|fp32``), a gain + bias +
+ffn:16 adapter in fp32 trained with Adam. One step = encode, edit, decode, backward, Adam.
+Methods, each S and method in a fresh process (its own peak resident set; a run that is
+killed or passes ``--timeout`` is reported as such):
+
+* ``sparse (cpp)``: ``topk_encode`` + ``edit_decode`` on the ``cpp`` backend;
+* ``sparse (torch)``: the same on the ``torch`` backend;
+* ``dense adapter``: the same encode, then the adapter on a dense [N, S] code
+  (``reference.dense_sae_edit``, what ``--baseline dense`` trains);
+* ``SAELens-style``: the dense pre-activations ``x W_encᵀ + b`` [N, S], ``topk`` on them, a
+  dense code and the dense edit -- what a training loop written with dense tensors does.
+
+Memory: the peak resident set minus the process's resident set before the SAE is built, so
+the weights are in it; ``weights`` is the SAE's own size.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("sparse (cpp)", "sparse (torch)", "dense adapter", "SAELens-style")
+
+
+def _kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def one(S, method, a):
+    """Runs in its own process: -> {"ms": [...], "peak": bytes, "weights": bytes}."""
+    import torch
+    import torch.nn.functional as F
+
+    import sae_sparse as ss
+    from sae_sparse.reference import dense_sae_edit
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    base = _kib("VmRSS")
+    W = torch.empty(S, a.D, dtype=dtype)
+    for s in range(0, S, 1 << 18):  # unit rows, a chunk at a time (no fp32 copy of all)
+        w = torch.randn(min(1 << 18, S - s), a.D)
+        W[s:s + w.shape[0]] = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+    b = torch.zeros(S, dtype=dtype)
+    b_dec = torch.zeros(a.D, dtype=dtype)
+    x = torch.randn(a.N, a.D).to(dtype)
+    ad = ss.LatentAdapter(S, hidden=16)
+    opt = torch.optim.Adam(ad.parameters(), lr=1e-3)
+    backend = "torch" if method == "sparse (torch)" else "cpp"
+
+    def step():
+        p = {n: t.to(dtype) for n, t in ad.edit_params().items()}
+        if method == "SAELens-style":
+            pre = F.linear(x, W, b)
+            v, i = pre.topk(a.k, dim=-1)
+            v = v.relu()
+        else:
+            v, i = ss.topk_encode(x, W, b, a.k, backend=backend)
+        if method in ("dense adapter", "SAELens-style"):
+            y = dense_sae_edit(x, v, i, W, b_dec, activation="relu", mode="delta", **p)
+        else:
+            y = ss.edit_decode(x, v, i, W, b_dec, activation="relu", mode="delta",
+                               backend=backend, **p)
+        y.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(a.steps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"ms": times[1:], "peak": (_kib("VmHWM") - base) * 1024,
+            "weights": W.numel() * W.element_size() + b.numel() * b.element_size()}
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--S", default="65536,262144,1048576,4194304")
+    ap.add_argument("--D", type=int, default=576)
+    ap.add_argument("--N", type=int, default=512)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per S and method")
+    ap.add_argument("--save", action="store_true")
+    ap.add_argument("--one", nargs=2, metavar=("S", "METHOD"), help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def main():
+    a = parse()
+    if a.one:
+        print("RESULT " + json.dumps(one(int(a.one[0]), a.one[1], a)), flush=True)
+        return
+    rows = []
+    for S in [int(s) for s in a.S.split(",")]:
+        for m in a.methods.split(","):
+            cmd = [sys.executable, __file__, "--one", str(S), m, "--D", str(a.D), "--N",
+                   str(a.N), "--k", str(a.k), "--dtype", a.dtype, "--steps", str(a.steps)]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+                res = (json.loads(line[0][7:]) if line else
+                       {"failed": f"exit {r.returncode}" + (" (killed: out of memory)"
+                                                            if r.returncode == -9 else ""),
+                        "stderr": r.stderr[-300:]})
+            except subprocess.TimeoutExpired:
+                res = {"failed": f"over {a.timeout:g} s"}
+            res.update(S=S, method=m)
+            rows.append(res)
+            print(json.dumps({k: v for k, v in res.items() if k != "stderr"}), flush=True)
+    report(a, rows)
+
+
+def report(a, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip()
+    gib = 2 ** 30
+    lines = ["# An adapter's training step over millions of latents, on a CPU\n",
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"{torch.get_num_threads()} threads; torch {torch.__version__}; sae_sparse @ "
+             f"{commit}; {datetime.date.today()}. Command: `python benchmarks/scale_cpu.py "
+             f"--S {a.S} --dtype {a.dtype} --save`.\n",
+             f"D = {a.D}, N = {a.N} tokens, k = {a.k}; a frozen {a.dtype} SAE (one [S, D] "
+             "matrix as W_enc and W_dec), a gain + bias + ffn:16 adapter (fp32, Adam). Step: "
+             f"median of {a.steps} after a warm-up. Peak: resident set added by the process "
+             "(the weights included).\n",
+             "| S | weights | method | step s | peak | peak / weights |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        w = r.get("weights")
+        if "failed" in r:
+            lines.append(f"| {r['S']} | | {r['method']} | {r['failed']} | | |")
+            continue
+        med = statistics.median(r["ms"]) / 1000
+        lines.append(f"| {r['S']} | {w / gib:.2f} GiB | {r['method']} | {med:.2f} | "
+                     f"{r['peak'] / gib:.2f} GiB | {r['peak'] / w:.2f}× |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not a.save:
+        return
+    base = os.path.join(HERE, "results", f"scale-cpu-{datetime.date.today()}")
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    with open(base + ".json", "w") as f:
+        json.dump({"args": vars(a), "rows": rows}, f, indent=1)
+    fig, (t, m) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for meth in dict.fromkeys(r["method"] for r in rows):
+        ok = [r for r in rows if r["method"] == meth and "failed" not in r]
+        if ok:
+            t.plot([r["S"] for r in ok], [statistics.median(r["ms"]) / 1000 for r in ok], "o-",
+                   label=meth)
+            m.plot([r["S"] for r in ok], [r["peak"] / gib for r in ok], "o-", label=meth)
+    ok = [r for r in rows if "weights" in r]
+    m.plot(sorted({r["S"] for r in ok}), [next(r["weights"] for r in ok if r["S"] == S) / gib
+                                          for S in sorted({r["S"] for r in ok})], "k--",
+           label="the weights")
+    for ax, yl in ((t, "step s"), (m, "peak GiB")):
+        ax.set(xscale="log", yscale="log", xlabel="S (latents)", ylabel=yl)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
