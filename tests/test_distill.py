@@ -477,6 +477,9 @@ def test_peft_lora_trains_in_the_same_loop_as_a_hand_written_one(tmp_path, tok):
     pm = _peft_lora(tiny_gpt2(vocab=len(tok)))
     m = train_adapter(pm, tok, {}, recs, str(tmp_path / "a"), cfg, progress=False, log=None)
     assert m["final_train_loss"] is not None and (tmp_path / "a" / "adapter_config.json").exists()
+    from sae_sparse.training import load_adapter
+    with pytest.raises(ValueError, match="holds a PEFT adapter"):
+        load_adapter(str(tmp_path / "a"))
     got = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
 
     ref = _peft_lora(tiny_gpt2(vocab=len(tok)))  # the hand-written loop

@@ -82,6 +82,10 @@ def load_adapter(run_dir: str, device=None):
                                 f"{CONFIG_NAME})")
     with open(os.path.join(run_dir, CONFIG_NAME)) as f:
         conf = json.load(f)
+    if "peft_type" in conf:
+        raise ValueError(f"{run_dir} holds a PEFT adapter (trained with train_adapter on a "
+                         "PEFT model): load it with peft.PeftModel.from_pretrained; the "
+                         "report, merge and generate read sparse latent edits")
     tensors = load_safetensors(os.path.join(run_dir, WEIGHTS_NAME))
     out = {}
     for h, e in conf["hooks"].items():
