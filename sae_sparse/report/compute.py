@@ -71,7 +71,7 @@ def compute_report(run_dir: str, *, model=None, tokenizer=None, saes=None, plant
     (module docstring); ``answer_tokens`` caps the base model's generated answers;
     ``faithful``: measure how much of the edit the readout ranking's top latents carry
     (:mod:`.faithfulness`; a dozen evaluations of the eval split)."""
-    from ..training import load_adapter, load_run_saes
+    from ..training.adapters import load_adapter, load_run_saes
 
     trainables, conf = load_adapter(run_dir)
     saes = saes or load_run_saes(conf, paths=sae_paths)

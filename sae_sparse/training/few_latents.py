@@ -25,7 +25,7 @@ def rank_latents(model, tokenizer, saes, adapters, records, *, mode="delta", ski
     of the edited output; the run's other hooks' edits on), largest first (the first ``n``)."""
     import torch
 
-    from ..report import edit_readout
+    from ..report.measure import edit_readout
 
     out = {}
     for h, ad in adapters.items():
