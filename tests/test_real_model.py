@@ -116,7 +116,7 @@ def test_distill_benchmark_runs_end_to_end(tmp_path):
                         "--warmup", "1", "--also", "peft_lora_l15",
                         "--lr", "peft_lora_l15=0.02,0.006", "--also", "multi_gain_bias_ffn",
                         "--extra-sae-tokens", "4096"],
-                       capture_output=True, text=True, timeout=1500,
+                       capture_output=True, text=True, timeout=2700,
                        env=dict(os.environ, PYTHONPATH=root))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((res / "smoke.json").read_text())
