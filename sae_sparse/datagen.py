@@ -98,7 +98,8 @@ def behaviour_records(model, tokenizer, questions, *, system=None, template=None
                       progress=False, cache=None) -> list[dict]:
     """One record per question (module docstring), the teacher's answers generated in
     batches. ``cache``: a JSONL path that keeps each answer as it comes and is read first, so
-    an interrupted run generates only what is missing."""
+    an interrupted run generates only what is missing (greedy answers come out the same;
+    sampled ones that were missing are drawn in other batches than an uninterrupted run's)."""
     from .generate import generate_answers
 
     done = {}

@@ -118,8 +118,8 @@ def generate_answers(model, tokenizer, prompts, *, max_new_tokens=128, batch_siz
     chat-templated, as in a training record's ``prompt``), tokenized without adding special
     tokens, generated ``batch_size`` at a time with left padding, up to ``max_new_tokens``
     each or the end-of-sequence token. Greedy unless ``temperature > 0`` (then sampled,
-    seeded per batch from ``seed`` and the batch's first index, so a resumed run draws the
-    same). The answer is the decoded new text without special tokens; with
+    seeded per batch from ``seed`` and the batch's first index: the same prompts in the same
+    batches draw the same). The answer is the decoded new text without special tokens; with
     ``return_finished`` each is ``(text, finished)``, ``finished`` when the model ended it with
     its end-of-sequence token within the budget. ``on_batch(first_index, answers)`` is called
     after each batch (to write it as it comes)."""
