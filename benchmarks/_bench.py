@@ -12,6 +12,15 @@ from sae_sparse.doctor import GPU_SHAPES
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def rss_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), 0 where there is none."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def write_result(text: str, name: str, path=None) -> str:
     """Writes a benchmark's table to `path` (default benchmarks/results/<name>), says where."""
     path = path or os.path.join(RESULTS, name)

@@ -42,7 +42,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from smollm2_distill import TEMPLATES, TOPICS, gguf_path, load, ratio_ci  # noqa: E402
+from smollm2_distill import (TEMPLATES, TOPICS, gguf_path, load,  # noqa: E402
+                             off_except_within, ratio_ci)
 
 HOOK = "model.layers.15"
 BEHAVIOURS = {  # name -> (kind, system prompt)
@@ -223,16 +224,7 @@ def run_method(a, b, name, lr, latents=None):
                           sae_sources={HOOK: {"format": "saelens",
                                               "path": os.path.join(a.out, "sae")}})
             trainable = _sparse_params(run_dir)
-            edits = attach_run(model, run_dir, saes={HOOK: sae})
-            edits.enabled = False
-
-            @contextlib.contextmanager
-            def ctx():
-                edits.enabled = True
-                try:
-                    yield
-                finally:
-                    edits.enabled = False
+            ctx = off_except_within(attach_run(model, run_dir, saes={HOOK: sae}))
         step_s = (time.time() - t0) / a.steps
         v = heldout_kl(m, tok, val, ctx, vcache)[0]
         h, per = heldout_kl(m, tok, held, ctx, hcache)

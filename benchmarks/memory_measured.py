@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -24,14 +25,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _bench import rss_kib  # noqa: E402
 
 
-def _kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_peak():
@@ -49,7 +47,7 @@ def _rank(rank, world, init_file, a, out):
                             world_size=world)
     try:
         _reset_peak()
-        base = _kib("VmRSS")
+        base = rss_kib("VmRSS")
         s0, s1 = shard_range(a.S, rank, world)
         dtype = torch.bfloat16 if a.bf16 else torch.float32
         g = torch.Generator().manual_seed(rank)
@@ -73,7 +71,7 @@ def _rank(rank, world, init_file, a, out):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        peak = _kib("VmHWM")
+        peak = rss_kib("VmHWM")
         res = torch.tensor([float(peak - base), float(base)], dtype=torch.float64)
         parts = [torch.zeros_like(res) for _ in range(world)]
         dist.all_gather(parts, res)

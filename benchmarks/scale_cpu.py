@@ -30,15 +30,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _bench import rss_kib  # noqa: E402
 METHODS = ("sparse (cpp)", "sparse (torch)", "dense adapter", "SAELens-style")
 
 
-def _kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def one(S, method, a):
@@ -51,7 +48,7 @@ def one(S, method, a):
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    base = _kib("VmRSS")
+    base = rss_kib("VmRSS")
     W = torch.empty(S, a.D, dtype=dtype)
     for s in range(0, S, 1 << 18):  # unit rows, a chunk at a time (no fp32 copy of all)
         w = torch.randn(min(1 << 18, S - s), a.D)
@@ -85,7 +82,7 @@ def one(S, method, a):
         t0 = time.perf_counter()
         step()
         times.append(1000 * (time.perf_counter() - t0))
-    return {"ms": times[1:], "peak": (_kib("VmHWM") - base) * 1024,
+    return {"ms": times[1:], "peak": (rss_kib("VmHWM") - base) * 1024,
             "weights": W.numel() * W.element_size() + b.numel() * b.element_size()}
 
 

@@ -44,6 +44,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _bench import rss_kib  # noqa: E402
+
 HOOK = "model.layers.15"
 
 
@@ -310,17 +312,9 @@ def run_method(a, name, lr):
             res["active_per_token"] = active
         from sae_sparse.training import attach_run
         edits = attach_run(model, run_dir, saes={h: s for h, (s, _) in saes.items()})
-        edits.enabled = False
-
-        @contextlib.contextmanager
-        def ctx():
-            edits.enabled = True
-            try:
-                yield
-            finally:
-                edits.enabled = False
+        ctx = off_except_within(edits)
     res["step_s"] = statistics.median(times)
-    res["peak_rss_mib"] = (_rss_kib("VmHWM") - rss0) / 1024  # the training's peak above
+    res["peak_rss_mib"] = (rss_kib("VmHWM") - rss0) / 1024  # the training's peak above
     m = pm if name.startswith("peft_lora") else model
     res["val_kl"], res["val_ce"], _ = heldout_metrics(m, tok, val, ctx, val_cache)
     res["kl"], res["ce"], res["heldout_per_question"] = heldout_metrics(m, tok, held, ctx,
@@ -352,12 +346,21 @@ def run_method(a, name, lr):
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+def off_except_within(edits):
+    """Turns ``edits`` off and returns a context manager that turns them on inside it (the
+    student's forward; the teacher's log-probs are taken with them off)."""
+    import contextlib
+
+    edits.enabled = False
+
+    @contextlib.contextmanager
+    def ctx():
+        edits.enabled = True
+        try:
+            yield
+        finally:
+            edits.enabled = False
+    return ctx
 
 
 def _reset_peak_rss():
@@ -371,7 +374,7 @@ def _reset_peak_rss():
             f.write("5")
     except OSError:
         pass
-    return _rss_kib("VmRSS")
+    return rss_kib("VmRSS")
 
 
 METHODS = ["bias", "gain_bias", "gain_bias_ffn", "resid_lora", "peft_lora"]
