@@ -452,6 +452,90 @@ def sharded_sae_edit(x, shard: ShardedSAE, adapter: LatentAdapter | None = None,
     return y.to(x.dtype).view(shape)
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16",
+               torch.float16: "F16"}
+
+
+def save_saelens_sharded(shard: ShardedSAE, path: str, *, hook_name: str | None = None,
+                         write: bool = True, **cfg_extra) -> None:
+    """Writes the whole SAE that ``shard``'s group holds as one SAELens directory (as
+    :func:`sae_sparse.save_saelens` would), each rank writing its own rows into the one
+    ``sae_weights.safetensors``: no rank holds more than its shard. Shard 0 writes the
+    header and ``cfg.json`` and sizes the file; the others then write their rows in place
+    (``W_enc`` is stored [D, S]: a rank's columns of every row). Collective over the shard
+    group; ``write=False`` ranks (a second data-parallel replica of the same shards) only
+    return. The path must be on a filesystem every rank of the group sees."""
+    import json
+    import os
+
+    import numpy as np
+
+    if not write:
+        return
+    if shard.b_pre is not None and shard.b_pre is not shard.b_dec:
+        raise ValueError("SAELens has no separate input bias: b_pre must be tied to b_dec "
+                         "(or None) to save in this format")
+    rank, _ = _group_info(shard.group)
+    S, D, dt = shard.d_sae, shard.d_in, shard.W_enc.dtype
+    if dt not in _ST_DTYPES:
+        raise ValueError(f"cannot write {dt} weights in safetensors: use one of "
+                         f"{sorted(map(str, _ST_DTYPES))}")
+    shapes = {"W_dec": [S, D], "W_enc": [D, S], "b_dec": [D], "b_enc": [S]}
+    if shard.threshold is not None:
+        shapes["threshold"] = [S]
+    item = torch.empty(0, dtype=dt).element_size()
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * item
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": shape, "data_offsets": [at, at + n]}
+        at += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)  # the data starts 8-byte aligned
+    file = os.path.join(path, "sae_weights.safetensors")
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        with open(file, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            f.truncate(8 + len(head) + at)
+        cfg = {"architecture": "jumprelu" if shard.threshold is not None else "topk",
+               "d_in": D, "d_sae": S, "k": shard.k,
+               "apply_b_dec_to_input": shard.b_pre is not None,
+               "dtype": str(dt).split(".")[-1], "metadata": {"hook_name": hook_name},
+               **cfg_extra}
+        with open(os.path.join(path, "cfg.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    dist.barrier(group=shard.group)
+    ints = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16),
+            4: (torch.int32, np.int32), 8: (torch.int64, np.int64)}[item]
+
+    def region(name):  # the tensor's bytes in the file, as a writable array of its shape
+        a, _ = header[name]["data_offsets"]
+        return np.memmap(file, dtype=ints[1], mode="r+", offset=8 + len(head) + a,
+                         shape=tuple(header[name]["shape"]))
+
+    def bits(t):
+        return t.detach().to(dt).cpu().contiguous().view(ints[0]).numpy()
+
+    s0, s1 = shard.owned
+    for name, t, cols in (("W_dec", shard.W_dec, False), ("W_enc", shard.W_enc, True),
+                          ("b_enc", shard.b_enc, False), ("threshold", shard.threshold, False)):
+        if t is None:
+            continue
+        mm = region(name)
+        if cols:
+            mm[:, s0:s1] = bits(t).T
+        else:
+            mm[s0:s1] = bits(t)
+        mm.flush()
+        del mm
+    if rank == 0:
+        mm = region("b_dec")
+        mm[:] = bits(shard.b_dec)
+        mm.flush()
+        del mm
+    dist.barrier(group=shard.group)
+
+
 def memory_model(S: int, D: int, P: int, *, k: int = 32, N: int = 8192, hidden: int = 16,
                  weight_bytes: int = 2, train_sae: bool = False, adapter: str = "gain,bias,ffn",
                  chunk: int = _CHUNK) -> dict:

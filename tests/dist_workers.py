@@ -7,10 +7,11 @@ import torch.distributed as dist
 
 
 def _init(rank, world, init_file):
+    import datetime
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
 
 
 def _close(a, b, tol, name):
@@ -218,5 +219,70 @@ def sparsify_distribute_modules(rank, world, init_file, save_dir):
                 torch.testing.assert_close(ours[n][k], ref[n][k], rtol=1e-5,
                                            atol=1e-5 * ref[n][k].abs().max().item(),
                                            msg=lambda m: f"rank {rank} {n} {k}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- train_sae on a mesh
+
+
+def sae_training_setup():
+    """The tiny model, tokenizer and records the distributed train_sae tests train on."""
+    from sae_sparse.demo import WORDS, word_tokenizer
+
+    from tiny_models import tiny_gpt2
+    tok = word_tokenizer()
+    model = tiny_gpt2(vocab=len(tok))
+    g = torch.Generator().manual_seed(0)
+    recs = [{"text": " ".join(WORDS[j] for j in torch.randint(0, 40, (20,), generator=g))}
+            for _ in range(120)]
+    return model, tok, recs
+
+
+def sae_training_config(**kw):
+    """301 latents (no mesh here divides them evenly), many dead from the third step on (so
+    AuxK trains them), two buffers."""
+    from sae_sparse.train_sae import SAETrainConfig
+    base = dict(d_sae=301, k=3, tokens=2000, batch_tokens=200, buffer_tokens=1000,
+                dead_tokens=200, max_len=16, model_batch=8, eval_frac=0.1, lr=3e-3,
+                log_every=1, skip_first=0)
+    return SAETrainConfig(**{**base, **kw})
+
+
+def train_sae_on_mesh(rank, world, init_file, shards, out, tokens, die_after_refill=None):
+    """train_sae on this rank of a (world / shards) x shards mesh; with ``die_after_refill``
+    rank 1 exits hard right after that checkpoint, and each surviving rank writes the error
+    it raised to ``out/error-<rank>.txt``."""
+    from sae_sparse.train_sae import SAETrainer, train_sae
+    _init(rank, world, init_file)
+    if die_after_refill is not None and rank == 1:
+        save = SAETrainer._save_ckpt
+
+        def save_then_die(self):
+            save(self)
+            if self.refill == die_after_refill:
+                os._exit(3)
+        SAETrainer._save_ckpt = save_then_die
+    model, tok, recs = sae_training_setup()
+    try:
+        train_sae(model, tok, "transformer.h.1", recs, out, sae_training_config(tokens=tokens),
+                  progress=False, log=None, shard_latents=shards)
+    except RuntimeError as e:
+        if die_after_refill is None:
+            raise
+        with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
+            f.write(str(e))
+        os._exit(0)  # the group is broken: no clean teardown to wait for
+    dist.destroy_process_group()
+
+
+def save_from_shards(rank, world, init_file, variant, dtype, path):
+    """save_saelens_sharded: each rank writes its rows of one SAELens file."""
+    from sae_sparse.distributed import ShardedSAE, save_saelens_sharded
+    _init(rank, world, init_file)
+    try:
+        sae = make_sae(variant).to(getattr(torch, dtype))
+        shard = ShardedSAE.from_sae(sae)
+        save_saelens_sharded(shard, path, hook_name="blocks.0.hook_resid_post", note="x")
     finally:
         dist.destroy_process_group()

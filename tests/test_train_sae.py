@@ -160,8 +160,8 @@ def test_ctrl_c_names_the_checkpoint_and_the_rerun_resumes(setup, tmp_path, monk
     monkeypatch.setattr(SAETrainer, "_train_on", interrupted)
     assert main(argv) == 130
     err = capsys.readouterr().err
-    ckpt = tmp_path / "sae" / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=True)  # the first buffer's steps
+    ckpt = tmp_path / "sae" / "checkpoint"
+    state = json.loads((ckpt / "manifest.json").read_text())  # the first buffer's steps
     assert 0 < state["steps"] and state["seen"] == 100 * state["steps"]
     assert f"interrupted after step {state['steps']}; checkpoint saved in {ckpt}. Run the " \
            "same command again to resume." in err

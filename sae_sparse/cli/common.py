@@ -4,6 +4,7 @@ flags generated from config dataclasses, and small argument helpers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 
@@ -77,6 +78,35 @@ def _device(spec):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: this machine has no CUDA device")
     return dev
+
+
+@contextlib.contextmanager
+def process_group(device_spec):
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL on CUDA, else gloo),
+    puts each rank on its own GPU, and leaves the group on the way out. -> (rank, device)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        yield 0, _device(device_spec)
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _device(device_spec)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    joined = not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dev
+    finally:
+        if joined:
+            # leave the group we joined before the interpreter exits: a gloo group still
+            # alive at exit tears its threads down unjoined, and the process aborts
+            # ("terminate called without an active exception") after a successful run
+            dist.destroy_process_group()
 
 
 def check_out_path(path, flag):

@@ -10,6 +10,7 @@ from .. import argtypes
 from . import demo
 from ..training.data import check_teacher_prompts
 from .common import (UsageError, _common, _device, _Formatter, _model_source, check_out_path,
+                     process_group,
                      config_flags, config_values)
 
 
@@ -197,44 +198,14 @@ def _place_sae(meta, path, local, hook, k):
     return module, sae, {**info, "sha256": content_hash(local)}
 
 
-def _init_distributed(device_spec):
-    """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL on CUDA, else gloo) and
-    puts each rank on its own GPU. -> (rank, device)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
-        return 0, _device(device_spec)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _device(device_spec)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), dev
-
-
 def run(a):
     if not (a.model or a.sae or a.hook or a.data):  # no arguments: the demo
         if a.out == "sae_sparse_run":
             a.out = "sae_sparse_demo_run"
         return demo.run(a)
     records, cfg, saes, sources = _precheck_train(a)
-    import torch.distributed as dist
-
-    joined = not (dist.is_available() and dist.is_initialized())
-    rank, device = _init_distributed(a.device)
-    joined = joined and dist.is_available() and dist.is_initialized()
-    try:
+    with process_group(a.device) as (rank, device):
         return _train_and_report(a, records, cfg, saes, sources, rank, device)
-    finally:
-        if joined:
-            # leave the group we joined before the interpreter exits: a gloo group still
-            # alive at exit tears its threads down unjoined, and the process aborts
-            # ("terminate called without an active exception") after a successful run
-            dist.destroy_process_group()
 
 
 def _train_and_report(a, records, cfg, saes, sources, rank, device):

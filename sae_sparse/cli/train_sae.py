@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ..train_sae import SAETrainConfig
-from .common import (UsageError, _common, _device, _Formatter, _model_source, check_out_path,
-                     config_flags, config_values)
+from ..argtypes import positive
+from .common import (UsageError, _common, _Formatter, _model_source, check_out_path,
+                     config_flags, config_values, process_group)
 
 
 def add_parser(sub):
@@ -25,6 +26,10 @@ def add_parser(sub):
                    help="add Python's own reference docs (pydoc_data) as text")
     p.add_argument("--out", required=True, help="directory for the SAE")
     config_flags(p, SAETrainConfig)
+    p.add_argument("--shard-latents", type=positive, default=1, metavar="L",
+                   help="under torchrun with P processes: split the dictionary over L ranks "
+                        "(P / L data-parallel replicas of it); the SAE is the one-process "
+                        "run's to fp32 rounding, the SAELens file written from the shards")
     p.add_argument("--device", default=None, help="cpu, cuda, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
@@ -54,8 +59,8 @@ def run(a):
     except ValueError as e:
         raise UsageError(f"--hook {a.hook}: {e}") from None
     check_out_path(a.out, "--out")
-    device = _device(a.device)
-    model, tok = load_model(a.model, device=device)
-    train_sae(model, tok, a.hook, records, a.out, cfg, progress=not a.no_progress,
-              model_name=_model_source(a.model))
+    with process_group(a.device) as (_, device):
+        model, tok = load_model(a.model, device=device)
+        train_sae(model, tok, a.hook, records, a.out, cfg, progress=not a.no_progress,
+                  model_name=_model_source(a.model), shard_latents=a.shard_latents)
     return 0
