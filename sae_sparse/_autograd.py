@@ -91,7 +91,7 @@ def _encoder_grads(lib, dpre, indices, x, W_enc, b_pre, need_x, need_W, need_b, 
         dx, _ = lib.edit_decode_fwd(None, dpre, indices, W_enc, None, None, None, None, None,
                                     None, 0, _MODES["plain"])
     if need_bp:  # -sum_n dx_n; without dx the same is -db @ W_enc (db: per latent)
-        dbp = -dx.sum(0) if need_x else -(db @ W_enc)
+        dbp = -dx.sum(0) if need_x else -fold_torch(db[None], W_enc)[0].to(db.dtype)
     return dx, dW if need_W else None, db if need_b else None, dbp
 
 

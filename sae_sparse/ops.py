@@ -26,12 +26,14 @@ if _triton_available():
     from .triton.functions import FusedSAEEdit, FusedSAEForward
 
 
-def _lowp_to_fp32(backend: str, *ts):
-    # The cpp kernels take fp32/fp64; bf16/fp16 inputs are computed in fp32 (autograd-tracked).
+def _lowp_to_fp32(backend: str, *ts, keep=()):
+    """The cpp kernels compute in fp32 / fp64: bf16 / fp16 inputs go in as fp32 copies
+    (autograd-tracked), except the weight matrices at positions ``keep`` (W_enc, W_dec),
+    which the kernels read as stored: no [S, D] fp32 copy of a low-precision dictionary."""
     if backend == "cpp":
-        return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16,
-                                                                              torch.bfloat16)
-                     else t for t in ts)
+        return tuple(t.float() if (isinstance(t, torch.Tensor) and j not in keep and
+                                   t.dtype in (torch.float16, torch.bfloat16))
+                     else t for j, t in enumerate(ts))
     return ts
 
 
@@ -79,7 +81,7 @@ def encode_rows(x, W_enc, b_enc, k, *, b_pre=None, threshold=None, backend=None,
         V.check_finite(x, "x")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, D)
-    args = _lowp_to_fp32(name, x2, W_enc, b_enc, b_pre, threshold)
+    args = _lowp_to_fp32(name, x2, W_enc, b_enc, b_pre, threshold, keep=(1,))
     with forced_path(path):
         values, indices, overflow = encode_fn(name)(args[0], args[1], args[2], k, args[3],
                                                     args[4])
@@ -135,7 +137,8 @@ def forward_rows(x, W_enc, b_enc, W_dec, b_dec, k, *, b_pre=None, threshold=None
                 x.reshape(-1, D), W_enc, b_enc, None if tied else b_pre, threshold, W_dec,
                 b_dec, k, tied)
     else:
-        a = _lowp_to_fp32(name, x.reshape(-1, D), W_enc, b_enc, b_pre, threshold, W_dec, b_dec)
+        a = _lowp_to_fp32(name, x.reshape(-1, D), W_enc, b_enc, b_pre, threshold, W_dec, b_dec,
+                          keep=(1, 5))
         if b_pre is not None and b_pre is b_dec:  # keep the tie through the fp32 copies
             a = a[:3] + (a[6],) + a[4:]
         y, values, indices, overflow = sae_fn(name)(a[0], a[1], a[2], k, a[3], a[4], a[5],
@@ -352,7 +355,7 @@ def _edit_decode(x, values, indices, W_dec, b_dec, adapter_params, activation, m
     p = adapter_params
     ts = (x.reshape(-1, D) if x is not None else None, values.reshape(-1, k), W_dec, b_dec,
           p.get("gain"), p.get("bias"), p.get("W_in"), p.get("b_in"), p.get("W_out"))
-    ts = _lowp_to_fp32(name, *ts)
+    ts = _lowp_to_fp32(name, *ts, keep=(2,))
     folded = (_cached_fold(name, fold_sources, ts[2], ts[5], ts[8])
               if fold_sources is not None and mode != "plain" else None)
     y = decode_fn(name)(ts[0], ts[1], indices.reshape(-1, k).long(), *ts[2:],

@@ -234,3 +234,101 @@ def test_cpp_screen_bound_covers_fp32_summation_error():
     v, i = topk_encode(x, W, b, 4, backend="cpp")
     assert i[0].tolist() == torch.topk(pre, 4).indices[0].tolist()
     assert_close(v, torch.topk(pre, 4).values, rtol=1e-7, atol=0, name="values")
+
+
+def _upcast_everything(monkeypatch):
+    """The cpp path as it was before the kernels read bf16 / fp16 weights: every
+    low-precision input, W_enc and W_dec too, copied to fp32 first."""
+    import sae_sparse.ops as ops
+    lowp = ops._lowp_to_fp32
+    monkeypatch.setattr(ops, "_lowp_to_fp32", lambda backend, *ts, keep=(): lowp(backend, *ts))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("N,threshold", [(1, False), (300, False), (300, True)],
+                         ids=["direct", "screened", "screened-jumprelu"])
+def test_cpp_reads_low_precision_weights_as_stored(dtype, N, threshold, monkeypatch):
+    """bf16 / fp16 W_enc and W_dec go into the kernels as stored (no fp32 copy of the
+    dictionary): the selection, values, output and every gradient are those of the fp32
+    copies the cpp path made before, bit for bit, on both encode paths and over a partial
+    last tile (S = 4099, D = 37, k = 5); and within low-precision rounding of the fp64
+    reference."""
+    t = make_case(N, 37, 4099, 5, dtype=dtype, b_pre=True, threshold=threshold)
+    v1, i1, y1 = full_op(t, 5, "delta", "relu", "cpp")
+    g1 = grads_of(y1, t)
+    with monkeypatch.context() as m:
+        _upcast_everything(m)
+        v0, i0, y0 = full_op(t, 5, "delta", "relu", "cpp")
+        g0 = grads_of(y0, t)
+    assert torch.equal(i1, i0) and torch.equal(v1, v0) and torch.equal(y1, y0)
+    for n in g0:
+        assert g1[n].dtype == dtype, n
+        if n == "W_dec":  # two paths (the decode's rows, the folds' product) now add in
+            # W_dec's own dtype, as for any low-precision parameter, not in an fp32 copy
+            tol = 2 * torch.finfo(dtype).eps * float(g0[n].abs().max())
+            assert_close(g1[n], g0[n], rtol=0, atol=tol, name=n)
+        else:
+            assert torch.equal(g1[n], g0[n]), n
+    t64 = {n: v.detach().double().requires_grad_(v.requires_grad) for n, v in t.items()}
+    vr, ir, yr = full_op(t64, 5, "delta", "relu", "torch")
+    same = (i1 == ir).all(1)  # near-ties in fp32 vs fp64 may swap a latent in a few rows
+    assert same.float().mean() > 0.95
+    scale = float(yr.abs().max())  # y rounds to bf16 / fp16 twice (values, output)
+    assert_close(y1[same], yr[same], rtol=0, atol=2e-2 * scale, name="y")
+
+
+def test_cpp_sae_forward_reads_low_precision_weights_as_stored(monkeypatch):
+    """SAE.forward (the fused encode + decode op) with a bf16 SAE: the output, code and
+    every gradient of the fp32-copy path, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    sae = ss.SAE.random(41, 1003, 7, b_pre=True, generator=g).to(torch.bfloat16)
+    x = torch.randn(70, 41, generator=g).to(torch.bfloat16)
+
+    def run():
+        sae.zero_grad()
+        y, v, i = sae(x, backend="cpp", return_code=True)
+        (y.float().square().sum() + v.float().sum()).backward()
+        return y, v, i, {n: p.grad.clone() for n, p in sae.named_parameters()}
+    y, v, i, grads = run()
+    with monkeypatch.context() as m:
+        _upcast_everything(m)
+        y0, v0, i0, grads0 = run()
+    assert torch.equal(i, i0) and torch.equal(v, v0) and torch.equal(y, y0)
+    for n in grads0:
+        assert torch.equal(grads[n], grads0[n]), n
+
+
+def test_cpp_low_precision_dictionary_costs_no_fp32_copy(tmp_path):
+    """An adapter step (encode, edit with gain + bias + ffn, backward) over a frozen bf16
+    dictionary of 2^17 x 512 (128 MiB a matrix) raises the process's peak resident set by
+    well under one fp32 copy of a matrix (256 MiB), in a fresh process."""
+    import subprocess
+    import sys
+    script = tmp_path / "peak.py"
+    script.write_text('''
+import torch, sae_sparse as ss
+torch.manual_seed(0)
+S, D, N, k = 1 << 17, 512, 300, 32
+W_enc = (torch.randn(S, D) / D ** 0.5).to(torch.bfloat16)
+W_dec = (torch.randn(S, D) / D ** 0.5).to(torch.bfloat16)
+b = torch.zeros(S, dtype=torch.bfloat16)
+b_dec = torch.zeros(D, dtype=torch.bfloat16)
+x = torch.randn(N, D).to(torch.bfloat16)
+ad = ss.LatentAdapter(S, 4)
+def step(x):
+    p = {n: t.to(torch.bfloat16) for n, t in ad.edit_params().items()}
+    v, i = ss.topk_encode(x, W_enc, b, k, backend="cpp")
+    y = ss.edit_decode(x, v, i, W_dec, b_dec, mode="delta", backend="cpp", **p)
+    y.float().square().mean().backward()
+step(x[:1])
+def hwm():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+base = hwm()
+step(x)
+print("PEAK_MIB", (hwm() - base) / 1024)
+''')
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak = float(r.stdout.split("PEAK_MIB")[1])
+    assert peak < 128, f"the step added {peak:.0f} MiB: an fp32 copy of W is 256 MiB"

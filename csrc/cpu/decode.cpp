@@ -53,7 +53,17 @@ void check_indices_in_range(const at::Tensor& indices, int64_t S, const char* fn
               "]");
 }
 
-template <typename T>
+// W_dec (or W_enc, in the encoder's backward) in the values' dtype, or stored in bf16 / fp16
+// under float32 values (read as stored; the products are fp32).
+void check_w_dtype(const at::Tensor& W, at::ScalarType st, const char* fn) {
+  const auto wt = W.scalar_type();
+  TORCH_CHECK(wt == st || (st == at::kFloat && (wt == at::kBFloat16 || wt == at::kHalf)), fn,
+              ": W_dec must be ", st, st == at::kFloat ? " (or bfloat16 / float16)" : "",
+              ", got ", wt);
+}
+
+// TW: W_dec's element type, T or (for float) bf16 / fp16, read as stored (vec::row_as).
+template <typename T, typename TW = T>
 void decode_fwd_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                      const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& gain,
                      const at::Tensor& W_in, const at::Tensor& b_in, const at::Tensor& M,
@@ -64,7 +74,7 @@ void decode_fwd_impl(const at::Tensor& x, const at::Tensor& values, const at::Te
   const T* xp = ptr_or_null<T>(x);
   const T* vp = values.data_ptr<T>();
   const int64_t* ip = indices.data_ptr<int64_t>();
-  const T* Wd = W_dec.data_ptr<T>();
+  const TW* Wd = W_dec.data_ptr<TW>();
   const T* bd = ptr_or_null<T>(b_dec);
   const T* g = ptr_or_null<T>(gain);
   const T* Wi = ptr_or_null<T>(W_in);
@@ -75,7 +85,8 @@ void decode_fwd_impl(const at::Tensor& x, const at::Tensor& values, const at::Te
   T* hp = H ? h_pre.data_ptr<T>() : nullptr;
 
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    std::vector<T> coef(k), a(H);
+    std::vector<T> coef(k), a(H), wbuf;
+    std::vector<int64_t> seq;
     for (int64_t n = n0; n < n1; ++n) {
       T* yr = yp + n * D;
       const T* v = vp + n * k;
@@ -93,7 +104,7 @@ void decode_fwd_impl(const at::Tensor& x, const at::Tensor& values, const at::Te
           else if (mode == kReplace && g) coef[j] = v[j] * (T(1) + g[id[j]]);
           else coef[j] = v[j];
         }
-        vec::gather_sum(k, coef.data(), id, Wd, D, yr);
+        vec::gather_sum_as(k, coef.data(), id, Wd, D, yr, wbuf, seq);
       }
       if (H) {
         T* h = hp + n * H;
@@ -108,7 +119,7 @@ void decode_fwd_impl(const at::Tensor& x, const at::Tensor& values, const at::Te
   });
 }
 
-template <typename T>
+template <typename T, typename TW = T>
 void decode_bwd_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& indices,
                      const at::Tensor& W_dec, const at::Tensor& gain, const at::Tensor& W_in,
                      const at::Tensor& h_pre, const at::Tensor& M, int64_t act, int64_t mode,
@@ -117,7 +128,7 @@ void decode_bwd_impl(const at::Tensor& dy, const at::Tensor& values, const at::T
   const int64_t H = W_in.defined() ? W_in.size(1) : 0;
   const T* dyp = dy.data_ptr<T>();
   const int64_t* ip = indices.data_ptr<int64_t>();
-  const T* Wd = W_dec.data_ptr<T>();
+  const TW* Wd = W_dec.data_ptr<TW>();
   const T* g = ptr_or_null<T>(gain);
   const T* Wi = ptr_or_null<T>(W_in);
   const T* hp = ptr_or_null<T>(h_pre);
@@ -127,6 +138,7 @@ void decode_bwd_impl(const at::Tensor& dy, const at::Tensor& values, const at::T
   T* dhp = H ? dh.data_ptr<T>() : nullptr;
 
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    std::vector<T> wrow;
     for (int64_t n = n0; n < n1; ++n) {
       const T* dyr = dyp + n * D;
       const int64_t* id = ip + n * k;
@@ -134,7 +146,7 @@ void decode_bwd_impl(const at::Tensor& dy, const at::Tensor& values, const at::T
       for (int64_t q = 0; q < H; ++q)
         dhr[q] = vec::dot(dyr, Mp + q * D, D) * act_grad(hp[n * H + q], act);
       for (int64_t j = 0; j < k; ++j) {
-        const T pj = vec::dot(dyr, Wd + id[j] * D, D);
+        const T pj = vec::dot(dyr, vec::row_as(Wd + id[j] * D, D, wrow), D);
         T coef = T(1);
         if (mode == kDelta) coef = g ? g[id[j]] : T(0);
         else if (mode == kReplace && g) coef = T(1) + g[id[j]];
@@ -216,16 +228,25 @@ std::tuple<at::Tensor, at::Tensor> edit_decode_fwd_cpu(
   at::Tensor x = C(x_), values = C(values_), indices = C(indices_), W_dec = C(W_dec_),
              b_dec = C(b_dec_), gain = C(gain_), W_in = C(W_in_), b_in = C(b_in_), M = C(M_),
              c = C(c_);
-  for (const at::Tensor* t : {&x, &W_dec, &b_dec, &gain, &W_in, &b_in, &M, &c})
+  for (const at::Tensor* t : {&x, &b_dec, &gain, &W_in, &b_in, &M, &c})
     TORCH_CHECK(!t->defined() || t->scalar_type() == st, fn, ": all tensors must be ", st);
+  check_w_dtype(W_dec, st, fn);
   at::Tensor y = at::empty({N, D}, values.options());
   at::Tensor h_pre = W_in.defined() ? at::empty({N, W_in.size(1)}, values.options()) : at::Tensor();
   poison_if_testing(y);
   poison_if_testing(h_pre);
-  AT_DISPATCH_FLOATING_TYPES(st, "edit_decode_fwd_cpu", [&] {
-    decode_fwd_impl<scalar_t>(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act, mode,
-                              y, h_pre);
-  });
+  if (W_dec.scalar_type() == at::kBFloat16) {
+    decode_fwd_impl<float, at::BFloat16>(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c,
+                                         act, mode, y, h_pre);
+  } else if (W_dec.scalar_type() == at::kHalf) {
+    decode_fwd_impl<float, at::Half>(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act,
+                                     mode, y, h_pre);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(st, "edit_decode_fwd_cpu", [&] {
+      decode_fwd_impl<scalar_t>(x, values, indices, W_dec, b_dec, gain, W_in, b_in, M, c, act,
+                                mode, y, h_pre);
+    });
+  }
   return {y, h_pre};
 }
 
@@ -244,18 +265,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edit_decode_bwd_cpu(
   auto C = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
   at::Tensor dy = C(dy_), values = C(values_), indices = C(indices_), W_dec = C(W_dec_),
              gain = C(gain_), W_in = C(W_in_), h_pre = C(h_pre_), M = C(M_);
-  for (const at::Tensor* t : {&dy, &W_dec, &gain, &W_in, &h_pre, &M})
+  for (const at::Tensor* t : {&dy, &gain, &W_in, &h_pre, &M})
     TORCH_CHECK(!t->defined() || t->scalar_type() == st, fn, ": all tensors must be ", st);
+  check_w_dtype(W_dec, st, fn);
   at::Tensor dv = at::empty({N, k}, values.options());
   at::Tensor p = at::empty({N, k}, values.options());
   at::Tensor dh = W_in.defined() ? at::empty({N, W_in.size(1)}, values.options()) : at::Tensor();
   poison_if_testing(dv);
   poison_if_testing(p);
   poison_if_testing(dh);
-  AT_DISPATCH_FLOATING_TYPES(st, "edit_decode_bwd_cpu", [&] {
-    decode_bwd_impl<scalar_t>(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode, dv, p,
-                              dh);
-  });
+  if (W_dec.scalar_type() == at::kBFloat16) {
+    decode_bwd_impl<float, at::BFloat16>(dy, values, indices, W_dec, gain, W_in, h_pre, M, act,
+                                         mode, dv, p, dh);
+  } else if (W_dec.scalar_type() == at::kHalf) {
+    decode_bwd_impl<float, at::Half>(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode,
+                                     dv, p, dh);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(st, "edit_decode_bwd_cpu", [&] {
+      decode_bwd_impl<scalar_t>(dy, values, indices, W_dec, gain, W_in, h_pre, M, act, mode, dv,
+                                p, dh);
+    });
+  }
   return {dv, p, dh};
 }
 

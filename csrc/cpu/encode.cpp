@@ -147,7 +147,8 @@ inline void scan_row(RowScreen& scr, const float* hi, const float* e, int64_t ts
   }
 }
 
-template <typename scalar_t, typename screen_t>
+// w_t: W_enc's element type, scalar_t or (for float) bf16 / fp16, read as it is stored.
+template <typename scalar_t, typename screen_t, typename w_t = scalar_t>
 void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
                  const at::Tensor& b_pre, const at::Tensor& thr, int64_t k, at::Tensor& values,
                  at::Tensor& indices, at::Tensor& overflow) {
@@ -160,7 +161,7 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
   const int64_t kq = has_thr ? std::min(k + 1, S) : 0;
 
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* Wp = W.data_ptr<scalar_t>();
+  const w_t* Wp = W.data_ptr<w_t>();
   const scalar_t* bp = b.data_ptr<scalar_t>();
   const scalar_t* bpre = b_pre.defined() ? b_pre.data_ptr<scalar_t>() : nullptr;
   const scalar_t* tp = has_thr ? thr.data_ptr<scalar_t>() : nullptr;
@@ -226,14 +227,15 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
     screen_t* Wtp = Wt.data_ptr<screen_t>();
     at::parallel_for(0, ts, 256, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* w = Wp + (s0 + i) * D;
+        const w_t* w = Wp + (s0 + i) * D;
         double sw = 0, serr = 0, sws = 0;
         for (int64_t d = 0; d < D; ++d) {
-          const screen_t q = static_cast<screen_t>(w[d]);
+          const scalar_t wd = static_cast<scalar_t>(w[d]);
+          const screen_t q = static_cast<screen_t>(wd);
           const double ws = double(static_cast<float>(q));
           Wtp[i * D + d] = q;
-          sw += double(w[d]) * double(w[d]);
-          serr += (double(w[d]) - ws) * (double(w[d]) - ws);
+          sw += double(wd) * double(wd);
+          serr += (double(wd) - ws) * (double(wd) - ws);
           sws += ws * ws;
         }
         const double bi = double(bp[s0 + i]);
@@ -297,12 +299,12 @@ void encode_impl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
   bool* ovp = overflow.data_ptr<bool>();
   bool bad = false;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<scalar_t> xrow(D);
+    std::vector<scalar_t> xrow(D), wrow;
     std::vector<Scored> sc;
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t d = 0; d < D; ++d) xrow[d] = xp[n * D + d] - (bpre ? bpre[d] : scalar_t(0));
       auto exact = [&](int64_t s) {
-        return double(vec::dot(xrow.data(), Wp + s * D, D) + bp[s]);
+        return double(vec::dot(xrow.data(), vec::row_as(Wp + s * D, D, wrow), D) + bp[s]);
       };
       std::vector<Cand> cand = scr[n].take();
       if (static_cast<int64_t>(cand.size()) < kk) {
@@ -375,7 +377,10 @@ void encode_direct_f32(const at::Tensor& x, const at::Tensor& W, const at::Tenso
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s0 = t * tile, ts = std::min(tile, S - s0);
       at::Tensor o = l.out.narrow(0, 0, N * ts).view({N, ts});
-      at::mm_out(o, xc, W.narrow(0, s0, ts).t());
+      // a bf16 / fp16 W: this tile in fp32 (the products of an fp32 copy of W, without one)
+      const at::Tensor Wt = W.scalar_type() == at::kFloat ? W.narrow(0, s0, ts)
+                                                          : W.narrow(0, s0, ts).to(at::kFloat);
+      at::mm_out(o, xc, Wt.t());
       const float* op = o.data_ptr<float>();
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t i = 0; i < ts; ++i) l.hi[i] = op[n * ts + i] + bp[s0 + i] + 0.0f;
@@ -441,9 +446,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
               "topk_encode_cpu: b_pre must be [", D, "]");
   TORCH_CHECK(!threshold_.defined() || (threshold_.dim() == 1 && threshold_.size(0) == S),
               "topk_encode_cpu: threshold must be [", S, "]");
-  for (const at::Tensor* t : {&W_enc_, &b_enc_, &b_pre_, &threshold_})
+  for (const at::Tensor* t : {&b_enc_, &b_pre_, &threshold_})
     TORCH_CHECK(!t->defined() || (t->scalar_type() == x_.scalar_type() && t->device().is_cpu()),
                 "topk_encode_cpu: all tensors must be CPU ", x_.scalar_type());
+  // W_enc may be stored in bf16 / fp16 under float32 x: read as stored, computed in fp32.
+  const auto wt = W_enc_.scalar_type();
+  TORCH_CHECK(W_enc_.device().is_cpu() &&
+                  (wt == x_.scalar_type() ||
+                   (x_.scalar_type() == at::kFloat && (wt == at::kBFloat16 || wt == at::kHalf))),
+              "topk_encode_cpu: W_enc must be a CPU ", x_.scalar_type(),
+              x_.scalar_type() == at::kFloat ? " (or bfloat16 / float16)" : "", " tensor, got ",
+              wt);
 
   // detach(): internal ATen calls (possibly on worker threads, where grad mode is on) must
   // not see tensors that require grad.
@@ -463,10 +476,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
     encode_direct_f32(x, W, b, bpre, thr, k, values, indices, overflow);
   } else if (x.scalar_type() == at::kDouble) {
     encode_impl<double, float>(x, W, b, bpre, thr, k, values, indices, overflow);
-  } else if (cpu_has_bf16_dot()) {
-    encode_impl<float, at::BFloat16>(x, W, b, bpre, thr, k, values, indices, overflow);
   } else {
-    encode_impl<float, float>(x, W, b, bpre, thr, k, values, indices, overflow);
+    const bool bf16 = cpu_has_bf16_dot();
+    if (wt == at::kBFloat16) {
+      if (bf16) encode_impl<float, at::BFloat16, at::BFloat16>(x, W, b, bpre, thr, k, values, indices, overflow);
+      else encode_impl<float, float, at::BFloat16>(x, W, b, bpre, thr, k, values, indices, overflow);
+    } else if (wt == at::kHalf) {
+      if (bf16) encode_impl<float, at::BFloat16, at::Half>(x, W, b, bpre, thr, k, values, indices, overflow);
+      else encode_impl<float, float, at::Half>(x, W, b, bpre, thr, k, values, indices, overflow);
+    } else if (bf16) {
+      encode_impl<float, at::BFloat16>(x, W, b, bpre, thr, k, values, indices, overflow);
+    } else {
+      encode_impl<float, float>(x, W, b, bpre, thr, k, values, indices, overflow);
+    }
   }
   return {values, indices, overflow};
 }

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SAE_SPARSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -42,6 +44,38 @@ inline float bf16_to_float(uint16_t b) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// Weights stored narrower than the computation (bf16 / fp16 W with fp32 activations): the rows
+// used are converted into `buf` first and the fp32 helpers above run on them, so the results
+// are those of an fp32 copy of W without one. With TW == T the rows are used in place.
+template <typename T, typename TW>
+inline const T* row_as(const TW* w, int64_t D, std::vector<T>& buf) {
+  if constexpr (std::is_same<T, TW>::value) {
+    return w;
+  } else {
+    buf.resize(D);
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<T>(w[d]);
+    return buf.data();
+  }
+}
+
+// gather_sum over rows idx[0..k) of a W of element type TW (see row_as).
+template <typename T, typename TW>
+inline void gather_sum_as(int64_t k, const T* coef, const int64_t* idx, const TW* W, int64_t D,
+                          T* y, std::vector<T>& buf, std::vector<int64_t>& seq) {
+  if constexpr (std::is_same<T, TW>::value) {
+    gather_sum(k, coef, idx, W, D, y);
+  } else {
+    buf.resize(k * D);
+    seq.resize(k);
+    for (int64_t j = 0; j < k; ++j) {
+      const TW* w = W + idx[j] * D;
+      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = static_cast<T>(w[d]);
+      seq[j] = j;
+    }
+    gather_sum(k, coef, seq.data(), buf.data(), D, y);
+  }
 }
 
 }  // namespace vec
