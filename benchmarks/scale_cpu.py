@@ -3,11 +3,12 @@ time and peak memory against S, for this package's sparse step and the dense alt
 
     python benchmarks/scale_cpu.py --S 65536,262144,1048576,4194304 --save
 
-SmolLM2's width by default (D = 576), N = 512 tokens, k = 32; a frozen SAE whose one [S, D]
-matrix serves as W_enc and W_dec (random unit rows; ``--dtype bf16|fp32``), a gain + bias +
-ffn:16 adapter in fp32 trained with Adam. One step = encode, edit, decode, backward, Adam.
-Methods, each S and method in a fresh process (its own peak resident set; a run that is
-killed or passes ``--timeout`` is reported as such):
+SmolLM2's width by default (D = 576), N = 512 tokens, k = 32; a frozen SAE with its own
+[S, D] W_enc and W_dec (random unit rows; ``--dtype bf16|fp32``), a gain + bias + ffn:16
+adapter in fp32 trained with Adam. One step = encode, edit, decode, backward, Adam. Methods,
+each S and method in a fresh process (its own peak resident set; a run that is killed or
+passes ``--timeout`` is reported as such, and that method is not run at larger S; a method
+whose warm-up step is slow is timed over fewer steps, within ``--budget`` seconds):
 
 * ``sparse (cpp)``: ``topk_encode`` + ``edit_decode`` on the ``cpp`` backend;
 * ``sparse (torch)``: the same on the ``torch`` backend;
@@ -49,10 +50,13 @@ def one(S, method, a):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     base = rss_kib("VmRSS")
-    W = torch.empty(S, a.D, dtype=dtype)
-    for s in range(0, S, 1 << 18):  # unit rows, a chunk at a time (no fp32 copy of all)
-        w = torch.randn(min(1 << 18, S - s), a.D)
-        W[s:s + w.shape[0]] = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+    def unit_rows():  # a chunk at a time (no fp32 copy of the whole matrix)
+        W = torch.empty(S, a.D, dtype=dtype)
+        for s in range(0, S, 1 << 18):
+            w = torch.randn(min(1 << 18, S - s), a.D)
+            W[s:s + w.shape[0]] = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+        return W
+    W_enc, W_dec = unit_rows(), unit_rows()
     b = torch.zeros(S, dtype=dtype)
     b_dec = torch.zeros(a.D, dtype=dtype)
     x = torch.randn(a.N, a.D).to(dtype)
@@ -63,15 +67,15 @@ def one(S, method, a):
     def step():
         p = {n: t.to(dtype) for n, t in ad.edit_params().items()}
         if method == "SAELens-style":
-            pre = F.linear(x, W, b)
+            pre = F.linear(x, W_enc, b)
             v, i = pre.topk(a.k, dim=-1)
             v = v.relu()
         else:
-            v, i = ss.topk_encode(x, W, b, a.k, backend=backend)
+            v, i = ss.topk_encode(x, W_enc, b, a.k, backend=backend)
         if method in ("dense adapter", "SAELens-style"):
-            y = dense_sae_edit(x, v, i, W, b_dec, activation="relu", mode="delta", **p)
+            y = dense_sae_edit(x, v, i, W_dec, b_dec, activation="relu", mode="delta", **p)
         else:
-            y = ss.edit_decode(x, v, i, W, b_dec, activation="relu", mode="delta",
+            y = ss.edit_decode(x, v, i, W_dec, b_dec, activation="relu", mode="delta",
                                backend=backend, **p)
         y.float().square().mean().backward()
         opt.step()
@@ -82,8 +86,10 @@ def one(S, method, a):
         t0 = time.perf_counter()
         step()
         times.append(1000 * (time.perf_counter() - t0))
+        if len(times) >= 2 and sum(times) / 1000 > a.budget:
+            break
     return {"ms": times[1:], "peak": (rss_kib("VmHWM") - base) * 1024,
-            "weights": W.numel() * W.element_size() + b.numel() * b.element_size()}
+            "weights": sum(t.numel() * t.element_size() for t in (W_enc, W_dec, b))}
 
 
 def parse():
@@ -96,6 +102,8 @@ def parse():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per S and method")
+    ap.add_argument("--budget", type=float, default=120,
+                    help="seconds of timed steps per S and method (at least one is timed)")
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("S", "METHOD"), help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -106,11 +114,15 @@ def main():
     if a.one:
         print("RESULT " + json.dumps(one(int(a.one[0]), a.one[1], a)), flush=True)
         return
-    rows = []
+    rows, stopped = [], {}
     for S in [int(s) for s in a.S.split(",")]:
         for m in a.methods.split(","):
+            if m in stopped:
+                rows.append({"S": S, "method": m, "failed": f"not run ({stopped[m]})"})
+                continue
             cmd = [sys.executable, __file__, "--one", str(S), m, "--D", str(a.D), "--N",
-                   str(a.N), "--k", str(a.k), "--dtype", a.dtype, "--steps", str(a.steps)]
+                   str(a.N), "--k", str(a.k), "--dtype", a.dtype, "--steps", str(a.steps),
+                   "--budget", str(a.budget)]
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
@@ -121,6 +133,8 @@ def main():
             except subprocess.TimeoutExpired:
                 res = {"failed": f"over {a.timeout:g} s"}
             res.update(S=S, method=m)
+            if "failed" in res:
+                stopped[m] = f"{res['failed']} at S = {S}"
             rows.append(res)
             print(json.dumps({k: v for k, v in res.items() if k != "stderr"}), flush=True)
     report(a, rows)
@@ -140,19 +154,24 @@ def report(a, rows):
              f"{torch.get_num_threads()} threads; torch {torch.__version__}; sae_sparse @ "
              f"{commit}; {datetime.date.today()}. Command: `python benchmarks/scale_cpu.py "
              f"--S {a.S} --dtype {a.dtype} --save`.\n",
-             f"D = {a.D}, N = {a.N} tokens, k = {a.k}; a frozen {a.dtype} SAE (one [S, D] "
-             "matrix as W_enc and W_dec), a gain + bias + ffn:16 adapter (fp32, Adam). Step: "
-             f"median of {a.steps} after a warm-up. Peak: resident set added by the process "
-             "(the weights included).\n",
-             "| S | weights | method | step s | peak | peak / weights |", "|---|---|---|---|---|---|"]
+             f"D = {a.D}, N = {a.N} tokens, k = {a.k}; a frozen {a.dtype} SAE (W_enc and "
+             "W_dec, [S, D] each), a gain + bias + ffn:16 adapter (fp32, Adam). Step: median "
+             f"of up to {a.steps} after a warm-up (fewer where they pass {a.budget:g} s; the "
+             "count in brackets). Peak: resident set added by the process (the weights "
+             "included); adapter state: its parameters, gradients and Adam moments "
+             "(4 x 34 floats per latent).\n",
+             "| S | weights | adapter state | method | step s | peak | peak / weights |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r.get("weights")
+        state = r["S"] * 34 * 4 * 4 / gib
         if "failed" in r:
-            lines.append(f"| {r['S']} | | {r['method']} | {r['failed']} | | |")
+            lines.append(f"| {r['S']} | | {state:.2f} GiB | {r['method']} | {r['failed']} | | |")
             continue
         med = statistics.median(r["ms"]) / 1000
-        lines.append(f"| {r['S']} | {w / gib:.2f} GiB | {r['method']} | {med:.2f} | "
-                     f"{r['peak'] / gib:.2f} GiB | {r['peak'] / w:.2f}× |")
+        lines.append(f"| {r['S']} | {w / gib:.2f} GiB | {state:.2f} GiB | {r['method']} | "
+                     f"{med:.2f} ({len(r['ms'])}) | {r['peak'] / gib:.2f} GiB | "
+                     f"{r['peak'] / w:.2f}× |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not a.save:
