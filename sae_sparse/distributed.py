@@ -452,10 +452,6 @@ def sharded_sae_edit(x, shard: ShardedSAE, adapter: LatentAdapter | None = None,
     return y.to(x.dtype).view(shape)
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16",
-               torch.float16: "F16"}
-
-
 def save_saelens_sharded(shard: ShardedSAE, path: str, *, hook_name: str | None = None,
                          write: bool = True, **cfg_extra) -> None:
     """Writes the whole SAE that ``shard``'s group holds as one SAELens directory (as
@@ -470,6 +466,8 @@ def save_saelens_sharded(shard: ShardedSAE, path: str, *, hook_name: str | None 
 
     import numpy as np
 
+    from ._safetensors import DTYPES, header as _st_header
+
     if not write:
         return
     if shard.b_pre is not None and shard.b_pre is not shard.b_dec:
@@ -477,26 +475,20 @@ def save_saelens_sharded(shard: ShardedSAE, path: str, *, hook_name: str | None 
                          "(or None) to save in this format")
     rank, _ = _group_info(shard.group)
     S, D, dt = shard.d_sae, shard.d_in, shard.W_enc.dtype
-    if dt not in _ST_DTYPES:
-        raise ValueError(f"cannot write {dt} weights in safetensors: use one of "
-                         f"{sorted(map(str, _ST_DTYPES))}")
+    if dt not in DTYPES or not dt.is_floating_point:
+        raise ValueError(f"cannot write {dt} weights in safetensors")
     shapes = {"W_dec": [S, D], "W_enc": [D, S], "b_dec": [D], "b_enc": [S]}
     if shard.threshold is not None:
         shapes["threshold"] = [S]
     item = torch.empty(0, dtype=dt).element_size()
-    header, at = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        n = int(np.prod(shape)) * item
-        header[name] = {"dtype": _ST_DTYPES[dt], "shape": shape, "data_offsets": [at, at + n]}
-        at += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-(8 + len(head)) % 8)  # the data starts 8-byte aligned
+    head, entries = _st_header({n: (dt, sh) for n, sh in shapes.items()})
     file = os.path.join(path, "sae_weights.safetensors")
     if rank == 0:
         os.makedirs(path, exist_ok=True)
         with open(file, "wb") as f:
-            f.write(len(head).to_bytes(8, "little") + head)
-            f.truncate(8 + len(head) + at)
+            f.write(head)
+            f.truncate(len(head) + entries["threshold" if "threshold" in entries
+                                           else "b_enc"]["data_offsets"][1])
         cfg = {"architecture": "jumprelu" if shard.threshold is not None else "topk",
                "d_in": D, "d_sae": S, "k": shard.k,
                "apply_b_dec_to_input": shard.b_pre is not None,
@@ -509,9 +501,9 @@ def save_saelens_sharded(shard: ShardedSAE, path: str, *, hook_name: str | None 
             4: (torch.int32, np.int32), 8: (torch.int64, np.int64)}[item]
 
     def region(name):  # the tensor's bytes in the file, as a writable array of its shape
-        a, _ = header[name]["data_offsets"]
-        return np.memmap(file, dtype=ints[1], mode="r+", offset=8 + len(head) + a,
-                         shape=tuple(header[name]["shape"]))
+        a, _ = entries[name]["data_offsets"]
+        return np.memmap(file, dtype=ints[1], mode="r+", offset=len(head) + a,
+                         shape=tuple(entries[name]["shape"]))
 
     def bits(t):
         return t.detach().to(dt).cpu().contiguous().view(ints[0]).numpy()

@@ -365,19 +365,20 @@ def save_saelens(sae: SAE, path: str, *, hook_name: str | None = None, **cfg_ext
     A b_pre tied to b_dec is saved as ``apply_b_dec_to_input``; an untied b_pre cannot be
     expressed in SAELens' format and raises.
     """
-    from safetensors.torch import save_file
+    from ._safetensors import Transposed, write_safetensors
 
     if sae.b_pre is not None and not sae.tied_b_pre:
         raise ValueError("SAELens has no separate input bias: b_pre must be tied to b_dec "
                          "(or None) to save in this format")
     os.makedirs(path, exist_ok=True)
     arch = "jumprelu" if sae.threshold is not None else "topk"
-    t = {"W_enc": sae.W_enc.detach().T.contiguous(), "b_enc": sae.b_enc.detach(),
-         "W_dec": sae.W_dec.detach().contiguous(), "b_dec": sae.b_dec.detach()}
+    # written from the weights' own memory (W_enc's transpose a block at a time): saving a
+    # large dictionary needs no second copy of it
+    t = {"W_enc": Transposed(sae.W_enc), "b_enc": sae.b_enc, "W_dec": sae.W_dec,
+         "b_dec": sae.b_dec}
     if sae.threshold is not None:
-        t["threshold"] = sae.threshold.detach()
-    save_file({n: v.cpu().contiguous() for n, v in t.items()},
-              os.path.join(path, "sae_weights.safetensors"))
+        t["threshold"] = sae.threshold
+    write_safetensors(os.path.join(path, "sae_weights.safetensors"), t)
     cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
            "apply_b_dec_to_input": sae.tied_b_pre, "dtype": str(sae.W_enc.dtype).split(".")[-1],
            "metadata": {"hook_name": hook_name}, **cfg_extra}

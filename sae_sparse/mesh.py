@@ -154,15 +154,13 @@ def save_shards(ckpt_dir: str, mesh: SAEMesh, tag: str, rows: tuple[int, int],
     the replicated ``whole`` ones (every file holds them) as ``<tag>-<shard>of<L>``, then, on
     rank 0, ``manifest`` (plus the files and their rows) atomically, then removes the files
     of earlier checkpoints. Collective: every rank calls it."""
-    from safetensors.torch import save_file
+    from ._safetensors import write_safetensors
 
     os.makedirs(ckpt_dir, exist_ok=True)
     name = f"{tag}-{mesh.shard:03d}of{mesh.L:03d}.safetensors"
     if mesh.writes_shard:
         tmp = os.path.join(ckpt_dir, name + ".tmp")
-        save_file({**{n: t.detach().cpu().contiguous() for n, t in sliced.items()},
-                   **{f"whole.{n}": t.detach().cpu().contiguous() for n, t in whole.items()}},
-                  tmp)
+        write_safetensors(tmp, {**sliced, **{f"whole.{n}": t for n, t in whole.items()}})
         os.replace(tmp, os.path.join(ckpt_dir, name))
     span = torch.tensor(rows, dtype=torch.long)
     spans = _gather_spans(span, mesh)

@@ -117,11 +117,16 @@ def _unit_decoder(sae):
     sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
+_ROWS = 1 << 16  # rows per chunk of the decoder-gradient projection (no [S, D] temporaries)
+
+
 @torch.no_grad()
 def _remove_parallel_grad(sae):
     W, g = sae.W_dec, sae.W_dec.grad
     if g is not None:
-        g.sub_((g * W).sum(1, keepdim=True) * W)
+        for s in range(0, W.shape[0], _ROWS):
+            w, gs = W[s:s + _ROWS], g[s:s + _ROWS]
+            gs.addcmul_(torch.linalg.vecdot(gs, w)[:, None], w, value=-1)
 
 
 @torch.no_grad()
@@ -354,8 +359,10 @@ class SAETrainer:
             W = _init_rows(*self.rows, acts.shape[1], cfg.seed)
             self.sae = self._make_sae(W.clone(), torch.zeros(W.shape[0]), W, first.cpu())
             self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
-        if self.opt is None:
-            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate)
+        if self.opt is None:  # fused: one pass per parameter, no temporaries of its size
+            fused = self.device.type in ("cpu", "cuda")
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate,
+                                        fused=fused or None)
             if self.reader is not None:
                 self.opt.load_state_dict(self._saved_adam())
         return acts
@@ -484,6 +491,8 @@ class SAETrainer:
 
     def _finish(self):
         cfg, sae, hook, mesh = self.cfg, self.sae, self.hook, self.mesh
+        self.opt = None  # the checkpoint holds its state: free it (and the gradients) before
+        sae.zero_grad(set_to_none=True)  # the evaluation and the save
         ev = self._evaluate_held_out()
         metrics = {"held_out": ev, "train_tokens": self.seen, "steps": self.steps,
                    "hook": hook, "module": self.stream.path, "config": dataclasses.asdict(cfg),

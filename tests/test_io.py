@@ -150,3 +150,30 @@ def test_pickled_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         load_sae(str(tmp_path / "evil.pt"), k=3)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_write_safetensors_streams_what_save_file_writes(tmp_path, monkeypatch):
+    """The streaming writer (no bytes copy of the tensors; a transposed tensor written a
+    block of columns at a time) writes files that safetensors reads back exactly: every
+    dtype train-sae and save_saelens use, 0-dim and empty tensors, a transpose over several
+    blocks, and the metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import sae_sparse._safetensors as st
+    monkeypatch.setattr(st, "_BLOCK_BYTES", 64)  # 3 columns of 5 fp32 rows per block
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 11, generator=g)
+    t = {"W_enc": st.Transposed(W), "bf16": torch.randn(7, 3, generator=g).to(torch.bfloat16),
+         "f64": torch.randn(4, generator=g, dtype=torch.float64), "step": torch.tensor(3.0),
+         "ids": torch.arange(9).view(3, 3), "mask": torch.tensor([True, False, True]),
+         "empty": torch.zeros(0, 4), "strided": torch.randn(6, 6, generator=g)[:, ::2]}
+    path = tmp_path / "x.safetensors"
+    st.write_safetensors(str(path), t, metadata={"format": "pt", "run": 7})
+    back = load_file(path)
+    assert torch.equal(back.pop("W_enc"), W.T)
+    for n, v in t.items():
+        if n != "W_enc":
+            assert back[n].dtype == v.dtype and torch.equal(back[n], v), n
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt", "run": "7"}
