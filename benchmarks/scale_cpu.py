@@ -17,8 +17,9 @@ whose warm-up step is slow is timed over fewer steps, within ``--budget`` second
 * ``SAELens-style``: the dense pre-activations ``x W_encᵀ + b`` [N, S], ``topk`` on them, a
   dense code and the dense edit -- what a training loop written with dense tensors does.
 
-Memory: the peak resident set minus the process's resident set before the SAE is built, so
-the weights are in it; ``weights`` is the SAE's own size.
+Memory: the peak resident set during the steps (the peak is reset after the weights are
+built) minus the process's resident set before the SAE is built, so the weights are in it;
+``weights`` is the SAE's own size.
 """
 import argparse
 import datetime
@@ -39,6 +40,15 @@ METHODS = ("sparse (cpp)", "sparse (torch)", "dense adapter", "SAELens-style")
 
 
 
+def reset_peak():
+    """Resets the process's peak resident set (VmHWM) to its current one (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def one(S, method, a):
     """Runs in its own process: -> {"ms": [...], "peak": bytes, "weights": bytes}."""
     import torch
@@ -52,8 +62,8 @@ def one(S, method, a):
     base = rss_kib("VmRSS")
     def unit_rows():  # a chunk at a time (no fp32 copy of the whole matrix)
         W = torch.empty(S, a.D, dtype=dtype)
-        for s in range(0, S, 1 << 18):
-            w = torch.randn(min(1 << 18, S - s), a.D)
+        for s in range(0, S, 1 << 16):
+            w = torch.randn(min(1 << 16, S - s), a.D)
             W[s:s + w.shape[0]] = (w / w.norm(dim=1, keepdim=True)).to(dtype)
         return W
     W_enc, W_dec = unit_rows(), unit_rows()
@@ -81,6 +91,7 @@ def one(S, method, a):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    reset_peak()  # the peak of the steps, not of building the weights
     times = []
     for _ in range(a.steps + 1):  # the first is a warm-up
         t0 = time.perf_counter()
@@ -157,9 +168,10 @@ def report(a, rows):
              f"D = {a.D}, N = {a.N} tokens, k = {a.k}; a frozen {a.dtype} SAE (W_enc and "
              "W_dec, [S, D] each), a gain + bias + ffn:16 adapter (fp32, Adam). Step: median "
              f"of up to {a.steps} after a warm-up (fewer where they pass {a.budget:g} s; the "
-             "count in brackets). Peak: resident set added by the process (the weights "
-             "included); adapter state: its parameters, gradients and Adam moments "
-             "(4 x 34 floats per latent).\n",
+             "count in brackets). Peak: the resident set's peak during the steps over the "
+             "process's before the weights were built (so the weights are in it); adapter "
+             "state: its parameters, gradients and Adam moments (4 x 34 floats per "
+             "latent).\n",
              "| S | weights | adapter state | method | step s | peak | peak / weights |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

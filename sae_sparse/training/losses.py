@@ -70,6 +70,31 @@ def batch_loss(model, ids, attn, loss_mask, teacher_logp, denom=None):
     return kl_loss(model, ids, attn, loss_mask, teacher_logp, denom)
 
 
+def latent_group_norms(adapter, sae):
+    """Per latent, the norm of everything the adapter holds for it: [S] =
+    ``sqrt(gain² + (bias·‖W_dec[s]‖)² + ‖W_in[s]‖² + ‖W_out[:, s]‖²·‖W_dec[s]‖² + 1e-12)``
+    (bias and W_out scaled by the decoder norm, as in :func:`l1_penalty`). None for an
+    adapter that is not a :class:`LatentAdapter`."""
+    if not isinstance(adapter, LatentAdapter):
+        return None
+    dn = sae.W_dec.detach().norm(dim=1).to(next(adapter.parameters()).dtype)
+    sq = torch.full_like(dn, 1e-12)
+    if adapter.gain is not None:
+        sq = sq + adapter.gain.square()
+    if adapter.bias is not None:
+        sq = sq + (adapter.bias * dn).square()
+    if adapter.W_in is not None:
+        sq = sq + adapter.W_in.square().sum(1) + adapter.W_out.square().sum(0) * dn.square()
+    return sq.sqrt()
+
+
+def group_penalty(adapter, sae):
+    """The group lasso over latents, ``Σ_s latent_group_norms[s]``: it drives a latent's
+    parameters to zero together, so the edit concentrates on few latents (``--l1-group``)."""
+    norms = latent_group_norms(adapter, sae)
+    return norms.sum() if norms is not None else None
+
+
 def l1_penalty(adapter, sae):
     if not isinstance(adapter, LatentAdapter):
         return None
