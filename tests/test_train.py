@@ -316,11 +316,12 @@ def test_skip_first_is_trained_saved_and_applied(tmp_path, tok):
         TrainConfig(skip_first=-1).validate()
 
 
-def test_group_penalty_is_the_norm_per_latent_and_concentrates_the_edit(tmp_path, tok):
-    """latent_group_norms against a float64 recomputation; training with --l1-group puts
-    the adapter's mass on fewer latents than without (the latents holding 90% of the summed
-    per-latent norms), through the CLI."""
-    from sae_sparse.training import group_penalty, latent_group_norms
+def test_l1_group_zeroes_whole_latents(tmp_path, tok):
+    """latent_group_norms against a float64 recomputation; shrink_latents scales each
+    latent's parameters together and zeroes those under the threshold exactly; training with
+    --l1-group through the CLI leaves fewer latents nonzero than without, every parameter of
+    a zeroed latent exactly zero."""
+    from sae_sparse.training import latent_group_norms, shrink_latents
     g = torch.Generator().manual_seed(0)
     sae = ss.SAE.random(16, 23, 4, generator=g)
     ad = ss.LatentAdapter(23, 3)
@@ -331,22 +332,31 @@ def test_group_penalty_is_the_norm_per_latent_and_concentrates_the_edit(tmp_path
     want = (ad.gain.double() ** 2 + (ad.bias.double() * dn) ** 2
             + (ad.W_in.double() ** 2).sum(1) + (ad.W_out.double() ** 2).sum(0) * dn ** 2
             + 1e-12).sqrt()
-    torch.testing.assert_close(latent_group_norms(ad, sae).double(), want, rtol=1e-6, atol=0)
-    torch.testing.assert_close(float(group_penalty(ad, sae)), float(want.sum()), rtol=1e-6,
-                               atol=0)
+    norms = latent_group_norms(ad, sae).detach().double()
+    torch.testing.assert_close(norms, want, rtol=1e-6, atol=0)
+    tau = float(norms.median())
+    before = {n: getattr(ad, n).detach().double().clone() for n in ("gain", "bias", "W_in",
+                                                                    "W_out")}
+    left = shrink_latents(ad, sae, tau)
+    scale = (1 - tau / want).clamp_min(0)
+    assert left == int((scale > 0).sum()) and 0 < left < 23
+    for n, s in (("gain", scale), ("bias", scale), ("W_out", scale), ("W_in", scale[:, None])):
+        torch.testing.assert_close(getattr(ad, n).double(), before[n] * s, rtol=1e-5,
+                                   atol=1e-6)
 
     model_dir, _ = make_model_dir(tmp_path, tok)
     ss.save_saelens(ss.SAE.random(32, 60, 4, generator=g), str(tmp_path / "sae"))
     data = write_data(tmp_path / "d.jsonl")
-    held = {}
-    for w in (0.0, 0.05):
+    nonzero = {}
+    for w in (0.0, 1.0):
         run = tmp_path / f"run{w}"
         assert main(["train", "--model", model_dir, "--sae", str(tmp_path / "sae"), "--hook",
                      "transformer.h.0", "--data", data, "--out", str(run), "--steps", "30",
                      "--edit", "gain,bias,ffn:2", "--lr", "0.05", "--l1", "0",
                      "--l1-group", str(w), "--no-progress", "--no-report"]) == 0
         (ad,) = load_adapter(str(run))[0].values()
-        norms = latent_group_norms(ad, ss.load_sae(str(tmp_path / "sae"))).detach()
-        top = norms.sort(descending=True).values.cumsum(0)
-        held[w] = int((top < 0.9 * top[-1]).sum()) + 1
-    assert held[0.05] < held[0.0], held
+        p = ad.edit_params()
+        on = (p["gain"] != 0) | (p["bias"] != 0) | (p["W_in"] != 0).any(1) | \
+            (p["W_out"] != 0).any(0)
+        nonzero[w] = int(on.sum())
+    assert nonzero[0.0] == 60 and 0 < nonzero[1.0] < 60, nonzero

@@ -18,7 +18,7 @@ SAE's format, path, content hash and hook point are recorded), ``metrics.json``,
 from .adapters import attach_run, load_adapter, load_run_saes, merge_bias_edit, save_adapter
 from .config import CONFIG_NAME, LOSSES, POSITIONS, WEIGHTS_NAME, TrainConfig, parse_edit
 from .data import Example, Schedule, collate, collate_teacher, load_jsonl, tokenize, warmup_lr
-from .losses import (group_penalty, kl_loss, l1_penalty, latent_group_norms, lm_loss,
+from .losses import (kl_loss, l1_penalty, latent_group_norms, lm_loss, shrink_latents,
                      teacher_logprobs)
 from .run_dir import RunMismatch, TrainingInterrupted, check_run_dir, run_fingerprint
 from .few_latents import rank_latents, train_few_latents
@@ -26,8 +26,8 @@ from .trainer import build_trainables, evaluate, train_adapter
 
 __all__ = ["rank_latents", "train_few_latents", "CONFIG_NAME", "LOSSES", "POSITIONS", "WEIGHTS_NAME", "Example", "RunMismatch",
            "Schedule", "TrainConfig", "TrainingInterrupted", "attach_run", "build_trainables",
-           "check_run_dir", "collate", "collate_teacher", "evaluate", "group_penalty", "kl_loss",
-           "l1_penalty", "latent_group_norms",
+           "check_run_dir", "collate", "collate_teacher", "evaluate", "kl_loss",
+           "l1_penalty", "latent_group_norms", "shrink_latents",
            "lm_loss", "load_adapter", "load_jsonl", "load_run_saes", "merge_bias_edit",
            "parse_edit", "run_fingerprint", "save_adapter", "teacher_logprobs", "tokenize",
            "train_adapter", "warmup_lr"]

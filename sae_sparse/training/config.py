@@ -68,11 +68,12 @@ class TrainConfig:
                        "completion token", choices=LOSSES)
     l1: float = option(1e-3, "L1 penalty on gain, bias and W_out, scaled by decoder norms "
                        "(keeps the edit sparse)", type=argtypes.nonneg_float)
-    l1_group: float = option(0.0, "group-lasso penalty over latents: the sum over latents of "
-                             "the norm of all the adapter holds for one (gain, bias and W_out "
-                             "scaled by decoder norms, its W_in row), which zeroes latents "
-                             "whole, so the edit concentrates on few latents",
-                             type=argtypes.nonneg_float)
+    l1_group: float = option(0.0, "group lasso over latents, applied after each AdamW step "
+                             "as a decoupled shrinkage (as AdamW's weight decay is): each "
+                             "latent's parameters (gain, bias and W_out scaled by decoder "
+                             "norms, its W_in row) shrink together by lr x this in norm, and a "
+                             "latent below it becomes exactly zero: the edit concentrates on "
+                             "few latents", type=argtypes.nonneg_float)
     lr: float = option(1e-2, "AdamW learning rate", type=argtypes.nonneg_float)
     warmup_steps: int | str = option(
         "auto", "linear learning-rate warmup over the first N steps, a function of the step "

@@ -88,11 +88,24 @@ def latent_group_norms(adapter, sae):
     return sq.sqrt()
 
 
-def group_penalty(adapter, sae):
-    """The group lasso over latents, ``Σ_s latent_group_norms[s]``: it drives a latent's
-    parameters to zero together, so the edit concentrates on few latents (``--l1-group``)."""
+@torch.no_grad()
+def shrink_latents(adapter, sae, tau: float) -> int:
+    """Group soft-thresholding over latents, decoupled from the optimizer as AdamW's weight
+    decay is (``--l1-group``): each latent's parameters (gain, bias, W_in row, W_out column)
+    are scaled together by ``max(0, 1 − tau / latent_group_norms[s])``, so a latent whose
+    norm is below ``tau`` becomes exactly zero. -> the number of latents left nonzero."""
     norms = latent_group_norms(adapter, sae)
-    return norms.sum() if norms is not None else None
+    if norms is None:
+        return 0
+    scale = (1 - tau / norms).clamp_min(0)
+    if adapter.gain is not None:
+        adapter.gain.mul_(scale)
+    if adapter.bias is not None:
+        adapter.bias.mul_(scale)
+    if adapter.W_in is not None:
+        adapter.W_in.mul_(scale[:, None])
+        adapter.W_out.mul_(scale[None, :])
+    return int((scale > 0).sum())
 
 
 def l1_penalty(adapter, sae):

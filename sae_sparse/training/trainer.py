@@ -22,7 +22,7 @@ from .adapters import architecture, latent_mask_of, save_adapter
 from .config import parse_edit, TrainConfig
 from .data import check_teacher_prompts, collate, load_jsonl, Schedule, tokenize, warmup_lr
 from .peft_model import NAME, PeftEdits, PeftTrainable, is_peft_model
-from .losses import autocast, batch_loss, group_penalty, l1_penalty, teacher_targets
+from .losses import autocast, batch_loss, l1_penalty, shrink_latents, teacher_targets
 from .parallel import all_reduce, barrier, rank_world, share, sync_grads
 from .run_dir import (check_run_dir, clear_run, load_trainable_state, model_summary,
                       run_fingerprint, save_checkpoint, TrainingInterrupted)
@@ -351,14 +351,17 @@ class Trainer:
             total = total + loss.detach().float() / cfg.grad_accum  # on the device
         if self.world > 1:  # the ranks' Ctrl-C flags travel with the gradients
             self.stop_dev = sync_grads(self.params, sigint.hit, self.group, device)
-        for weight, penalty in ((cfg.l1, l1_penalty), (cfg.l1_group, group_penalty)):
-            pen = [penalty(self.trainables[h], self.saes.get(h)) for h in self.trainables]
-            pen = [p for p in pen if p is not None]
-            if pen and weight > 0:
-                (weight * sum(pen)).backward()
+        pen = [l1_penalty(self.trainables[h], self.saes.get(h)) for h in self.trainables]
+        pen = [p for p in pen if p is not None]
+        if pen and cfg.l1 > 0:
+            (cfg.l1 * sum(pen)).backward()
+        lr = warmup_lr(cfg.lr, cfg.warmup(), step)
         for g in self.opt.param_groups:
-            g["lr"] = warmup_lr(cfg.lr, cfg.warmup(), step)
+            g["lr"] = lr
         self.opt.step()
+        if cfg.l1_group > 0:  # decoupled group shrinkage: whole latents to exactly zero
+            for h, t in self.trainables.items():
+                shrink_latents(t, self.saes.get(h), lr * cfg.l1_group)
         self.pending.append((step + 1, total))
 
     def _after_step(self, done, sigint):
