@@ -128,8 +128,16 @@ def main():
     rows, stopped = [], {}
     for S in [int(s) for s in a.S.split(",")]:
         for m in a.methods.split(","):
+            prev = [r for r in rows if r["method"] == m and "ms" in r]
+            if prev and m not in stopped:  # two steps (warm-up + one) at least: would it fit?
+                p = prev[-1]
+                guess = statistics.median(p["ms"]) / 1000 * S / p["S"]
+                if 2 * guess > a.timeout:
+                    stopped[m] = (f"a step would take ~{guess:.0f} s, {S // p['S']}x its "
+                                  f"{statistics.median(p['ms']) / 1000:.0f} s at S = {p['S']}")
             if m in stopped:
                 rows.append({"S": S, "method": m, "failed": f"not run ({stopped[m]})"})
+                print(json.dumps(rows[-1]), flush=True)
                 continue
             cmd = [sys.executable, __file__, "--one", str(S), m, "--D", str(a.D), "--N",
                    str(a.N), "--k", str(a.k), "--dtype", a.dtype, "--steps", str(a.steps),
