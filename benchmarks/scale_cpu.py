@@ -70,7 +70,7 @@ def one(S, method, a):
     b = torch.zeros(S, dtype=dtype)
     b_dec = torch.zeros(a.D, dtype=dtype)
     x = torch.randn(a.N, a.D).to(dtype)
-    ad = ss.LatentAdapter(S, hidden=16)
+    ad = ss.LatentAdapter(S, hidden=a.hidden, ffn=a.hidden > 0)
     opt = torch.optim.Adam(ad.parameters(), lr=1e-3)
     backend = "torch" if method == "sparse (torch)" else "cpp"
 
@@ -111,6 +111,8 @@ def parse():
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=16, help="the adapter's ffn width (0: gain "
+                    "+ bias only)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per S and method")
     ap.add_argument("--budget", type=float, default=120,
@@ -141,7 +143,7 @@ def main():
                 continue
             cmd = [sys.executable, __file__, "--one", str(S), m, "--D", str(a.D), "--N",
                    str(a.N), "--k", str(a.k), "--dtype", a.dtype, "--steps", str(a.steps),
-                   "--budget", str(a.budget)]
+                   "--budget", str(a.budget), "--hidden", str(a.hidden)]
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
@@ -172,19 +174,21 @@ def report(a, rows):
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{torch.get_num_threads()} threads; torch {torch.__version__}; sae_sparse @ "
              f"{commit}; {datetime.date.today()}. Command: `python benchmarks/scale_cpu.py "
-             f"--S {a.S} --dtype {a.dtype} --save`.\n",
+             f"--S {a.S} --dtype {a.dtype} --hidden {a.hidden} --methods '{a.methods}' "
+             f"--save`.\n",
              f"D = {a.D}, N = {a.N} tokens, k = {a.k}; a frozen {a.dtype} SAE (W_enc and "
-             "W_dec, [S, D] each), a gain + bias + ffn:16 adapter (fp32, Adam). Step: median "
+             f"W_dec, [S, D] each), a gain + bias{f' + ffn:{a.hidden}' if a.hidden else ''} "
+             "adapter (fp32, Adam). Step: median "
              f"of up to {a.steps} after a warm-up (fewer where they pass {a.budget:g} s; the "
              "count in brackets). Peak: the resident set's peak during the steps over the "
              "process's before the weights were built (so the weights are in it); adapter "
-             "state: its parameters, gradients and Adam moments (4 x 34 floats per "
-             "latent).\n",
+             "state: its parameters, gradients and Adam moments (4 x "
+             f"{2 + 2 * a.hidden} floats per latent).\n",
              "| S | weights | adapter state | method | step s | peak | peak / weights |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r.get("weights")
-        state = r["S"] * 34 * 4 * 4 / gib
+        state = r["S"] * (2 + 2 * a.hidden) * 4 * 4 / gib
         if "failed" in r:
             lines.append(f"| {r['S']} | | {state:.2f} GiB | {r['method']} | {r['failed']} | | |")
             continue
@@ -196,7 +200,8 @@ def report(a, rows):
     print(text)
     if not a.save:
         return
-    base = os.path.join(HERE, "results", f"scale-cpu-{datetime.date.today()}")
+    base = os.path.join(HERE, "results", f"scale-cpu-{datetime.date.today()}"
+                        + ("" if a.hidden == 16 else f"-hidden{a.hidden}"))
     with open(base + ".md", "w") as f:
         f.write(text)
     with open(base + ".json", "w") as f:

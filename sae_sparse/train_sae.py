@@ -19,8 +19,15 @@
   shuffled buffer of ``buffer_tokens`` rows from which batches are drawn, so memory stays
   bounded whatever the number of training tokens.
 * A latent is dead after ``dead_tokens`` tokens without firing. Held-out records give the
-  FVU, L0 and dead fraction; tqdm shows progress; a checkpoint at each buffer refill makes a
-  rerun resume exactly; the result is saved in SAELens format with the hook recorded.
+  FVU, L0 and dead fraction; tqdm shows progress; a checkpoint at each buffer refill
+  (``checkpoint/``: a manifest and a safetensors file per latent shard) makes a rerun resume
+  exactly; the result is saved in SAELens format with the hook recorded.
+* Under torchrun, ``shard_latents`` splits the dictionary over ranks and the other factor of
+  the processes trains data-parallel (:mod:`sae_sparse.mesh`), to the one-process SAE.
+* Memory: the fp32 weights W_enc and W_dec, their gradients and Adam's two moments (fused
+  Adam: no temporaries of a parameter's size), so about ``32·S·D`` bytes (2^20 latents at
+  D = 576: 18 GiB), plus the buffer and the model; checkpoints and the saved file are
+  written from the tensors' own memory.
 """
 from __future__ import annotations
 
