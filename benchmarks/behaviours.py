@@ -379,7 +379,9 @@ def summarize(a, out, sae):
              f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}; sae_sparse @ {commit}; "
              f"{datetime.date.today()}. Command: `python benchmarks/behaviours.py --out ... "
-             f"--behaviours {a.behaviours} --questions {a.questions} --steps {a.steps}`.\n",
+             f"--behaviours {a.behaviours} --questions {a.questions} --steps {a.steps} "
+             f"--rates-sparse {a.rates_sparse} --rates-lora {a.rates_lora}"
+             + (f" --l1-group {a.l1_group}" if a.l1_group else "") + "`.\n",
              f"SmolLM2-135M-Instruct (GGUF, dequantized). Per behaviour {a.questions} template "
              f"questions (train / validation / held out = 4:1:1 by question), the teacher's "
              f"greedy answers of up to {a.max_new} tokens. One SAE at `{HOOK}` for all "

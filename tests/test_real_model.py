@@ -244,3 +244,36 @@ def test_a_behaviour_of_your_own_on_smollm2(tmp_path, monkeypatch):
     assert h["lift"] and h["contexts"] and h["mean_lift_raised"] > 1, h.get("lift")
     assert main(["generate", "run", "--prompts", "data/heldout.jsonl", "--strength", "2",
                  "--max-new-tokens", "16"]) == 0
+
+
+@pytest.mark.exhaustive
+def test_wide_sae_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/smollm2_wide_sae.py shrunk (one width, 1,024 train-sae tokens, 3 adapter
+    steps): train-sae and both adapter runs go through the CLI and the table has the row."""
+    import subprocess
+    import sys
+    gguf_file()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "smollm2_wide_sae.py"),
+                        "--S", "300", "--tokens", "1024", "--batch-tokens", "512", "--steps",
+                        "3", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=1800, env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    row = [x for x in r.stdout.splitlines() if x.startswith("| 300 |")]
+    assert row and "failed" not in row[0], r.stdout[-2000:]
+
+
+@pytest.mark.exhaustive
+def test_scale_benchmark_runs_end_to_end():
+    """benchmarks/scale_cpu.py shrunk (S = 4096, D = 32): every method runs in its own
+    process and the table has a row each (no file written without --save)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "scale_cpu.py"),
+                        "--S", "4096", "--D", "32", "--N", "16", "--steps", "1", "--budget",
+                        "5"], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| 4096 |")]
+    assert len(rows) == 4 and not any("not run" in x or "exit" in x for x in rows), rows

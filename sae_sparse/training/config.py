@@ -73,7 +73,9 @@ class TrainConfig:
                              "latent's parameters (gain, bias and W_out scaled by decoder "
                              "norms, its W_in row) shrink together by lr x this in norm, and a "
                              "latent below it becomes exactly zero: the edit concentrates on "
-                             "few latents", type=argtypes.nonneg_float)
+                             "few latents (W_in then starts at 1/100 of its usual scale, so "
+                             "that no latent's group starts large)",
+                             type=argtypes.nonneg_float)
     lr: float = option(1e-2, "AdamW learning rate", type=argtypes.nonneg_float)
     warmup_steps: int | str = option(
         "auto", "linear learning-rate warmup over the first N steps, a function of the step "

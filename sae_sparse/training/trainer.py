@@ -42,7 +42,13 @@ def build_trainables(saes: dict, cfg: TrainConfig, device):
             out[hook] = LatentAdapter(sae.d_sae, e["hidden"], e["gain"], e["bias"], e["ffn"],
                                       e["activation"], device=device,
                                       latent_mask=latent_mask_of(cfg.latents, sae.d_sae, hook))
+            if cfg.l1_group > 0 and out[hook].W_in is not None:
+                with torch.no_grad():  # every latent's group starts near zero, not at the
+                    out[hook].W_in.mul_(L1_GROUP_W_IN)  # ~1 of its random W_in row
     return out
+
+
+L1_GROUP_W_IN = 0.01  # W_in's initial scale under --l1-group (its usual one: 1)
 
 
 def _attach_trainables(model, saes, trainables, cfg, skip_first):
