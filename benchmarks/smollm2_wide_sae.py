@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12, help="adapter steps (timed: steps - 2)")
     ap.add_argument("--out", default="/tmp/smollm2_wide")
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--name", default=f"smollm2-wide-sae-{datetime.date.today()}",
+                    help="results file name (under benchmarks/results/) with --save")
     a = ap.parse_args()
     model, hook = gguf(), "model.layers.15"
     os.makedirs(a.out, exist_ok=True)
@@ -140,9 +142,8 @@ def report(a, rows):
     text = "\n".join(lines)
     print(text)
     if a.save:
-        name = f"smollm2-wide-sae-{datetime.date.today()}"
-        write_result(text, name + ".md")
-        with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
+        write_result(text, a.name + ".md")
+        with open(os.path.join(HERE, "results", a.name + ".json"), "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=1)
 
 
