@@ -79,12 +79,18 @@ def cli(root, out, steps, nproc=None):
             "--grad-accum", "2", "--edit", "gain,bias,ffn:2", "--lr", "0.05",
             "--eval-every", "3", "--checkpoint-every", "4", "--no-progress", "--no-report",
             "--out", str(out)]
+    return run_cli("train", args, nproc, timeout=600)
+
+
+def run_cli(command, args, nproc=None, *, timeout):
+    """``sae-sparse <command> <args>`` in one process, or under torchrun with ``nproc``;
+    -> its stdout (it must succeed)."""
     head = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
              f"--nproc_per_node={nproc}"] if nproc else [sys.executable])
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([*head, "-m", "sae_sparse.cli", "train", *args], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*head, "-m", "sae_sparse.cli", command, *args], env=env,
+                       capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -230,14 +236,7 @@ def _train_sae_cli(root, out, tokens, nproc, shards):
     for f in ("d_sae", "k", "batch_tokens", "buffer_tokens", "dead_tokens", "max_len",
               "model_batch", "eval_frac", "lr", "log_every", "skip_first"):
         args += ["--" + f.replace("_", "-"), str(getattr(cfg, f))]
-    head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([*head, "-m", "sae_sparse.cli", "train-sae", *args], env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
+    return run_cli("train-sae", args, nproc, timeout=900)
 
 
 @pytest.mark.exhaustive

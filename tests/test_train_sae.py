@@ -12,18 +12,12 @@ from sae_sparse.cli import main  # noqa: E402
 from sae_sparse.corpora import python_docs  # noqa: E402
 from sae_sparse.train_sae import ActivationStream, SAETrainConfig, train_sae  # noqa: E402
 
-from tiny_models import tiny_gpt2  # noqa: E402
+from dist_workers import sae_training_setup  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from sae_sparse.demo import WORDS, word_tokenizer
-    tok = word_tokenizer()
-    model = tiny_gpt2(vocab=len(tok))
-    g = torch.Generator().manual_seed(0)
-    recs = [{"text": " ".join(WORDS[j] for j in torch.randint(0, 40, (20,), generator=g))}
-            for _ in range(120)]
-    return model, tok, recs
+    return sae_training_setup()  # the model, tokenizer and records the mesh tests use too
 
 
 def cfg(**kw):
