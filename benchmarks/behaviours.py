@@ -68,11 +68,11 @@ def parse():
                    help=f"comma-separated, of {', '.join(BEHAVIOURS)}")
     p.add_argument("--questions", type=int, default=120, help="per behaviour")
     p.add_argument("--max-new", type=int, default=40, help="answer tokens")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--sae-tokens", type=int, default=122880)
+    p.add_argument("--sae-tokens", type=int, default=81920)
     p.add_argument("--rates-sparse", default="0.005,0.01")
-    p.add_argument("--rates-lora", default="0.003,0.006")
+    p.add_argument("--rates-lora", default="0.003,0.006,0.012")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default=f"behaviours-{datetime.date.today()}")
     p.add_argument("--l1-group", default="",
@@ -211,7 +211,7 @@ def run_method(a, b, name, lr, latents=None, l1_group=0.0):
         if name.startswith("peft_lora"):
             from peft import LoraConfig, get_peft_model
 
-            r = 5 if name == "peft_lora_eq" else 8
+            r = {"peft_lora": 8, "peft_lora_eq": 5, "peft_lora_r1": 1}[name]
             m = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                  target_modules=["q_proj", "v_proj"]))
             trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -264,10 +264,14 @@ def best(runs):
 
 
 def explain(a, b, run):
-    """The chosen sparse run's report (readouts, lift on validation, contexts, faithfulness
-    on validation) and, on the held-out questions, faithfulness and the top-10 lift."""
+    """The chosen sparse run's report (its attribution ranking on its training records,
+    readouts, lift on validation, contexts, faithfulness of the attribution ranking on
+    validation), and on the held-out questions the faithfulness of the attribution ranking
+    and, for comparison, of the readout ranking; the top-10 lift (attribution ranking) on
+    both splits."""
     from sae_sparse.io import load_sae
-    from sae_sparse.report import READOUT, activation_lift, faithfulness, write_report
+    from sae_sparse.report import ATTRIBUTION, READOUT, activation_lift, faithfulness, \
+        write_report
     from sae_sparse.report.compute import _finite_mean
     from sae_sparse.training import load_adapter
 
@@ -276,42 +280,66 @@ def explain(a, b, run):
         sae = load_sae(os.path.join(a.out, "sae"))
         base = {s: records(a, b, f"base_{s}") for s in ("val", "heldout")}
         rep = write_report(run["run_dir"], model=model, tokenizer=tok, saes={HOOK: sae},
-                           top=100, lift_records=(records(a, b, "val"), base["val"]),
+                           top=max(NS), lift_records=(records(a, b, "val"), base["val"]),
                            context_records=records(a, b, "train")[:128])
         h = rep["hooks"][HOOK]
-        ranking = [i for i, _ in h[READOUT]]
+        ranking = [i for i, _ in h[ATTRIBUTION]]
+        readout = [i for i, _ in h[READOUT]]
         ads, conf = load_adapter(run["run_dir"])
-        held = faithfulness(model, tok, {HOOK: sae}, ads, records(a, b, "heldout"),
-                            {HOOK: ranking}, ns=NS, skip_first=conf["skip_first"])
+        f = {}
+        for name, r in (("attribution", ranking), ("readout", readout)):
+            f[name] = faithfulness(model, tok, {HOOK: sae}, ads, records(a, b, "heldout"),
+                                   {HOOK: r}, ns=NS, skip_first=conf["skip_first"])
         top10 = ranking[:10]
         lift = {}
         for s in ("val", "heldout"):
             rows = activation_lift(model, tok, sae, HOOK, top10, records(a, b, s), base[s])
             lift[s] = _finite_mean([x["lift"] for x in rows])
-        return {"faithfulness_val": rep.get("faithfulness"), "faithfulness_heldout": held,
+        ctx = h.get("interpret", {}).get("attribution", {}).get("contexts", {})
+        return {"faithfulness_val": rep.get("faithfulness"),
+                "faithfulness_heldout": f["attribution"],
+                "faithfulness_heldout_readout": f["readout"],
+                "attribution": rep.get("attribution"), "ranking": ranking,
                 "top10": top10, "lift_top10": lift,
-                "contexts": {str(i): h["contexts"][i][:3] for i in top10[:5]}
-                if "contexts" in h else {},
+                "contexts": {str(i): ctx[i][:3] for i in top10[:5] if i in ctx},
                 "report": os.path.join(run["run_dir"], "report.md")}
     return _cached(os.path.join(a.out, b, "explain.json"), make)
 
 
-def few_latents(a, b, run):
-    """The chosen sparse edit's top 32 latents by readout on its training records, and the
-    edit trained again on those alone at the same rate."""
+def few_latents(a, b, run, exp):
+    """The chosen sparse edit restricted to its top ``FEW`` latents by attribution (the
+    report's ranking, on its training records) and trained again at the same rate; that
+    edit's own attribution ranking (within its latents) and faithfulness on validation and
+    the held-out questions, and its top-10 lift."""
     from sae_sparse.io import load_sae
-    from sae_sparse.training import load_adapter, load_jsonl, rank_latents
+    from sae_sparse.report import activation_lift, attribution_ranking, edit_attribution, \
+        faithfulness
+    from sae_sparse.report.compute import _finite_mean
+    from sae_sparse.training import load_adapter, load_jsonl
 
-    path = os.path.join(a.out, b, "latents32.json")
-    if not os.path.exists(path):
+    top = {HOOK: exp["ranking"][:FEW]}
+    few = run_method(a, b, f"sparse{FEW}", run["lr"], latents=top)
+
+    def make():
         model, tok = load(a.out)
-        ads, conf = load_adapter(run["run_dir"])
-        top = rank_latents(model, tok, {HOOK: load_sae(os.path.join(a.out, "sae"))}, ads,
-                           load_jsonl(os.path.join(run["run_dir"], "train.jsonl"))[:64],
-                           skip_first=conf["skip_first"], n=FEW)
-        _dump(path, top)
-    top = json.load(open(path))
-    return run_method(a, b, "sparse32", run["lr"], latents=top)
+        sae = load_sae(os.path.join(a.out, "sae"))
+        ads, conf = load_adapter(few["run_dir"])
+        train = load_jsonl(os.path.join(few["run_dir"], "train.jsonl"))[:64]
+        att = edit_attribution(model, tok, {HOOK: sae}, ads, train, steps=4,
+                               skip_first=conf["skip_first"], scope="latents")
+        mine = set(top[HOOK])
+        ranking = [i for i in attribution_ranking(att["attribution"])[HOOK] if i in mine]
+        f = {s: faithfulness(model, tok, {HOOK: sae}, ads, records(a, b, s), {HOOK: ranking},
+                             ns=NS, skip_first=conf["skip_first"]) for s in ("val", "heldout")}
+        lift = {}
+        for s in ("val", "heldout"):
+            rows = activation_lift(model, tok, sae, HOOK, ranking[:10], records(a, b, s),
+                                   records(a, b, f"base_{s}"))
+            lift[s] = _finite_mean([x["lift"] for x in rows])
+        return {"ranking": ranking, "completeness": att["completeness"],
+                "faithfulness_val": f["val"], "faithfulness_heldout": f["heldout"],
+                "lift_top10": lift}
+    return {**few, "explain": _cached(os.path.join(a.out, b, f"explain{FEW}.json"), make)}
 
 
 def group_lasso(a, b, run, lam):
@@ -333,7 +361,7 @@ def group_lasso(a, b, run, lam):
             (p["W_out"] != 0).any(0)
         top = rank_latents(model, tok, {HOOK: sae}, ads,
                            load_jsonl(os.path.join(g["run_dir"], "train.jsonl"))[:64],
-                           skip_first=conf["skip_first"], n=max(NS))[HOOK]
+                           skip_first=conf["skip_first"], n=max(NS), loss="kl")[HOOK]
         held = faithfulness(model, tok, {HOOK: sae}, ads, records(a, b, "heldout"),
                             {HOOK: top}, ns=NS, skip_first=conf["skip_first"])
         return {"l1_group": lam, "latents_left": int(on.sum()), "top": top[:10],
@@ -349,12 +377,14 @@ def behaviour(a, b):
     lora = [run_method(a, b, "peft_lora", lr) for lr in lr_l]
     s, lo = best(sparse), best(lora)
     eq = run_method(a, b, "peft_lora_eq", lo["lr"])
-    few = few_latents(a, b, s)
+    r1 = run_method(a, b, "peft_lora_r1", lo["lr"])
     exp = explain(a, b, s)
+    few = few_latents(a, b, s, exp)
     group = [group_lasso(a, b, s, float(x)) for x in a.l1_group.split(",") if x.strip()]
     return {"behaviour": b, "kind": BEHAVIOURS[b][0], "system": BEHAVIOURS[b][1],
             "runs": {"sparse": sparse, "peft_lora": lora}, "sparse": s, "peft_lora": lo,
-            "peft_lora_eq": eq, "sparse32": few, "explain": exp, "group": group,
+            "peft_lora_eq": eq, "peft_lora_r1": r1, "sparse32": few, "explain": exp,
+            "group": group,
             "wall_s": time.time() - t0}
 
 
@@ -365,6 +395,37 @@ def _ci(run, ref):
     return f"{run['kl'] / ref['kl']:.2f}× ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "n/a"
 
 
+def _cells(f):
+    return [f"{100 * x:.0f}% / {100 * y:.0f}%" if x is not None else "n/a"
+            for x, y in zip(f["sufficiency"], f["necessity"])] + ["–"] * (len(NS) - len(f["ns"]))
+
+
+COSTS = {  # stage -> the cached files that time it (wall_s)
+    "data (teacher + base answers)": ["data/made.json"],
+    "sparse edits (each rate)": ["methods/sparse_lr*.json"],
+    "PEFT LoRA r=8 (each rate)": ["methods/peft_lora_lr*.json"],
+    "PEFT LoRA r=5 and r=1": ["methods/peft_lora_eq_*.json", "methods/peft_lora_r1_*.json"],
+    "report + attribution + faithfulness": ["explain.json"],
+    f"{FEW}-latent edit (training)": [f"methods/sparse{FEW}_*.json"],
+    f"{FEW}-latent edit (attribution + faithfulness)": [f"explain{FEW}.json"],
+}
+
+
+def costs(a, bs):
+    """Minutes per stage, summed over the behaviours, from the cached results' wall times."""
+    import glob
+
+    out = {}
+    for stage, pats in COSTS.items():
+        t = 0.0
+        for b in bs:
+            for pat in pats:
+                for path in glob.glob(os.path.join(a.out, b, pat)):
+                    t += json.load(open(path)).get("wall_s", 0.0)
+        out[stage] = t / 60
+    return out
+
+
 def summarize(a, out, sae):
     import matplotlib
     matplotlib.use("Agg")
@@ -372,16 +433,16 @@ def summarize(a, out, sae):
     import peft
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                            capture_output=True, text=True).stdout.strip()
+    commit = a.commit
+    cmd = (f"python benchmarks/behaviours.py --out ... --behaviours {a.behaviours} "
+           f"--questions {a.questions} --steps {a.steps} --sae-tokens {a.sae_tokens} "
+           f"--rates-sparse {a.rates_sparse} --rates-lora {a.rates_lora}"
+           + (f" --l1-group {a.l1_group}" if a.l1_group else ""))
     lines = ["# Several behaviours: sparse edits against PEFT's LoRA, and whether the "
              "explanation carries the edit\n",
              f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}; sae_sparse @ {commit}; "
-             f"{datetime.date.today()}. Command: `python benchmarks/behaviours.py --out ... "
-             f"--behaviours {a.behaviours} --questions {a.questions} --steps {a.steps} "
-             f"--rates-sparse {a.rates_sparse} --rates-lora {a.rates_lora}"
-             + (f" --l1-group {a.l1_group}" if a.l1_group else "") + "`.\n",
+             f"{datetime.date.today()}. Command: `{cmd}`.\n",
              f"SmolLM2-135M-Instruct (GGUF, dequantized). Per behaviour {a.questions} template "
              f"questions (train / validation / held out = 4:1:1 by question), the teacher's "
              f"greedy answers of up to {a.max_new} tokens. One SAE at `{HOOK}` for all "
@@ -389,51 +450,64 @@ def summarize(a, out, sae):
              f"behaviours' training conversations; held-out FVU {sae['held_out']['fvu']:.3f}; "
              f"skip_first {sae['skip_first']}). Every method: {a.steps} steps, batch "
              f"{a.batch}, KL(teacher ‖ student) on the answer tokens, the teacher = the model "
-             "with the system prompt; rates chosen on validation KL; held-out KL with a "
-             "paired bootstrap over the held-out questions (2,000 resamples) against PEFT "
-             "LoRA r=8.\n",
-             "| behaviour | kind | unedited | sparse (ffn:64, 300k) | PEFT LoRA r=8 (461k) "
-             "| PEFT LoRA r=5 (288k) | sparse vs r=5 | 32-latent edit | 32 vs full |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "with the system prompt; rates chosen on validation KL (the LoRA r=5 and r=1 at "
+             "r=8's); held-out KL with a paired bootstrap over the held-out questions (2,000 "
+             "resamples). Trainable parameters in brackets.\n",
+             f"| behaviour | kind | unedited | sparse edit (ffn:64) | PEFT LoRA r=8 | "
+             f"sparse vs r=8 | PEFT LoRA r=5 | sparse vs r=5 | {FEW}-latent edit | "
+             f"{FEW} vs full | PEFT LoRA r=1 | {FEW}-latent vs r=1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out:
-        s, lo, eq, few = r["sparse"], r["peft_lora"], r["peft_lora_eq"], r["sparse32"]
-        lines.append(f"| {r['behaviour']} | {r['kind']} | {s['base_kl']:.3f} | "
-                     f"{s['kl']:.3f} (lr {s['lr']:g}; {_ci(s, lo)}) | {lo['kl']:.3f} "
-                     f"(lr {lo['lr']:g}) | {eq['kl']:.3f} | {_ci(s, eq)} | {few['kl']:.3f} | "
-                     f"{few['kl'] / s['kl']:.2f}× |")
-    lines += ["", "Faithfulness of the sparse edit's readout ranking (the edit restricted to "
-              "its top n latents / without them; share of the KL reduction kept / lost), "
-              "and the top-10 latents' mean activation lift (teacher's answers over the base "
-              "model's own):", "",
-              "| behaviour | split | " + " | ".join(f"n={n}" for n in NS) + " | top-10 lift |",
-              "|---|---|" + "---|" * len(NS) + "---|"]
+        s, lo, eq, few, r1 = (r["sparse"], r["peft_lora"], r["peft_lora_eq"], r["sparse32"],
+                              r["peft_lora_r1"])
+        lines.append(
+            f"| {r['behaviour']} | {r['kind']} | {s['base_kl']:.3f} | {s['kl']:.3f} "
+            f"(lr {s['lr']:g}; {s['trainable'] / 1e3:.0f}k) | {lo['kl']:.3f} (lr {lo['lr']:g}; "
+            f"{lo['trainable'] / 1e3:.0f}k) | {_ci(s, lo)} | {eq['kl']:.3f} "
+            f"({eq['trainable'] / 1e3:.0f}k) | {_ci(s, eq)} | {few['kl']:.3f} "
+            f"({few['trainable'] / 1e3:.1f}k) | {few['kl'] / s['kl']:.2f}× | {r1['kl']:.3f} "
+            f"({r1['trainable'] / 1e3:.1f}k) | {_ci(few, r1)} |")
+    lines += ["", "Faithfulness: the edit restricted to its top n latents / without them "
+              "(share of the KL reduction kept / lost; restricted = gain, bias, W_in row and "
+              "W_out column zero outside the n), and the top-10 latents' mean activation lift "
+              "(teacher's answers over the base model's own). Rankings: *attribution* = the "
+              "loss reduction each latent carries (integrated gradients over per-latent "
+              "gates, 4 points, on 64 training records; the report's ranking); *readout* = "
+              f"|mean Δ SAE code| (the ranking before 2026-12-07). The {FEW}-latent edit is "
+              "ranked by its own attribution.", "",
+              "| behaviour | edit | ranking | split | " + " | ".join(f"n={n}" for n in NS)
+              + " | top-10 lift |", "|---|---|---|---|" + "---|" * len(NS) + "---|"]
     for r in out:
-        e = r["explain"]
-        for split, f in (("validation", e["faithfulness_val"]),
-                         ("held out", e["faithfulness_heldout"])):
+        e, fe = r["explain"], r["sparse32"]["explain"]
+        rows = [("full", "attribution", "validation", e["faithfulness_val"],
+                 e["lift_top10"]["val"]),
+                ("full", "attribution", "held out", e["faithfulness_heldout"],
+                 e["lift_top10"]["heldout"]),
+                ("full", "readout", "held out", e["faithfulness_heldout_readout"], None),
+                (f"{FEW} latents", "attribution", "validation", fe["faithfulness_val"],
+                 fe["lift_top10"]["val"]),
+                (f"{FEW} latents", "attribution", "held out", fe["faithfulness_heldout"],
+                 fe["lift_top10"]["heldout"])]
+        for edit, rank, split, f, lift in rows:
             if not f:
                 continue
-            cells = [f"{100 * s:.0f}% / {100 * n:.0f}%" if s is not None else "n/a"
-                     for s, n in zip(f["sufficiency"], f["necessity"])]
-            lift = e["lift_top10"]["val" if split == "validation" else "heldout"]
-            lines.append(f"| {r['behaviour']} | {split} | " + " | ".join(cells)
-                         + f" | {lift:.2f}× |")
+            lines.append(f"| {r['behaviour']} | {edit} | {rank} | {split} | "
+                         + " | ".join(_cells(f))
+                         + (f" | {lift:.2f}× |" if lift is not None else " | |"))
     if any(r.get("group") for r in out):
         lines += ["", "The sparse edit trained again with `--l1-group λ` (group soft-"
                   "thresholding over latents after each step) at its chosen rate: the "
-                  "latents left nonzero, held-out KL, and the faithfulness of its readout "
+                  "latents left nonzero, held-out KL, and the faithfulness of its attribution "
                   "ranking on the held-out questions (top n only / without top n):", "",
                   "| behaviour | λ | latents left | held-out KL | vs full edit | vs PEFT r=5 | "
                   + " | ".join(f"n={n}" for n in NS) + " |",
                   "|---|---|---|---|---|---|" + "---|" * len(NS)]
         for r in out:
             for g in r.get("group", []):
-                f = g["faithfulness_heldout"]
-                cells = [f"{100 * x:.0f}% / {100 * y:.0f}%" if x is not None else "n/a"
-                         for x, y in zip(f["sufficiency"], f["necessity"])]
                 lines.append(f"| {r['behaviour']} | {g['l1_group']:g} | {g['latents_left']} | "
                              f"{g['kl']:.3f} | {g['kl'] / r['sparse']['kl']:.2f}× | "
-                             f"{_ci(g, r['peft_lora_eq'])} | " + " | ".join(cells) + " |")
+                             f"{_ci(g, r['peft_lora_eq'])} | "
+                             + " | ".join(_cells(g["faithfulness_heldout"])) + " |")
     lines += ["", "Validation KL of every run (the chosen one in bold):", "",
               "| behaviour | method | runs |", "|---|---|---|"]
     for r in out:
@@ -442,8 +516,8 @@ def summarize(a, out, sae):
             lines.append(f"| {r['behaviour']} | {m} | " + "; ".join(
                 (f"**{x['lr']:g}: {x['val_kl']:.3f}**" if x is ch else
                  f"{x['lr']:g}: {x['val_kl']:.3f}") for x in runs) + " |")
-    lines += ["", "Top contexts of the sparse edit's top 5 latents (readout ranking), per "
-              "behaviour:", ""]
+    lines += ["", "Top contexts of the full sparse edit's top 5 latents by attribution, per "
+              "behaviour (⟦ ⟧ marks the token):", ""]
     for r in out:
         lines += [f"**{r['behaviour']}** (`{r['system']}`):", "",
                   "| latent | activation | context |", "|---|---|---|"]
@@ -452,23 +526,36 @@ def summarize(a, out, sae):
                 ctx = c["context"].replace("|", "\\|")
                 lines.append(f"| {lat} | {c['activation']:.3g} | {ctx} |")
         lines.append("")
-    lines += ["Wall time: " + ", ".join(f"{r['behaviour']} {r['wall_s'] / 60:.1f} min"
-                                        for r in out)
-              + f"; SAE {sae['wall_s'] / 60:.1f} min (cached stages count 0).", ""]
+    cost = costs(a, [r["behaviour"] for r in out])
+    lines += ["What each part cost (minutes, all behaviours; a stage read from the cache "
+              "counts its first run's time):", "", "| stage | min |", "|---|---|",
+              f"| SAE | {sae['wall_s'] / 60:.1f} |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in cost.items()]
+    lines += [f"| total | {sae['wall_s'] / 60 + sum(cost.values()):.1f} |", "",
+              "Wall time of this invocation: " + ", ".join(
+                  f"{r['behaviour']} {r['wall_s'] / 60:.1f} min" for r in out) + ".", ""]
     os.makedirs(a.results, exist_ok=True)
     base = os.path.join(a.results, a.name)
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    _dump(base + ".json", {"behaviours": out, "sae": sae, "args": vars(a)})
-    fig, axes = plt.subplots(1, len(out), figsize=(4 * len(out), 3), squeeze=False)
+    _dump(base + ".json", {"behaviours": out, "sae": sae, "args": vars(a), "costs_min": cost})
+    fig, axes = plt.subplots(1, len(out), figsize=(4 * len(out), 3.2), squeeze=False)
     for ax, r in zip(axes[0], out):
-        f = r["explain"]["faithfulness_heldout"]
-        if f and f["sufficiency"][0] is not None:
-            ax.plot(f["ns"], [100 * x for x in f["sufficiency"]], "o-", label="top n only")
-            ax.plot(f["ns"], [100 * x for x in f["necessity"]], "s--", label="without top n")
-        ax.set(xscale="log", title=r["behaviour"], xlabel="n", ylabel="% of KL reduction")
+        curves = [(r["explain"]["faithfulness_heldout"], "full, attribution", "tab:blue"),
+                  (r["explain"]["faithfulness_heldout_readout"], "full, readout", "tab:gray"),
+                  (r["sparse32"]["explain"]["faithfulness_heldout"], f"{FEW} latents",
+                   "tab:orange")]
+        for f, label, color in curves:
+            if f and f["sufficiency"] and f["sufficiency"][0] is not None:
+                ax.plot(f["ns"], [100 * x for x in f["sufficiency"]], "o-", color=color,
+                        label=f"{label}: top n only")
+                ax.plot(f["ns"], [100 * x for x in f["necessity"]], "s--", color=color,
+                        label=f"{label}: without", alpha=0.6)
+        ax.set(xscale="log", title=f"{r['behaviour']} (held out)", xlabel="n",
+               ylabel="% of KL reduction")
         ax.axhline(100, color="gray", lw=0.8)
-        ax.legend(fontsize=7)
+        ax.axhline(80, color="gray", lw=0.5, ls=":")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(base + ".png", dpi=110)
     print("\n".join(lines))
@@ -476,6 +563,10 @@ def summarize(a, out, sae):
 
 def main():
     a = parse()
+    a.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                              capture_output=True, text=True).stdout.strip() or "unknown"
+    if subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=HERE).returncode:
+        a.commit += " + uncommitted changes"
     bs = [b.strip() for b in a.behaviours.split(",") if b.strip()]
     unknown = [b for b in bs if b not in BEHAVIOURS]
     if unknown:

@@ -47,8 +47,13 @@ def add_parser(sub):
                         "separated by commas/whitespace)")
     p.add_argument("--max-latents", type=argtypes.positive, default=None, metavar="N",
                    help="an edit of at most N latents per hook: train the full edit in "
-                        "OUT/full, rank its latents by the edit's readout, train again "
-                        "restricted to the top N (OUT/latents.json)")
+                        "OUT/full, rank its latents (--rank-by), train again restricted "
+                        "to the top N (OUT/latents.json)")
+    p.add_argument("--rank-by", choices=("attribution", "readout"), default="attribution",
+                   help="--max-latents' ranking: attribution = the loss reduction each latent "
+                        "carries (integrated gradients; 4 forward-backward passes over 64 "
+                        "training records); readout = how far the edit moves it (|mean Δ SAE "
+                        "code|; forward passes only)")
     config_flags(p, TrainConfig)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
                    "available)")
@@ -219,7 +224,8 @@ def _train_and_report(a, records, cfg, saes, sources, rank, device):
     kw = dict(sae_sources=sources, model_source=_model_source(a.model),
               progress=not a.no_progress, resume=not a.no_resume, overwrite=a.overwrite)
     if a.max_latents:
-        m = train_few_latents(model, tok, saes, a.data, a.out, cfg, a.max_latents, **kw)
+        m = train_few_latents(model, tok, saes, a.data, a.out, cfg, a.max_latents,
+                              by=a.rank_by, **kw)
         if rank == 0:
             full = m["full"]["final_eval_loss"]
             print(f"the full edit ({os.path.join(a.out, 'full')}): eval loss "

@@ -13,8 +13,11 @@ themselves (:mod:`.measure`) are functions a notebook can call directly:
 * for a residual-LoRA baseline run, its pullback into the SAE basis;
 * for the top latents: activation lift (the target's text over the base model's) in the
   edit's direction, latents the edit moves against it flagged, and top-activating contexts;
-* faithfulness (:mod:`.faithfulness`): the fraction of the edit's loss reduction its top n
-  latents keep alone, and the fraction lost without them;
+* attribution (:mod:`.faithfulness`): each latent's share of the edit's loss reduction,
+  measured by integrated gradients over per-latent gates: the ranking that names the latents
+  carrying the edit's effect;
+* faithfulness (:mod:`.faithfulness`): the fraction of the edit's loss reduction the
+  attribution ranking's top n latents keep alone, and the fraction lost without them;
 * Neuronpedia links where the SAE's config names an id.
 """
 from __future__ import annotations
@@ -22,16 +25,17 @@ from __future__ import annotations
 import json
 import os
 
-from .compute import (READOUT, SCORES, SWITCHED, TARGET, compute_report,
+from .compute import (ATTRIBUTION, READOUT, SCORES, SWITCHED, TARGET, compute_report,
                       default_lift_records)
-from .faithfulness import faithfulness, restricted
+from .faithfulness import (SCOPES, attribution_ranking, edit_attribution, faithfulness,
+                           restricted)
 from .measure import (_finite_mean, activation_lift, directional_lift, edit_readout,
                       latent_activations, latent_scores, mean_abs_delta_z, target_readout,
                       top_contexts)
 from .render import render_markdown, write_plots
 
 __all__ = ["write_report", "compute_report", "render_markdown", "write_plots", "faithfulness",
-           "restricted",
+           "restricted", "edit_attribution", "attribution_ranking", "SCOPES", "ATTRIBUTION",
            "default_lift_records", "edit_readout", "target_readout", "mean_abs_delta_z",
            "latent_scores", "latent_activations", "activation_lift", "directional_lift",
            "top_contexts", "READOUT", "SWITCHED", "TARGET", "SCORES", "_finite_mean"]
@@ -52,8 +56,8 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
     records_b)`` gives each latent's activation lift (mean activation on a's completions
     over b's) and ``context_records`` its top-activating contexts; with ``standalone`` (the
     default) both come from the run itself when not given (see :mod:`.compute`; the base
-    model's answers get ``answer_tokens`` tokens each). ``faithful``: the faithfulness table
-    (:mod:`.faithfulness`): how much of the edit the readout ranking's top latents carry.
+    model's answers get ``answer_tokens`` tokens each). ``faithful``: the attribution ranking and the faithfulness
+    table (:mod:`.faithfulness`): how much of the edit that ranking's top latents carry.
     """
     data = compute_report(run_dir, model=model, tokenizer=tokenizer, saes=saes,
                           planted=planted, top=top, sae_paths=sae_paths,

@@ -27,14 +27,17 @@ from .measure import (_finite_mean, _top, activation_lift, directional_lift, edi
 READOUT = "|mean Δ SAE code| of the edited output"
 SWITCHED = "|mean Δ SAE code| where the edit switches the latent on or off"
 TARGET = "|mean Δ SAE code| of the teacher's prompt (the distillation's target)"
+ATTRIBUTION = "loss reduction it carries (integrated gradients)"
 WEIGHT_SCORES = ("|gain|", "|bias|·‖W_dec‖", "LoRA writes ‖W_enc[i]·(AB)ᵀ‖",
                  "LoRA reads ‖W_dec[i]·A‖")
 # ranking name -> an ASCII slug (file names, report.json keys of signed values)
-SCORES = {"|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": "delta_z",
+SCORES = {ATTRIBUTION: "attribution", "|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": "delta_z",
           "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads",
           READOUT: "readout", SWITCHED: "switched", TARGET: "target"}
 STUDENT_ANSWERS = "student_answers.jsonl"
 CONTEXT_RECORDS = 128  # the training records searched for contexts by default
+ATTRIBUTION_RECORDS = 64  # the training records the attribution ranking is measured on
+ATTRIBUTION_STEPS = 4  # its integration points (completeness within ~2% on SmolLM2)
 
 
 def read_jsonl(path) -> list:
@@ -59,7 +62,8 @@ class _Inputs:
     planted: dict
     top: int
     n_interpret: int
-    orders: dict  # hook -> the readout ranking's first latents (for faithfulness)
+    orders: dict  # hook -> the ranking faithfulness measures (attribution, else readout)
+    attribution: dict | None = None  # edit_attribution's result
 
 
 def compute_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted=None,
@@ -93,21 +97,51 @@ def compute_report(run_dir: str, *, model=None, tokenizer=None, saes=None, plant
             sources["contexts"] = "run" if context_records else None
     inp = _Inputs(run_dir, conf, trainables, saes, model, tokenizer, records, lift_records,
                   context_records, planted or {}, top, n_interpret, {})
+    loss = _read_metrics(run_dir).get("loss") or conf.get("train_config", {}).get("loss", "ce")
+    if faithful and model is not None:
+        inp.attribution = _attribution(inp, loss)
     data = {"run": os.path.basename(os.path.abspath(run_dir)),
             "metrics": _read_metrics(run_dir),
             "edit": {k: conf.get(k) for k in ("mode", "edit_positions", "skip_first",
                                                "baseline")},
             "sources": sources, "n_hooks": len(trainables),
             "hooks": {h: _hook_report(inp, h, t) for h, t in trainables.items()}}
+    if inp.attribution is not None:
+        a = inp.attribution
+        data["attribution"] = {k: a[k] for k in ("loss_none", "loss_full", "completeness",
+                                                  "n_tokens", "steps", "scope", "records",
+                                                  "n_records")}
     if faithful and inp.orders and len(inp.orders) == len(trainables):
-        data["faithfulness"] = _faithfulness(inp, data["metrics"].get("loss") or conf.get(
-            "train_config", {}).get("loss", "ce"))
+        data["faithfulness"] = _faithfulness(inp, loss)
     return data
 
 
+def _attribution(inp, loss):
+    """:func:`.faithfulness.edit_attribution` of every LatentAdapter edit on the first
+    ``ATTRIBUTION_RECORDS`` training records (else the eval split), or None."""
+    from .faithfulness import edit_attribution
+
+    ads = {h: t for h, t in inp.trainables.items() if isinstance(t, LatentAdapter)}
+    if not ads or len(ads) != len(inp.trainables):
+        return None
+    train = read_jsonl(os.path.join(inp.run_dir, "train.jsonl"))
+    recs, where = (train, "training records") if train else (inp.records, "eval split")
+    if loss == "kl":
+        recs = [r for r in recs if "teacher_prompt" in r]
+    recs = recs[:ATTRIBUTION_RECORDS]
+    if not recs:
+        return None
+    tc = inp.conf.get("train_config", {})
+    out = edit_attribution(inp.model, inp.tokenizer, inp.saes, ads, recs, loss=loss,
+                           steps=ATTRIBUTION_STEPS, mode=inp.conf["mode"],
+                           skip_first=inp.conf.get("skip_first") or 0,
+                           max_len=tc.get("max_len", 256), batch_size=tc.get("batch_size", 8))
+    return {**out, "records": f"first {len(recs)} {where}", "n_records": len(recs)}
+
+
 def _faithfulness(inp, loss):
-    """:func:`.faithfulness.faithfulness` of the readout ranking on the eval split (else
-    the lift's first set)."""
+    """:func:`.faithfulness.faithfulness` of the attribution ranking (else the readout
+    ranking) on the eval split (else the lift's first set)."""
     from .faithfulness import faithfulness
 
     recs = inp.records or (inp.lift_records[0] if inp.lift_records else [])
@@ -120,7 +154,8 @@ def _faithfulness(inp, loss):
                        loss=loss, mode=inp.conf["mode"],
                        skip_first=inp.conf.get("skip_first") or 0,
                        max_len=tc.get("max_len", 256), batch_size=tc.get("batch_size", 8))
-    return {**out, "ranking": READOUT, "n_records": len(recs),
+    ranking = ATTRIBUTION if inp.attribution is not None else READOUT
+    return {**out, "ranking": ranking, "n_records": len(recs),
             "records": "eval split" if inp.records else "first lift set"}
 
 
@@ -178,6 +213,10 @@ def _hook_report(inp: _Inputs, h: str, t) -> dict:
     for name, r in readouts.items():
         res[name] = _top(r.abs(), inp.top)
         res[SCORES[name]] = [(i, float(r[i])) for i, _ in res[name]]
+    if inp.attribution is not None and h in inp.attribution["attribution"]:
+        carried = -inp.attribution["attribution"][h]  # + lowers the loss
+        res[ATTRIBUTION] = _top(carried, inp.top)
+        inp.orders[h] = torch.argsort(carried, descending=True, stable=True)[:max(NS)].tolist()
     if TARGET in readouts:
         res["edit_at_target"] = {str(i): float(readouts[READOUT][i]) for i, _ in res[TARGET]}
     _interpret(inp, h, t, sae, res, readouts, signed)
@@ -246,6 +285,8 @@ def _interpret(inp, h, t, sae, res, readouts, signed):
     first = next((k for k in (READOUT, "|bias|·‖W_dec‖", "|gain|", "mean |Δz| (eval)")
                   if k in res), None)
     names = list(readouts) if readouts else [first] if first else []
+    if ATTRIBUTION in res:  # the measured ranking first: its lift goes to the top level
+        names = [ATTRIBUTION] + names
     if inp.model is None or not names or not isinstance(t, LatentAdapter) or not (
             inp.lift_records or inp.context_records):
         return
@@ -262,7 +303,8 @@ def _interpret(inp, h, t, sae, res, readouts, signed):
         out = res["interpret"][SCORES[name]] = {"ranking": name, "latents": lats}
         if lift_of:
             sign = {**readouts, "|bias|·‖W_dec‖": signed.get("bias"),
-                    "|gain|": signed.get("gain")}.get(name)
+                    "|gain|": signed.get("gain"),
+                    ATTRIBUTION: readouts.get(READOUT)}.get(name)
             out.update(lift_summary([dict(lift_of[i]) for i in lats], sign))
         if ctx_of:
             out["contexts"] = {i: ctx_of[i] for i in lats}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .compute import READOUT, SCORES, SWITCHED, TARGET, WEIGHT_SCORES
+from .compute import ATTRIBUTION, READOUT, SCORES, SWITCHED, TARGET, WEIGHT_SCORES
 
 ABOUT = {
     READOUT: "The edit as the SAE reads it: re-encoding the hooked module's edited output and "
@@ -19,6 +19,13 @@ ABOUT = {
             "residual here the teacher's would have exactly this readout. Cosine with the "
             "edit's readout: {cosine:.3f}. ⚠ marks a latent the edit moves against the target.",
 }
+ABOUT_ATTRIBUTION = (
+    "Measured, not read off the weights: each latent's share of the edit's effect on the "
+    "run's loss (integrated gradients over a gate per latent that scales its gain, bias, "
+    "W_in row and W_out column together, from 0 to 1; {records}, {steps} integration "
+    "points). The scores sum to the loss reduction of the whole edit, {gap:.4g} here (sum "
+    "over latents / measured reduction: {completeness}); a latent the edit moves against the "
+    "loss scores below zero. This is the ranking the faithfulness table tests.")
 MULTI = (" The run's edits at the other hooks are on too, so at a later layer this is the "
          "whole run's effect so far, as this layer's SAE reads it.")
 
@@ -59,8 +66,9 @@ def _faithfulness_markdown(f, n_hooks):
     what = {"kl": "KL to the teacher", "ce": "cross-entropy"}.get(f["loss"], f["loss"])
     per = " at each hook (by its own ranking)" if n_hooks > 1 else ""
     lines = ["## Faithfulness: do the top latents carry the edit?", "",
-             f"The edit restricted to the top n latents of the readout ranking{per} (every "
-             "other latent unedited; the FFN reads and writes only those), and the full edit "
+             f"The edit restricted to the top n latents by {md_cell(f.get('ranking', READOUT))}{per} "
+             "(every other latent unedited; the FFN reads and writes only those), and the full "
+             "edit "
              f"without them, measured by the run's loss ({what}) on the {f['records']} "
              f"({f['n_records']} records, {f['n_tokens']} loss tokens): no edit "
              f"{f['loss_none']:.4f}, the full edit {f['loss_full']:.4f}. Sufficiency = the "
@@ -140,7 +148,7 @@ def _hook_markdown(data, h, res):
     name_of = _name_fn(res)
     lines = [f"## `{h}` (SAE: {md_cell(res['sae'])}, S={res['d_sae']})", ""]
     for name in [n for n in shown_rankings(res) if n not in (READOUT, SWITCHED, TARGET)]:
-        lines += _ranking_table(h, name, res, name_of)
+        lines += _ranking_table(h, name, res, name_of, data)
     if _measured(res) and any(n in res for n in WEIGHT_SCORES[:2]):
         lines += ["The rankings by the raw |gain| and |bias|·‖W_dec‖ are in `report.json`; "
                   "those below measure the edit on the model.", ""]
@@ -159,11 +167,19 @@ def _hook_markdown(data, h, res):
     return lines
 
 
-def _ranking_table(h, name, res, name_of):
+def _ranking_table(h, name, res, name_of, data=None):
     vals = res.get("edit_values") or {}
     cols = [c for c in ("gain", "bias") if any(c in v for v in vals.values())]
-    lines = [f"### Top latents by {md_cell(name)}", "", f"![{SCORES[name]}]({png_name(h, name)})",
-             "", "| rank | latent | score |" + "".join(f" {c} |" for c in cols),
+    lines = [f"### Top latents by {md_cell(name)}", ""]
+    a = (data or {}).get("attribution")
+    if name == ATTRIBUTION and a:
+        c = a.get("completeness")
+        lines += [ABOUT_ATTRIBUTION.format(records=a["records"], steps=a["steps"],
+                                           gap=a["loss_none"] - a["loss_full"],
+                                           completeness="n/a" if c is None else f"{c:.3f}"),
+                  ""]
+    lines += [f"![{SCORES[name]}]({png_name(h, name)})",
+              "", "| rank | latent | score |" + "".join(f" {c} |" for c in cols),
              "|---|---|---|" + "---|" * len(cols)]
     for r, (i, v) in enumerate(res[name][:10]):
         extra = "".join(f" {vals[str(i)][c]:+.4g} |" if str(i) in vals else " |" for c in cols)
@@ -257,7 +273,7 @@ def write_plots(data: dict, run_dir: str):
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.plot(f["ns"], [100 * x for x in f["sufficiency"]], "o-", label="sufficiency (top n only)")
         ax.plot(f["ns"], [100 * x for x in f["necessity"]], "s--", label="necessity (without top n)")
-        ax.set(xscale="log", xlabel="n (top latents of the readout ranking)",
+        ax.set(xscale="log", xlabel=f"n (top latents by {f.get('ranking', READOUT)})",
                ylabel="% of the loss reduction", title="faithfulness")
         ax.axhline(100, color="gray", lw=0.8)
         ax.legend()
