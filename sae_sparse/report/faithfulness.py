@@ -171,7 +171,10 @@ def edit_attribution(model, tokenizer, saes: dict, adapters: dict, records, *, s
     :func:`faithfulness`). Completeness: ``Σ_i A_i = L_full − L_none`` up to the rule's
     error, which the result reports (``"completeness"``: that sum over the measured gap). A
     latent with ``A_i < 0`` lowers the loss; ranking by ``A`` ascending puts the latents
-    that carry the edit's effect first (:func:`attribution_ranking`).
+    that carry the edit's effect first (:func:`attribution_ranking`). The loss is smooth in
+    the gates (kinks aside) at one hook; with edits at several hooks an earlier edit can
+    switch a later SAE's top-k selection, where the loss jumps and no derivative sees it: the
+    completeness then shows what the integral misses.
 
     Costs ``steps`` forward-backward passes (model frozen, gradients for the gates only) and
     two forward passes per batch, plus the teacher's. -> ``{"attribution": {hook: float64
