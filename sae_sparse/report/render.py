@@ -66,7 +66,8 @@ def _faithfulness_markdown(f, n_hooks):
     what = {"kl": "KL to the teacher", "ce": "cross-entropy"}.get(f["loss"], f["loss"])
     per = " at each hook (by its own ranking)" if n_hooks > 1 else ""
     lines = ["## Faithfulness: do the top latents carry the edit?", "",
-             f"The edit restricted to the top n latents by {md_cell(f.get('ranking', READOUT))}{per} "
+             f"The edit restricted to the top n latents by "
+             f"{md_cell(f.get('ranking', READOUT))}{per} "
              "(every other latent unedited; the FFN reads and writes only those), and the full "
              "edit "
              f"without them, measured by the run's loss ({what}) on the {f['records']} "
