@@ -413,19 +413,22 @@ COSTS = {  # stage -> the cached files that time it (wall_s)
     "PEFT LoRA r=5 and r=1": ["methods/peft_lora_eq_*.json", "methods/peft_lora_r1_*.json"],
     "report + attribution + faithfulness": ["explain.json"],
     f"{FEW}-latent edit (training, each rate)": [f"methods/sparse{FEW}_*.json"],
-    f"{FEW}-latent edit (attribution + faithfulness)": [f"explain{FEW}_*.json"],
+    f"{FEW}-latent edit (attribution + faithfulness)": ["{explain_few}"],
 }
 
 
-def costs(a, bs):
-    """Minutes per stage, summed over the behaviours, from the cached results' wall times."""
+def costs(a, out_rows):
+    """Minutes per stage, summed over the behaviours, from the cached results' wall times
+    (the few-latent edit's explanation: the chosen rate's only)."""
     import glob
 
     out = {}
     for stage, pats in COSTS.items():
         t = 0.0
-        for b in bs:
+        for r in out_rows:
+            b = r["behaviour"]
             for pat in pats:
+                pat = pat.format(explain_few=f"explain{FEW}_lr{r['sparse32']['lr']:g}.json")
                 for path in glob.glob(os.path.join(a.out, b, pat)):
                     t += json.load(open(path)).get("wall_s", 0.0)
         out[stage] = t / 60
@@ -532,7 +535,7 @@ def summarize(a, out, sae):
                 ctx = c["context"].replace("|", "\\|")
                 lines.append(f"| {lat} | {c['activation']:.3g} | {ctx} |")
         lines.append("")
-    cost = costs(a, [r["behaviour"] for r in out])
+    cost = costs(a, out)
     lines += ["What each part cost (minutes, all behaviours; a stage read from the cache "
               "counts its first run's time):", "", "| stage | min |", "|---|---|",
               f"| SAE | {sae['wall_s'] / 60:.1f} |"]
