@@ -339,10 +339,10 @@ def test_readout_downstream_of_a_multi_layer_edit(tok):
 
 
 def test_report_reads_a_distilled_edit(tmp_path, tok):
-    """`sae-sparse report --lift A B --contexts C` on a KL-trained run: the readout ranking,
-    each top latent's lift recomputed here in float64 from the hooked activations, the lift in
-    the edit's direction, and top contexts."""
-    from sae_sparse.report import READOUT, SWITCHED, TARGET
+    """`sae-sparse report --lift A B --contexts C` on a KL-trained run: the attribution and
+    readout rankings, each top latent's lift recomputed here in float64 from the hooked
+    activations, the lift in the edit's direction, and top contexts."""
+    from sae_sparse.report import ATTRIBUTION, READOUT, SWITCHED, TARGET
 
     model, _ = saved_tiny_gpt2(tmp_path / "model")
     sae = ss.SAE.random(32, 90, 6)
@@ -362,14 +362,17 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
                  "--top", "5"]) == 0
     rep = json.loads((run / "report.json").read_text())["hooks"][HOOK]
     assert len(rep[READOUT]) == 5 and len(rep["lift"]) == 5
-    assert [x["latent"] for x in rep["lift"]] == [i for i, _ in rep[READOUT]]
-    # the switched and the target rankings are interpreted too, each with its own lift and
-    # contexts
-    assert set(rep["interpret"]) == {"readout", "switched", "target"}
+    # the measured ranking comes first: its lift is the report's headline one
+    assert [x["latent"] for x in rep["lift"]] == [i for i, _ in rep[ATTRIBUTION]]
+    assert rep["interpret"]["attribution"]["mean_lift"] == rep["mean_lift"]
+    # the readout, switched and target rankings are interpreted too, each with its own lift
+    # and contexts
+    assert set(rep["interpret"]) == {"attribution", "readout", "switched", "target"}
+    ro = rep["interpret"]["readout"]
+    assert [x["latent"] for x in ro["lift"]] == [i for i, _ in rep[READOUT]]
     sw = rep["interpret"]["switched"]
     assert sw["latents"] == [i for i, _ in rep[SWITCHED]] and len(sw["lift"]) == 5
     assert set(sw["contexts"]) == {str(i) for i in sw["latents"]}
-    assert rep["interpret"]["readout"]["mean_lift"] == rep["mean_lift"]
     sae = ss.io.load_sae(str(tmp_path / "sae"))
     grabbed = []
     h = model.get_submodule(HOOK).register_forward_hook(lambda m, i, o: grabbed.append(
@@ -408,14 +411,14 @@ def test_report_reads_a_distilled_edit(tmp_path, tok):
     want = float(torch.nn.functional.cosine_similarity(readout, target, dim=0))
     assert rep["target_cosine"] == pytest.approx(want, rel=1e-3, abs=1e-5)
     assert "the distillation's target" in (run / "report.md").read_text()
-    for x in rep["lift"] + sw["lift"]:
+    for x in rep["lift"] + ro["lift"] + sw["lift"]:
         i = x["latent"]
         assert x["mean_a"] == pytest.approx(float(ma[i]), rel=1e-4, abs=1e-6)
         assert x["mean_b"] == pytest.approx(float(mb[i]), rel=1e-4, abs=1e-6)
         if x["mean_b"] > 0 and x["mean_a"] > 0:
             want = x["lift"] if x["edit"] >= 0 else x["mean_b"] / x["mean_a"]
             assert x["lift_edit_dir"] == pytest.approx(want)
-    assert set(rep["contexts"]) == {str(i) for i, _ in rep[READOUT]}  # JSON keys
+    assert set(rep["contexts"]) == {str(i) for i, _ in rep[ATTRIBUTION]}  # JSON keys
     md = (run / "report.md").read_text()
     assert "as the SAE reads it" in md and "in the edit's direction" in md
 
