@@ -38,7 +38,7 @@ SCORES = {ATTRIBUTION: "attribution", "|gain|": "gain", "|bias|·‖W_dec‖": "
 STUDENT_ANSWERS = "student_answers.jsonl"
 CONTEXT_RECORDS = 128  # the training records searched for contexts by default
 ATTRIBUTION_RECORDS = 64  # the training records the attribution ranking is measured on
-ATTRIBUTION_STEPS = 4  # its integration points (completeness within ~2% on SmolLM2)
+ATTRIBUTION_SCOPE = "writes"  # its gates: each latent's gain, bias and W_out column
 
 
 def read_jsonl(path) -> list:
@@ -98,11 +98,12 @@ def compute_report(run_dir: str, *, model=None, tokenizer=None, saes=None, plant
             sources["contexts"] = "run" if context_records else None
     inp = _Inputs(run_dir, conf, trainables, saes, model, tokenizer, records, lift_records,
                   context_records, planted or {}, top, n_interpret, {})
-    loss = _read_metrics(run_dir).get("loss") or conf.get("train_config", {}).get("loss", "ce")
+    metrics = _read_metrics(run_dir)
+    loss = metrics.get("loss") or conf.get("train_config", {}).get("loss", "ce")
     if faithful and model is not None:
         inp.attribution = _attribution(inp, loss)
     data = {"run": os.path.basename(os.path.abspath(run_dir)),
-            "metrics": _read_metrics(run_dir),
+            "metrics": metrics,
             "edit": {k: conf.get(k) for k in ("mode", "edit_positions", "skip_first",
                                                "baseline")},
             "sources": sources, "n_hooks": len(trainables),
@@ -120,7 +121,7 @@ def compute_report(run_dir: str, *, model=None, tokenizer=None, saes=None, plant
 def _attribution(inp, loss):
     """:func:`.faithfulness.edit_attribution` of every LatentAdapter edit on the first
     ``ATTRIBUTION_RECORDS`` training records (else the eval split), or None."""
-    from .faithfulness import edit_attribution
+    from .faithfulness import ATTRIBUTION_STEPS, edit_attribution
 
     ads = {h: t for h, t in inp.trainables.items() if isinstance(t, LatentAdapter)}
     if not ads or len(ads) != len(inp.trainables):
@@ -134,7 +135,8 @@ def _attribution(inp, loss):
         return None
     tc = inp.conf.get("train_config", {})
     out = edit_attribution(inp.model, inp.tokenizer, inp.saes, ads, recs, loss=loss,
-                           steps=ATTRIBUTION_STEPS, mode=inp.conf["mode"],
+                           steps=ATTRIBUTION_STEPS, scope=ATTRIBUTION_SCOPE,
+                           mode=inp.conf["mode"],
                            skip_first=inp.conf.get("skip_first") or 0,
                            max_len=tc.get("max_len", 256), batch_size=tc.get("batch_size", 8))
     return {**out, "records": f"first {len(recs)} {where}", "n_records": len(recs)}

@@ -36,6 +36,8 @@ import torch
 
 NS = (1, 3, 10, 30, 100)
 SCOPES = ("latents", "writes")
+ATTRIBUTION_STEPS = 4  # the report's and --max-latents' integration points (completeness
+# 0.997-1.02 on the SmolLM2 edits)
 
 
 def gated_params(adapter, scope: str) -> dict:

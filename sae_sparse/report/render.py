@@ -21,11 +21,14 @@ ABOUT = {
 }
 ABOUT_ATTRIBUTION = (
     "Measured, not read off the weights: each latent's share of the edit's effect on the "
-    "run's loss (integrated gradients over a gate per latent that scales its gain, bias, "
-    "W_in row and W_out column together, from 0 to 1; {records}, {steps} integration "
-    "points). The scores sum to the loss reduction of the whole edit, {gap:.4g} here (sum "
-    "over latents / measured reduction: {completeness}); a latent the edit moves against the "
-    "loss scores below zero. This is the ranking the faithfulness table tests.")
+    "run's loss (integrated gradients over a gate per latent that scales {gated} "
+    "together, from 0 to 1; {records}, {steps} integration points). The scores sum to the "
+    "loss reduction of the whole edit, {gap:.4g} here (sum over latents / measured "
+    "reduction: {completeness}); a latent the edit moves against the loss scores below zero."
+    " This is the ranking the faithfulness table tests.")
+GATED = {"writes": "its gain, bias and W_out column (what the edit writes into it; "
+                   "W_in, which the FFN reads it with, is left whole)",
+         "latents": "its gain, bias, W_in row and W_out column"}
 MULTI = (" The run's edits at the other hooks are on too, so at a later layer this is the "
          "whole run's effect so far, as this layer's SAE reads it.")
 
@@ -175,8 +178,9 @@ def _ranking_table(h, name, res, name_of, data=None):
     a = (data or {}).get("attribution")
     if name == ATTRIBUTION and a:
         c = a.get("completeness")
+        gated = GATED.get(a.get("scope"), "its part of the edit")
         lines += [ABOUT_ATTRIBUTION.format(records=a["records"], steps=a["steps"],
-                                           gap=a["loss_none"] - a["loss_full"],
+                                           gated=gated, gap=a["loss_none"] - a["loss_full"],
                                            completeness="n/a" if c is None else f"{c:.3f}"),
                   ""]
     lines += [f"![{SCORES[name]}]({png_name(h, name)})",

@@ -25,7 +25,6 @@ import os
 
 RANK_RECORDS = 64  # training records the ranking is measured on
 RANKINGS = ("attribution", "readout")
-ATTRIBUTION_STEPS = 4
 
 
 def rank_latents(model, tokenizer, saes, adapters, records, *, mode="delta", skip_first=0,
@@ -39,7 +38,8 @@ def rank_latents(model, tokenizer, saes, adapters, records, *, mode="delta", ski
       other hooks' edits on), largest first."""
     import torch
 
-    from ..report.faithfulness import attribution_ranking, edit_attribution
+    from ..report.faithfulness import (ATTRIBUTION_STEPS, attribution_ranking,
+                                       edit_attribution)
     from ..report.measure import edit_readout
 
     if by not in RANKINGS:
